@@ -1,0 +1,41 @@
+"""Prompted tasks for zeroth-order fine-tuning: data, templates, label words and MeZO-style splits.
+
+>>> from tasks import get_task
+>>> task = get_task("sst2")
+>>> train = task.examples("train", n=1000, seed=0)     # seeded sample of the training pool
+>>> val = task.examples("validation", n=500, seed=0)   # disjoint from that train sample
+>>> dev = task.examples("dev")                          # the standard dev set, file order
+
+Built-ins: sst2, rte, boolq, copa, cb, squad (data shipped in ``tasks/data``, see PROVENANCE.md there).
+User tasks: ``register_task(task_from_file("my.csv", name="mine", template="{text} It was", ...))``.
+"""
+
+from tasks.base import (
+    DEFAULT_TRAIN_N,
+    KINDS,
+    SOURCES,
+    SPLITS,
+    Task,
+    get_task,
+    list_tasks,
+    register_task,
+    with_demonstrations,
+)
+from tasks.builtin import BUILTIN_TASKS, DATA_DIR, flatten_squad
+from tasks.custom import task_from_file
+
+__all__ = [
+    "BUILTIN_TASKS",
+    "DATA_DIR",
+    "DEFAULT_TRAIN_N",
+    "KINDS",
+    "SOURCES",
+    "SPLITS",
+    "Task",
+    "flatten_squad",
+    "get_task",
+    "list_tasks",
+    "register_task",
+    "task_from_file",
+    "with_demonstrations",
+]

@@ -1,0 +1,120 @@
+"""Tasks from a user's CSV / TSV / JSONL file and a Python format-string template."""
+
+from __future__ import annotations
+
+import string
+import warnings
+from functools import cache
+from pathlib import Path
+
+from tasks.base import Task
+from tasks.builtin import load_rows
+
+EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
+
+
+def read_table(path: str | Path) -> list[dict]:
+    """Rows of a CSV, TSV or JSON-lines file (by extension) via ``datasets``."""
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in EXTENSIONS:
+        raise ValueError(f"unsupported file extension {ext!r} for {path}; accepted: {', '.join(EXTENSIONS)}")
+    if not path.is_file():
+        raise FileNotFoundError(path)
+    kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
+    return load_rows(EXTENSIONS[ext], path, **kwargs)
+
+
+def template_fields(template: str) -> list[str]:
+    """Top-level field names used by a format string, e.g. ``"{text} It was"`` -> ``["text"]``."""
+    names = []
+    for _, field, _, _ in string.Formatter().parse(template):
+        if field is not None:
+            if field == "" or field.isdigit():
+                raise ValueError(f"template {template!r} must use named fields like {{text}}, not {{{field}}}")
+            names.append(field.split(".")[0].split("[")[0])
+    return names
+
+
+def _check_columns(path: str | Path, rows: list[dict], needed: dict[str, str]) -> None:
+    columns = list(rows[0]) if rows else []
+    for column, role in needed.items():
+        if column not in columns:
+            raise ValueError(f"{path}: missing column {column!r} ({role}); columns present: {columns}")
+
+
+def task_from_file(
+    path: str | Path,
+    *,
+    name: str,
+    template: str,
+    label_words: list[str] | None = None,
+    labels: list | None = None,
+    label_column: str = "label",
+    answer_column: str | None = None,
+    kind: str | None = None,
+    metric: str | None = None,
+    dev_path: str | Path | None = None,
+    max_new_tokens: int = 16,
+) -> Task:
+    """A :class:`Task` whose training pool is ``path`` (CSV/TSV/JSONL) and dev set is ``dev_path``.
+
+    ``template`` is a format string over the columns, e.g. ``"{text} It was"``. Classification (the default
+    when ``label_words`` is given): int labels index ``label_words``; other labels (e.g. strings) are mapped
+    through ``labels``, the label values in ``label_words`` order. Generation (the default when
+    ``answer_column`` is given): the column holds a gold answer string or a list of them. Without
+    ``dev_path`` the dev split is the training file itself (with a warning).
+    """
+    kind = kind or ("generation" if answer_column else "classification")
+    if kind not in ("classification", "generation"):
+        raise ValueError(f"task_from_file supports kind 'classification' or 'generation', not {kind!r}")
+    if kind == "classification" and not label_words:
+        raise ValueError("classification tasks need label_words, e.g. [' terrible', ' great']")
+    if kind == "generation" and not answer_column:
+        raise ValueError("generation tasks need answer_column")
+    if labels is not None and label_words and len(labels) != len(label_words):
+        raise ValueError(f"labels {labels} and label_words {label_words} must have the same length")
+    metric = metric or ("squad_f1" if kind == "generation" else "accuracy")
+
+    needed = {f: "used by the template" for f in template_fields(template)}
+    needed.update({answer_column: "answer_column"} if kind == "generation" else {label_column: "label_column"})
+    paths = {"train": Path(path), "dev": Path(dev_path) if dev_path else Path(path)}
+
+    @cache
+    def read(split: str) -> tuple[dict, ...]:
+        rows = read_table(paths[split])
+        _check_columns(paths[split], rows, needed)
+        return tuple(rows)
+
+    def load_split(split: str) -> list[dict]:
+        if split not in paths:
+            raise ValueError(f"unknown raw split {split!r}; expected 'train' or 'dev'")
+        if split == "dev" and dev_path is None:
+            warnings.warn(f"task {name!r} has no dev_path: the dev split is the training file", stacklevel=3)
+        return [dict(r) for r in read(split)]
+
+    def get_label(row: dict) -> int:
+        value = row[label_column]
+        if labels is not None:
+            if value not in labels:
+                raise ValueError(f"task {name!r}: label {value!r} not in labels {labels}")
+            return labels.index(value)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if not isinstance(value, int):
+            raise ValueError(f"task {name!r}: label {value!r} is not an int; pass labels=[...] to map it")
+        return int(value)
+
+    def get_answers(row: dict) -> list[str]:
+        value = row[answer_column]
+        return [str(a) for a in value] if isinstance(value, (list, tuple)) else [str(value)]
+
+    read("train")  # validate columns now, so mistakes surface when the task is created
+    if dev_path is not None:
+        read("dev")
+    return Task(
+        name=name, kind=kind, metric=metric, template=lambda row: template.format(**row),
+        label_words=list(label_words) if kind == "classification" else None, load_split=load_split,
+        max_new_tokens=max_new_tokens, get_label=get_label if kind == "classification" else None,
+        get_answers=get_answers if kind == "generation" else None,
+    )

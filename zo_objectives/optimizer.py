@@ -1,0 +1,274 @@
+"""MeZO: the seeded, in-place zeroth-order (SPSA) optimizer, and replay of its trajectory.
+
+One step per perturbation k: draw a seed, move every trainable weight to x + eps*z, score, move to
+x - eps*z, score, then restore and update in one fused pass: x <- x + eps*z - lr*(g*z + wd*x) with
+g = (loss_plus - loss_minus) / (2*eps). The noise z is never stored: it is regenerated from
+(seed, tensor index, chunk). Three passes over the weights per perturbation, two closure calls.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+from torch.optim import Optimizer
+
+MASK64 = (1 << 64) - 1
+NOISE_KINDS = ("table", "gaussian", "rademacher")
+NONFINITE_POLICIES = ("raise", "skip")
+DIFFERENCES = ("central", "forward")
+UPDATES = ("sgd", "sign")
+SCHEDULES = ("constant", "linear", "cosine")
+
+
+def mix(*values: int) -> int:
+    """Hash integers into a 63-bit seed (splitmix64 finalizer), stable across runs and platforms."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & MASK64)) * 0xBF58476D1CE4E5B9 & MASK64
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & MASK64
+        h ^= h >> 31
+    return h >> 1
+
+
+class Noise:
+    """Regenerates z for (seed, tensor index) in bounded chunks, never allocating a weight-sized buffer.
+
+    ``table``: slices of one seeded, standardized Gaussian vector of ``table_size`` values at offsets hashed
+    from (seed, tensor, chunk), as in Salimans et al. (2017): a memory-bound read instead of a random draw.
+    ``gaussian``: exact N(0, 1) per chunk from a private ``torch.Generator``. ``rademacher``: +-1 likewise.
+    """
+
+    def __init__(self, kind: str = "table", table_size: int = 1 << 23, table_seed: int = 0,
+                 chunk_size: int = 1 << 20):
+        if kind not in NOISE_KINDS:
+            raise ValueError(f"unknown noise {kind!r}; accepted: {', '.join(NOISE_KINDS)}")
+        if kind == "table" and table_size < 2 * chunk_size:
+            raise ValueError(f"noise table_size must be at least 2 * chunk_size = {2 * chunk_size}")
+        self.kind, self.table_size, self.table_seed, self.chunk_size = kind, table_size, table_seed, chunk_size
+        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def _table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        key = (device, dtype)
+        if key not in self._tables:
+            gen = torch.Generator().manual_seed(self.table_seed)
+            table = torch.randn(self.table_size, generator=gen, dtype=torch.float64)
+            table = (table - table.mean()) / table.std()
+            self._tables[key] = table.to(device=device, dtype=dtype)
+        return self._tables[key]
+
+    def chunks(self, seed: int, index: int, flat: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Yield (slice of ``flat``, z for that slice); the same arguments always yield the same z."""
+        n, c = flat.numel(), self.chunk_size
+        if self.kind == "table":
+            table = self._table(flat.device, flat.dtype)
+            for k, start in enumerate(range(0, n, c)):
+                length = min(c, n - start)
+                offset = mix(seed, index, k) % (self.table_size - length + 1)
+                yield slice(start, start + length), table[offset:offset + length]
+            return
+        key = (flat.device, flat.dtype)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty(c, device=flat.device, dtype=flat.dtype)
+        gen = torch.Generator(device=flat.device).manual_seed(mix(seed, index))
+        for start in range(0, n, c):
+            z = self._buffers[key][: min(c, n - start)]
+            if self.kind == "gaussian":
+                z.normal_(generator=gen)
+            else:
+                z.bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
+            yield slice(start, start + z.numel()), z
+
+    def config(self) -> dict:
+        return {"noise": self.kind, "table_size": self.table_size, "table_seed": self.table_seed,
+                "chunk_size": self.chunk_size}
+
+
+class MeZO(Optimizer):
+    """Memory-efficient zeroth-order SGD (Malladi et al., 2023) as a ``torch.optim.Optimizer``.
+
+    Args:
+        params: parameters or param groups, as for any torch optimizer. Groups may set ``lr``,
+            ``weight_decay`` and ``decay_1d`` (decay tensors with one dimension: biases and norm weights;
+            off by default, as in MeZO).
+        lr: learning rate. eps: perturbation scale (one value for all groups).
+        weight_decay: decoupled weight decay. n_perturbations: SPSA estimates averaged per step.
+        seed: seeds the stream of step seeds. noise: "table" (default), "gaussian" or "rademacher".
+        difference: "central" (two closure calls at x +- eps z) or "forward" (x and x + eps z: one pass
+            over the weights fewer; the first loss is the loss at x).
+        update: "sgd" (move by g) or "sign" (move by sign(g)).
+        on_nonfinite: "raise" or "skip" (warn and leave the weights unchanged) on a NaN/inf loss.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
+                 n_perturbations: int = 1, seed: int = 0, noise: str = "table", table_size: int = 1 << 23,
+                 difference: str = "central", update: str = "sgd", on_nonfinite: str = "raise"):
+        if not lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not (isinstance(n_perturbations, int) and n_perturbations >= 1):
+            raise ValueError(f"n_perturbations must be an int >= 1, got {n_perturbations!r}")
+        for name, value, accepted in (("difference", difference, DIFFERENCES), ("update", update, UPDATES),
+                                      ("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)):
+            if value not in accepted:
+                raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(accepted)}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, decay_1d=False))
+        self.eps, self.n_perturbations, self.seed = eps, n_perturbations, seed
+        self.difference, self.update, self.on_nonfinite = difference, update, on_nonfinite
+        self.noise = Noise(noise, table_size=table_size, table_seed=seed)
+        self.num_perturbations_done = 0
+        self.trajectory: list[dict] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not p.is_contiguous():
+                    raise ValueError("MeZO needs contiguous parameters; call .contiguous() on the model first")
+
+    def _params(self) -> Iterator[tuple[int, torch.Tensor, dict]]:
+        index = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    yield index, p, group
+                index += 1
+
+    @torch.no_grad()
+    def _move(self, seed: int, scale: float, grad: float | None = None, lr_scale: float = 1.0) -> None:
+        """One pass over the weights: x += scale*eps*z, then, if ``grad`` is given, - lr*(grad*z + wd*x)."""
+        for index, p, group in self._params():
+            flat = p.data.view(-1)
+            wd = group["weight_decay"] if (p.ndim >= 2 or group["decay_1d"]) else 0.0
+            alpha = scale * self.eps
+            if grad is not None:
+                alpha -= group["lr"] * lr_scale * grad
+                if wd:
+                    flat.mul_(1.0 - group["lr"] * lr_scale * wd)
+            for where, z in self.noise.chunks(seed, index, flat):
+                flat[where].add_(z, alpha=alpha)
+
+    def _score(self, closure: Callable[[], float]) -> float:
+        with torch.no_grad():
+            loss = closure()
+        return float(loss)
+
+    def step(self, closure: Callable[[], float | torch.Tensor]) -> float:  # type: ignore[override]
+        """Run ``n_perturbations`` SPSA estimates with their fused updates; return the mean loss seen."""
+        if closure is None:
+            raise ValueError("MeZO.step needs a closure that returns the loss to minimize")
+        seeds, grads, losses = [], [], []
+        for _ in range(self.n_perturbations):
+            seed = mix(self.seed, self.num_perturbations_done)
+            self.num_perturbations_done += 1
+            offset = 0.0  # how many eps*z the weights are away from x; undone on any exception
+            try:
+                if self.difference == "forward":
+                    minus = self._score(closure)
+                    self._move(seed, 1.0)
+                    offset = 1.0
+                    plus = self._score(closure)
+                else:
+                    self._move(seed, 1.0)
+                    offset = 1.0
+                    plus = self._score(closure)
+                    self._move(seed, -2.0)
+                    offset = -1.0
+                    minus = self._score(closure)
+                grad = self._projected_grad(plus, minus)
+            except BaseException:
+                if offset:
+                    self._move(seed, -offset)
+                raise
+            # restore + update in one fused pass (a skipped non-finite step only restores)
+            self._move(seed, -offset, grad, 1.0 / self.n_perturbations)
+            seeds.append(seed)
+            grads.append(grad)
+            losses += [plus, minus]
+        loss = sum(losses) / len(losses)
+        self.trajectory.append({"seeds": seeds, "grads": grads, "loss": loss,
+                                "lrs": [g["lr"] for g in self.param_groups]})
+        return loss
+
+    def _projected_grad(self, plus: float, minus: float) -> float | None:
+        scale = self.eps if self.difference == "forward" else 2 * self.eps
+        grad = (plus - minus) / scale
+        if not math.isfinite(grad):
+            if self.on_nonfinite == "raise":
+                raise FloatingPointError(f"non-finite loss (plus={plus}, minus={minus}); weights restored. "
+                                         "Pass on_nonfinite='skip' to skip such steps")
+            warnings.warn(f"skipping a step with non-finite loss (plus={plus}, minus={minus})", stacklevel=3)
+            return None
+        return math.copysign(1.0, grad) if self.update == "sign" and grad else grad
+
+    def config(self) -> dict:
+        """Everything besides the weights and the trajectory that a replay needs."""
+        return {"eps": self.eps, "n_perturbations": self.n_perturbations, "seed": self.seed,
+                "difference": self.difference, "update": self.update, **self.noise.config()}
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["mezo"] = {**self.config(), "num_perturbations_done": self.num_perturbations_done,
+                         "trajectory": [dict(r) for r in self.trajectory]}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        mezo = state_dict.pop("mezo")
+        mismatched = {k: (v, mezo[k]) for k, v in self.config().items() if mezo.get(k) != v}
+        if mismatched:
+            raise ValueError(f"optimizer settings differ from the checkpoint's (now, saved): {mismatched}")
+        super().load_state_dict(state_dict)
+        self.num_perturbations_done = mezo["num_perturbations_done"]
+        self.trajectory = [dict(r) for r in mezo["trajectory"]]
+
+    @torch.no_grad()
+    def replay_record(self, record: dict) -> None:
+        """Apply one trajectory record to the weights with the same arithmetic as training (bitwise)."""
+        for group, lr in zip(self.param_groups, record["lrs"]):
+            group["lr"] = lr
+        n = len(record["seeds"])
+        for seed, grad in zip(record["seeds"], record["grads"]):
+            if self.difference == "forward":
+                self._move(seed, 1.0)
+                self._move(seed, -1.0, grad, 1.0 / n)
+            else:
+                self._move(seed, 1.0)
+                self._move(seed, -2.0)
+                self._move(seed, 1.0, grad, 1.0 / n)
+        self.trajectory.append(dict(record))
+        self.num_perturbations_done += n
+
+
+def replay(params: Iterable, state: dict, steps: int | None = None) -> MeZO:
+    """Rebuild tuned weights in place from the base weights and a ``MeZO.state_dict()`` (or its trajectory).
+
+    ``params`` must be the same parameters (same order, same groups) the optimizer was built with, holding
+    the base weights. Returns an optimizer positioned after the replayed steps, ready to continue training.
+    """
+    mezo = state["mezo"]
+    config = {k: mezo[k] for k in ("eps", "n_perturbations", "seed", "difference", "update")}
+    opt = MeZO(params, noise=mezo["noise"], table_size=mezo["table_size"], **config)
+    if "param_groups" in state:
+        for group, saved in zip(opt.param_groups, state["param_groups"]):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+    for record in mezo["trajectory"][:steps]:
+        opt.replay_record(record)
+    return opt
+
+
+def make_scheduler(optimizer: Optimizer, kind: str, total_steps: int,
+                   last_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A constant, linear-decay or cosine-decay learning-rate schedule over ``total_steps``."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule {kind!r}; accepted: {', '.join(SCHEDULES)}")
+    shapes = {"constant": lambda t: 1.0, "linear": lambda t: 1.0 - t,
+              "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * t))}
+    shape = shapes[kind]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: shape(min(step, total_steps) / total_steps))
+    for _ in range(last_step):
+        scheduler.step()
+    return scheduler

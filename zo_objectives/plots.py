@@ -1,0 +1,46 @@
+"""``curve.png`` for a run folder: the training objective, the dev metric and the tie rate against steps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def rolling_mean(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_run(run_dir: Path, window: int = 25) -> Path:
+    """Draw ``run_dir/curve.png`` from ``metrics.jsonl`` and ``config.json``; return its path."""
+    run_dir = Path(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    config = json.loads((run_dir / "config.json").read_text())
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(steps, [r["objective"] for r in rows], alpha=0.3, lw=0.8)
+    axes[0].plot(steps, rolling_mean([r["objective"] for r in rows], window), lw=1.5)
+    axes[0].set(title=f"training objective: {config['objective']}", xlabel="step")
+    evals = [(r["step"], r["eval"]) for r in rows if "eval" in r]
+    before = json.loads((run_dir / "eval.json").read_text()).get("before") if (run_dir / "eval.json").exists() else None
+    if before is not None:
+        evals = [(0, before), *evals]
+    if evals:
+        axes[1].plot(*zip(*evals), marker="o")
+    axes[1].set(title=f"dev {config['metric']} ({config['eval_examples']} examples)", xlabel="step")
+    axes[2].plot(steps, rolling_mean([float(r["tied"]) for r in rows], window))
+    axes[2].set(title=f"fraction of steps whose two losses tie ({window}-step mean)", xlabel="step", ylim=(-0.02, 1.02))
+    fig.suptitle(f"{config['model']} on {config['task']}")
+    fig.tight_layout()
+    path = run_dir / "curve.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

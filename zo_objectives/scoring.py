@@ -1,0 +1,195 @@
+"""How predictions come from a causal LM: label words, multiple choice, greedy generation.
+
+Each predictor takes ``(model, batch)`` where ``batch`` is a list of task examples (dicts with "prompt" and
+"candidates"/"label" or "answers"/"target"), and offers ``predict`` (for metrics) and ``cross_entropy``
+(the differentiable-style baseline objective). Scoring runs under ``torch.inference_mode`` without a KV
+cache, left-padded to the batch's longest sequence with position ids counted from the first real token.
+Prompts longer than ``max_length`` tokens are truncated from the left (the end of a prompt is kept).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+Batch = Sequence[dict]
+
+
+def context_length(model: torch.nn.Module, default: int = 2048) -> int:
+    """The model's maximum number of positions."""
+    return int(getattr(model.config, "max_position_embeddings", None) or default)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad token lists; return input ids, attention mask and position ids (0 at each first real token)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions
+
+
+class Predictor:
+    """Shared tokenization and the forward pass that keeps only the last ``keep`` positions' logits."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _limit(self, model: torch.nn.Module) -> int:
+        return self.max_length or context_length(model)
+
+    def _forward(self, model: torch.nn.Module, sequences: list[list[int]], keep: int) -> torch.Tensor:
+        ids, mask, positions = left_pad(sequences, self.tokenizer.pad_token_id)
+        device = next(model.parameters()).device
+        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                    use_cache=False, logits_to_keep=keep)
+        return out.logits[:, -keep:, :].float()
+
+    def continuation_logprobs(self, model: torch.nn.Module, prompts: Sequence[str],
+                              continuations: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum of log-probabilities of each continuation after its prompt, and its token count."""
+        limit = self._limit(model)
+        conts = [self._tokens(c) for c in continuations]
+        if any(not c for c in conts):
+            raise ValueError("an answer candidate or target is empty; every continuation needs a token")
+        seqs = []
+        for prompt, cont in zip(prompts, conts):
+            if len(cont) >= limit:
+                raise ValueError(f"a continuation of {len(cont)} tokens leaves no room for its prompt "
+                                 f"in the model's {limit}-token context")
+            seqs.append(self._tokens(prompt)[-(limit - len(cont)):] + cont)
+        keep = max(len(c) for c in conts) + 1
+        with torch.inference_mode():
+            logprobs = self._forward(model, seqs, keep).log_softmax(-1)[:, :-1]  # position t predicts t+1
+        total = torch.zeros(len(seqs))
+        for row, cont in enumerate(conts):
+            targets = torch.tensor(cont, device=logprobs.device)
+            picked = logprobs[row, keep - 1 - len(cont):].gather(-1, targets[:, None])
+            total[row] = picked.sum().cpu()
+        return total, torch.tensor([len(c) for c in conts], dtype=torch.float32)
+
+
+class LabelWords(Predictor):
+    """Classification by the next-token logits of one single-token label word per class (one forward pass)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, label_words: Sequence[str], max_length: int | None = None):
+        super().__init__(tokenizer, max_length)
+        ids = []
+        for word in label_words:
+            tokens = self._tokens(word)
+            if len(tokens) != 1:
+                raise ValueError(f"label word {word!r} is {len(tokens)} tokens {tokens}; label words must be one "
+                                 "token each (try a leading space, or use a multiple-choice task)")
+            ids.append(tokens[0])
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"label words {list(label_words)} map to repeated tokens {ids}")
+        self.label_words, self.label_ids = list(label_words), torch.tensor(ids)
+
+    def scores(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Logits of the label words at the next position, shape (batch, classes)."""
+        limit = self._limit(model)
+        seqs = [self._tokens(ex["prompt"])[-limit:] for ex in batch]
+        with torch.inference_mode():
+            logits = self._forward(model, seqs, keep=1)[:, -1]
+        return logits[:, self.label_ids.to(logits.device)].cpu()
+
+    def predict(self, model: torch.nn.Module, batch: Batch) -> list[int]:
+        return self.scores(model, batch).argmax(-1).tolist()
+
+    def cross_entropy(self, model: torch.nn.Module, batch: Batch) -> float:
+        """Cross-entropy of the gold class over the label words (MeZO's prompt-based classification loss)."""
+        labels = torch.tensor([ex["label"] for ex in batch])
+        return float(F.cross_entropy(self.scores(model, batch), labels))
+
+
+class MultipleChoice(Predictor):
+    """Pick the candidate continuation with the highest (optionally length-normalized) log-likelihood."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, length_normalize: bool = True,
+                 max_length: int | None = None):
+        super().__init__(tokenizer, max_length)
+        self.length_normalize = length_normalize
+
+    def scores(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Candidate scores, shape (batch, most candidates); missing candidates score -inf."""
+        prompts = [ex["prompt"] for ex in batch for _ in ex["candidates"]]
+        conts = [c for ex in batch for c in ex["candidates"]]
+        total, count = self.continuation_logprobs(model, prompts, conts)
+        flat = total / count if self.length_normalize else total
+        out = torch.full((len(batch), max(len(ex["candidates"]) for ex in batch)), float("-inf"))
+        start = 0
+        for row, ex in enumerate(batch):
+            out[row, : len(ex["candidates"])] = flat[start:start + len(ex["candidates"])]
+            start += len(ex["candidates"])
+        return out
+
+    def predict(self, model: torch.nn.Module, batch: Batch) -> list[int]:
+        return self.scores(model, batch).argmax(-1).tolist()
+
+    def cross_entropy(self, model: torch.nn.Module, batch: Batch) -> float:
+        labels = torch.tensor([ex["label"] for ex in batch])
+        return float(F.cross_entropy(self.scores(model, batch), labels))
+
+
+class Generation(Predictor):
+    """Greedy (or seeded sampled) generation, cut at the first stop string."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 16,
+                 stop: Sequence[str] = ("\n",), max_length: int | None = None,
+                 temperature: float = 0.0, sample_seed: int = 0):
+        super().__init__(tokenizer, max_length)
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        self.max_new_tokens, self.stop = max_new_tokens, list(stop)
+        self.temperature, self.sample_seed = temperature, sample_seed
+
+    def generate(self, model: torch.nn.Module, prompts: Sequence[str]) -> list[str]:
+        """Completions for ``prompts``; sampling (temperature > 0) is seeded and leaves the global RNG as it was."""
+        limit = self._limit(model) - self.max_new_tokens
+        ids, mask, _ = left_pad([self._tokens(p)[-limit:] for p in prompts], self.tokenizer.pad_token_id)
+        device = next(model.parameters()).device
+        sampling = {"do_sample": True, "temperature": self.temperature, "top_k": 0} if self.temperature else {
+            "do_sample": False}
+        with torch.inference_mode(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.sample_seed)
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                 stop_strings=self.stop or None, tokenizer=self.tokenizer, **sampling)
+        texts = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+        return [self._cut(t) for t in texts]
+
+    def _cut(self, text: str) -> str:
+        for s in self.stop:
+            text = text.split(s)[0]
+        return text.strip()
+
+    def predict(self, model: torch.nn.Module, batch: Batch) -> list[str]:
+        return self.generate(model, [ex["prompt"] for ex in batch])
+
+    def cross_entropy(self, model: torch.nn.Module, batch: Batch) -> float:
+        """Mean per-token cross-entropy of each example's target answer after its prompt."""
+        total, count = self.continuation_logprobs(model, [ex["prompt"] for ex in batch],
+                                                  [ex["target"] for ex in batch])
+        return float(-(total.sum() / count.sum()))
+
+
+def predictor_for(task: Any, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
+                  temperature: float = 0.0) -> Predictor:
+    """The predictor a task's kind calls for: label words, multiple choice, or generation."""
+    if task.kind == "classification":
+        return LabelWords(tokenizer, task.label_words, max_length=max_length)
+    if task.kind == "multiple_choice":
+        return MultipleChoice(tokenizer, max_length=max_length)
+    return Generation(tokenizer, max_new_tokens=task.max_new_tokens, max_length=max_length, temperature=temperature)
