@@ -8,7 +8,6 @@ greater is better). ``make_objective`` accepts a registered metric name, ``"cros
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -16,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from metrics import Metric, get_metric, list_metrics
-from zo_objectives.scoring import Batch
+from zo_objectives.scoring import Batch, prompts_seed
 
 CROSS_ENTROPY = "cross_entropy"
 
@@ -31,11 +30,6 @@ class Objective(Protocol):
 def references(batch: Batch) -> list:
     """What a metric compares predictions against: the gold answers (generation) or the gold label index."""
     return [ex["answers"] if "answers" in ex else ex["label"] for ex in batch]
-
-
-def batch_seed(batch: Batch, salt: int = 0) -> int:
-    """A seed fixed by the batch's prompts: both sides of an SPSA estimate draw the same random numbers."""
-    return zlib.crc32("\x00".join(ex["prompt"] for ex in batch).encode(), salt)
 
 
 @dataclass
@@ -65,7 +59,7 @@ class MetricObjective:
         refs = references(batch)
         if self.samples:
             logits = self.predictor.scores(model, batch) / self.temperature
-            gen = torch.Generator().manual_seed(batch_seed(batch))
+            gen = torch.Generator().manual_seed(prompts_seed([ex["prompt"] for ex in batch]))
             uniform = torch.rand((self.samples, *logits.shape), generator=gen).clamp_(1e-12, 1 - 1e-7)
             draws = (logits - (-uniform.log()).log()).argmax(-1).tolist()
             value = sum(self.metric(d, refs) for d in draws) / self.samples

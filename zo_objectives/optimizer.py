@@ -8,6 +8,7 @@ g = (loss_plus - loss_minus) / (2*eps). The noise z is never stored: it is regen
 
 from __future__ import annotations
 
+import bisect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -20,6 +21,7 @@ NOISE_KINDS = ("table", "gaussian", "rademacher")
 NONFINITE_POLICIES = ("raise", "skip")
 DIFFERENCES = ("central", "forward")
 UPDATES = ("sgd", "sign")
+SHAPINGS = ("none", "rank")
 SCHEDULES = ("constant", "linear", "cosine")
 
 
@@ -100,12 +102,18 @@ class MeZO(Optimizer):
         difference: "central" (two closure calls at x +- eps z) or "forward" (x and x + eps z: one pass
             over the weights fewer; the first loss is the loss at x).
         update: "sgd" (move by g) or "sign" (move by sign(g)).
+        fitness_shaping: "none" or "rank": replace the 2n losses of a step by their centered ranks (as
+            evolution strategies do), robust to the scale and outliers of a reward; retune lr with it.
+        momentum, momentum_window: heavy-ball momentum without a buffer: each step also moves by
+            momentum**lag times the estimates of the previous ``momentum_window - 1`` steps, regenerated
+            from their seeds (one extra pass over the weights per past estimate).
         on_nonfinite: "raise" or "skip" (warn and leave the weights unchanged) on a NaN/inf loss.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  n_perturbations: int = 1, seed: int = 0, noise: str = "table", table_size: int = 1 << 23,
-                 difference: str = "central", update: str = "sgd", on_nonfinite: str = "raise"):
+                 difference: str = "central", update: str = "sgd", fitness_shaping: str = "none",
+                 momentum: float = 0.0, momentum_window: int = 0, on_nonfinite: str = "raise"):
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not eps > 0:
@@ -114,13 +122,18 @@ class MeZO(Optimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if not (isinstance(n_perturbations, int) and n_perturbations >= 1):
             raise ValueError(f"n_perturbations must be an int >= 1, got {n_perturbations!r}")
+        if not 0.0 <= momentum < 1.0 or momentum_window < 0 or (momentum > 0) != (momentum_window > 1):
+            raise ValueError(f"momentum must be in [0, 1) with momentum_window > 1 (or 0 and 0), got {momentum}, "
+                             f"{momentum_window}")
         for name, value, accepted in (("difference", difference, DIFFERENCES), ("update", update, UPDATES),
+                                      ("fitness_shaping", fitness_shaping, SHAPINGS),
                                       ("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)):
             if value not in accepted:
                 raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(accepted)}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, decay_1d=False))
         self.eps, self.n_perturbations, self.seed = eps, n_perturbations, seed
         self.difference, self.update, self.on_nonfinite = difference, update, on_nonfinite
+        self.fitness_shaping, self.momentum, self.momentum_window = fitness_shaping, momentum, momentum_window
         self.noise = Noise(noise, table_size=table_size, table_seed=seed)
         self.num_perturbations_done = 0
         self.trajectory: list[dict] = []
@@ -157,57 +170,100 @@ class MeZO(Optimizer):
         return float(loss)
 
     def step(self, closure: Callable[[], float | torch.Tensor]) -> float:  # type: ignore[override]
-        """Run ``n_perturbations`` SPSA estimates with their fused updates; return the mean loss seen."""
+        """Run ``n_perturbations`` SPSA estimates and update; return the mean loss seen.
+
+        If the closure raises (KeyboardInterrupt included) or a loss is not finite, the weights are put back
+        to where the step found them before the exception propagates, and the step's seeds are not used up.
+        """
         if closure is None:
             raise ValueError("MeZO.step needs a closure that returns the loss to minimize")
-        seeds, grads, losses = [], [], []
-        for _ in range(self.n_perturbations):
-            seed = mix(self.seed, self.num_perturbations_done)
-            self.num_perturbations_done += 1
-            offset = 0.0  # how many eps*z the weights are away from x; undone on any exception
-            try:
+        n = self.n_perturbations
+        seeds = [mix(self.seed, self.num_perturbations_done + k) for k in range(n)]
+        pairs: list[tuple[float, float]] = []
+        pending: tuple[int, float] = (0, 0.0)  # (seed, multiple of eps*z) the weights are away from x
+        try:
+            for seed in seeds:
+                if pending[1]:
+                    self._move(pending[0], -pending[1])
+                    pending = (seed, 0.0)
                 if self.difference == "forward":
                     minus = self._score(closure)
                     self._move(seed, 1.0)
-                    offset = 1.0
+                    pending = (seed, 1.0)
                     plus = self._score(closure)
                 else:
                     self._move(seed, 1.0)
-                    offset = 1.0
+                    pending = (seed, 1.0)
                     plus = self._score(closure)
                     self._move(seed, -2.0)
-                    offset = -1.0
+                    pending = (seed, -1.0)
                     minus = self._score(closure)
-                grad = self._projected_grad(plus, minus)
-            except BaseException:
-                if offset:
-                    self._move(seed, -offset)
-                raise
-            # restore + update in one fused pass (a skipped non-finite step only restores)
-            self._move(seed, -offset, grad, 1.0 / self.n_perturbations)
-            seeds.append(seed)
-            grads.append(grad)
-            losses += [plus, minus]
-        loss = sum(losses) / len(losses)
-        self.trajectory.append({"seeds": seeds, "grads": grads, "loss": loss,
-                                "lrs": [g["lr"] for g in self.param_groups]})
-        return loss
+                pairs.append((plus, minus))
+            grads = self._projected_grads(pairs)
+        except BaseException:
+            if pending[1]:
+                self._move(pending[0], -pending[1])
+            raise
+        self.num_perturbations_done += n
+        record = {"seeds": seeds, "grads": grads, "loss": sum(map(sum, pairs)) / (2 * n),
+                  "lrs": [g["lr"] for g in self.param_groups]}
+        self._update(record, restore=pending[1])
+        self.trajectory.append(record)
+        return record["loss"]
 
-    def _projected_grad(self, plus: float, minus: float) -> float | None:
+    def _update(self, record: dict, restore: float) -> None:
+        """Move the weights by the record's estimates (the last one fused with undoing its ``restore``
+        perturbation), then by the momentum terms regenerated from the previous records' seeds."""
+        n = len(record["seeds"])
+        *rest, (seed, grad) = zip(record["seeds"], record["grads"])
+        self._move(seed, -restore, grad, 1.0 / n)
+        for seed, grad in rest:
+            if grad is not None:
+                self._move(seed, 0.0, grad, 1.0 / n)
+        for lag in range(1, self.momentum_window):
+            if lag > len(self.trajectory):
+                break
+            past = self.trajectory[-lag]
+            for seed, grad in zip(past["seeds"], past["grads"]):
+                if grad is not None:
+                    self._move(seed, 0.0, self.momentum**lag * grad, 1.0 / len(past["seeds"]))
+
+    def _projected_grads(self, pairs: list[tuple[float, float]]) -> list[float | None]:
+        """(plus - minus) / (2 eps) per perturbation (eps for forward differences); ranks when shaping."""
         scale = self.eps if self.difference == "forward" else 2 * self.eps
-        grad = (plus - minus) / scale
-        if not math.isfinite(grad):
-            if self.on_nonfinite == "raise":
-                raise FloatingPointError(f"non-finite loss (plus={plus}, minus={minus}); weights restored. "
-                                         "Pass on_nonfinite='skip' to skip such steps")
-            warnings.warn(f"skipping a step with non-finite loss (plus={plus}, minus={minus})", stacklevel=3)
-            return None
-        return math.copysign(1.0, grad) if self.update == "sign" and grad else grad
+        for plus, minus in pairs:
+            if not (math.isfinite(plus) and math.isfinite(minus)):
+                if self.on_nonfinite == "raise":
+                    raise FloatingPointError(f"non-finite loss (plus={plus}, minus={minus}); weights restored. "
+                                             "Pass on_nonfinite='skip' to skip such estimates")
+                warnings.warn(f"skipping an estimate with non-finite loss (plus={plus}, minus={minus})",
+                              stacklevel=3)
+        if self.fitness_shaping == "rank":
+            ranked = sorted(v for pair in pairs for v in pair if math.isfinite(v))
+            top = max(1, len(ranked) - 1)
+
+            def utility(v: float) -> float:  # centered rank in [-0.5, 0.5]; ties share their mean rank
+                if not math.isfinite(v):
+                    return v
+                return (bisect.bisect_left(ranked, v) + bisect.bisect_right(ranked, v) - 1) / (2 * top) - 0.5
+
+            pairs = [(utility(p), utility(m)) for p, m in pairs]
+        grads: list[float | None] = []
+        for plus, minus in pairs:
+            grad = (plus - minus) / scale
+            if not math.isfinite(grad):
+                grads.append(None)
+            elif self.update == "sign":
+                grads.append(math.copysign(1.0, grad) if grad else 0.0)
+            else:
+                grads.append(grad)
+        return grads
 
     def config(self) -> dict:
         """Everything besides the weights and the trajectory that a replay needs."""
         return {"eps": self.eps, "n_perturbations": self.n_perturbations, "seed": self.seed,
-                "difference": self.difference, "update": self.update, **self.noise.config()}
+                "difference": self.difference, "update": self.update, "fitness_shaping": self.fitness_shaping,
+                "momentum": self.momentum, "momentum_window": self.momentum_window, **self.noise.config()}
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -230,17 +286,16 @@ class MeZO(Optimizer):
         """Apply one trajectory record to the weights with the same arithmetic as training (bitwise)."""
         for group, lr in zip(self.param_groups, record["lrs"]):
             group["lr"] = lr
-        n = len(record["seeds"])
-        for seed, grad in zip(record["seeds"], record["grads"]):
-            if self.difference == "forward":
-                self._move(seed, 1.0)
-                self._move(seed, -1.0, grad, 1.0 / n)
-            else:
-                self._move(seed, 1.0)
+        forward = self.difference == "forward"
+        for k, seed in enumerate(record["seeds"]):
+            self._move(seed, 1.0)
+            if not forward:
                 self._move(seed, -2.0)
-                self._move(seed, 1.0, grad, 1.0 / n)
+            if k < len(record["seeds"]) - 1:
+                self._move(seed, -1.0 if forward else 1.0)
+        self._update(record, restore=1.0 if forward else -1.0)
         self.trajectory.append(dict(record))
-        self.num_perturbations_done += n
+        self.num_perturbations_done += len(record["seeds"])
 
 
 def replay(params: Iterable, state: dict, steps: int | None = None) -> MeZO:
@@ -250,7 +305,8 @@ def replay(params: Iterable, state: dict, steps: int | None = None) -> MeZO:
     the base weights. Returns an optimizer positioned after the replayed steps, ready to continue training.
     """
     mezo = state["mezo"]
-    config = {k: mezo[k] for k in ("eps", "n_perturbations", "seed", "difference", "update")}
+    keys = ("eps", "n_perturbations", "seed", "difference", "update", "fitness_shaping", "momentum", "momentum_window")
+    config = {k: mezo[k] for k in keys}
     opt = MeZO(params, noise=mezo["noise"], table_size=mezo["table_size"], **config)
     if "param_groups" in state:
         for group, saved in zip(opt.param_groups, state["param_groups"]):

@@ -9,6 +9,7 @@ Prompts longer than ``max_length`` tokens are truncated from the left (the end o
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +18,11 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 Batch = Sequence[dict]
+
+
+def prompts_seed(prompts: Sequence[str], salt: int = 0) -> int:
+    """A seed fixed by a batch's prompts: both sides of an SPSA estimate draw the same random numbers."""
+    return zlib.crc32("\x00".join(prompts).encode(), salt)
 
 
 def context_length(model: torch.nn.Module, default: int = 2048) -> int:
@@ -144,7 +150,8 @@ class MultipleChoice(Predictor):
 
 
 class Generation(Predictor):
-    """Greedy (or seeded sampled) generation, cut at the first stop string."""
+    """Greedy generation, or sampling at ``temperature`` seeded by the prompts (and ``sample_seed``), so that
+    both sides of an SPSA estimate see the same random numbers; the text is cut at the first stop string."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 16,
                  stop: Sequence[str] = ("\n",), max_length: int | None = None,
@@ -163,7 +170,7 @@ class Generation(Predictor):
         sampling = {"do_sample": True, "temperature": self.temperature, "top_k": 0} if self.temperature else {
             "do_sample": False}
         with torch.inference_mode(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.sample_seed)
+            torch.manual_seed(prompts_seed(prompts, self.sample_seed))
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
                                  stop_strings=self.stop or None, tokenizer=self.tokenizer, **sampling)
