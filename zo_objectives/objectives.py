@@ -94,6 +94,60 @@ class WeightedSum:
         return sum(w * float(obj(model, batch)) for w, obj in self.terms)
 
 
+RewardFn = Callable[..., Sequence[float]]
+
+
+class RewardError(ValueError):
+    """A reward function raised, or returned something other than one number per completion."""
+
+
+@dataclass
+class RewardObjective:
+    """Generate completions and score them with TRL-style reward functions; the loss is -(weighted mean reward).
+
+    Each reward is called as ``reward(prompts=..., completions=..., **columns)`` where ``columns`` holds every
+    other field of the batch's examples (one list per field), and must return one number per completion.
+    Sampling (``generator.temperature > 0``) is seeded by the prompts, so both sides of an SPSA estimate
+    compare the same random draws.
+    """
+
+    generator: Any
+    rewards: Sequence[RewardFn]
+    weights: Sequence[float] | None = None
+    name: str = "reward"
+
+    def __post_init__(self) -> None:
+        if not self.rewards:
+            raise ValueError("RewardObjective needs at least one reward function")
+        if self.weights is not None and len(self.weights) != len(self.rewards):
+            raise ValueError(f"{len(self.weights)} weights for {len(self.rewards)} reward functions")
+
+    def scores(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> list[float]:
+        """The weighted sum of the rewards for each completion."""
+        total = [0.0] * len(prompts)
+        for weight, fn in zip(self.weights or [1.0] * len(self.rewards), self.rewards):
+            label = getattr(fn, "__name__", type(fn).__name__)
+            try:
+                values = list(fn(prompts=prompts, completions=completions, **columns))
+            except Exception as err:
+                raise RewardError(f"reward {label!r} raised {type(err).__name__}: {err}") from err
+            if len(values) != len(prompts):
+                raise RewardError(f"reward {label!r} returned {len(values)} values for {len(prompts)} completions")
+            for i, v in enumerate(values):
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise RewardError(f"reward {label!r} returned {v!r} ({type(v).__name__}) for completion {i}; "
+                                      "rewards must be int or float")
+                total[i] += weight * float(v)
+        return total
+
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> float:
+        prompts = [ex["prompt"] for ex in batch]
+        completions = self.generator.generate(model, prompts)
+        columns = {k: [ex.get(k) for ex in batch] for k in batch[0] if k not in ("prompt", "completion")}
+        rewards = self.scores(prompts, completions, columns)
+        return -sum(rewards) / len(rewards)
+
+
 def from_compute(module: Any, key: str, greater_is_better: bool = True) -> Metric:
     """Adapt an object with ``.compute(predictions=..., references=...) -> dict`` (e.g. an ``evaluate`` metric)."""
 
