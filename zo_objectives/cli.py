@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,8 +18,9 @@ import torch
 
 from metrics import get_metric, list_metrics
 from tasks import Task, get_task, list_tasks, task_from_file, with_demonstrations
+from zo_objectives import distributed
 from zo_objectives.models import DEFAULT_MODEL, apply_peft, load_model, load_run_weights, select_trainable
-from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, make_objective
+from zo_objectives.objectives import CROSS_ENTROPY, DEFAULT_SAMPLES, MetricObjective, make_objective
 from zo_objectives.optimizer import SCHEDULES, MeZO, make_scheduler
 from zo_objectives.plots import plot_run
 from zo_objectives.scoring import predictor_for
@@ -26,7 +28,6 @@ from zo_objectives.train import CHECKPOINT, evaluate, resume, save_weights, trai
 
 # Defaults chosen from measurements on SmolLM2-135M / SST-2 (see README "Why these defaults").
 DEFAULT_LR = {"cross_entropy": 1e-5, "metric": 3e-5}
-DEFAULT_SAMPLES = 64
 
 
 class UsageError(ValueError):
@@ -48,11 +49,25 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-length", type=int, default=None, help="truncate prompts from the left to this")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
 
 
 def _positive(name: str, value: float | int | None) -> None:
     if value is not None and value <= 0:
         raise UsageError(f"--{name} must be > 0, got {value}")
+
+
+def _device(name: str | None) -> torch.device:
+    """The requested device; by default CUDA when available (under torchrun, this rank's GPU)."""
+    if name is None:
+        name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise UsageError(f"unknown --device {name!r}; use cpu, cuda or cuda:N") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
 
 
 def _load_plugins(modules: list[str]) -> None:
@@ -110,35 +125,35 @@ def tune(args: argparse.Namespace) -> dict:
     for name in ("steps", "batch_size", "lr", "eps", "train_size", "eval_size", "n_perturbations"):
         _positive(name.replace("_", "-"), getattr(args, name))
     _load_plugins(args.plugin)
+    rank, world = distributed.init()  # distributed: (0, 1) unless torchrun set WORLD_SIZE > 1
+    main = rank == 0  # distributed: only rank 0 checks and writes the run folder, prints, shows progress
+    distributed.quiet()  # distributed: silences warnings on ranks other than 0
     task = _task(args)
     objective_name = args.objective or task.metric
     if objective_name != CROSS_ENTROPY and objective_name not in list_metrics():
         raise UsageError(f"unknown objective {objective_name!r}; available: "
                          f"{', '.join([CROSS_ENTROPY, *list_metrics()])}")
     run_dir = Path(args.output_dir or f"runs/{task.name}-{objective_name}-s{args.seed}")
-    if run_dir.exists() and any(run_dir.iterdir()) and not (args.resume or args.overwrite):
+    if main and run_dir.exists() and any(run_dir.iterdir()) and not (args.resume or args.overwrite):
         raise UsageError(f"run folder {run_dir} exists; pass --resume to continue it, --overwrite to replace it, "
                          "or another --output-dir")
     if args.resume and not (run_dir / CHECKPOINT).exists():
         raise UsageError(f"--resume: no {CHECKPOINT} in {run_dir}")
-    if args.overwrite and not args.resume:
+    if main and args.overwrite and not args.resume:
         for stale in ("metrics.jsonl", CHECKPOINT, "eval.json"):
             (run_dir / stale).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(args.seed)
     model, tokenizer = load_model(args.model)
-    model = apply_peft(model, args.peft)
+    model = apply_peft(model, args.peft).to(_device(args.device))
     select_trainable(model, args.trainable)
     predictor = predictor_for(task, tokenizer, max_length=args.max_length)
-    objective = make_objective(objective_name, predictor)
+    objective = make_objective(objective_name, predictor, samples=args.samples, temperature=args.temperature)
     is_metric = isinstance(objective, MetricObjective)
-    samples = args.samples if args.samples is not None else (
-        DEFAULT_SAMPLES if is_metric and hasattr(predictor, "scores") else 0)
-    if is_metric and samples:
-        objective = MetricObjective(objective.metric, predictor, samples=samples, temperature=args.temperature)
-    elif samples:
-        raise UsageError("--samples applies to metric objectives on classification or multiple-choice tasks")
+    samples = objective.samples if is_metric else 0
+    if world > 1:  # distributed: each rank scores batch[rank::world]; the losses are all-reduced
+        objective = distributed.ShardedObjective(objective)
     lr = args.lr or DEFAULT_LR["metric" if is_metric else "cross_entropy"]
 
     train_set = task.examples("train", n=args.train_size, seed=args.seed)
@@ -149,10 +164,14 @@ def tune(args: argparse.Namespace) -> dict:
                     seed=args.seed, noise=args.noise, difference=args.difference, update=args.update)
     config = {**vars(args), "task": task.name, "objective": objective_name, "samples": samples, "lr": lr,
               "optimizer": settings, "train_examples": len(train_set), "eval_examples": len(dev_set),
-              "metric": metric.name, "trainable_parameters": sum(p.numel() for p in params)}
-    write_json(run_dir / "config.json", config)
+              "metric": metric.name, "trainable_parameters": sum(p.numel() for p in params), "world_size": world}
+    if main:
+        write_json(run_dir / "config.json", config)
 
     def dev_metric() -> float:
+        if world > 1:  # distributed: verify the ranks' weights agree, split the dev set across ranks
+            distributed.check_in_sync(params)
+            return distributed.evaluate(model, predictor, dev_set, metric, args.batch_size)
         return evaluate(model, predictor, dev_set, metric, args.batch_size)
 
     start = 0
@@ -162,19 +181,23 @@ def tune(args: argparse.Namespace) -> dict:
     else:
         optimizer = MeZO(params, **settings)
         before = dev_metric()
-        write_json(run_dir / "eval.json", {"metric": metric.name, "examples": len(dev_set), "before": before})
+        if main:
+            write_json(run_dir / "eval.json", {"metric": metric.name, "examples": len(dev_set), "before": before})
     scheduler = make_scheduler(optimizer, args.schedule, args.steps, last_step=start)
-    print(f"zo-tune: {task.name}, objective {objective_name}, {config['trainable_parameters']:,} trainable "
-          f"parameters, dev {metric.name} before: {before:.4f}", file=sys.stderr)
+    if main:
+        print(f"zo-tune: {task.name}, objective {objective_name}, {config['trainable_parameters']:,} trainable "
+              f"parameters, dev {metric.name} before: {before:.4f}", file=sys.stderr)
     t0 = time.perf_counter()
     history = train(model, optimizer, objective, train_set, steps=args.steps, batch_size=args.batch_size,
                     seed=args.seed, start_step=start, evaluate_fn=dev_metric, eval_every=args.eval_every,
-                    run_dir=run_dir, scheduler=scheduler, progress=not args.no_progress)
+                    run_dir=run_dir if main else None, scheduler=scheduler, progress=main and not args.no_progress)
     after = history[-1]["eval"] if history and "eval" in history[-1] else dev_metric()
     seconds = time.perf_counter() - t0
     ties = sum(r["tied"] for r in history) / max(1, len(history))
     summary = {"metric": metric.name, "examples": len(dev_set), "before": before, "after": after,
                "steps": args.steps, "train_seconds": seconds, "tied_fraction": ties}
+    if not main:  # distributed: rank 0 writes the results
+        return summary
     write_json(run_dir / "eval.json", summary)
     save_weights(model, run_dir / "model.safetensors")
     plot_run(run_dir)
@@ -206,6 +229,7 @@ def evaluate_cli(args: argparse.Namespace) -> dict:
         config = json.loads((Path(args.run) / "config.json").read_text())
         model_name = config["model"]
     model, tokenizer = load_model(model_name)
+    model.to(_device(args.device))
     if args.run:
         model = apply_peft(model, config.get("peft", "none"))
         load_run_weights(model, Path(args.run))

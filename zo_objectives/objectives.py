@@ -18,6 +18,7 @@ from metrics import Metric, get_metric, list_metrics
 from zo_objectives.scoring import Batch, prompts_seed
 
 CROSS_ENTROPY = "cross_entropy"
+DEFAULT_SAMPLES = 64  # sampled predictions per example for metric objectives with scores (see README)
 
 
 @runtime_checkable
@@ -161,28 +162,34 @@ def from_compute(module: Any, key: str, greater_is_better: bool = True) -> Metri
 
 
 def make_objective(spec: str | Callable | Any, predictor: Any, *, greater_is_better: bool | None = None,
-                   key: str | None = None) -> Objective:
-    """Build an objective from a metric name, ``"cross_entropy"``, a metric function or a ``.compute`` object."""
-    if isinstance(spec, (MetricObjective, CrossEntropy, WeightedSum)):
+                   key: str | None = None, samples: int | None = None, temperature: float = 1.0) -> Objective:
+    """Build an objective from a metric name, ``"cross_entropy"``, a metric function or a ``.compute`` object.
+
+    Metric objectives on predictors with scores (label words, multiple choice) average the metric over
+    ``samples`` sampled predictions (default ``DEFAULT_SAMPLES``; 0 = the hard metric), see MetricObjective.
+    """
+    if isinstance(spec, (MetricObjective, CrossEntropy, WeightedSum, RewardObjective)):
         return spec
+    if isinstance(spec, str) and spec == CROSS_ENTROPY:
+        return CrossEntropy(predictor)
+    gib = True if greater_is_better is None else greater_is_better
     if isinstance(spec, str):
-        if spec == CROSS_ENTROPY:
-            return CrossEntropy(predictor)
         if spec not in list_metrics():
             raise ValueError(f"unknown objective {spec!r}; available: {', '.join([CROSS_ENTROPY, *list_metrics()])}")
         metric = get_metric(spec)
         if greater_is_better is not None:
             metric = Metric(metric.name, metric.fn, greater_is_better)
-        return MetricObjective(metric, predictor)
-    if hasattr(spec, "compute"):
+    elif hasattr(spec, "compute"):
         if key is None:
             raise ValueError("an object with .compute() needs key=... naming the result to optimize")
-        return MetricObjective(from_compute(spec, key, True if greater_is_better is None else greater_is_better),
-                               predictor)
-    if isinstance(spec, Metric):
-        return MetricObjective(spec, predictor)
-    if callable(spec):
-        gib = True if greater_is_better is None else greater_is_better
-        return MetricObjective(Metric(getattr(spec, "__name__", "metric"), spec, gib), predictor)
-    raise TypeError(f"cannot make an objective from {type(spec).__name__}; pass a metric name, "
-                    "'cross_entropy', a function (predictions, references) -> float, or an object with .compute()")
+        metric = from_compute(spec, key, gib)
+    elif isinstance(spec, Metric):
+        metric = spec
+    elif callable(spec):
+        metric = Metric(getattr(spec, "__name__", "metric"), spec, gib)
+    else:
+        raise TypeError(f"cannot make an objective from {type(spec).__name__}; pass a metric name, "
+                        "'cross_entropy', a function (predictions, references) -> float, or an object with .compute()")
+    if samples is None:
+        samples = DEFAULT_SAMPLES if hasattr(predictor, "scores") else 0
+    return MetricObjective(metric, predictor, samples=samples, temperature=temperature)

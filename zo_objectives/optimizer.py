@@ -325,6 +325,8 @@ def make_scheduler(optimizer: Optimizer, kind: str, total_steps: int,
               "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * t))}
     shape = shapes[kind]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: shape(min(step, total_steps) / total_steps))
-    for _ in range(last_step):
-        scheduler.step()
+    with warnings.catch_warnings():  # fast-forwarding a resumed run steps the schedule before the optimizer
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(last_step):
+            scheduler.step()
     return scheduler

@@ -1,0 +1,148 @@
+"""Time one forward pass, a MeZO step (each noise kind, forward differences) and the reference MeZO step.
+
+All in one process on one fixed batch (16 x 64 random token ids, full attention mask), repetitions
+interleaved (the order of the configurations rotates each round) so that a noisy machine slows them alike.
+The ratio ``step / (2 x forward)`` is the cost of a step over its two closure calls (goal: <= 1.05 for the
+default table noise; the reference is about 2.2). "weights only" rows time a step whose closure returns a
+constant: the passes over the weights alone.
+
+    python benchmarks/step_speed.py                      # SmolLM2-135M, 5 repeats
+    python benchmarks/step_speed.py --model tiny-random --repeats 1
+    python benchmarks/step_speed.py --write              # update the step_speed section of BENCHMARKS.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import environment, forward, label_word_loss, markdown_table, setup, write_section  # noqa: E402
+from reference_mezo import reference_step  # noqa: E402
+
+from zo_objectives.optimizer import NOISE_KINDS, MeZO  # noqa: E402
+
+LR, EPS = 1e-6, 1e-3
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def configurations(model: torch.nn.Module, batch: dict, overhead: bool = True) -> dict[str, tuple[str, Callable]]:
+    """name -> (kind, zero-argument callable); kind is "forward", "step" or "weights" (constant closure)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def closure() -> float:
+        return label_word_loss(model, batch)
+
+    def constant() -> float:
+        return 1.0
+
+    configs: dict[str, tuple[str, Callable]] = {
+        "forward (logits_to_keep=1)": ("forward", lambda: forward(model, batch, keep=1)),
+        "forward (full logits)": ("reference forward", lambda: forward(model, batch, keep=0)),
+    }
+    optimizers = {f"MeZO {kind}" + (" (default)" if kind == "table" else ""): MeZO(params, lr=LR, eps=EPS, noise=kind)
+                  for kind in NOISE_KINDS}
+    optimizers["MeZO table, forward difference"] = MeZO(params, lr=LR, eps=EPS, difference="forward")
+    for name, opt in optimizers.items():
+        configs[name] = ("step", lambda opt=opt: opt.step(closure))
+    seeds = iter(range(1 << 30))
+    configs["reference MeZO"] = ("step", lambda: reference_step(model, closure, LR, EPS, next(seeds)))
+    if overhead:
+        for name, opt in optimizers.items():
+            configs[f"{name}: weights only"] = ("weights", lambda opt=opt: opt.step(constant))
+        configs["reference MeZO: weights only"] = (
+            "weights", lambda: reference_step(model, constant, LR, EPS, next(seeds)))
+    return configs
+
+
+def measure(configs: dict[str, tuple[str, Callable]], repeats: int, device: str, warmup: int = 1,
+            log: Callable[[str], None] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each configuration, ``repeats`` times each, rounds interleaved and rotated."""
+    names = list(configs)
+    for _ in range(warmup):
+        for name in names:
+            configs[name][1]()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            _sync(device)
+            t0 = time.perf_counter()
+            configs[name][1]()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+        if log:
+            log(f"round {r + 1}/{repeats} done")
+    return times
+
+
+def rows(configs: dict[str, tuple[str, Callable]], times: dict[str, list[float]]) -> list[list]:
+    """Table rows: name, median seconds, min seconds, and step / (2 x forward) for steps and weight passes."""
+    fwd = statistics.median(times["forward (logits_to_keep=1)"])
+    out = []
+    for name, (kind, _) in configs.items():
+        med = statistics.median(times[name])
+        if kind == "step":
+            ratio = f"{med / (2 * fwd):.3f}"
+        elif kind == "weights":  # the step's predicted ratio if its overhead adds to two forward passes
+            ratio = f"+{med / (2 * fwd):.3f}"
+        elif kind == "forward":
+            ratio = "1 forward"
+        else:
+            ratio = f"{med / fwd:.2f} forwards"
+        out.append([name, f"{med:.4f}", f"{min(times[name]):.4f}", ratio])
+    return out
+
+
+HEADER = ["configuration", "median s", "min s", "step / (2 x forward)"]
+
+
+def main(argv: list[str] | None = None) -> list[list]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), tiny-random, or a path")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before measuring")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--no-overhead", action="store_true", help="skip the weights-only rows")
+    parser.add_argument("--quick", action="store_true", help="smoke check: 1 repeat, no warm-up, no weights-only "
+                        "rows (numbers not for reporting)")
+    parser.add_argument("--write", action="store_true", help="update the step_speed section of BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup, args.no_overhead = 1, 0, True
+    model, batch = setup(args.model, args.device, args.threads, args.batch_size, args.seq_len)
+    configs = configurations(model, batch, overhead=not args.no_overhead)
+    times = measure(configs, args.repeats, args.device, args.warmup,
+                    log=lambda s: print(s, file=sys.stderr, flush=True))
+    table = rows(configs, times)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    title = (f"Step speed: {args.model} ({n_params / 1e6:.1f}M trainable parameters), batch {args.batch_size} x "
+             f"{args.seq_len} tokens, device {args.device}, median of {args.repeats} interleaved repeats "
+             f"after {args.warmup} warm-up round(s). lr={LR}, eps={EPS}.")
+    text = f"{title}\n\n{markdown_table(HEADER, table)}\n\n{environment(args.device)}\n"
+    print(text)
+    if args.write:
+        notes = ("Ratios are to two forward passes with `logits_to_keep=1` (a central-difference step's two "
+                 "closure calls); goal <= 1.05 for the default. \"+x\" on a weights-only row is that pass's time "
+                 "over two forward passes.")
+        write_section("step_speed", f"## Step speed\n\n{text}\n{notes}")
+    return table
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Smoke tests of the benchmark scripts (tiny model, tiny batch, one repeat, no timing assertions) and a check
+that the reference MeZO step and ours both descend a quadratic."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zo_objectives.optimizer import MeZO
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+SMALL = ["--model", "tiny-random", "--batch-size", "2", "--seq-len", "8"]
+
+
+def load(name: str):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def no_write(monkeypatch, tmp_path):
+    """Point BENCHMARKS.md to a temporary file so that no test touches the real one."""
+    common = load("_common")
+    monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    monkeypatch.setattr(common.write_section, "__defaults__", (tmp_path / "BENCHMARKS.md",))
+    return tmp_path / "BENCHMARKS.md"
+
+
+def test_step_speed_runs(no_write, capsys):
+    step_speed = load("step_speed")
+    table = step_speed.main([*SMALL, "--repeats", "1", "--warmup", "0", "--threads", "1"])
+    names = [row[0] for row in table]
+    assert "forward (logits_to_keep=1)" in names and "reference MeZO" in names
+    assert any(n.startswith("MeZO table (default)") for n in names)
+    assert any(n.endswith("weights only") for n in names)
+    assert all(float(row[1]) > 0 for row in table)
+    assert "| configuration |" in capsys.readouterr().out
+    assert not no_write.exists()
+
+
+def test_memory_runs(no_write):
+    memory = load("memory")
+    names = [name for name in memory.CONFIGS if name != "inference"]  # inference runs in the subprocess below
+    results = [memory.run_config(name, "tiny-random", "cpu", 1, 2, 8, steps=1) for name in names]
+    header, table = memory.rows(results)
+    assert [row[0] for row in table] == names
+    # the kernel's RSS counters lag a little: the peak may read a few hundred KiB under the loaded RSS
+    assert all(r["peak_kib"] >= r["loaded_kib"] - 4096 > 0 for r in results)
+    # the real entry point: one configuration in its own subprocess, written to a (temporary) BENCHMARKS.md
+    table = memory.main([*SMALL, "--threads", "1", "--configs", "inference", "--write"])
+    assert [row[0] for row in table] == ["inference"]
+    text = no_write.read_text()
+    assert "<!-- memory:begin -->" in text and "<!-- memory:end -->" in text and "| inference |" in text
+
+
+def test_write_section_keeps_other_sections(tmp_path):
+    common = load("_common")
+    path = tmp_path / "BENCHMARKS.md"
+    common.write_section("a", "first", path)
+    common.write_section("b", "other", path)
+    common.write_section("a", "second", path)
+    text = path.read_text()
+    assert "second" in text and "first" not in text and "other" in text
+    assert text.count("<!-- a:begin -->") == 1 and text.index("<!-- a:begin -->") < text.index("<!-- b:begin -->")
+
+
+def _toy():
+    torch.manual_seed(0)
+    module = torch.nn.Linear(8, 1)
+    x, y = torch.randn(64, 8), torch.randn(64, 1)
+
+    def closure() -> float:
+        with torch.no_grad():
+            return float(((module(x) - y) ** 2).mean())
+
+    return module, closure
+
+
+@pytest.mark.parametrize("which", ["reference", "ours"])
+def test_reference_and_ours_descend_a_quadratic(which):
+    reference_step = load("reference_mezo").reference_step
+    module, closure = _toy()
+    start = closure()
+    opt = MeZO(module.parameters(), lr=0.02, eps=1e-3, seed=1)
+    for step in range(150):
+        if which == "reference":
+            reference_step(module, closure, lr=0.02, eps=1e-3, seed=step)
+        else:
+            opt.step(closure)
+    assert closure() < 0.7 * start
+
+
+def test_reference_step_with_zero_lr_restores_weights():
+    reference_step = load("reference_mezo").reference_step
+    module, closure = _toy()
+    before = [p.detach().clone() for p in module.parameters()]
+    loss = reference_step(module, closure, lr=0.0, eps=1e-3, seed=3)
+    assert abs(loss - closure()) < 1e-4
+    for p, b in zip(module.parameters(), before):
+        torch.testing.assert_close(p.detach(), b, atol=1e-6, rtol=0)

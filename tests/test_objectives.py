@@ -1,0 +1,228 @@
+"""Tests for objectives: make_objective's inputs, signs, WeightedSum and the sampled (smoothed) metric."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import metrics
+from metrics import Metric, get_metric, register_metric
+from zo_objectives.objectives import (
+    CROSS_ENTROPY,
+    CrossEntropy,
+    MetricObjective,
+    WeightedSum,
+    make_objective,
+    references,
+)
+
+
+class FixedPredictor:
+    """Predicts ``ex["pred"]``; no scores, so metric objectives use the hard metric."""
+
+    def __init__(self):
+        self.ce_calls = 0
+
+    def predict(self, model, batch):
+        return [ex["pred"] for ex in batch]
+
+    def cross_entropy(self, model, batch):
+        self.ce_calls += 1
+        return 1.25
+
+
+class ScorePredictor(FixedPredictor):
+    """Scores from ``ex["scores"]`` times ``model.scale`` (a stand-in for LabelWords / MultipleChoice)."""
+
+    def scores(self, model, batch):
+        return torch.stack([ex["scores"] for ex in batch]) * model.scale
+
+    def predict(self, model, batch):
+        return self.scores(model, batch).argmax(-1).tolist()
+
+
+class Scale(torch.nn.Module):
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = scale
+
+
+BATCH = [{"prompt": "a", "pred": 1, "label": 1}, {"prompt": "b", "pred": 0, "label": 1},
+         {"prompt": "c", "pred": 2, "label": 2}, {"prompt": "d", "pred": 0, "label": 0}]
+MODEL = Scale()
+
+
+@pytest.fixture
+def clean_registry(monkeypatch):
+    monkeypatch.setattr(metrics, "_REGISTRY", dict(metrics._REGISTRY))
+
+
+def test_references_are_labels_or_answers():
+    assert references(BATCH) == [1, 1, 2, 0]
+    assert references([{"prompt": "q", "answers": ["x", "y"]}]) == [["x", "y"]]
+
+
+def test_metric_name_greater_is_better_is_negated():
+    obj = make_objective("accuracy", FixedPredictor())
+    assert isinstance(obj, MetricObjective) and obj.name == "accuracy" and obj.samples == 0
+    assert obj(MODEL, BATCH) == -0.75
+
+
+def test_metric_name_lower_is_better_is_not_negated(clean_registry):
+    register_metric("error_rate", lambda p, r: sum(a != b for a, b in zip(p, r)) / len(p), greater_is_better=False)
+    obj = make_objective("error_rate", FixedPredictor())
+    assert obj(MODEL, BATCH) == 0.25
+
+
+def test_greater_is_better_override_for_a_name():
+    obj = make_objective("accuracy", FixedPredictor(), greater_is_better=False)
+    assert obj(MODEL, BATCH) == 0.75
+    assert get_metric("accuracy").greater_is_better  # the registry is not changed
+
+
+def test_cross_entropy():
+    predictor = FixedPredictor()
+    obj = make_objective(CROSS_ENTROPY, predictor)
+    assert isinstance(obj, CrossEntropy) and obj.name == "cross_entropy"
+    assert obj(MODEL, BATCH) == 1.25 and predictor.ce_calls == 1
+
+
+def test_plain_function():
+    def first_correct(predictions, references):
+        return float(predictions[0] == references[0])
+
+    obj = make_objective(first_correct, FixedPredictor())
+    assert obj.name == "first_correct" and obj(MODEL, BATCH) == -1.0
+    lower = make_objective(first_correct, FixedPredictor(), greater_is_better=False)
+    assert lower(MODEL, BATCH) == 1.0
+    assert make_objective(lambda p, r: 0.5, FixedPredictor())(MODEL, BATCH) == -0.5
+
+
+def test_metric_instance():
+    obj = make_objective(Metric("m", lambda p, r: 0.3, greater_is_better=False), FixedPredictor())
+    assert obj(MODEL, BATCH) == pytest.approx(0.3)
+
+
+class ComputeMetric:
+    """The ``evaluate`` convention: ``.compute(predictions=..., references=...)`` returns a dict."""
+
+    name = "computed"
+
+    def __init__(self):
+        self.seen = None
+
+    def compute(self, predictions, references):
+        self.seen = (list(predictions), list(references))
+        return {"accuracy": sum(p == r for p, r in zip(predictions, references)) / len(predictions), "n": 4}
+
+
+def test_compute_object():
+    module = ComputeMetric()
+    obj = make_objective(module, FixedPredictor(), key="accuracy")
+    assert obj.name == "computed"
+    assert obj(MODEL, BATCH) == -0.75
+    assert module.seen == ([1, 0, 2, 0], [1, 1, 2, 0])
+    assert make_objective(module, FixedPredictor(), key="accuracy", greater_is_better=False)(MODEL, BATCH) == 0.75
+
+
+def test_compute_object_needs_an_existing_key():
+    with pytest.raises(ValueError, match="key="):
+        make_objective(ComputeMetric(), FixedPredictor())
+    obj = make_objective(ComputeMetric(), FixedPredictor(), key="f1")
+    with pytest.raises(ValueError, match="'f1'") as err:
+        obj(MODEL, BATCH)
+    assert "accuracy" in str(err.value)  # names the keys it did return
+
+
+def test_weighted_sum():
+    acc = make_objective("accuracy", FixedPredictor())
+    ce = make_objective(CROSS_ENTROPY, FixedPredictor())
+    obj = WeightedSum([(0.5, acc), (2.0, ce)])
+    assert obj(MODEL, BATCH) == pytest.approx(0.5 * -0.75 + 2.0 * 1.25)
+    assert make_objective(obj, FixedPredictor()) is obj
+
+
+def test_built_objectives_pass_through():
+    obj = MetricObjective(get_metric("f1"), FixedPredictor())
+    assert make_objective(obj, None) is obj
+    ce = CrossEntropy(FixedPredictor())
+    assert make_objective(ce, None) is ce
+
+
+def test_unknown_name_lists_options():
+    with pytest.raises(ValueError, match="unknown objective 'accurracy'") as err:
+        make_objective("accurracy", FixedPredictor())
+    for name in ("cross_entropy", "accuracy", "f1", "squad_f1"):
+        assert name in str(err.value)
+
+
+def test_not_an_objective_raises_type_error():
+    with pytest.raises(TypeError, match="metric name"):
+        make_objective(42, FixedPredictor())
+
+
+def test_samples_default_with_and_without_scores():
+    assert make_objective("accuracy", ScorePredictor()).samples > 0
+    assert make_objective("accuracy", ScorePredictor(), samples=0).samples == 0
+    assert make_objective("accuracy", FixedPredictor()).samples == 0
+
+
+def test_invalid_sampling_settings_raise():
+    with pytest.raises(ValueError, match="scores"):
+        MetricObjective(get_metric("accuracy"), FixedPredictor(), samples=4)
+    with pytest.raises(ValueError):
+        MetricObjective(get_metric("accuracy"), ScorePredictor(), samples=-1)
+    with pytest.raises(ValueError):
+        MetricObjective(get_metric("accuracy"), ScorePredictor(), samples=4, temperature=0.0)
+
+
+def scored_batch(n=24, classes=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(n, classes, generator=g)
+    labels = torch.randint(0, classes, (n,), generator=g)
+    return [{"prompt": f"p{i}", "scores": scores[i], "label": int(labels[i])} for i in range(n)]
+
+
+def test_sampled_metric_uses_common_random_numbers():
+    batch = scored_batch()
+    obj = MetricObjective(get_metric("accuracy"), ScorePredictor(), samples=16)
+    before = torch.get_rng_state()
+    values = {obj(MODEL, batch) for _ in range(3)}
+    assert len(values) == 1
+    assert torch.equal(torch.get_rng_state(), before)  # a private generator
+    # the noise is fixed by the batch's prompts: another batch with the same scores draws other noise
+    renamed = [{**ex, "prompt": ex["prompt"] + "!"} for ex in batch]
+    assert obj(MODEL, renamed) != obj(MODEL, batch)
+    # and a small change of the scores moves the value only a little (no noise redrawn)
+    assert abs(obj(Scale(1.01), batch) - obj(MODEL, batch)) < 0.1
+
+
+def test_sampled_metric_is_expected_accuracy_of_softmax_sampler():
+    batch = scored_batch(n=40)
+    obj = MetricObjective(get_metric("accuracy"), ScorePredictor(), samples=2000, temperature=1.0)
+    probs = torch.stack([ex["scores"] for ex in batch]).softmax(-1)
+    expected = float(probs[torch.arange(len(batch)), [ex["label"] for ex in batch]].mean())
+    assert -obj(MODEL, batch) == pytest.approx(expected, abs=0.02)
+
+
+def test_small_temperature_approaches_hard_metric():
+    batch = scored_batch(n=40)
+    for name in ("accuracy", "f1"):
+        hard = MetricObjective(get_metric(name), ScorePredictor())
+        hot = MetricObjective(get_metric(name), ScorePredictor(), samples=64, temperature=3.0)
+        cold = MetricObjective(get_metric(name), ScorePredictor(), samples=64, temperature=1e-4)
+        assert cold(MODEL, batch) == pytest.approx(hard(MODEL, batch), abs=1e-12)
+        assert hot(MODEL, batch) != pytest.approx(hard(MODEL, batch), abs=1e-3)
+    # the gap shrinks as the temperature goes down
+    hard_value = MetricObjective(get_metric("accuracy"), ScorePredictor())(MODEL, batch)
+    gaps = [abs(MetricObjective(get_metric("accuracy"), ScorePredictor(), samples=256, temperature=t)(MODEL, batch)
+                - hard_value) for t in (2.0, 0.5, 0.05)]
+    assert gaps[0] > gaps[2] and gaps[2] < 0.05
+
+
+def test_sampled_lower_is_better_metric_keeps_sign(clean_registry):
+    register_metric("err", lambda p, r: sum(a != b for a, b in zip(p, r)) / len(p), greater_is_better=False)
+    batch = scored_batch()
+    err = MetricObjective(get_metric("err"), ScorePredictor(), samples=32)
+    acc = MetricObjective(get_metric("accuracy"), ScorePredictor(), samples=32)
+    assert err(MODEL, batch) == pytest.approx(1 + acc(MODEL, batch))
