@@ -32,11 +32,11 @@ from reference_mezo import reference_step  # noqa: E402
 from zo_objectives.optimizer import MeZO  # noqa: E402
 
 CONFIGS = {
-    "inference": "one forward pass (logits_to_keep=1, inference mode), 3 times",
-    "mezo": "our MeZO (table noise, central difference), 3 steps",
-    "mezo-gaussian": "our MeZO (gaussian noise), 3 steps",
-    "reference": "reference MeZO step, 3 steps",
-    "adamw": "backprop + AdamW (train mode, full-logits cross-entropy), 3 steps",
+    "inference": "one forward pass (logits_to_keep=1, inference mode)",
+    "mezo": "our MeZO (table noise, central difference)",
+    "mezo-gaussian": "our MeZO (gaussian noise)",
+    "reference": "reference MeZO step",
+    "adamw": "backprop + AdamW (train mode, full-logits cross-entropy)",
 }
 MIB = 1024 * 1024
 
@@ -107,12 +107,12 @@ def run_config(name: str, model_name: str, device: str, threads: int | None, bat
 
 
 def measure(model_name: str, device: str, threads: int | None, batch_size: int, seq_len: int,
-            configs: list[str] | None = None) -> list[dict]:
+            configs: list[str] | None = None, steps: int = 3) -> list[dict]:
     """Run each configuration in a fresh subprocess; return their results."""
     results = []
     for name in configs or list(CONFIGS):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--config", name, "--model", model_name,
-               "--device", device, "--batch-size", str(batch_size), "--seq-len", str(seq_len)]
+               "--device", device, "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--steps", str(steps)]
         if threads:
             cmd += ["--threads", str(threads)]
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -148,19 +148,24 @@ def main(argv: list[str] | None = None) -> list[list]:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3, help="iterations per configuration (--quick: 1)")
+    parser.add_argument("--quick", action="store_true", help="smoke check: one iteration per configuration")
     parser.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)}")
     parser.add_argument("--config", default=None, help=argparse.SUPPRESS)  # internal: run one config, print JSON
     parser.add_argument("--write", action="store_true", help="update the memory section of BENCHMARKS.md")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.steps = 1
     if args.config:
         print(json.dumps(run_config(args.config, args.model, args.device, args.threads, args.batch_size,
-                                    args.seq_len)))
+                                    args.seq_len, args.steps)))
         return []
     configs = args.configs.split(",") if args.configs else None
-    results = measure(args.model, args.device, args.threads, args.batch_size, args.seq_len, configs)
+    results = measure(args.model, args.device, args.threads, args.batch_size, args.seq_len, configs, args.steps)
     header, table = rows(results)
     reset = all(r["peak_reset"] for r in results)
-    title = (f"Memory: {args.model}, batch {args.batch_size} x {args.seq_len} tokens, device {args.device}; each "
+    title = (f"Memory: {args.model}, batch {args.batch_size} x {args.seq_len} tokens, device {args.device}, "
+             f"{args.steps} iteration(s) per configuration, each "
              f"configuration in its own process. \"loaded\" is the RSS after loading the model and the batch; "
              f"the peak is ru_maxrss " + ("measured from the loaded state (high-water mark reset after loading)."
                                           if reset else "since process start (the high-water mark could not be "

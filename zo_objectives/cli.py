@@ -42,6 +42,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dev-data", help="the custom task's evaluation file (default: --data)")
     parser.add_argument("--template", help="custom task prompt, a format string over columns, e.g. '{text} It was'")
     parser.add_argument("--label-words", nargs="+", help="custom classification task: one word per label id")
+    parser.add_argument("--labels", nargs="+", help="custom task: the label values (strings) in --label-words order")
     parser.add_argument("--answer-column", help="custom generation task: the column of gold answers")
     parser.add_argument("--plugin", action="append", default=[],
                         help="a module to import first; it may register metrics or tasks (repeatable)")
@@ -84,7 +85,7 @@ def _task(args: argparse.Namespace) -> Task:
         if not args.template:
             raise UsageError("--data needs --template (a format string over the file's columns)")
         return task_from_file(args.data, name=Path(args.data).stem, template=args.template,
-                              label_words=args.label_words, answer_column=args.answer_column,
+                              label_words=args.label_words, labels=args.labels, answer_column=args.answer_column,
                               dev_path=args.dev_data)
     return get_task(args.task)
 

@@ -1,0 +1,71 @@
+"""PEFT (LoRA, prefix) and parameter filters: only the chosen tensors move, and only they are saved."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tasks import get_task
+from zo_objectives.cli import eval_main, tune_main
+from zo_objectives.models import apply_peft, select_trainable, tiny_random_model
+from zo_objectives.optimizer import MeZO
+from zo_objectives.scoring import LabelWords
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("kind", ["lora", "prefix"])
+def test_peft_trains_only_the_adapter(kind, tokenizer):
+    model = apply_peft(tiny_random_model(vocab_size=len(tokenizer)), kind)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(("lora_" in n) if kind == "lora" else ("prompt_encoder" in n) for n in trainable)
+    before = snapshot(model)
+    batch = get_task("sst2").examples("train", n=8)
+    predictor = LabelWords(tokenizer, [" terrible", " great"])
+    optimizer = MeZO([p for p in model.parameters() if p.requires_grad], lr=1e-2, eps=1e-2)
+    for _ in range(2):
+        optimizer.step(lambda: predictor.cross_entropy(model, batch))
+    after = snapshot(model)
+    moved = {n for n in after if not torch.equal(after[n], before[n])}
+    assert moved and moved <= set(trainable)
+
+
+def test_peft_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="lora"):
+        apply_peft(tiny_random_model(vocab_size=64), "adapters")
+
+
+def test_select_trainable_filters_by_name():
+    model = tiny_random_model(vocab_size=64)
+    count = select_trainable(model, r"norm")
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert names and all("norm" in n for n in names)
+    assert count == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        select_trainable(tiny_random_model(vocab_size=64), r"no_such_layer")
+
+
+def test_cli_lora_saves_only_the_adapter(tmp_path, capsys):
+    run = tmp_path / "lora"
+    args = ["--model", "tiny-random", "--task", "sst2", "--train-size", "16", "--batch-size", "8", "--steps", "2",
+            "--eval-every", "2", "--eval-size", "8", "--no-progress", "--peft", "lora", "--output-dir", str(run)]
+    assert tune_main(args) == 0
+    saved = load_file(run / "model.safetensors")
+    assert saved and all("lora_" in name for name in saved)
+    capsys.readouterr()
+    assert eval_main(["--task", "sst2", "--eval-size", "8", "--run", str(run)]) == 0
+    assert '"value"' in capsys.readouterr().out
+
+
+def test_cli_trainable_filter(tmp_path):
+    run = tmp_path / "head"
+    args = ["--model", "tiny-random", "--task", "sst2", "--train-size", "16", "--batch-size", "8", "--steps", "1",
+            "--eval-every", "1", "--eval-size", "8", "--no-progress", "--trainable", r"layers\.1\.",
+            "--output-dir", str(run)]
+    assert tune_main(args) == 0
+    assert all("layers.1." in name for name in load_file(run / "model.safetensors"))
