@@ -43,8 +43,8 @@ class Noise:
     ``gaussian``: exact N(0, 1) per chunk from a private ``torch.Generator``. ``rademacher``: +-1 likewise.
     """
 
-    def __init__(self, kind: str = "table", table_size: int = 1 << 23, table_seed: int = 0,
-                 chunk_size: int = 1 << 20):
+    def __init__(self, kind: str = "table", table_size: int = 1 << 22, table_seed: int = 0,
+                 chunk_size: int = 1 << 18):
         if kind not in NOISE_KINDS:
             raise ValueError(f"unknown noise {kind!r}; accepted: {', '.join(NOISE_KINDS)}")
         if kind == "table" and table_size < 2 * chunk_size:
@@ -57,8 +57,9 @@ class Noise:
         key = (device, dtype)
         if key not in self._tables:
             gen = torch.Generator().manual_seed(self.table_seed)
-            table = torch.randn(self.table_size, generator=gen, dtype=torch.float64)
-            table = (table - table.mean()) / table.std()
+            table = torch.randn(self.table_size, generator=gen)
+            mean, std = table.double().mean().item(), table.double().std().item()
+            table.sub_(mean).div_(std)  # exactly standardized, built in place: no temporary copies
             self._tables[key] = table.to(device=device, dtype=dtype)
         return self._tables[key]
 
@@ -81,7 +82,7 @@ class Noise:
             if self.kind == "gaussian":
                 z.normal_(generator=gen)
             else:
-                z.bernoulli_(0.5, generator=gen).mul_(2).sub_(1)
+                z.random_(0, 2, generator=gen).mul_(2).sub_(1)
             yield slice(start, start + z.numel()), z
 
     def config(self) -> dict:
@@ -111,7 +112,7 @@ class MeZO(Optimizer):
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
-                 n_perturbations: int = 1, seed: int = 0, noise: str = "table", table_size: int = 1 << 23,
+                 n_perturbations: int = 1, seed: int = 0, noise: str = "table", table_size: int = 1 << 22,
                  difference: str = "central", update: str = "sgd", fitness_shaping: str = "none",
                  momentum: float = 0.0, momentum_window: int = 0, on_nonfinite: str = "raise"):
         if not lr >= 0:
