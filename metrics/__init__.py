@@ -22,6 +22,7 @@ class Metric:
     name: str
     fn: MetricFn
     greater_is_better: bool = True
+    per_example: bool = False  # the metric is a mean of per-example scores (lets objectives take expectations)
 
     def __call__(self, predictions: list, references: list) -> float:
         return float(self.fn(predictions, references))
@@ -30,13 +31,18 @@ class Metric:
 _REGISTRY: dict[str, Metric] = {}
 
 
-def register_metric(name: str, fn: MetricFn | None = None, *, greater_is_better: bool = True):
-    """Register ``fn`` under ``name``; without ``fn`` it returns a decorator."""
+def register_metric(name: str, fn: MetricFn | None = None, *, greater_is_better: bool = True,
+                    per_example: bool = False):
+    """Register ``fn`` under ``name``; without ``fn`` it returns a decorator.
+
+    ``per_example=True`` declares that the metric is the mean over examples of a per-example score (as
+    accuracy is, and macro-F1 is not): smoothed objectives then compute its expectation exactly.
+    """
 
     def add(f: MetricFn) -> MetricFn:
         if not callable(f):
             raise TypeError(f"metric {name!r} must be callable, got {type(f).__name__}")
-        _REGISTRY[name] = Metric(name, f, greater_is_better)
+        _REGISTRY[name] = Metric(name, f, greater_is_better, per_example)
         return f
 
     return add if fn is None else add(fn)
@@ -53,8 +59,9 @@ def list_metrics() -> list[str]:
     return sorted(_REGISTRY)
 
 
-for _fn in (accuracy, f1, exact_match, squad_em, squad_f1):
-    register_metric(_fn.__name__, _fn)
+for _fn in (accuracy, exact_match, squad_em, squad_f1):
+    register_metric(_fn.__name__, _fn, per_example=True)
+register_metric("f1", f1)
 
 __all__ = [
     "Metric", "accuracy", "exact_match", "f1", "get_metric", "list_metrics", "register_metric", "squad_em",

@@ -64,7 +64,7 @@ def test_references_are_labels_or_answers():
 
 def test_metric_name_greater_is_better_is_negated():
     obj = make_objective("accuracy", FixedPredictor())
-    assert isinstance(obj, MetricObjective) and obj.name == "accuracy" and obj.samples == 0
+    assert isinstance(obj, MetricObjective) and obj.name == "accuracy" and obj.temperature == 0
     assert obj(MODEL, BATCH) == -0.75
 
 
@@ -161,19 +161,19 @@ def test_not_an_objective_raises_type_error():
         make_objective(42, FixedPredictor())
 
 
-def test_samples_default_with_and_without_scores():
-    assert make_objective("accuracy", ScorePredictor()).samples > 0
-    assert make_objective("accuracy", ScorePredictor(), samples=0).samples == 0
-    assert make_objective("accuracy", FixedPredictor()).samples == 0
+def test_temperature_default_with_and_without_scores():
+    assert make_objective("accuracy", ScorePredictor()).temperature > 0
+    assert make_objective("accuracy", ScorePredictor(), temperature=0).temperature == 0
+    assert make_objective("accuracy", FixedPredictor()).temperature == 0
 
 
 def test_invalid_sampling_settings_raise():
     with pytest.raises(ValueError, match="scores"):
-        MetricObjective(get_metric("accuracy"), FixedPredictor(), samples=4)
+        MetricObjective(get_metric("accuracy"), FixedPredictor(), temperature=1.0)
     with pytest.raises(ValueError):
-        MetricObjective(get_metric("accuracy"), ScorePredictor(), samples=-1)
+        MetricObjective(get_metric("accuracy"), ScorePredictor(), temperature=1.0, samples=0)
     with pytest.raises(ValueError):
-        MetricObjective(get_metric("accuracy"), ScorePredictor(), samples=4, temperature=0.0)
+        MetricObjective(get_metric("accuracy"), ScorePredictor(), temperature=-1.0)
 
 
 def scored_batch(n=24, classes=3, seed=0):
@@ -185,7 +185,7 @@ def scored_batch(n=24, classes=3, seed=0):
 
 def test_sampled_metric_uses_common_random_numbers():
     batch = scored_batch()
-    obj = MetricObjective(get_metric("accuracy"), ScorePredictor(), samples=16)
+    obj = MetricObjective(get_metric("f1"), ScorePredictor(), temperature=1.0, samples=16)  # not per-example: drawn
     before = torch.get_rng_state()
     values = {obj(MODEL, batch) for _ in range(3)}
     assert len(values) == 1
@@ -197,12 +197,15 @@ def test_sampled_metric_uses_common_random_numbers():
     assert abs(obj(Scale(1.01), batch) - obj(MODEL, batch)) < 0.1
 
 
-def test_sampled_metric_is_expected_accuracy_of_softmax_sampler():
+def test_smoothed_metric_is_expected_accuracy_of_softmax_sampler(clean_registry):
     batch = scored_batch(n=40)
-    obj = MetricObjective(get_metric("accuracy"), ScorePredictor(), samples=2000, temperature=1.0)
     probs = torch.stack([ex["scores"] for ex in batch]).softmax(-1)
     expected = float(probs[torch.arange(len(batch)), [ex["label"] for ex in batch]].mean())
-    assert -obj(MODEL, batch) == pytest.approx(expected, abs=0.02)
+    exact = MetricObjective(get_metric("accuracy"), ScorePredictor(), temperature=1.0)  # per-example: exact
+    assert -exact(MODEL, batch) == pytest.approx(expected, abs=1e-6)
+    register_metric("accuracy_drawn", metrics.accuracy)  # the same function, not declared per-example: drawn
+    drawn = MetricObjective(get_metric("accuracy_drawn"), ScorePredictor(), temperature=1.0, samples=2000)
+    assert -drawn(MODEL, batch) == pytest.approx(expected, abs=0.02)
 
 
 def test_small_temperature_approaches_hard_metric():
@@ -210,19 +213,20 @@ def test_small_temperature_approaches_hard_metric():
     for name in ("accuracy", "f1"):
         hard = MetricObjective(get_metric(name), ScorePredictor())
         hot = MetricObjective(get_metric(name), ScorePredictor(), samples=64, temperature=3.0)
-        cold = MetricObjective(get_metric(name), ScorePredictor(), samples=64, temperature=1e-4)
+        cold = MetricObjective(get_metric(name), ScorePredictor(), samples=64, temperature=1e-3)
         assert cold(MODEL, batch) == pytest.approx(hard(MODEL, batch), abs=1e-12)
         assert hot(MODEL, batch) != pytest.approx(hard(MODEL, batch), abs=1e-3)
     # the gap shrinks as the temperature goes down
     hard_value = MetricObjective(get_metric("accuracy"), ScorePredictor())(MODEL, batch)
-    gaps = [abs(MetricObjective(get_metric("accuracy"), ScorePredictor(), samples=256, temperature=t)(MODEL, batch)
+    gaps = [abs(MetricObjective(get_metric("accuracy"), ScorePredictor(), temperature=t)(MODEL, batch)
                 - hard_value) for t in (2.0, 0.5, 0.05)]
     assert gaps[0] > gaps[2] and gaps[2] < 0.05
 
 
 def test_sampled_lower_is_better_metric_keeps_sign(clean_registry):
-    register_metric("err", lambda p, r: sum(a != b for a, b in zip(p, r)) / len(p), greater_is_better=False)
+    register_metric("err", lambda p, r: sum(a != b for a, b in zip(p, r)) / len(p), greater_is_better=False,
+                    per_example=True)
     batch = scored_batch()
-    err = MetricObjective(get_metric("err"), ScorePredictor(), samples=32)
-    acc = MetricObjective(get_metric("accuracy"), ScorePredictor(), samples=32)
+    err = MetricObjective(get_metric("err"), ScorePredictor(), temperature=1.0, samples=32)
+    acc = MetricObjective(get_metric("accuracy"), ScorePredictor(), temperature=1.0, samples=32)
     assert err(MODEL, batch) == pytest.approx(1 + acc(MODEL, batch))

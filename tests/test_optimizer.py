@@ -224,7 +224,7 @@ def test_accuracy_objective_trains_linear_classifier(noise, samples, eps, steps)
     predictor = LinearPredictor()
     accuracy = get_metric("accuracy")
     hard = MetricObjective(accuracy, predictor)
-    objective = MetricObjective(accuracy, predictor, samples=samples) if samples else hard
+    objective = MetricObjective(accuracy, predictor, temperature=1.0) if samples else hard
     before = -hard(model, train)
     assert 0.3 <= before <= 0.7  # chance: every score ties
     opt = make_opt(model.parameters(), lr=0.5, eps=eps, noise=noise, seed=0)
@@ -457,7 +457,7 @@ def test_nonfinite_skip_warns_restores_and_records():
 def test_step_leaves_global_rng_untouched(noise):
     model = zero_classifier()
     train = separable(16)
-    objective = MetricObjective(get_metric("accuracy"), LinearPredictor(), samples=8)
+    objective = MetricObjective(get_metric("f1"), LinearPredictor(), temperature=1.0, samples=8)  # drawn
     opt = make_opt(model.parameters(), lr=0.5, eps=0.05, noise=noise, n_perturbations=2)
     torch.manual_seed(1234)
     before = torch.get_rng_state()

@@ -20,7 +20,7 @@ from metrics import get_metric, list_metrics
 from tasks import Task, get_task, list_tasks, task_from_file, with_demonstrations
 from zo_objectives import distributed
 from zo_objectives.models import DEFAULT_MODEL, apply_peft, load_model, load_run_weights, select_trainable
-from zo_objectives.objectives import CROSS_ENTROPY, DEFAULT_SAMPLES, MetricObjective, make_objective
+from zo_objectives.objectives import CROSS_ENTROPY, DEFAULT_TEMPERATURE, MetricObjective, make_objective
 from zo_objectives.optimizer import SCHEDULES, MeZO, make_scheduler
 from zo_objectives.plots import plot_run
 from zo_objectives.scoring import predictor_for
@@ -102,10 +102,12 @@ def tune_parser() -> argparse.ArgumentParser:
                         "cross-entropy")
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--n-perturbations", type=int, default=1)
-    p.add_argument("--samples", type=int, default=None,
-                   help=f"sampled predictions per example for metric objectives (default {DEFAULT_SAMPLES} for "
-                        "classification and multiple choice; 0 = the hard metric)")
-    p.add_argument("--temperature", type=float, default=1.0, help="temperature of those sampled predictions")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"metric objectives on classification and multiple choice optimize the metric's expectation "
+                        f"under predictions sampled at this temperature (default {DEFAULT_TEMPERATURE}; 0 = the hard "
+                        "metric)")
+    p.add_argument("--samples", type=int, default=256,
+                   help="Monte Carlo draws for that expectation when the metric is not a per-example mean")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--schedule", choices=SCHEDULES, default="constant")
     p.add_argument("--noise", choices=("table", "gaussian", "rademacher"), default="table")
@@ -123,7 +125,7 @@ def tune_parser() -> argparse.ArgumentParser:
 
 
 def tune(args: argparse.Namespace) -> dict:
-    for name in ("steps", "batch_size", "lr", "eps", "train_size", "eval_size", "n_perturbations"):
+    for name in ("steps", "batch_size", "lr", "eps", "train_size", "eval_size", "n_perturbations", "samples"):
         _positive(name.replace("_", "-"), getattr(args, name))
     _load_plugins(args.plugin)
     rank, world = distributed.init()  # distributed: (0, 1) unless torchrun set WORLD_SIZE > 1
@@ -150,9 +152,9 @@ def tune(args: argparse.Namespace) -> dict:
     model = apply_peft(model, args.peft).to(_device(args.device))
     select_trainable(model, args.trainable)
     predictor = predictor_for(task, tokenizer, max_length=args.max_length)
-    objective = make_objective(objective_name, predictor, samples=args.samples, temperature=args.temperature)
+    objective = make_objective(objective_name, predictor, temperature=args.temperature, samples=args.samples)
     is_metric = isinstance(objective, MetricObjective)
-    samples = objective.samples if is_metric else 0
+    temperature = objective.temperature if is_metric else None
     if world > 1:  # distributed: each rank scores batch[rank::world]; the losses are all-reduced
         objective = distributed.ShardedObjective(objective)
     lr = args.lr or DEFAULT_LR["metric" if is_metric else "cross_entropy"]
@@ -163,7 +165,7 @@ def tune(args: argparse.Namespace) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     settings = dict(lr=lr, eps=args.eps, weight_decay=args.weight_decay, n_perturbations=args.n_perturbations,
                     seed=args.seed, noise=args.noise, difference=args.difference, update=args.update)
-    config = {**vars(args), "task": task.name, "objective": objective_name, "samples": samples, "lr": lr,
+    config = {**vars(args), "task": task.name, "objective": objective_name, "temperature": temperature, "lr": lr,
               "optimizer": settings, "train_examples": len(train_set), "eval_examples": len(dev_set),
               "metric": metric.name, "trainable_parameters": sum(p.numel() for p in params), "world_size": world}
     if main:

@@ -18,7 +18,7 @@ from metrics import Metric, get_metric, list_metrics
 from zo_objectives.scoring import Batch, prompts_seed
 
 CROSS_ENTROPY = "cross_entropy"
-DEFAULT_SAMPLES = 64  # sampled predictions per example for metric objectives with scores (see README)
+DEFAULT_TEMPERATURE = 1.0  # metric objectives on predictors with scores optimize the expected metric (README)
 
 
 @runtime_checkable
@@ -37,36 +37,42 @@ def references(batch: Batch) -> list:
 class MetricObjective:
     """``-metric(predictions, references)`` when greater is better, else ``metric(...)``.
 
-    With ``samples > 0`` (classification and multiple choice) the metric is averaged over ``samples``
-    predictions drawn from softmax(scores / temperature) by the Gumbel-max trick, with noise fixed by the
-    batch (common random numbers for the two sides of an estimate): the expected metric of the sampled
-    classifier, a smooth function of the weights that equals the metric as the temperature goes to 0.
-    A hard metric on a batch of 16 moves in steps of 1/16 and ties on most SPSA steps; this does not.
+    With ``temperature > 0`` (predictors with scores: label words, multiple choice) the value is the metric's
+    expectation when each prediction is drawn from softmax(scores / temperature): exact for per-example
+    metrics (accuracy, exact match), else a mean over ``samples`` Gumbel-max draws seeded by the batch (the
+    two sides of an SPSA estimate share them). It is a smooth function of the weights that tends to the
+    metric as the temperature goes to 0. The hard metric on a batch of 16 moves in steps of 1/16 and ties on
+    most SPSA steps, so the weights do not move; its expectation does not tie.
     """
 
     metric: Metric
     predictor: Any
-    samples: int = 0
-    temperature: float = 1.0
+    temperature: float = 0.0
+    samples: int = 256
 
     def __post_init__(self) -> None:
-        if self.samples < 0 or not self.temperature > 0:
-            raise ValueError(f"samples must be >= 0 and temperature > 0, got {self.samples}, {self.temperature}")
-        if self.samples and not hasattr(self.predictor, "scores"):
-            raise ValueError(f"samples > 0 needs a predictor with scores(); {type(self.predictor).__name__} "
-                             "has none (for generation, use Generation(temperature=...) instead)")
+        if self.temperature < 0 or self.samples < 1:
+            raise ValueError(f"temperature must be >= 0 and samples >= 1, got {self.temperature}, {self.samples}")
+        if self.temperature and not hasattr(self.predictor, "scores"):
+            raise ValueError(f"temperature > 0 needs a predictor with scores(); {type(self.predictor).__name__} "
+                             "has none (for generation, sample with Generation(temperature=...) instead)")
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> float:
-        refs = references(batch)
-        if self.samples:
-            logits = self.predictor.scores(model, batch) / self.temperature
-            gen = torch.Generator().manual_seed(prompts_seed([ex["prompt"] for ex in batch]))
-            uniform = torch.rand((self.samples, *logits.shape), generator=gen).clamp_(1e-12, 1 - 1e-7)
-            draws = (logits - (-uniform.log()).log()).argmax(-1).tolist()
-            value = sum(self.metric(d, refs) for d in draws) / self.samples
-        else:
-            value = self.metric(self.predictor.predict(model, batch), refs)
+        value = self.expected(model, batch) if self.temperature else self.metric(
+            self.predictor.predict(model, batch), references(batch))
         return -value if self.metric.greater_is_better else value
+
+    def expected(self, model: torch.nn.Module, batch: Batch) -> float:
+        """The metric's expectation under predictions sampled from softmax(scores / temperature)."""
+        refs = references(batch)
+        probs = (self.predictor.scores(model, batch) / self.temperature).softmax(-1)
+        if self.metric.per_example:  # E[mean_i m(y_i)] = mean_i sum_c p_ic m(c)
+            return sum(float(p) * self.metric([c], [ref]) for row, ref in zip(probs, refs)
+                       for c, p in enumerate(row) if p > 0) / len(refs)
+        gen = torch.Generator().manual_seed(prompts_seed([ex["prompt"] for ex in batch]))
+        uniform = torch.rand((self.samples, *probs.shape), generator=gen).clamp_(1e-12, 1 - 1e-7)
+        draws = (probs.log() - (-uniform.log()).log()).argmax(-1).tolist()
+        return sum(self.metric(d, refs) for d in draws) / self.samples
 
     @property
     def name(self) -> str:
@@ -162,11 +168,11 @@ def from_compute(module: Any, key: str, greater_is_better: bool = True) -> Metri
 
 
 def make_objective(spec: str | Callable | Any, predictor: Any, *, greater_is_better: bool | None = None,
-                   key: str | None = None, samples: int | None = None, temperature: float = 1.0) -> Objective:
+                   key: str | None = None, temperature: float | None = None, samples: int = 256) -> Objective:
     """Build an objective from a metric name, ``"cross_entropy"``, a metric function or a ``.compute`` object.
 
-    Metric objectives on predictors with scores (label words, multiple choice) average the metric over
-    ``samples`` sampled predictions (default ``DEFAULT_SAMPLES``; 0 = the hard metric), see MetricObjective.
+    Metric objectives on predictors with scores (label words, multiple choice) optimize the metric's
+    expectation at ``temperature`` (default ``DEFAULT_TEMPERATURE``; 0 = the hard metric), see MetricObjective.
     """
     if isinstance(spec, (MetricObjective, CrossEntropy, WeightedSum, RewardObjective)):
         return spec
@@ -190,6 +196,6 @@ def make_objective(spec: str | Callable | Any, predictor: Any, *, greater_is_bet
     else:
         raise TypeError(f"cannot make an objective from {type(spec).__name__}; pass a metric name, "
                         "'cross_entropy', a function (predictions, references) -> float, or an object with .compute()")
-    if samples is None:
-        samples = DEFAULT_SAMPLES if hasattr(predictor, "scores") else 0
-    return MetricObjective(metric, predictor, samples=samples, temperature=temperature)
+    if temperature is None:
+        temperature = DEFAULT_TEMPERATURE if hasattr(predictor, "scores") else 0.0
+    return MetricObjective(metric, predictor, temperature=temperature, samples=samples)
