@@ -58,6 +58,10 @@ def _positive(name: str, value: float | int | None) -> None:
         raise UsageError(f"--{name} must be > 0, got {value}")
 
 
+def _fmt(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.4f}"
+
+
 def _device(name: str | None) -> torch.device:
     """The requested device; by default CUDA when available (under torchrun, this rank's GPU)."""
     if name is None:
@@ -117,6 +121,8 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainable", default=None, help="regex: only parameters whose name matches are tuned")
     p.add_argument("--train-size", type=int, default=1000, help="training sample size (MeZO: 1000)")
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--no-eval-before", action="store_true",
+                   help="skip the zero-shot evaluation (e.g. when zo-eval already measured it)")
     p.add_argument("--output-dir", default=None, help="run folder (default runs/<task>-<objective>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its trajectory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
@@ -180,16 +186,16 @@ def tune(args: argparse.Namespace) -> dict:
     start = 0
     if args.resume:
         optimizer, start = resume(run_dir, params)
-        before = json.loads((run_dir / "eval.json").read_text())["before"]
+        before = json.loads((run_dir / "eval.json").read_text()).get("before")
     else:
         optimizer = MeZO(params, **settings)
-        before = dev_metric()
+        before = None if args.no_eval_before else dev_metric()
         if main:
             write_json(run_dir / "eval.json", {"metric": metric.name, "examples": len(dev_set), "before": before})
     scheduler = make_scheduler(optimizer, args.schedule, args.steps, last_step=start)
     if main:
         print(f"zo-tune: {task.name}, objective {objective_name}, {config['trainable_parameters']:,} trainable "
-              f"parameters, dev {metric.name} before: {before:.4f}", file=sys.stderr)
+              f"parameters, dev {metric.name} before: {_fmt(before)}", file=sys.stderr)
     t0 = time.perf_counter()
     history = train(model, optimizer, objective, train_set, steps=args.steps, batch_size=args.batch_size,
                     seed=args.seed, start_step=start, evaluate_fn=dev_metric, eval_every=args.eval_every,
@@ -204,7 +210,7 @@ def tune(args: argparse.Namespace) -> dict:
     write_json(run_dir / "eval.json", summary)
     save_weights(model, run_dir / "model.safetensors")
     plot_run(run_dir)
-    print(f"zo-tune: dev {metric.name} {before:.4f} -> {after:.4f} after {args.steps} steps "
+    print(f"zo-tune: dev {metric.name} {_fmt(before)} -> {after:.4f} after {args.steps} steps "
           f"({seconds / 60:.1f} min, {ties:.0%} of steps tied). Run folder: {run_dir} (config.json, "
           f"metrics.jsonl, eval.json, curve.png, {CHECKPOINT}, model.safetensors)", file=sys.stderr)
     return summary
