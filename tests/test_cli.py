@@ -154,3 +154,22 @@ def test_eval_main_bad_input_returns_2(tmp_path, capsys):
     assert "nope" in capsys.readouterr().err
     assert eval_main(["--model", "tiny-random", "--shots", "-1"]) == 2
     assert "--shots" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:task .reviews. has no dev_path")
+def test_custom_data_file_trains_and_bad_files_return_2(tmp_path, capsys):
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label\n" + "".join(f"review {i} was {'fine' if i % 2 else 'awful'},{i % 2}\n"
+                                             for i in range(12)))
+    custom = ["--data", str(data), "--template", "{text}. It was", "--label-words", " bad", " good"]
+    assert tune(*custom, "--steps", "1", "--eval-size", "4", "--output-dir", str(tmp_path / "ok")) == 0
+    capsys.readouterr()
+    missing = ["--data", str(data), "--template", "{review}. It was", "--label-words", " bad", " good"]
+    assert tune(*missing, "--steps", "1", "--output-dir", str(tmp_path / "a")) == 2
+    err = capsys.readouterr().err
+    assert "review" in err and "text" in err  # names the missing column and the columns present
+    long_word = ["--data", str(data), "--template", "{text}. It was", "--label-words", " bad", " zxqvbnm"]
+    assert tune(*long_word, "--steps", "1", "--output-dir", str(tmp_path / "b")) == 2
+    assert "zxqvbnm" in capsys.readouterr().err
+    assert tune("--data", str(data), "--steps", "1", "--output-dir", str(tmp_path / "c")) == 2
+    assert "--template" in capsys.readouterr().err

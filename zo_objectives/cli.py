@@ -117,6 +117,10 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise", choices=("table", "gaussian", "rademacher"), default="table")
     p.add_argument("--difference", choices=("central", "forward"), default="central")
     p.add_argument("--update", choices=("sgd", "sign"), default="sgd")
+    p.add_argument("--fitness-shaping", choices=("none", "rank"), default="none",
+                   help="rank: replace each step's losses by centered ranks (evolution strategies)")
+    p.add_argument("--momentum", type=float, default=0.0, help="momentum rebuilt from past seeds (no buffer)")
+    p.add_argument("--momentum-window", type=int, default=0, help="past steps the momentum regenerates")
     p.add_argument("--peft", choices=("none", "lora", "prefix"), default="none")
     p.add_argument("--trainable", default=None, help="regex: only parameters whose name matches are tuned")
     p.add_argument("--train-size", type=int, default=1000, help="training sample size (MeZO: 1000)")
@@ -170,7 +174,9 @@ def tune(args: argparse.Namespace) -> dict:
     metric = get_metric(task.metric)
     params = [p for p in model.parameters() if p.requires_grad]
     settings = dict(lr=lr, eps=args.eps, weight_decay=args.weight_decay, n_perturbations=args.n_perturbations,
-                    seed=args.seed, noise=args.noise, difference=args.difference, update=args.update)
+                    seed=args.seed, noise=args.noise, difference=args.difference, update=args.update,
+                    fitness_shaping=args.fitness_shaping, momentum=args.momentum,
+                    momentum_window=args.momentum_window)
     config = {**vars(args), "task": task.name, "objective": objective_name, "temperature": temperature, "lr": lr,
               "optimizer": settings, "train_examples": len(train_set), "eval_examples": len(dev_set),
               "metric": metric.name, "trainable_parameters": sum(p.numel() for p in params), "world_size": world}

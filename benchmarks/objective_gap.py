@@ -1,0 +1,102 @@
+"""Metric objective vs cross-entropy at the same forward-pass budget: runs zo-tune per configuration.
+
+Every configuration uses the same task, seed, training sample, steps, batch size and dev set, so each
+makes the same number of forward passes. The table reports dev metric before and after, the fraction of
+steps whose two losses tied (no signal), and the wall time. Configurations run as separate processes,
+``--jobs`` at a time, each with ``--threads`` threads.
+
+    python benchmarks/objective_gap.py --task sst2 --steps 400 --jobs 2 --threads 1 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import environment, markdown_table, write_section  # noqa: E402
+
+# name -> zo-tune options; each sets its objective and learning rate explicitly
+CONFIGS = {
+    "cross_entropy": ["--objective", "cross_entropy", "--lr", "1e-5"],
+    "accuracy_hard": ["--objective", "accuracy", "--temperature", "0", "--lr", "1e-5"],
+    "accuracy_expected": ["--objective", "accuracy"],  # the default for --objective accuracy
+    "squad_f1_greedy": ["--objective", "squad_f1", "--lr", "1e-5"],
+}
+
+
+def run(name: str, options: list[str], args: argparse.Namespace, out: Path) -> subprocess.Popen:
+    """Start zo-tune for one configuration; its run folder and log go under ``out``."""
+    folder = out / name
+    folder.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "zo_objectives.cli", "--task", args.task, "--steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--eval-every", str(args.steps), "--seed", str(args.seed),
+           "--output-dir", str(folder), "--overwrite", "--no-progress", *options, *args.extra]
+    if args.eval_size:
+        cmd += ["--eval-size", str(args.eval_size)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else dict(os.environ)
+    with open(folder.with_suffix(".log"), "w") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc.folder, proc.name, proc.cmd = folder, name, cmd  # type: ignore[attr-defined]
+    return proc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="sst2")
+    parser.add_argument("--configs", default="cross_entropy,accuracy_hard,accuracy_expected",
+                        help=f"comma-separated names from: {', '.join(CONFIGS)}")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--eval-size", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--output", default="runs/objective_gap")
+    parser.add_argument("--write", action="store_true", help="update the objective_gap section of BENCHMARKS.md")
+    parser.add_argument("extra", nargs=argparse.REMAINDER, help="more zo-tune options after --")
+    args = parser.parse_args()
+    args.extra = [a for a in args.extra if a != "--"]
+    names = [n.strip() for n in args.configs.split(",")]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown configs {unknown}; available: {', '.join(CONFIGS)}")
+
+    pending, running, rows = list(names), [], []
+    began = time.time()
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            name = pending.pop(0)
+            running.append(run(name, CONFIGS[name], args, Path(args.output) / args.task))
+        time.sleep(2)
+        for proc in [p for p in running if p.poll() is not None]:
+            running.remove(proc)
+            if proc.returncode:
+                raise SystemExit(f"{proc.name} failed ({proc.returncode}): {' '.join(proc.cmd)}")
+            result = json.loads((proc.folder / "eval.json").read_text())
+            config = json.loads((proc.folder / "config.json").read_text())
+            rows.append([proc.name, config["lr"], config["optimizer"]["eps"], config.get("temperature"),
+                         f"{result['before']:.4f}" if result.get("before") is not None else "-",
+                         f"{result['after']:.4f}", f"{result['tied_fraction']:.0%}",
+                         f"{result['train_seconds'] / 60:.1f}"])
+            print(f"{proc.name}: {result}", flush=True)
+    rows.sort(key=lambda r: names.index(r[0]))
+    metric = result["metric"]
+    table = markdown_table(["objective", "lr", "eps", "temperature", f"dev {metric} before", "after", "tied steps",
+                            "train minutes"], rows)
+    body = (f"Task {args.task}, {args.steps} steps x batch {args.batch_size}, seed {args.seed}, dev examples: "
+            f"{args.eval_size or 'all'}; {args.jobs} job(s) at a time, {args.threads or 'default'} thread(s) each "
+            f"({(time.time() - began) / 60:.0f} min in all).\n\n{table}\n\n{environment('cpu')}\n")
+    print(body)
+    if args.write:
+        write_section(f"objective_gap_{args.task}", body)
+
+
+if __name__ == "__main__":
+    main()

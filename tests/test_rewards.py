@@ -1,0 +1,88 @@
+"""RewardObjective: TRL-style reward functions, weights, columns, and clear errors with weights restored."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from zo_objectives.objectives import RewardError, RewardObjective
+from zo_objectives.optimizer import MeZO
+
+
+class EchoGenerator:
+    """Completes each prompt with itself reversed, scaled by the model's one weight (no language model)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, model, prompts):
+        self.calls += 1
+        return [p[::-1] + ("!" * int(model.weight.item() > 0)) for p in prompts]
+
+
+class OneWeight(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.tensor([0.3]))
+
+
+BATCH = [{"prompt": "ab", "want": "ba"}, {"prompt": "xyz", "want": "q"}]
+
+
+def length(prompts, completions, **columns):
+    return [len(c) for c in completions]
+
+
+def matches(prompts, completions, want, **columns):
+    return [float(c.rstrip("!") == w) for c, w in zip(completions, want)]
+
+
+def test_weighted_rewards_and_columns():
+    objective = RewardObjective(EchoGenerator(), [length, matches], weights=[0.5, 2.0])
+    # completions: "ba!", "zyx!" -> lengths 3, 4; matches 1, 0
+    expected = ((0.5 * 3 + 2.0 * 1) + (0.5 * 4 + 2.0 * 0)) / 2
+    assert objective(OneWeight(), BATCH) == pytest.approx(-expected)
+
+
+def test_unweighted_is_plain_sum():
+    objective = RewardObjective(EchoGenerator(), [length])
+    assert objective(OneWeight(), BATCH) == pytest.approx(-3.5)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda prompts, completions, **kw: 1 / 0, "raised ZeroDivisionError"),
+    (lambda prompts, completions, **kw: [1.0], "returned 1 values for 2"),
+    (lambda prompts, completions, **kw: ["good", 1.0], "'good'"),
+    (lambda prompts, completions, **kw: [True, 1.0], "True"),
+])
+def test_bad_rewards_raise_clearly_and_restore_weights(bad, message):
+    model = OneWeight()
+    before = model.weight.detach().clone()
+    optimizer = MeZO(model.parameters(), lr=0.1, eps=0.01)
+    objective = RewardObjective(EchoGenerator(), [length, bad])
+    with pytest.raises(RewardError, match=message):
+        optimizer.step(lambda: objective(model, BATCH))
+    assert torch.allclose(model.weight.detach(), before, atol=1e-7)
+    assert optimizer.trajectory == []
+
+
+def test_invalid_configuration():
+    with pytest.raises(ValueError, match="at least one"):
+        RewardObjective(EchoGenerator(), [])
+    with pytest.raises(ValueError, match="2 weights for 1"):
+        RewardObjective(EchoGenerator(), [length], weights=[1.0, 2.0])
+
+
+def test_reward_trains_a_toy_policy():
+    """A reward that prefers the "!" suffix (weight > 0) moves the weight up from below zero."""
+    model = OneWeight()
+    with torch.no_grad():
+        model.weight.fill_(-0.004)
+    optimizer = MeZO(model.parameters(), lr=1e-3, eps=0.01, seed=1)
+    def bangs(prompts, completions, **columns):
+        return [c.count("!") for c in completions]
+
+    objective = RewardObjective(EchoGenerator(), [bangs])
+    for _ in range(50):
+        optimizer.step(lambda: objective(model, BATCH))
+    assert model.weight.item() > 0
