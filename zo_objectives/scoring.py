@@ -87,7 +87,23 @@ class Predictor:
         return total, torch.tensor([len(c) for c in conts], dtype=torch.float32)
 
 
-class LabelWords(Predictor):
+class ClassScores(Predictor):
+    """A predictor that scores each example's classes (or candidates): ``scores(model, batch)`` of shape
+    (batch, classes). The prediction is the best-scoring class; the cross-entropy is that of the gold class
+    under softmax(scores), as MeZO's prompt-based classification trains."""
+
+    def scores(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def predict(self, model: torch.nn.Module, batch: Batch) -> list[int]:
+        return self.scores(model, batch).argmax(-1).tolist()
+
+    def cross_entropy(self, model: torch.nn.Module, batch: Batch) -> float:
+        labels = torch.tensor([ex["label"] for ex in batch])
+        return float(F.cross_entropy(self.scores(model, batch), labels))
+
+
+class LabelWords(ClassScores):
     """Classification by the next-token logits of one single-token label word per class (one forward pass)."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, label_words: Sequence[str], max_length: int | None = None):
@@ -111,16 +127,8 @@ class LabelWords(Predictor):
             logits = self._forward(model, seqs, keep=1)[:, -1]
         return logits[:, self.label_ids.to(logits.device)].cpu()
 
-    def predict(self, model: torch.nn.Module, batch: Batch) -> list[int]:
-        return self.scores(model, batch).argmax(-1).tolist()
 
-    def cross_entropy(self, model: torch.nn.Module, batch: Batch) -> float:
-        """Cross-entropy of the gold class over the label words (MeZO's prompt-based classification loss)."""
-        labels = torch.tensor([ex["label"] for ex in batch])
-        return float(F.cross_entropy(self.scores(model, batch), labels))
-
-
-class MultipleChoice(Predictor):
+class MultipleChoice(ClassScores):
     """Pick the candidate continuation with the highest (optionally length-normalized) log-likelihood."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, length_normalize: bool = True,
@@ -140,13 +148,6 @@ class MultipleChoice(Predictor):
             out[row, : len(ex["candidates"])] = flat[start:start + len(ex["candidates"])]
             start += len(ex["candidates"])
         return out
-
-    def predict(self, model: torch.nn.Module, batch: Batch) -> list[int]:
-        return self.scores(model, batch).argmax(-1).tolist()
-
-    def cross_entropy(self, model: torch.nn.Module, batch: Batch) -> float:
-        labels = torch.tensor([ex["label"] for ex in batch])
-        return float(F.cross_entropy(self.scores(model, batch), labels))
 
 
 class Generation(Predictor):
