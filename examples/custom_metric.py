@@ -39,7 +39,7 @@ def main() -> None:
     task = get_task("sst2")
     predictor = predictor_for(task, tokenizer)
     objective = make_objective("balanced_accuracy", predictor)  # greater is better: the loss is its negative
-    optimizer = MeZO(model.parameters(), lr=3e-5, eps=1e-3, seed=0)
+    optimizer = MeZO(model.parameters(), lr=1e-4, eps=1e-3, seed=0)
     dev = task.examples("dev", n=args.eval_size)
     metric = get_metric("balanced_accuracy")
     before = evaluate(model, predictor, dev, metric)

@@ -27,7 +27,7 @@ from zo_objectives.scoring import predictor_for
 from zo_objectives.train import CHECKPOINT, evaluate, resume, save_weights, train, write_json
 
 # Defaults chosen from measurements on SmolLM2-135M / SST-2 (see README "Why these defaults").
-DEFAULT_LR = {"cross_entropy": 1e-5, "metric": 3e-5}
+DEFAULT_LR = {"cross_entropy": 1e-5, "metric": 1e-4}
 
 
 class UsageError(ValueError):
@@ -100,7 +100,7 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--objective", default=None,
                    help=f"'{CROSS_ENTROPY}' or a registered metric ({', '.join(list_metrics())}); default: the "
                         "task's metric")
-    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=None,
                    help=f"default {DEFAULT_LR['metric']} for metric objectives, {DEFAULT_LR['cross_entropy']} for "
                         "cross-entropy")
@@ -124,7 +124,7 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--peft", choices=("none", "lora", "prefix"), default="none")
     p.add_argument("--trainable", default=None, help="regex: only parameters whose name matches are tuned")
     p.add_argument("--train-size", type=int, default=1000, help="training sample size (MeZO: 1000)")
-    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=200)
     p.add_argument("--no-eval-before", action="store_true",
                    help="skip the zero-shot evaluation (e.g. when zo-eval already measured it)")
     p.add_argument("--output-dir", default=None, help="run folder (default runs/<task>-<objective>-s<seed>)")
