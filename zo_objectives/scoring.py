@@ -46,9 +46,10 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
 class Predictor:
     """Shared tokenization and the forward pass that keeps only the last ``keep`` positions' logits."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None, group_size: int = 4):
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.group_size = group_size
 
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
@@ -57,11 +58,21 @@ class Predictor:
         return self.max_length or context_length(model)
 
     def _forward(self, model: torch.nn.Module, sequences: list[list[int]], keep: int) -> torch.Tensor:
-        ids, mask, positions = left_pad(sequences, self.tokenizer.pad_token_id)
+        """Logits of the last ``keep`` positions of each sequence, shape (sequences, keep, vocab).
+
+        The sequences run sorted by length in groups of ``group_size``, each padded to its own longest, so a
+        batch of mixed lengths computes far fewer padding positions than padded to its single longest."""
         device = next(model.parameters()).device
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                    use_cache=False, logits_to_keep=keep)
-        return out.logits[:, -keep:, :].float()
+        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+        out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
+        for start in range(0, len(order), self.group_size):
+            group = order[start:start + self.group_size]
+            ids, mask, positions = left_pad([sequences[i] for i in group], self.tokenizer.pad_token_id)
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                           position_ids=positions.to(device), use_cache=False, logits_to_keep=keep).logits
+            for row, i in enumerate(group):
+                out[i] = logits[row, -keep:, :].float()
+        return torch.stack(out)
 
     def continuation_logprobs(self, model: torch.nn.Module, prompts: Sequence[str],
                               continuations: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
