@@ -45,9 +45,9 @@ def prompts_from_squad(tokenizer, n: int, offset: int) -> list[dict]:
 
 
 def mean_reward(objective: RewardObjective, model, examples: list[dict], batch_size: int = 16) -> float:
-    losses = [objective(model, examples[i:i + batch_size]) * len(examples[i:i + batch_size])
-              for i in range(0, len(examples), batch_size)]
-    return -sum(losses) / len(examples)
+    rewards = [r for i in range(0, len(examples), batch_size)
+               for r in objective.rewards_for(model, examples[i:i + batch_size])]
+    return sum(rewards) / len(rewards)
 
 
 def main() -> None:

@@ -78,6 +78,10 @@ class MetricObjective:
     def name(self) -> str:
         return self.metric.name
 
+    @property
+    def greater_is_better(self) -> bool:
+        return self.metric.greater_is_better
+
 
 @dataclass
 class CrossEntropy:
@@ -147,11 +151,17 @@ class RewardObjective:
                 total[i] += weight * float(v)
         return total
 
-    def __call__(self, model: torch.nn.Module, batch: Batch) -> float:
+    greater_is_better = True  # the objective logged is the reward; the loss is its negative
+
+    def rewards_for(self, model: torch.nn.Module, batch: Batch) -> list[float]:
+        """Generate a completion per example and return its combined reward."""
         prompts = [ex["prompt"] for ex in batch]
         completions = self.generator.generate(model, prompts)
         columns = {k: [ex.get(k) for ex in batch] for k in batch[0] if k not in ("prompt", "completion")}
-        rewards = self.scores(prompts, completions, columns)
+        return self.scores(prompts, completions, columns)
+
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> float:
+        rewards = self.rewards_for(model, batch)
         return -sum(rewards) / len(rewards)
 
 

@@ -119,7 +119,8 @@ def train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, example
             t0 = time.perf_counter()
             loss = optimizer.step(lambda b=batch: objective(model, b))
             record = optimizer.trajectory[-1]
-            row = {"step": step + 1, "loss": loss, "objective": -loss if _greater_is_better(objective) else loss,
+            sign = -1.0 if getattr(objective, "greater_is_better", False) else 1.0  # log the metric, not the loss
+            row = {"step": step + 1, "loss": loss, "objective": sign * loss,
                    "lr": optimizer.param_groups[0]["lr"], "tied": all(g == 0 for g in record["grads"]),
                    "seconds": time.perf_counter() - t0}
             if scheduler is not None:
@@ -144,7 +145,3 @@ def train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, example
         history[-1]["total_seconds"] = time.perf_counter() - began
     return history
 
-
-def _greater_is_better(objective: Objective) -> bool:
-    metric = getattr(objective, "metric", None)
-    return bool(metric and metric.greater_is_better)
