@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> list[list]:
         notes = ("Ratios are to two forward passes with `logits_to_keep=1` (a central-difference step's two "
                  "closure calls); goal <= 1.05 for the default. \"+x\" on a weights-only row is that pass's time "
                  "over two forward passes.")
-        write_section("step_speed", f"## Step speed\n\n{text}\n{notes}")
+        name = "step_speed" if args.model == "smollm2-135m" else f"step_speed_{args.model}"
+        write_section(name, f"## Step speed ({args.model})\n\n{text}\n{notes}")
     return table
 
 
