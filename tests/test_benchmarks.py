@@ -105,3 +105,11 @@ def test_reference_step_with_zero_lr_restores_weights():
     assert abs(loss - closure()) < 1e-4
     for p, b in zip(module.parameters(), before):
         torch.testing.assert_close(p.detach(), b, atol=1e-6, rtol=0)
+
+
+def test_gradient_weights_runs(no_write):
+    rows = load("gradient_weights").main(["--model", "tiny-random", "--n", "8", "--temperatures", "1,4", "--write"])
+    assert [r[0] for r in rows] == ["cross-entropy", "expected accuracy, T = 1", "expected accuracy, T = 4"]
+    assert "gradient_weights:begin" in no_write.read_text()
+    with pytest.raises(SystemExit):
+        load("gradient_weights").main(["--model", "tiny-random", "--task", "squad"])
