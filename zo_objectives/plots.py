@@ -28,7 +28,8 @@ def plot_run(run_dir: Path, window: int = 25) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot(steps, [r["objective"] for r in rows], alpha=0.3, lw=0.8)
     axes[0].plot(steps, rolling_mean([r["objective"] for r in rows], window), lw=1.5)
-    axes[0].set(title=f"training objective: {config['objective']}", xlabel="step")
+    smoothing = f" (expected, T = {config['temperature']:g})" if config.get("temperature") else ""
+    axes[0].set(title=f"training objective: {config['objective']}{smoothing}", xlabel="step")
     evals = [(r["step"], r["eval"]) for r in rows if "eval" in r]
     before = json.loads((run_dir / "eval.json").read_text()).get("before") if (run_dir / "eval.json").exists() else None
     if before is not None:
@@ -37,7 +38,7 @@ def plot_run(run_dir: Path, window: int = 25) -> Path:
         axes[1].plot(*zip(*evals), marker="o")
     axes[1].set(title=f"dev {config['metric']} ({config['eval_examples']} examples)", xlabel="step")
     axes[2].plot(steps, rolling_mean([float(r["tied"]) for r in rows], window))
-    axes[2].set(title=f"fraction of steps whose two losses tie ({window}-step mean)", xlabel="step", ylim=(-0.02, 1.02))
+    axes[2].set(title=f"steps whose two losses tie ({window}-step mean)", xlabel="step", ylim=(-0.02, 1.02))
     fig.suptitle(f"{config['model']} on {config['task']}")
     fig.tight_layout()
     path = run_dir / "curve.png"
