@@ -6,6 +6,8 @@ steps whose two losses tied (no signal), and the wall time. Configurations run a
 ``--jobs`` at a time, each with ``--threads`` threads.
 
     python benchmarks/objective_gap.py --task sst2 --steps 400 --jobs 2 --threads 1 --write
+
+``--reuse`` reads a configuration whose run folder already holds eval.json instead of running it again.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def run(name: str, options: list[str], args: argparse.Namespace, out: Path) -> s
     return proc
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[list]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="sst2")
     parser.add_argument("--configs", default="cross_entropy,accuracy_hard,accuracy_expected",
@@ -59,34 +61,38 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--output", default="runs/objective_gap")
+    parser.add_argument("--reuse", action="store_true",
+                        help="read configurations whose run folder already holds eval.json instead of rerunning them")
     parser.add_argument("--write", action="store_true", help="update the objective_gap section of BENCHMARKS.md")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more zo-tune options after --")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.extra = [a for a in args.extra if a != "--"]
     names = [n.strip() for n in args.configs.split(",")]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         parser.error(f"unknown configs {unknown}; available: {', '.join(CONFIGS)}")
 
-    pending, running, rows = list(names), [], []
+    out = Path(args.output) / args.task
+    reused = [n for n in names if args.reuse and (out / n / "eval.json").exists()]
+    pending, running = [n for n in names if n not in reused], []
     began = time.time()
     while pending or running:
         while pending and len(running) < args.jobs:
             name = pending.pop(0)
-            running.append(run(name, CONFIGS[name], args, Path(args.output) / args.task))
+            running.append(run(name, CONFIGS[name], args, out))
         time.sleep(2)
         for proc in [p for p in running if p.poll() is not None]:
             running.remove(proc)
             if proc.returncode:
                 raise SystemExit(f"{proc.name} failed ({proc.returncode}): {' '.join(proc.cmd)}")
-            result = json.loads((proc.folder / "eval.json").read_text())
-            config = json.loads((proc.folder / "config.json").read_text())
-            rows.append([proc.name, config["lr"], config["optimizer"]["eps"], config.get("temperature"),
-                         f"{result['before']:.4f}" if result.get("before") is not None else "-",
-                         f"{result['after']:.4f}", f"{result['tied_fraction']:.0%}",
-                         f"{result['train_seconds'] / 60:.1f}"])
-            print(f"{proc.name}: {result}", flush=True)
-    rows.sort(key=lambda r: names.index(r[0]))
+            print(f"{proc.name} done", flush=True)
+    rows = []
+    for name in names:
+        result = json.loads((out / name / "eval.json").read_text())
+        config = json.loads((out / name / "config.json").read_text())
+        rows.append([name + (" (reused)" if name in reused else ""), config["lr"], config["optimizer"]["eps"],
+                     config.get("temperature"), f"{result['before']:.4f}" if result.get("before") is not None else "-",
+                     f"{result['after']:.4f}", f"{result['tied_fraction']:.0%}", f"{result['train_seconds'] / 60:.1f}"])
     metric = result["metric"]
     table = markdown_table(["objective", "lr", "eps", "temperature", f"dev {metric} before", "after", "tied steps",
                             "train minutes"], rows)
@@ -96,6 +102,7 @@ def main() -> None:
     print(body)
     if args.write:
         write_section(f"objective_gap_{args.task}", body)
+    return rows
 
 
 if __name__ == "__main__":

@@ -113,3 +113,12 @@ def test_gradient_weights_runs(no_write):
     assert "gradient_weights:begin" in no_write.read_text()
     with pytest.raises(SystemExit):
         load("gradient_weights").main(["--model", "tiny-random", "--task", "squad"])
+
+
+def test_objective_gap_runs_and_reuses(no_write, tmp_path):
+    gap = load("objective_gap")
+    argv = ["--configs", "cross_entropy", "--steps", "1", "--batch-size", "2", "--eval-size", "4",
+            "--output", str(tmp_path / "runs"), "--write", "--", "--model", "tiny-random", "--train-size", "4"]
+    rows = gap.main(argv)
+    assert [r[0] for r in rows] == ["cross_entropy"] and "objective_gap_sst2:begin" in no_write.read_text()
+    assert [r[0] for r in gap.main(["--reuse", *argv])] == ["cross_entropy (reused)"]
