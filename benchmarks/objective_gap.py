@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> list[list]:
                             "train minutes"], rows)
     body = (f"Task {args.task}, {args.steps} steps x batch {args.batch_size}, seed {args.seed}, dev examples: "
             f"{args.eval_size or 'all'}; {args.jobs} job(s) at a time, {args.threads or 'default'} thread(s) each "
-            f"({(time.time() - began) / 60:.0f} min in all).\n\n{table}\n\n{environment('cpu')}\n")
+            f"({(time.time() - began) / 60:.0f} min in all, rows marked reused read from earlier runs with the same "
+            f"options).\n\n{table}\n\n{environment('cpu')}\n")
     print(body)
     if args.write:
         write_section(f"objective_gap_{args.task}", body)
