@@ -103,3 +103,13 @@ def write_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+def publish(section: str, heading: str, title: str, table: str, device: str, write: bool, notes: str = "") -> str:
+    """Print ``title``, ``table`` and the environment line; with ``write``, store them (and ``notes``) as the
+    ``section`` of BENCHMARKS.md under ``## heading``. Returns the printed text."""
+    text = f"{title}\n\n{table}\n\n{environment(device)}\n"
+    print(text)
+    if write:
+        write_section(section, f"## {heading}\n\n{text}\n{notes}")
+    return text

@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import environment, markdown_table, write_section  # noqa: E402
+from _common import markdown_table, publish  # noqa: E402
 
 
 def weights(margins: torch.Tensor, temperature: float | None) -> torch.Tensor:
@@ -67,10 +67,7 @@ def main(argv: list[str] | None = None) -> list[list]:
              f"accuracy {acc:.3f}, class {1 - minority} is {(labels != minority).float().mean():.1%} of them; "
              f"margin quartiles {quartiles}.")
     table = markdown_table(["objective", "mean weight", "wrong / right weight", "net bias push toward minority"], rows)
-    text = f"{title}\n\n{table}\n\n{environment('cpu')}\n"
-    print(text)
-    if args.write:
-        write_section("gradient_weights", f"## Gradient weights per example\n\n{text}")
+    publish("gradient_weights", "Gradient weights per example", title, table, "cpu", args.write)
     return rows
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import environment, markdown_table, write_section  # noqa: E402
+from _common import markdown_table, publish  # noqa: E402
 
 # name -> zo-tune options; each sets its objective and learning rate explicitly
 CONFIGS = {
@@ -96,13 +96,11 @@ def main(argv: list[str] | None = None) -> list[list]:
     metric = result["metric"]
     table = markdown_table(["objective", "lr", "eps", "temperature", f"dev {metric} before", "after", "tied steps",
                             "train minutes"], rows)
-    body = (f"Task {args.task}, {args.steps} steps x batch {args.batch_size}, seed {args.seed}, dev examples: "
-            f"{args.eval_size or 'all'}; {args.jobs} job(s) at a time, {args.threads or 'default'} thread(s) each "
-            f"({(time.time() - began) / 60:.0f} min in all, rows marked reused read from earlier runs with the same "
-            f"options).\n\n{table}\n\n{environment('cpu')}\n")
-    print(body)
-    if args.write:
-        write_section(f"objective_gap_{args.task}", body)
+    title = (f"Task {args.task}, {args.steps} steps x batch {args.batch_size}, seed {args.seed}, dev examples: "
+             f"{args.eval_size or 'all'}; {args.jobs} job(s) at a time, {args.threads or 'default'} thread(s) each "
+             f"({(time.time() - began) / 60:.0f} min in all, rows marked reused read from earlier runs with the same "
+             "options).")
+    publish(f"objective_gap_{args.task}", f"Objective gap ({args.task})", title, table, "cpu", args.write)
     return rows
 
 

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import environment, forward, label_word_loss, markdown_table, setup, write_section  # noqa: E402
+from _common import forward, label_word_loss, markdown_table, publish, setup  # noqa: E402
 from reference_mezo import reference_step  # noqa: E402
 
 from zo_objectives.optimizer import NOISE_KINDS, MeZO  # noqa: E402
@@ -134,14 +134,12 @@ def main(argv: list[str] | None = None) -> list[list]:
     title = (f"Step speed: {args.model} ({n_params / 1e6:.1f}M trainable parameters), batch {args.batch_size} x "
              f"{args.seq_len} tokens, device {args.device}, median of {args.repeats} interleaved repeats "
              f"after {args.warmup} warm-up round(s). lr={LR}, eps={EPS}.")
-    text = f"{title}\n\n{markdown_table(HEADER, table)}\n\n{environment(args.device)}\n"
-    print(text)
-    if args.write:
-        notes = ("Ratios are to two forward passes with `logits_to_keep=1` (a central-difference step's two "
-                 "closure calls); goal <= 1.05 for the default. \"+x\" on a weights-only row is that pass's time "
-                 "over two forward passes.")
-        name = "step_speed" if args.model == "smollm2-135m" else f"step_speed_{args.model}"
-        write_section(name, f"## Step speed ({args.model})\n\n{text}\n{notes}")
+    notes = ("Ratios are to two forward passes with `logits_to_keep=1` (a central-difference step's two "
+             "closure calls); goal <= 1.05 for the default. \"+x\" on a weights-only row is that pass's time "
+             "over two forward passes.")
+    section = "step_speed" if args.model == "smollm2-135m" else f"step_speed_{args.model}"
+    publish(section, f"Step speed ({args.model})", title, markdown_table(HEADER, table), args.device, args.write,
+            notes=notes)
     return table
 
 

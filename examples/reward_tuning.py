@@ -45,10 +45,7 @@ def mean_rewards(objective: RewardObjective, model, examples: list[dict], batch_
     """Each reward function's mean over ``examples`` (one generation per example)."""
     totals = [0.0] * len(objective.rewards)
     for i in range(0, len(examples), batch_size):
-        batch = examples[i:i + batch_size]
-        prompts = [ex["prompt"] for ex in batch]
-        completions = objective.generator.generate(model, prompts)
-        columns = {"answers": [ex["answers"] for ex in batch]}
+        prompts, completions, columns = objective.generate(model, examples[i:i + batch_size])
         for k, fn in enumerate(objective.rewards):
             totals[k] += sum(fn(prompts=prompts, completions=completions, **columns))
     return [t / len(examples) for t in totals]

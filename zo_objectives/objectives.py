@@ -153,12 +153,16 @@ class RewardObjective:
 
     greater_is_better = True  # the objective logged is the reward; the loss is its negative
 
-    def rewards_for(self, model: torch.nn.Module, batch: Batch) -> list[float]:
-        """Generate a completion per example and return its combined reward."""
+    def generate(self, model: torch.nn.Module, batch: Batch) -> tuple[list[str], list[str], dict[str, list]]:
+        """Prompts, one generated completion per example, and the batch's other fields as columns."""
         prompts = [ex["prompt"] for ex in batch]
         completions = self.generator.generate(model, prompts)
         columns = {k: [ex.get(k) for ex in batch] for k in batch[0] if k not in ("prompt", "completion")}
-        return self.scores(prompts, completions, columns)
+        return prompts, completions, columns
+
+    def rewards_for(self, model: torch.nn.Module, batch: Batch) -> list[float]:
+        """Generate a completion per example and return its combined reward."""
+        return self.scores(*self.generate(model, batch))
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> float:
         rewards = self.rewards_for(model, batch)
