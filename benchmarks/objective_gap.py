@@ -28,8 +28,10 @@ from _common import markdown_table, publish  # noqa: E402
 CONFIGS = {
     "cross_entropy": ["--objective", "cross_entropy", "--lr", "1e-5"],
     "accuracy_hard": ["--objective", "accuracy", "--temperature", "0", "--lr", "1e-5"],
-    "accuracy_expected": ["--objective", "accuracy"],  # the default for --objective accuracy
-    "squad_f1_greedy": ["--objective", "squad_f1", "--lr", "1e-5"],
+    "accuracy_mean": ["--objective", "accuracy", "--metric-form", "mean", "--lr", "1e-4"],
+    "accuracy": ["--objective", "accuracy", "--lr", "1e-5"],  # the default: log form at T = 1
+    "squad_f1_greedy": ["--objective", "squad_f1", "--temperature", "0", "--lr", "1e-5"],
+    "squad_f1": ["--objective", "squad_f1", "--lr", "1e-5"],  # the default: log form over greedy + gold answers
 }
 
 
@@ -52,7 +54,7 @@ def run(name: str, options: list[str], args: argparse.Namespace, out: Path) -> s
 def main(argv: list[str] | None = None) -> list[list]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="sst2")
-    parser.add_argument("--configs", default="cross_entropy,accuracy_hard,accuracy_expected",
+    parser.add_argument("--configs", default="cross_entropy,accuracy,accuracy_mean,accuracy_hard",
                         help=f"comma-separated names from: {', '.join(CONFIGS)}")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -90,17 +92,19 @@ def main(argv: list[str] | None = None) -> list[list]:
     for name in names:
         result = json.loads((out / name / "eval.json").read_text())
         config = json.loads((out / name / "config.json").read_text())
+        before = result.get("before")
         rows.append([name + (" (reused)" if name in reused else ""), config["lr"], config["optimizer"]["eps"],
-                     config.get("temperature"), f"{result['before']:.4f}" if result.get("before") is not None else "-",
+                     config.get("temperature"), config.get("form") or "-", "-" if before is None else f"{before:.4f}",
                      f"{result['after']:.4f}", f"{result['tied_fraction']:.0%}", f"{result['train_seconds'] / 60:.1f}"])
     metric = result["metric"]
-    table = markdown_table(["objective", "lr", "eps", "temperature", f"dev {metric} before", "after", "tied steps",
-                            "train minutes"], rows)
+    table = markdown_table(["objective", "lr", "eps", "temperature", "form", f"dev {metric} before", "after",
+                            "tied steps", "train minutes"], rows)
     title = (f"Task {args.task}, {args.steps} steps x batch {args.batch_size}, seed {args.seed}, dev examples: "
              f"{args.eval_size or 'all'}; {args.jobs} job(s) at a time, {args.threads or 'default'} thread(s) each "
              f"({(time.time() - began) / 60:.0f} min in all, rows marked reused read from earlier runs with the same "
              "options).")
-    publish(f"objective_gap_{args.task}", f"Objective gap ({args.task})", title, table, "cpu", args.write)
+    section = f"objective_gap_{args.task}" + (f"_s{args.seed}" if args.seed else "")
+    publish(section, f"Objective gap ({args.task}, seed {args.seed})", title, table, "cpu", args.write)
     return rows
 
 

@@ -3,9 +3,11 @@
 Two TRL-style reward functions (``reward(prompts, completions, **columns) -> list[float]``) are combined with
 weights: a length limit (at most ``MAX_WORDS`` words, a rule no loss function expresses) and token F1 against
 the reference answers, read from the batch's ``answers`` column. The chat model answers SQuAD questions in
-long sentences; the rewards ask for the answer alone. Sampling is seeded by the prompts, so both sides of
-each SPSA estimate compare the same draws. Both rewards are reported before and after tuning on held-out
-prompts, with greedy decoding.
+long sentences; the rewards ask for the answer alone. Each step samples ``--candidates`` completions per
+prompt (seeded by the prompts), rewards them once, and optimizes the expected reward when a completion is
+drawn from the model's own likelihoods over them (``RewardObjective(candidates=k)``); ``--candidates 0``
+optimizes the reward of a single sampled completion instead. Both rewards are reported before and after
+tuning on held-out prompts, with greedy decoding.
 
     python examples/reward_tuning.py --steps 60
 """
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--held-out", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--candidates", type=int, default=4, help="sampled completions per prompt (0: one)")
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model)
@@ -68,7 +71,7 @@ def main() -> None:
     rewards = [short_answer, answer_f1]
     sampler = Generation(tokenizer, max_new_tokens=args.max_new_tokens, stop=["\n"], temperature=0.7)
     greedy = Generation(tokenizer, max_new_tokens=args.max_new_tokens, stop=["\n"])
-    objective = RewardObjective(sampler, rewards, weights=[0.5, 1.0])
+    objective = RewardObjective(sampler, rewards, weights=[0.5, 1.0], candidates=args.candidates)
     report = RewardObjective(greedy, rewards)
     before = mean_rewards(report, model, held_out)
     optimizer = MeZO(model.parameters(), lr=args.lr, eps=args.eps, seed=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 import pytest
@@ -118,6 +119,7 @@ def test_plugin_registers_a_metric_objective(tmp_path, monkeypatch, capsys):
     (["--steps", "0"], "--steps"),
     (["--eval-size", "-3"], "--eval-size"),
     (["--model", "/nonexistent/no-such-model"], "no-such-model"),
+    (["--objective", "f1", "--metric-form", "log"], "per-example"),
 ])
 def test_bad_input_returns_2_naming_the_problem(args, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
@@ -173,3 +175,13 @@ def test_custom_data_file_trains_and_bad_files_return_2(tmp_path, capsys):
     assert "zxqvbnm" in capsys.readouterr().err
     assert tune("--data", str(data), "--steps", "1", "--output-dir", str(tmp_path / "c")) == 2
     assert "--template" in capsys.readouterr().err
+
+
+def test_squad_metric_objective_defaults_to_log_form_over_candidates(tmp_path, capsys):
+    run = tmp_path / "squad"
+    code = tune("--task", "squad", "--steps", "2", "--batch-size", "2", "--eval-size", "2", "--output-dir", str(run))
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((run / "config.json").read_text())
+    assert (config["objective"], config["temperature"], config["form"], config["lr"]) == ("squad_f1", 1.0, "log", 1e-5)
+    losses = [r["loss"] for r in rows(run)]
+    assert len(losses) == 2 and all(math.isfinite(v) and v >= 0 for v in losses)  # -mean log E[F1] >= 0

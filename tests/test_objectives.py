@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -201,7 +203,7 @@ def test_smoothed_metric_is_expected_accuracy_of_softmax_sampler(clean_registry)
     batch = scored_batch(n=40)
     probs = torch.stack([ex["scores"] for ex in batch]).softmax(-1)
     expected = float(probs[torch.arange(len(batch)), [ex["label"] for ex in batch]].mean())
-    exact = MetricObjective(get_metric("accuracy"), ScorePredictor(), temperature=1.0)  # per-example: exact
+    exact = MetricObjective(get_metric("accuracy"), ScorePredictor(), temperature=1.0, form="mean")  # exact
     assert -exact(MODEL, batch) == pytest.approx(expected, abs=1e-6)
     register_metric("accuracy_drawn", metrics.accuracy)  # the same function, not declared per-example: drawn
     drawn = MetricObjective(get_metric("accuracy_drawn"), ScorePredictor(), temperature=1.0, samples=2000)
@@ -212,13 +214,13 @@ def test_small_temperature_approaches_hard_metric():
     batch = scored_batch(n=40)
     for name in ("accuracy", "f1"):
         hard = MetricObjective(get_metric(name), ScorePredictor())
-        hot = MetricObjective(get_metric(name), ScorePredictor(), samples=64, temperature=3.0)
-        cold = MetricObjective(get_metric(name), ScorePredictor(), samples=64, temperature=1e-3)
+        hot = MetricObjective(get_metric(name), ScorePredictor(), samples=64, temperature=3.0, form="mean")
+        cold = MetricObjective(get_metric(name), ScorePredictor(), samples=64, temperature=1e-3, form="mean")
         assert cold(MODEL, batch) == pytest.approx(hard(MODEL, batch), abs=1e-12)
         assert hot(MODEL, batch) != pytest.approx(hard(MODEL, batch), abs=1e-3)
     # the gap shrinks as the temperature goes down
     hard_value = MetricObjective(get_metric("accuracy"), ScorePredictor())(MODEL, batch)
-    gaps = [abs(MetricObjective(get_metric("accuracy"), ScorePredictor(), temperature=t)(MODEL, batch)
+    gaps = [abs(MetricObjective(get_metric("accuracy"), ScorePredictor(), temperature=t, form="mean")(MODEL, batch)
                 - hard_value) for t in (2.0, 0.5, 0.05)]
     assert gaps[0] > gaps[2] and gaps[2] < 0.05
 
@@ -228,5 +230,66 @@ def test_sampled_lower_is_better_metric_keeps_sign(clean_registry):
                     per_example=True)
     batch = scored_batch()
     err = MetricObjective(get_metric("err"), ScorePredictor(), temperature=1.0, samples=32)
-    acc = MetricObjective(get_metric("accuracy"), ScorePredictor(), temperature=1.0, samples=32)
+    acc = MetricObjective(get_metric("accuracy"), ScorePredictor(), temperature=1.0, samples=32, form="mean")
+    assert err.form == "mean"  # lower is better: no log form
     assert err(MODEL, batch) == pytest.approx(1 + acc(MODEL, batch))
+
+
+def test_log_form_is_default_for_per_example_metrics_and_equals_cross_entropy_of_accuracy():
+    batch = scored_batch(n=40)
+    scores = torch.stack([ex["scores"] for ex in batch])
+    labels = torch.tensor([ex["label"] for ex in batch])
+    log_acc = make_objective("accuracy", ScorePredictor())
+    assert log_acc.form == "log" and make_objective("f1", ScorePredictor()).form == "mean"
+    # -mean_i log p_i(gold) at temperature 1: the cross-entropy over the classes
+    assert log_acc(MODEL, batch) == pytest.approx(float(torch.nn.functional.cross_entropy(scores, labels)), abs=1e-5)
+    # a temperature divides the scores first
+    hot = make_objective("accuracy", ScorePredictor(), temperature=2.0)
+    assert hot(MODEL, batch) == pytest.approx(float(torch.nn.functional.cross_entropy(scores / 2, labels)), abs=1e-5)
+
+
+def test_form_must_be_known_and_log_needs_a_per_example_metric():
+    with pytest.raises(ValueError, match="accepted: auto, log, mean"):
+        MetricObjective(get_metric("accuracy"), ScorePredictor(), temperature=1.0, form="sqrt")
+    with pytest.raises(ValueError, match="per-example"):
+        MetricObjective(get_metric("f1"), ScorePredictor(), temperature=1.0, form="log")
+
+
+class CandidatePredictor:
+    """A stand-in for Generation: greedy answers from ``ex["greedy"]``, candidate scores from ``model.table``."""
+
+    def __init__(self):
+        self.generated = 0
+
+    def generate(self, model, prompts):
+        self.generated += 1
+        return [model.greedy[p] for p in prompts]
+
+    def candidate_scores(self, model, prompts, candidates):
+        out = torch.full((len(prompts), max(len(c) for c in candidates)), float("-inf"))
+        for row, cands in enumerate(candidates):
+            for col, c in enumerate(cands):
+                out[row, col] = model.table[c]
+        return out
+
+
+def test_generation_options_are_greedy_and_gold_answers_scored_by_likelihood():
+    model = Scale()
+    model.greedy = {"q1": "Paris", "q2": "the city of Rome", "q3": ""}
+    model.table = {"Paris": 0.0, "the city of Rome": 0.0, "Rome": 0.0, "Lyon": -1.0}
+    batch = [{"prompt": "q1", "answers": ["Paris"]}, {"prompt": "q2", "answers": ["Rome"]},
+             {"prompt": "q3", "answers": ["Lyon"]}]
+    predictor = CandidatePredictor()
+    obj = make_objective("squad_f1", predictor)
+    assert obj.temperature == 1.0 and obj.form == "log"
+    options, _ = obj.options(model, batch)
+    assert options == [["Paris"], ["the city of Rome", "Rome"], ["Lyon"]]  # deduplicated, empty dropped
+    # q1: greedy is gold (1); q2: half "the city of Rome" (F1 0.4) and half "Rome" (1); q3: only gold (1)
+    f1_q2 = metrics.squad_f1(["the city of Rome"], [["Rome"]])
+    assert obj(model, batch) == pytest.approx(-sum(map(math.log, [1.0, 0.5 * f1_q2 + 0.5, 1.0])) / 3)
+    # the candidates are generated once per batch, so both sides of an SPSA step score the same set
+    model.greedy = {"q1": "Lyon", "q2": "Lyon", "q3": "Lyon"}
+    obj(model, batch)
+    assert predictor.generated == 1
+    obj(model, batch[:2])
+    assert predictor.generated == 2

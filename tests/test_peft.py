@@ -8,9 +8,9 @@ from safetensors.torch import load_file
 
 from tasks import get_task
 from zo_objectives.cli import eval_main, tune_main
-from zo_objectives.models import apply_peft, select_trainable, tiny_random_model
+from zo_objectives.models import apply_peft, load_model, select_trainable, tiny_random_model
 from zo_objectives.optimizer import MeZO
-from zo_objectives.scoring import LabelWords
+from zo_objectives.scoring import Generation, LabelWords
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -69,3 +69,15 @@ def test_cli_trainable_filter(tmp_path):
             "--output-dir", str(run)]
     assert tune_main(args) == 0
     assert all("layers.1." in name for name in load_file(run / "model.safetensors"))
+
+
+@pytest.mark.parametrize("kind", ["lora", "prefix"])
+def test_candidate_scores_under_peft_match_whole_sequences(kind):
+    model, tokenizer = load_model("tiny-random")
+    model = apply_peft(model, kind)
+    gen = Generation(tokenizer)
+    prompts, candidates = ["Q: capital? A:", "Q: colour of the sky? A:"], [[" Paris", " Lyon city"], [" blue"]]
+    scores = gen.candidate_scores(model, prompts, candidates)
+    for row, cands in enumerate(candidates):
+        total, _ = gen.continuation_logprobs(model, [prompts[row]] * len(cands), cands)
+        assert torch.allclose(scores[row, : len(cands)], total, atol=1e-4)

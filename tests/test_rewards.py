@@ -99,3 +99,59 @@ def test_reward_example_rewards_and_smoke_run(monkeypatch, capsys):
     ex.main()
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[1] for line in lines] == ["short_answer", "answer_f1"]
+
+
+class SamplingGenerator:
+    """Samples from a fixed list of texts in turn; a candidate's log-likelihood is ``model.weight`` for
+    "good" and 0 otherwise (a stand-in for Generation with temperature > 0)."""
+
+    temperature = 1.0
+    texts = ["good", "bad", "good", "", "meh", "bad"]
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, model, prompts):
+        self.calls += 1
+        return [self.texts[i % len(self.texts)] for i in range(len(prompts))]
+
+    def candidate_scores(self, model, prompts, candidates):
+        out = torch.full((len(prompts), max(len(c) for c in candidates)), float("-inf"))
+        for row, cands in enumerate(candidates):
+            for col, c in enumerate(cands):
+                out[row, col] = model.weight.item() if c == "good" else 0.0
+        return out
+
+
+def test_candidates_expected_reward_over_distinct_samples_rewarded_once():
+    calls = []
+
+    def is_good(prompts, completions, **columns):
+        calls.append(len(completions))
+        return [float(c == "good") for c in completions]
+
+    generator, model = SamplingGenerator(), OneWeight()
+    objective = RewardObjective(generator, [is_good], candidates=3)
+    # prompt "ab": good, bad, good -> {good, bad}; prompt "xyz": "", meh, bad -> {meh, bad} (empty left out)
+    p_good = torch.tensor([0.3, 0.0]).softmax(0)[0].item()
+    assert objective(model, BATCH) == pytest.approx(-(p_good + 0.0) / 2)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    assert objective(model, BATCH) == pytest.approx(-torch.tensor([1.0, 0.0]).softmax(0)[0].item() / 2)
+    assert generator.calls == 1 and calls == [6]  # generated and rewarded once for the batch
+
+
+def test_candidates_train_toward_the_rewarded_text_and_need_sampling():
+    def is_good(prompts, completions, **columns):
+        return [float(c == "good") for c in completions]
+
+    model = OneWeight()
+    optimizer = MeZO(model.parameters(), lr=1.0, eps=0.01, seed=0)
+    objective = RewardObjective(SamplingGenerator(), [is_good], candidates=3)
+    for _ in range(20):
+        optimizer.step(lambda: objective(model, BATCH))
+    assert model.weight.item() > 1.0  # the rewarded candidate's likelihood went up
+    with pytest.raises(ValueError, match="sampling generator"):
+        RewardObjective(EchoGenerator(), [is_good], candidates=2)
+    with pytest.raises(ValueError, match=">= 0"):
+        RewardObjective(SamplingGenerator(), [is_good], candidates=-1)

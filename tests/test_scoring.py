@@ -220,3 +220,15 @@ def test_predictor_for_task_kinds(tokenizer):
     assert isinstance(predictor_for(get_task("copa"), tokenizer), MultipleChoice)
     gen = predictor_for(get_task("squad"), tokenizer, max_length=100)
     assert isinstance(gen, Generation) and gen.max_length == 100
+
+
+def test_candidate_scores_are_continuation_logprobs_padded_with_minus_inf(tokenizer, small_lm):
+    gen = Generation(tokenizer)
+    prompts, candidates = ["Q: capital? A:", "Q: colour? A:"], [[" Paris", " the city of Lyon"], [" blue"]]
+    scores = gen.candidate_scores(small_lm, prompts, candidates)
+    assert scores.shape == (2, 2) and scores[1, 1] == float("-inf")
+    for row, cands in enumerate(candidates):
+        total, _ = gen.continuation_logprobs(small_lm, [prompts[row]] * len(cands), cands)
+        assert torch.allclose(scores[row, : len(cands)], total, atol=1e-4)
+    mean = gen.candidate_scores(small_lm, prompts, candidates, length_normalize=True)
+    assert mean[0, 1] == pytest.approx(float(scores[0, 1]) / len(tokenizer.encode(" the city of Lyon")), rel=1e-4)

@@ -20,14 +20,15 @@ from metrics import get_metric, list_metrics
 from tasks import Task, get_task, list_tasks, task_from_file, with_demonstrations
 from zo_objectives import distributed
 from zo_objectives.models import DEFAULT_MODEL, apply_peft, load_model, load_run_weights, select_trainable
-from zo_objectives.objectives import CROSS_ENTROPY, DEFAULT_TEMPERATURE, MetricObjective, make_objective
+from zo_objectives.objectives import CROSS_ENTROPY, DEFAULT_TEMPERATURE, FORMS, MetricObjective, make_objective
 from zo_objectives.optimizer import SCHEDULES, MeZO, make_scheduler
 from zo_objectives.plots import plot_run
 from zo_objectives.scoring import predictor_for
 from zo_objectives.train import CHECKPOINT, evaluate, resume, save_weights, train, write_json
 
 # Defaults chosen from measurements on SmolLM2-135M / SST-2 (see README "Why these defaults").
-DEFAULT_LR = {"cross_entropy": 1e-5, "metric": 1e-4}
+# A metric in log form has cross-entropy's scale; the expected metric itself ("mean" form) is flatter.
+DEFAULT_LR = {"cross_entropy": 1e-5, "log": 1e-5, "mean": 1e-4}
 
 
 class UsageError(ValueError):
@@ -102,14 +103,17 @@ def tune_parser() -> argparse.ArgumentParser:
                         "task's metric")
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=None,
-                   help=f"default {DEFAULT_LR['metric']} for metric objectives, {DEFAULT_LR['cross_entropy']} for "
-                        "cross-entropy")
+                   help=f"default {DEFAULT_LR['cross_entropy']} for cross-entropy and metric objectives in log form, "
+                        f"{DEFAULT_LR['mean']} in mean form or as the hard metric")
     p.add_argument("--eps", type=float, default=1e-3)
     p.add_argument("--n-perturbations", type=int, default=1)
     p.add_argument("--temperature", type=float, default=None,
-                   help=f"metric objectives on classification and multiple choice optimize the metric's expectation "
-                        f"under predictions sampled at this temperature (default {DEFAULT_TEMPERATURE}; 0 = the hard "
-                        "metric)")
+                   help="metric objectives optimize the metric's expectation over each example's options (classes, "
+                        "candidates; for generation the greedy answer and the gold answers) drawn from "
+                        f"softmax(log-likelihood / T) (default {DEFAULT_TEMPERATURE}; 0 = the hard metric)")
+    p.add_argument("--metric-form", choices=FORMS, default="auto",
+                   help="log: mean log of each example's expected metric (auto for per-example metrics); mean: the "
+                        "expected metric itself (auto for corpus metrics such as macro-F1)")
     p.add_argument("--samples", type=int, default=256,
                    help="Monte Carlo draws for that expectation when the metric is not a per-example mean")
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -162,12 +166,14 @@ def tune(args: argparse.Namespace) -> dict:
     model = apply_peft(model, args.peft).to(_device(args.device))
     select_trainable(model, args.trainable)
     predictor = predictor_for(task, tokenizer, max_length=args.max_length)
-    objective = make_objective(objective_name, predictor, temperature=args.temperature, samples=args.samples)
+    objective = make_objective(objective_name, predictor, temperature=args.temperature, samples=args.samples,
+                               form=args.metric_form)
     is_metric = isinstance(objective, MetricObjective)
     temperature = objective.temperature if is_metric else None
+    form = objective.form if is_metric and temperature else None
     if world > 1:  # distributed: each rank scores batch[rank::world]; the losses are all-reduced
         objective = distributed.ShardedObjective(objective)
-    lr = args.lr or DEFAULT_LR["metric" if is_metric else "cross_entropy"]
+    lr = args.lr or DEFAULT_LR[form or ("mean" if is_metric else "cross_entropy")]
 
     train_set = task.examples("train", n=args.train_size, seed=args.seed)
     dev_set = task.examples("dev", n=args.eval_size)
@@ -177,8 +183,8 @@ def tune(args: argparse.Namespace) -> dict:
                     seed=args.seed, noise=args.noise, difference=args.difference, update=args.update,
                     fitness_shaping=args.fitness_shaping, momentum=args.momentum,
                     momentum_window=args.momentum_window)
-    config = {**vars(args), "task": task.name, "objective": objective_name, "temperature": temperature, "lr": lr,
-              "optimizer": settings, "train_examples": len(train_set), "eval_examples": len(dev_set),
+    config = {**vars(args), "task": task.name, "objective": objective_name, "temperature": temperature, "form": form,
+              "lr": lr, "optimizer": settings, "train_examples": len(train_set), "eval_examples": len(dev_set),
               "metric": metric.name, "trainable_parameters": sum(p.numel() for p in params), "world_size": world}
     if main:
         write_json(run_dir / "config.json", config)

@@ -33,46 +33,100 @@ def references(batch: Batch) -> list:
     return [ex["answers"] if "answers" in ex else ex["label"] for ex in batch]
 
 
+def candidate_logits(predictor: Any, model: torch.nn.Module, prompts: list[str],
+                     candidates: list[list[str]]) -> torch.Tensor:
+    """Each prompt's candidates' log-likelihoods, shape (prompts, most candidates), -inf where missing.
+
+    A prompt with a single candidate is not scored: its probability is 1 whatever the weights (it gets 0)."""
+    out = torch.full((len(prompts), max([1, *map(len, candidates)])), float("-inf"))
+    out[[i for i, c in enumerate(candidates) if len(c) == 1], 0] = 0.0
+    rows = [i for i, c in enumerate(candidates) if len(c) > 1]
+    if rows:
+        scored = predictor.candidate_scores(model, [prompts[i] for i in rows], [candidates[i] for i in rows])
+        out[rows, : scored.shape[1]] = scored
+    return out
+
+
+FORMS = ("auto", "log", "mean")
+LOG_FLOOR = 1e-6  # the log form clamps each example's expected metric here (an example no option scores on)
+
+
 @dataclass
 class MetricObjective:
     """``-metric(predictions, references)`` when greater is better, else ``metric(...)``.
 
-    With ``temperature > 0`` (predictors with scores: label words, multiple choice) the value is the metric's
-    expectation when each prediction is drawn from softmax(scores / temperature): exact for per-example
-    metrics (accuracy, exact match), else a mean over ``samples`` Gumbel-max draws seeded by the batch (the
-    two sides of an SPSA estimate share them). It is a smooth function of the weights that tends to the
-    metric as the temperature goes to 0. The hard metric on a batch of 16 moves in steps of 1/16 and ties on
-    most SPSA steps, so the weights do not move; its expectation does not tie.
+    With ``temperature > 0`` the metric is taken in expectation over each example's options (the classes or
+    answer candidates of a predictor with scores; for generation, the greedy completion and the gold answers),
+    each drawn with probability softmax(log-likelihood / temperature). It is a smooth function of the weights
+    that does not tie on SPSA steps as the hard metric does (a batch of 16 moves accuracy in steps of 1/16).
+
+    ``form`` says how the examples' expectations combine. ``"log"`` (the default for per-example metrics
+    where greater is better, scores in [0, 1]) optimizes the mean log of each example's expected metric, a
+    minimum-risk objective that weighs an example by how badly it is missed: with accuracy over label words
+    at temperature 1 it equals their cross-entropy. ``"mean"`` optimizes the expected metric itself (exact
+    for per-example metrics, else a mean over ``samples`` Gumbel-max draws seeded by the batch, which both
+    sides of an SPSA estimate share); it weighs confidently wrong examples little (BENCHMARKS.md).
     """
 
     metric: Metric
     predictor: Any
     temperature: float = 0.0
     samples: int = 256
+    form: str = "auto"
 
     def __post_init__(self) -> None:
         if self.temperature < 0 or self.samples < 1:
             raise ValueError(f"temperature must be >= 0 and samples >= 1, got {self.temperature}, {self.samples}")
-        if self.temperature and not hasattr(self.predictor, "scores"):
-            raise ValueError(f"temperature > 0 needs a predictor with scores(); {type(self.predictor).__name__} "
-                             "has none (for generation, sample with Generation(temperature=...) instead)")
+        if self.temperature and not (hasattr(self.predictor, "scores") or hasattr(self.predictor, "generate")):
+            raise ValueError(f"temperature > 0 needs a predictor with scores() or generate(); "
+                             f"{type(self.predictor).__name__} has neither")
+        if self.form not in FORMS:
+            raise ValueError(f"unknown form {self.form!r}; accepted: {', '.join(FORMS)}")
+        log_ok = self.metric.per_example and self.metric.greater_is_better
+        if self.form == "auto":
+            self.form = "log" if log_ok else "mean"
+        elif self.form == "log" and not log_ok:
+            raise ValueError(f"form 'log' needs a per-example metric where greater is better (scores in [0, 1]); "
+                             f"{self.metric.name!r} is not; use form 'mean'")
+        self._candidates: tuple[int, list[list[str]]] | None = None
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> float:
         value = self.expected(model, batch) if self.temperature else self.metric(
             self.predictor.predict(model, batch), references(batch))
         return -value if self.metric.greater_is_better else value
 
+    def options(self, model: torch.nn.Module, batch: Batch) -> tuple[list[list], torch.Tensor]:
+        """Each example's options and their log-likelihoods, shape (batch, most options), -inf where missing.
+
+        For generation the options are the greedy completion and the gold answers, generated the first time a
+        batch is seen and kept while it is evaluated again, so both sides of an SPSA estimate score the same."""
+        if hasattr(self.predictor, "scores"):
+            scores = self.predictor.scores(model, batch)
+            return [list(range(scores.shape[1]))] * len(batch), scores
+        prompts = [ex["prompt"] for ex in batch]
+        key = prompts_seed(prompts)
+        if self._candidates is None or self._candidates[0] != key:
+            greedy = self.predictor.generate(model, prompts)
+            self._candidates = key, [list(dict.fromkeys(c for c in [g, *ex.get("answers", [])] if c.strip()))
+                                     for g, ex in zip(greedy, batch)]
+        candidates = self._candidates[1]
+        return candidates, candidate_logits(self.predictor, model, prompts, candidates)
+
     def expected(self, model: torch.nn.Module, batch: Batch) -> float:
-        """The metric's expectation under predictions sampled from softmax(scores / temperature)."""
+        """The metric's expectation (or mean log expectation) under options drawn from softmax(scores / T)."""
         refs = references(batch)
-        probs = (self.predictor.scores(model, batch) / self.temperature).softmax(-1)
-        if self.metric.per_example:  # E[mean_i m(y_i)] = mean_i sum_c p_ic m(c)
-            return sum(float(p) * self.metric([c], [ref]) for row, ref in zip(probs, refs)
-                       for c, p in enumerate(row) if p > 0) / len(refs)
+        options, scores = self.options(model, batch)
+        probs = (scores / self.temperature).softmax(-1).nan_to_num(0.0)  # an example with no option: all 0
+        if self.metric.per_example:  # E[m(y_i)] = sum_c p_ic m(c)
+            per_example = torch.tensor([sum(float(p) * self.metric([o], [ref]) for o, p in zip(opts, row) if p > 0)
+                                        for opts, row, ref in zip(options, probs, refs)], dtype=torch.float64)
+            if self.form == "log":
+                return float(per_example.clamp(min=LOG_FLOOR).log().mean())
+            return float(per_example.mean())
         gen = torch.Generator().manual_seed(prompts_seed([ex["prompt"] for ex in batch]))
         uniform = torch.rand((self.samples, *probs.shape), generator=gen).clamp_(1e-12, 1 - 1e-7)
         draws = (probs.log() - (-uniform.log()).log()).argmax(-1).tolist()
-        return sum(self.metric(d, refs) for d in draws) / self.samples
+        return sum(self.metric([opts[d] for opts, d in zip(options, draw)], refs) for draw in draws) / self.samples
 
     @property
     def name(self) -> str:
@@ -120,18 +174,31 @@ class RewardObjective:
     other field of the batch's examples (one list per field), and must return one number per completion.
     Sampling (``generator.temperature > 0``) is seeded by the prompts, so both sides of an SPSA estimate
     compare the same random draws.
+
+    With ``candidates = k > 0`` each prompt gets k sampled completions, generated and rewarded once per batch
+    (the first time it is seen); the loss is minus the mean over prompts of their expected reward when a
+    completion is drawn from softmax(log-likelihood) over the distinct ones. One completion's text moves
+    with the weights in jumps, so its reward ties on many steps; this expectation moves smoothly, and a
+    costly reward (a test run, a judge) is called once per step instead of twice.
     """
 
     generator: Any
     rewards: Sequence[RewardFn]
     weights: Sequence[float] | None = None
     name: str = "reward"
+    candidates: int = 0
 
     def __post_init__(self) -> None:
         if not self.rewards:
             raise ValueError("RewardObjective needs at least one reward function")
         if self.weights is not None and len(self.weights) != len(self.rewards):
             raise ValueError(f"{len(self.weights)} weights for {len(self.rewards)} reward functions")
+        if self.candidates < 0:
+            raise ValueError(f"candidates must be >= 0, got {self.candidates}")
+        if self.candidates and not getattr(self.generator, "temperature", 0):
+            raise ValueError("candidates > 0 needs a sampling generator (Generation(temperature=...) > 0); "
+                             "greedy decoding gives every candidate the same text")
+        self._cache: tuple[int, list[list[str]], list[list[float]]] | None = None
 
     def scores(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> list[float]:
         """The weighted sum of the rewards for each completion."""
@@ -164,8 +231,25 @@ class RewardObjective:
         """Generate a completion per example and return its combined reward."""
         return self.scores(*self.generate(model, batch))
 
+    def expected(self, model: torch.nn.Module, batch: Batch) -> list[float]:
+        """Each prompt's expected reward over its sampled candidates (see ``candidates``)."""
+        prompts = [ex["prompt"] for ex in batch]
+        key = prompts_seed(prompts)
+        if self._cache is None or self._cache[0] != key:
+            repeated_prompts, completions, columns = self.generate(
+                model, [ex for ex in batch for _ in range(self.candidates)])
+            rewards = self.scores(repeated_prompts, completions, columns)
+            options: list[dict[str, float]] = [{} for _ in batch]  # distinct non-empty texts -> reward
+            for j, (text, reward) in enumerate(zip(completions, rewards)):
+                if text.strip():
+                    options[j // self.candidates].setdefault(text, reward)
+            self._cache = key, [list(o) for o in options], [list(o.values()) for o in options]
+        _, candidates, values = self._cache
+        probs = candidate_logits(self.generator, model, prompts, candidates).softmax(-1).nan_to_num(0.0)
+        return [sum(float(p) * r for p, r in zip(row, vals)) for row, vals in zip(probs, values)]
+
     def __call__(self, model: torch.nn.Module, batch: Batch) -> float:
-        rewards = self.rewards_for(model, batch)
+        rewards = self.expected(model, batch) if self.candidates else self.rewards_for(model, batch)
         return -sum(rewards) / len(rewards)
 
 
@@ -182,11 +266,12 @@ def from_compute(module: Any, key: str, greater_is_better: bool = True) -> Metri
 
 
 def make_objective(spec: str | Callable | Any, predictor: Any, *, greater_is_better: bool | None = None,
-                   key: str | None = None, temperature: float | None = None, samples: int = 256) -> Objective:
+                   key: str | None = None, temperature: float | None = None, samples: int = 256,
+                   form: str = "auto") -> Objective:
     """Build an objective from a metric name, ``"cross_entropy"``, a metric function or a ``.compute`` object.
 
-    Metric objectives on predictors with scores (label words, multiple choice) optimize the metric's
-    expectation at ``temperature`` (default ``DEFAULT_TEMPERATURE``; 0 = the hard metric), see MetricObjective.
+    Metric objectives optimize the metric's expectation at ``temperature`` (default ``DEFAULT_TEMPERATURE``;
+    0 = the hard metric) combined by ``form`` ("auto", "log" or "mean"), see MetricObjective.
     """
     if isinstance(spec, (MetricObjective, CrossEntropy, WeightedSum, RewardObjective)):
         return spec
@@ -211,5 +296,5 @@ def make_objective(spec: str | Callable | Any, predictor: Any, *, greater_is_bet
         raise TypeError(f"cannot make an objective from {type(spec).__name__}; pass a metric name, "
                         "'cross_entropy', a function (predictions, references) -> float, or an object with .compute()")
     if temperature is None:
-        temperature = DEFAULT_TEMPERATURE if hasattr(predictor, "scores") else 0.0
-    return MetricObjective(metric, predictor, temperature=temperature, samples=samples)
+        temperature = DEFAULT_TEMPERATURE if hasattr(predictor, "scores") or hasattr(predictor, "generate") else 0.0
+    return MetricObjective(metric, predictor, temperature=temperature, samples=samples, form=form)

@@ -9,6 +9,7 @@ Prompts longer than ``max_length`` tokens are truncated from the left (the end o
 
 from __future__ import annotations
 
+import inspect
 import zlib
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +29,12 @@ def prompts_seed(prompts: Sequence[str], salt: int = 0) -> int:
 def context_length(model: torch.nn.Module, default: int = 2048) -> int:
     """The model's maximum number of positions."""
     return int(getattr(model.config, "max_position_embeddings", None) or default)
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """The forward argument that takes a KV cache: ``cache`` in recent transformers, ``past_key_values`` before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper passes it on
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,6 +104,61 @@ class Predictor:
             total[row] = picked.sum().cpu()
         return total, torch.tensor([len(c) for c in conts], dtype=torch.float32)
 
+    def candidate_scores(self, model: torch.nn.Module, prompts: Sequence[str],
+                         candidates: Sequence[Sequence[str]], length_normalize: bool = False) -> torch.Tensor:
+        """Log-likelihood of each prompt's candidate continuations (mean per token with ``length_normalize``),
+        shape (prompts, most candidates); missing candidates score -inf.
+
+        Each prompt runs once (in groups of ``group_size``, sorted by length); its KV cache is then copied for
+        each of its candidates, which run together, right-padded: a prompt's tokens are not recomputed per
+        candidate. Prompt-learning PEFT models (prefix tuning), which bring their own cache, score each
+        prompt + candidate sequence whole instead."""
+        out = torch.full((len(prompts), max([1, *(len(c) for c in candidates)])), float("-inf"))
+        if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+            flat = [(row, col, c) for row, cands in enumerate(candidates) for col, c in enumerate(cands)]
+            if flat:
+                total, count = self.continuation_logprobs(model, [prompts[r] for r, _, _ in flat],
+                                                          [c for _, _, c in flat])
+                for (row, col, _), t, n in zip(flat, total, count):
+                    out[row, col] = t / n if length_normalize else t
+            return out
+        device, limit = next(model.parameters()).device, self._limit(model)
+        conts = [[self._tokens(c) for c in cands] for cands in candidates]
+        if any(not c for cands in conts for c in cands):
+            raise ValueError("an answer candidate or target is empty; every continuation needs a token")
+        order = sorted((i for i in range(len(prompts)) if conts[i]), key=lambda i: len(self._tokens(prompts[i])))
+        for start in range(0, len(order), self.group_size):
+            group = order[start:start + self.group_size]
+            longest = max(len(c) for i in group for c in conts[i])
+            if longest >= limit:
+                raise ValueError(f"a continuation of {longest} tokens leaves no room for its prompt "
+                                 f"in the model's {limit}-token context")
+            ids, mask, positions = left_pad([self._tokens(prompts[i])[-(limit - longest):] for i in group],
+                                            self.tokenizer.pad_token_id)
+            flat = [(row, col) for row, i in enumerate(group) for col in range(len(conts[i]))]
+            rows = torch.tensor([row for row, _ in flat])
+            tokens = [conts[group[row]][col] for row, col in flat]
+            width = max(len(t) for t in tokens)
+            cont_ids = torch.full((len(flat), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            cont_mask = torch.zeros((len(flat), width), dtype=torch.long)
+            for k, t in enumerate(tokens):
+                cont_ids[k, : len(t)], cont_mask[k, : len(t)] = torch.tensor(t), 1
+            with torch.inference_mode():
+                first = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                              position_ids=positions.to(device), use_cache=True, logits_to_keep=1)
+                cache = first.past_key_values
+                cache.reorder_cache(rows.to(device))  # one copy of its prompt's cache per candidate
+                rest = model(input_ids=cont_ids.to(device),
+                             attention_mask=torch.cat([mask[rows], cont_mask], 1).to(device),
+                             position_ids=(positions[rows, -1:] + 1 + torch.arange(width)).to(device),
+                             **{cache_argument(model): cache}, use_cache=True).logits
+                logits = torch.cat([first.logits[rows.to(device), -1:], rest[:, :-1]], 1).float().log_softmax(-1)
+            picked = logits.gather(-1, cont_ids.to(device)[..., None])[..., 0].cpu() * cont_mask
+            for k, (row, col) in enumerate(flat):
+                total = float(picked[k].sum())
+                out[group[row], col] = total / len(tokens[k]) if length_normalize else total
+        return out
+
 
 class ClassScores(Predictor):
     """A predictor that scores each example's classes (or candidates): ``scores(model, batch)`` of shape
@@ -149,16 +211,8 @@ class MultipleChoice(ClassScores):
 
     def scores(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         """Candidate scores, shape (batch, most candidates); missing candidates score -inf."""
-        prompts = [ex["prompt"] for ex in batch for _ in ex["candidates"]]
-        conts = [c for ex in batch for c in ex["candidates"]]
-        total, count = self.continuation_logprobs(model, prompts, conts)
-        flat = total / count if self.length_normalize else total
-        out = torch.full((len(batch), max(len(ex["candidates"]) for ex in batch)), float("-inf"))
-        start = 0
-        for row, ex in enumerate(batch):
-            out[row, : len(ex["candidates"])] = flat[start:start + len(ex["candidates"])]
-            start += len(ex["candidates"])
-        return out
+        return self.candidate_scores(model, [ex["prompt"] for ex in batch], [ex["candidates"] for ex in batch],
+                                     self.length_normalize)
 
 
 class Generation(Predictor):
