@@ -265,7 +265,8 @@ class CandidatePredictor:
         self.generated += 1
         return [model.greedy[p] for p in prompts]
 
-    def candidate_scores(self, model, prompts, candidates):
+    def candidate_scores(self, model, prompts, candidates, length_normalize=False):
+        self.length_normalize = length_normalize
         out = torch.full((len(prompts), max(len(c) for c in candidates)), float("-inf"))
         for row, cands in enumerate(candidates):
             for col, c in enumerate(cands):
@@ -293,3 +294,9 @@ def test_generation_options_are_greedy_and_gold_answers_scored_by_likelihood():
     assert predictor.generated == 1
     obj(model, batch[:2])
     assert predictor.generated == 2
+    # candidates are scored per token by default (as greedy decoding ranks them), or by their total
+    assert predictor.length_normalize is True
+    make_objective("squad_f1", predictor, sequence_score="sum")(model, batch)
+    assert predictor.length_normalize is False
+    with pytest.raises(ValueError, match="accepted: mean, sum"):
+        make_objective("squad_f1", predictor, sequence_score="max")

@@ -115,7 +115,7 @@ class SamplingGenerator:
         self.calls += 1
         return [self.texts[i % len(self.texts)] for i in range(len(prompts))]
 
-    def candidate_scores(self, model, prompts, candidates):
+    def candidate_scores(self, model, prompts, candidates, length_normalize=False):
         out = torch.full((len(prompts), max(len(c) for c in candidates)), float("-inf"))
         for row, cands in enumerate(candidates):
             for col, c in enumerate(cands):

@@ -20,7 +20,14 @@ from metrics import get_metric, list_metrics
 from tasks import Task, get_task, list_tasks, task_from_file, with_demonstrations
 from zo_objectives import distributed
 from zo_objectives.models import DEFAULT_MODEL, apply_peft, load_model, load_run_weights, select_trainable
-from zo_objectives.objectives import CROSS_ENTROPY, DEFAULT_TEMPERATURE, FORMS, MetricObjective, make_objective
+from zo_objectives.objectives import (
+    CROSS_ENTROPY,
+    DEFAULT_TEMPERATURE,
+    FORMS,
+    SEQUENCE_SCORES,
+    MetricObjective,
+    make_objective,
+)
 from zo_objectives.optimizer import SCHEDULES, MeZO, make_scheduler
 from zo_objectives.plots import plot_run
 from zo_objectives.scoring import predictor_for
@@ -114,6 +121,9 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric-form", choices=FORMS, default="auto",
                    help="log: mean log of each example's expected metric (auto for per-example metrics); mean: the "
                         "expected metric itself (auto for corpus metrics such as macro-F1)")
+    p.add_argument("--sequence-score", choices=SEQUENCE_SCORES, default="mean",
+                   help="generated answer candidates are scored by their mean log-likelihood per token (default) "
+                        "or its sum")
     p.add_argument("--samples", type=int, default=256,
                    help="Monte Carlo draws for that expectation when the metric is not a per-example mean")
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -167,7 +177,7 @@ def tune(args: argparse.Namespace) -> dict:
     select_trainable(model, args.trainable)
     predictor = predictor_for(task, tokenizer, max_length=args.max_length)
     objective = make_objective(objective_name, predictor, temperature=args.temperature, samples=args.samples,
-                               form=args.metric_form)
+                               form=args.metric_form, sequence_score=args.sequence_score)
     is_metric = isinstance(objective, MetricObjective)
     temperature = objective.temperature if is_metric else None
     form = objective.form if is_metric and temperature else None
