@@ -32,7 +32,7 @@ CONFIGS = {
     "accuracy": ["--objective", "accuracy", "--lr", "1e-5"],  # the default: log form at T = 1
     "squad_f1_greedy": ["--objective", "squad_f1", "--temperature", "0", "--lr", "1e-5"],
     "squad_f1": ["--objective", "squad_f1", "--lr", "1e-5"],  # the default: log form over greedy + gold answers
-    "squad_f1_sum": ["--objective", "squad_f1", "--sequence-score", "sum", "--lr", "1e-5"],
+    "squad_f1_mean": ["--objective", "squad_f1", "--sequence-score", "mean", "--lr", "1e-5"],
 }
 
 

@@ -122,3 +122,8 @@ def test_objective_gap_runs_and_reuses(no_write, tmp_path):
     rows = gap.main(argv)
     assert [r[0] for r in rows] == ["cross_entropy"] and "objective_gap_sst2:begin" in no_write.read_text()
     assert [r[0] for r in gap.main(["--reuse", *argv])] == ["cross_entropy (reused)"]
+
+
+def test_squad_candidates_runs(no_write):
+    rows = load("squad_candidates").main(["--model", "tiny-random", "--n", "4", "--write"])
+    assert [r[2] for r in rows[:3]] == [4, 4, 4] and "squad_candidates:begin" in no_write.read_text()

@@ -294,9 +294,9 @@ def test_generation_options_are_greedy_and_gold_answers_scored_by_likelihood():
     assert predictor.generated == 1
     obj(model, batch[:2])
     assert predictor.generated == 2
-    # candidates are scored per token by default (as greedy decoding ranks them), or by their total
-    assert predictor.length_normalize is True
-    make_objective("squad_f1", predictor, sequence_score="sum")(model, batch)
+    # candidates are scored by their total log-likelihood by default, or per token
     assert predictor.length_normalize is False
+    make_objective("squad_f1", predictor, sequence_score="mean")(model, batch)
+    assert predictor.length_normalize is True
     with pytest.raises(ValueError, match="accepted: mean, sum"):
         make_objective("squad_f1", predictor, sequence_score="max")

@@ -121,9 +121,9 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--metric-form", choices=FORMS, default="auto",
                    help="log: mean log of each example's expected metric (auto for per-example metrics); mean: the "
                         "expected metric itself (auto for corpus metrics such as macro-F1)")
-    p.add_argument("--sequence-score", choices=SEQUENCE_SCORES, default="mean",
-                   help="generated answer candidates are scored by their mean log-likelihood per token (default) "
-                        "or its sum")
+    p.add_argument("--sequence-score", choices=SEQUENCE_SCORES, default="sum",
+                   help="generated answer candidates are scored by their total log-likelihood (default) or its "
+                        "mean per token")
     p.add_argument("--samples", type=int, default=256,
                    help="Monte Carlo draws for that expectation when the metric is not a per-example mean")
     p.add_argument("--weight-decay", type=float, default=0.0)
