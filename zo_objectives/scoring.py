@@ -126,14 +126,15 @@ class Predictor:
         conts = [[self._tokens(c) for c in cands] for cands in candidates]
         if any(not c for cands in conts for c in cands):
             raise ValueError("an answer candidate or target is empty; every continuation needs a token")
-        order = sorted((i for i in range(len(prompts)) if conts[i]), key=lambda i: len(self._tokens(prompts[i])))
+        prompt_ids = [self._tokens(p) for p in prompts]
+        order = sorted((i for i in range(len(prompts)) if conts[i]), key=lambda i: len(prompt_ids[i]))
         for start in range(0, len(order), self.group_size):
             group = order[start:start + self.group_size]
             longest = max(len(c) for i in group for c in conts[i])
             if longest >= limit:
                 raise ValueError(f"a continuation of {longest} tokens leaves no room for its prompt "
                                  f"in the model's {limit}-token context")
-            ids, mask, positions = left_pad([self._tokens(prompts[i])[-(limit - longest):] for i in group],
+            ids, mask, positions = left_pad([prompt_ids[i][-(limit - longest):] for i in group],
                                             self.tokenizer.pad_token_id)
             flat = [(row, col) for row, i in enumerate(group) for col in range(len(conts[i]))]
             rows = torch.tensor([row for row, _ in flat])
