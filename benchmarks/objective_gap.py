@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import markdown_table, publish  # noqa: E402
@@ -32,6 +34,7 @@ CONFIGS = {
     "accuracy": ["--objective", "accuracy", "--lr", "1e-5"],  # the default: log form at T = 1
     "squad_f1_greedy": ["--objective", "squad_f1", "--temperature", "0", "--lr", "1e-5"],
     "squad_f1": ["--objective", "squad_f1", "--lr", "1e-5"],  # the default: log form over greedy + gold answers
+    "squad_f1_model": ["--objective", "squad_f1", "--metric-support", "model", "--lr", "1e-5"],
     "squad_f1_mean": ["--objective", "squad_f1", "--sequence-score", "mean", "--lr", "1e-5"],
 }
 
@@ -45,6 +48,8 @@ def run(name: str, options: list[str], args: argparse.Namespace, out: Path) -> s
            "--output-dir", str(folder), "--overwrite", "--no-progress", *options, *args.extra]
     if args.eval_size:
         cmd += ["--eval-size", str(args.eval_size)]
+    if args.device:
+        cmd += ["--device", args.device]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)} if args.threads else dict(os.environ)
     with open(folder.with_suffix(".log"), "w") as log:
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -63,6 +68,7 @@ def main(argv: list[str] | None = None) -> list[list]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--device", default=None, help="zo-tune's --device (default: CUDA when available)")
     parser.add_argument("--output", default="runs/objective_gap")
     parser.add_argument("--reuse", action="store_true",
                         help="read configurations whose run folder already holds eval.json instead of rerunning them")
@@ -104,8 +110,11 @@ def main(argv: list[str] | None = None) -> list[list]:
              f"{args.eval_size or 'all'}; {args.jobs} job(s) at a time, {args.threads or 'default'} thread(s) each "
              f"({(time.time() - began) / 60:.0f} min in all, rows marked reused read from earlier runs with the same "
              "options).")
-    section = f"objective_gap_{args.task}" + (f"_s{args.seed}" if args.seed else "")
-    publish(section, f"Objective gap ({args.task}, seed {args.seed})", title, table, "cpu", args.write)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.startswith("cuda")
+    section = f"objective_gap_{args.task}" + (f"_s{args.seed}" if args.seed else "") + ("_cuda" if on_gpu else "")
+    heading = f"Objective gap ({args.task}, seed {args.seed}{', GPU' if on_gpu else ''})"
+    publish(section, heading, title, table, device, args.write)
     return rows
 
 

@@ -64,12 +64,13 @@ class Task:
 
     # -- formatted examples ---------------------------------------------------------------------------------
     def format(self, row: dict, index: int | None = None) -> dict[str, Any]:
-        """One formatted example: prompt, candidates/label/target or answers/target, index and raw row."""
+        """One formatted example: prompt, candidates/label/target or answers/targets/target, index and raw row."""
         ex: dict[str, Any] = {"prompt": self.template(row)}
         if self.kind == "generation":
             answers = self.answers_of(row)
             ex["answers"] = answers
-            ex["target"] = " " + answers[0] if answers else ""
+            ex["targets"] = [" " + a for a in answers]  # the answers as the model continues the prompt
+            ex["target"] = ex["targets"][0] if answers else ""
         else:
             cands = list(self.label_words) if self.kind == "classification" else list(self.candidates(row))
             label = self.label_of(row)

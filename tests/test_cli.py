@@ -120,6 +120,7 @@ def test_plugin_registers_a_metric_objective(tmp_path, monkeypatch, capsys):
     (["--eval-size", "-3"], "--eval-size"),
     (["--model", "/nonexistent/no-such-model"], "no-such-model"),
     (["--objective", "f1", "--metric-form", "log"], "per-example"),
+    (["--metric-support", "model"], "generation task"),
 ])
 def test_bad_input_returns_2_naming_the_problem(args, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))

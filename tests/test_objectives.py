@@ -261,8 +261,9 @@ class CandidatePredictor:
     def __init__(self):
         self.generated = 0
 
-    def generate(self, model, prompts):
+    def generate(self, model, prompts, strip=True):
         self.generated += 1
+        self.strip = strip
         return [model.greedy[p] for p in prompts]
 
     def candidate_scores(self, model, prompts, candidates, length_normalize=False):
@@ -300,3 +301,50 @@ def test_generation_options_are_greedy_and_gold_answers_scored_by_likelihood():
     assert predictor.length_normalize is True
     with pytest.raises(ValueError, match="accepted: mean, sum"):
         make_objective("squad_f1", predictor, sequence_score="max")
+
+
+def test_generated_options_are_scored_as_generated_and_targets_with_their_leading_space():
+    model = Scale()
+    model.greedy = {"q1": " Paris\t", "q2": " the city of Rome", "q3": " "}
+    model.table = {" Paris\t": 0.0, " the city of Rome": -1.0, " Rome": -2.0, " Lyon": -3.0}
+    batch = [{"prompt": "q1", "answers": ["Paris"], "targets": [" Paris"]},
+             {"prompt": "q2", "answers": ["Rome"], "targets": [" Rome"]},
+             {"prompt": "q3", "answers": ["Lyon"], "targets": [" Lyon"]}]
+    predictor = CandidatePredictor()
+    obj = make_objective("squad_f1", predictor)
+    options, scores = obj.options(model, batch)
+    assert predictor.strip is False  # the greedy text keeps the whitespace it was generated with
+    assert options == [[" Paris\t"], [" the city of Rome", " Rome"], [" Lyon"]]  # same stripped text: greedy kept
+    assert scores[1].tolist() == [-1.0, -2.0]
+
+
+def test_model_support_weighs_options_by_their_probability_under_the_model():
+    model = Scale()
+    model.greedy = {"q1": " Paris", "q2": " the city of Rome"}
+    model.table = {" Paris": -0.5, " the city of Rome": -1.0, " Rome": -2.0, " Lyon": -3.0}
+    batch = [{"prompt": "q1", "answers": ["Paris"], "targets": [" Paris"]},
+             {"prompt": "q2", "answers": ["Rome", "Lyon"], "targets": [" Rome", " Lyon"]}]
+    f1_q2 = metrics.squad_f1(["the city of Rome"], [["Rome", "Lyon"]])
+    expected_q2 = math.exp(-1.0) * f1_q2 + math.exp(-2.0) + math.exp(-3.0)  # other answers count as F1 0
+    log_form = make_objective("squad_f1", CandidatePredictor(), support="model")
+    assert log_form.support == "model"
+    assert log_form(model, batch) == pytest.approx(-(-0.5 + math.log(expected_q2)) / 2)
+    mean_form = make_objective("squad_f1", CandidatePredictor(), support="model", form="mean")
+    assert mean_form(model, batch) == pytest.approx(-(math.exp(-0.5) + expected_q2) / 2)
+    # a single option has probability 1 over the options, but its own probability under the model
+    only_gold = {"q1": " Paris", "q2": " Rome"}
+    model.greedy = only_gold
+    alone = make_objective("squad_f1", CandidatePredictor(), support="model")
+    assert alone(model, batch) == pytest.approx(-(-0.5 + math.log(math.exp(-2.0) + math.exp(-3.0))) / 2)
+    assert make_objective("squad_f1", CandidatePredictor())(model, batch[:1]) == 0.0
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(support="everything"), "accepted: auto, options, model"),
+    (dict(support="model", sequence_score="mean"), "sequence_score 'sum'"),
+])
+def test_support_rejects_bad_values(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        make_objective("squad_f1", CandidatePredictor(), **kwargs)
+    with pytest.raises(ValueError, match="generation task"):
+        make_objective("accuracy", ScorePredictor(), support="model")

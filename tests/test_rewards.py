@@ -15,7 +15,7 @@ class EchoGenerator:
     def __init__(self):
         self.calls = 0
 
-    def generate(self, model, prompts):
+    def generate(self, model, prompts, strip=True):
         self.calls += 1
         return [p[::-1] + ("!" * int(model.weight.item() > 0)) for p in prompts]
 
@@ -111,7 +111,7 @@ class SamplingGenerator:
     def __init__(self):
         self.calls = 0
 
-    def generate(self, model, prompts):
+    def generate(self, model, prompts, strip=True):
         self.calls += 1
         return [self.texts[i % len(self.texts)] for i in range(len(prompts))]
 

@@ -20,7 +20,7 @@ def _check_example(task: Task, ex: dict) -> None:
     assert isinstance(ex["raw"], dict)
     if task.kind == "generation":
         assert ex["answers"] and all(isinstance(a, str) and a.strip() for a in ex["answers"])
-        assert ex["target"] == " " + ex["answers"][0]
+        assert ex["targets"] == [" " + a for a in ex["answers"]] and ex["target"] == ex["targets"][0]
     else:
         cands = ex["candidates"]
         assert len(cands) >= 2 and all(c.strip() for c in cands)

@@ -25,6 +25,7 @@ from zo_objectives.objectives import (
     DEFAULT_TEMPERATURE,
     FORMS,
     SEQUENCE_SCORES,
+    SUPPORTS,
     MetricObjective,
     make_objective,
 )
@@ -124,6 +125,9 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequence-score", choices=SEQUENCE_SCORES, default="sum",
                    help="generated answer candidates are scored by their total log-likelihood (default) or its "
                         "mean per token")
+    p.add_argument("--metric-support", choices=SUPPORTS, default="auto",
+                   help="options: weigh the options by softmax over them; model: for generation, by their "
+                        "probability under the model (other answers count as scoring 0, a lower bound)")
     p.add_argument("--samples", type=int, default=256,
                    help="Monte Carlo draws for that expectation when the metric is not a per-example mean")
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -177,10 +181,11 @@ def tune(args: argparse.Namespace) -> dict:
     select_trainable(model, args.trainable)
     predictor = predictor_for(task, tokenizer, max_length=args.max_length)
     objective = make_objective(objective_name, predictor, temperature=args.temperature, samples=args.samples,
-                               form=args.metric_form, sequence_score=args.sequence_score)
+                               form=args.metric_form, sequence_score=args.sequence_score, support=args.metric_support)
     is_metric = isinstance(objective, MetricObjective)
     temperature = objective.temperature if is_metric else None
     form = objective.form if is_metric and temperature else None
+    support = objective.support if form else None
     if world > 1:  # distributed: each rank scores batch[rank::world]; the losses are all-reduced
         objective = distributed.ShardedObjective(objective)
     lr = args.lr or DEFAULT_LR[form or ("mean" if is_metric else "cross_entropy")]
@@ -194,8 +199,9 @@ def tune(args: argparse.Namespace) -> dict:
                     fitness_shaping=args.fitness_shaping, momentum=args.momentum,
                     momentum_window=args.momentum_window)
     config = {**vars(args), "task": task.name, "objective": objective_name, "temperature": temperature, "form": form,
-              "lr": lr, "optimizer": settings, "train_examples": len(train_set), "eval_examples": len(dev_set),
-              "metric": metric.name, "trainable_parameters": sum(p.numel() for p in params), "world_size": world}
+              "support": support, "lr": lr, "optimizer": settings, "train_examples": len(train_set),
+              "eval_examples": len(dev_set), "metric": metric.name,
+              "trainable_parameters": sum(p.numel() for p in params), "world_size": world}
     if main:
         write_json(run_dir / "config.json", config)
 

@@ -8,6 +8,7 @@ greater is better). ``make_objective`` accepts a registered metric name, ``"cros
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -34,14 +35,16 @@ def references(batch: Batch) -> list:
 
 
 def candidate_logits(predictor: Any, model: torch.nn.Module, prompts: list[str], candidates: list[list[str]],
-                     length_normalize: bool = False) -> torch.Tensor:
+                     length_normalize: bool = False, single: bool = False) -> torch.Tensor:
     """Each prompt's candidates' log-likelihoods (per token with ``length_normalize``), shape (prompts, most
     candidates), -inf where missing.
 
-    A prompt with a single candidate is not scored: its probability is 1 whatever the weights (it gets 0)."""
+    A prompt with a single candidate is scored only with ``single``: over its candidates its probability is 1
+    whatever the weights (it gets 0)."""
     out = torch.full((len(prompts), max([1, *map(len, candidates)])), float("-inf"))
-    out[[i for i, c in enumerate(candidates) if len(c) == 1], 0] = 0.0
-    rows = [i for i, c in enumerate(candidates) if len(c) > 1]
+    if not single:
+        out[[i for i, c in enumerate(candidates) if len(c) == 1], 0] = 0.0
+    rows = [i for i, c in enumerate(candidates) if len(c) > 1 or (single and c)]
     if rows:
         scored = predictor.candidate_scores(model, [prompts[i] for i in rows], [candidates[i] for i in rows],
                                             length_normalize)
@@ -50,8 +53,18 @@ def candidate_logits(predictor: Any, model: torch.nn.Module, prompts: list[str],
 
 
 FORMS = ("auto", "log", "mean")
+SUPPORTS = ("auto", "options", "model")
 SEQUENCE_SCORES = ("mean", "sum")
-LOG_FLOOR = 1e-6  # the log form clamps each example's expected metric here (an example no option scores on)
+LOG_FLOOR = 1e-6  # the log form gives an example whose options all score 0 this expected metric
+
+
+def distinct(texts: list[str]) -> list[str]:
+    """The texts that are not blank, the first of each stripped text kept (greedy before gold)."""
+    kept: dict[str, str] = {}
+    for t in texts:
+        if t.strip():
+            kept.setdefault(t.strip(), t)
+    return list(kept.values())
 
 
 @dataclass
@@ -80,6 +93,7 @@ class MetricObjective:
     samples: int = 256
     form: str = "auto"
     sequence_score: str = "sum"
+    support: str = "auto"
 
     def __post_init__(self) -> None:
         if self.sequence_score not in SEQUENCE_SCORES:
@@ -97,6 +111,14 @@ class MetricObjective:
         elif self.form == "log" and not log_ok:
             raise ValueError(f"form 'log' needs a per-example metric where greater is better (scores in [0, 1]); "
                              f"{self.metric.name!r} is not; use form 'mean'")
+        if self.support not in SUPPORTS:
+            raise ValueError(f"unknown support {self.support!r}; accepted: {', '.join(SUPPORTS)}")
+        generated = not hasattr(self.predictor, "scores")
+        if self.support == "auto":
+            self.support = "options"
+        elif self.support == "model" and not (generated and self.sequence_score == "sum" and self.metric.per_example):
+            raise ValueError("support 'model' weighs generated options by their probability under the model: it "
+                             "needs a generation task, sequence_score 'sum' and a per-example metric; use 'options'")
         self._candidates: tuple[int, list[list[str]]] | None = None
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> float:
@@ -107,36 +129,42 @@ class MetricObjective:
     def options(self, model: torch.nn.Module, batch: Batch) -> tuple[list[list], torch.Tensor]:
         """Each example's options and their log-likelihoods, shape (batch, most options), -inf where missing.
 
-        For generation the options are the greedy completion and the gold answers, generated the first time a
-        batch is seen and kept while it is evaluated again, so both sides of an SPSA estimate score the same."""
+        For generation the options are the greedy completion and the gold targets (each answer as the model
+        continues the prompt, with its leading space), generated the first time a batch is seen and kept
+        while it is evaluated again, so both sides of an SPSA estimate score the same texts."""
         if hasattr(self.predictor, "scores"):
             scores = self.predictor.scores(model, batch)
             return [list(range(scores.shape[1]))] * len(batch), scores
         prompts = [ex["prompt"] for ex in batch]
         key = prompts_seed(prompts)
         if self._candidates is None or self._candidates[0] != key:
-            greedy = self.predictor.generate(model, prompts)
-            self._candidates = key, [list(dict.fromkeys(c for c in [g, *ex.get("answers", [])] if c.strip()))
+            greedy = self.predictor.generate(model, prompts, strip=False)
+            self._candidates = key, [distinct([g, *ex.get("targets", ex.get("answers", []))])
                                      for g, ex in zip(greedy, batch)]
         candidates = self._candidates[1]
         return candidates, candidate_logits(self.predictor, model, prompts, candidates,
-                                            self.sequence_score == "mean")
+                                            self.sequence_score == "mean", single=self.support == "model")
 
     def expected(self, model: torch.nn.Module, batch: Batch) -> float:
-        """The metric's expectation (or mean log expectation) under options drawn from softmax(scores / T)."""
+        """The metric's expectation (or mean log expectation) with options weighted as ``support`` says."""
         refs = references(batch)
         options, scores = self.options(model, batch)
-        probs = (scores / self.temperature).softmax(-1).nan_to_num(0.0)  # an example with no option: all 0
-        if self.metric.per_example:  # E[m(y_i)] = sum_c p_ic m(c)
-            per_example = torch.tensor([sum(float(p) * self.metric([o], [ref]) for o, p in zip(opts, row) if p > 0)
-                                        for opts, row, ref in zip(options, probs, refs)], dtype=torch.float64)
-            if self.form == "log":
-                return float(per_example.clamp(min=LOG_FLOOR).log().mean())
-            return float(per_example.mean())
+        texts = [[o.strip() if isinstance(o, str) else o for o in opts] for opts in options]
+        logw = scores.double() / self.temperature
+        logw = logw if self.support == "model" else logw.log_softmax(-1)
+        if self.metric.per_example:  # E[m(y_i)] = sum_c w_ic m(c)
+            values = torch.zeros_like(logw)
+            for i, (opts, ref) in enumerate(zip(texts, refs)):
+                values[i, : len(opts)] = torch.tensor([float(self.metric([o], [ref])) for o in opts])
+            if self.form == "log":  # log sum_c w_c m(c), over the options that score; log LOG_FLOOR if none does
+                logs = (logw + values.log()).nan_to_num(float("-inf"), float("-inf")).logsumexp(-1)
+                return float(logs.clamp(min=math.log(LOG_FLOOR)).mean())
+            return float((logw.exp().nan_to_num(0.0) * values).sum(-1).mean())
+        probs = logw.exp().nan_to_num(0.0)  # an example with no option: all 0
         gen = torch.Generator().manual_seed(prompts_seed([ex["prompt"] for ex in batch]))
         uniform = torch.rand((self.samples, *probs.shape), generator=gen).clamp_(1e-12, 1 - 1e-7)
         draws = (probs.log() - (-uniform.log()).log()).argmax(-1).tolist()
-        return sum(self.metric([opts[d] for opts, d in zip(options, draw)], refs) for draw in draws) / self.samples
+        return sum(self.metric([opts[d] for opts, d in zip(texts, draw)], refs) for draw in draws) / self.samples
 
     @property
     def name(self) -> str:
@@ -230,10 +258,12 @@ class RewardObjective:
 
     greater_is_better = True  # the objective logged is the reward; the loss is its negative
 
-    def generate(self, model: torch.nn.Module, batch: Batch) -> tuple[list[str], list[str], dict[str, list]]:
-        """Prompts, one generated completion per example, and the batch's other fields as columns."""
+    def generate(self, model: torch.nn.Module, batch: Batch,
+                 strip: bool = True) -> tuple[list[str], list[str], dict[str, list]]:
+        """Prompts, one generated completion per example (``strip=False``: with the whitespace generated),
+        and the batch's other fields as columns."""
         prompts = [ex["prompt"] for ex in batch]
-        completions = self.generator.generate(model, prompts)
+        completions = self.generator.generate(model, prompts, strip=strip)
         columns = {k: [ex.get(k) for ex in batch] for k in batch[0] if k not in ("prompt", "completion")}
         return prompts, completions, columns
 
@@ -246,11 +276,11 @@ class RewardObjective:
         prompts = [ex["prompt"] for ex in batch]
         key = prompts_seed(prompts)
         if self._cache is None or self._cache[0] != key:
-            repeated_prompts, completions, columns = self.generate(
-                model, [ex for ex in batch for _ in range(self.candidates)])
-            rewards = self.scores(repeated_prompts, completions, columns)
-            options: list[dict[str, float]] = [{} for _ in batch]  # distinct non-empty texts -> reward
-            for j, (text, reward) in enumerate(zip(completions, rewards)):
+            repeated_prompts, raw, columns = self.generate(
+                model, [ex for ex in batch for _ in range(self.candidates)], strip=False)
+            rewards = self.scores(repeated_prompts, [t.strip() for t in raw], columns)
+            options: list[dict[str, float]] = [{} for _ in batch]  # distinct texts, as generated -> reward
+            for j, (text, reward) in enumerate(zip(raw, rewards)):
                 if text.strip():
                     options[j // self.candidates].setdefault(text, reward)
             self._cache = key, [list(o) for o in options], [list(o.values()) for o in options]
@@ -277,7 +307,7 @@ def from_compute(module: Any, key: str, greater_is_better: bool = True) -> Metri
 
 def make_objective(spec: str | Callable | Any, predictor: Any, *, greater_is_better: bool | None = None,
                    key: str | None = None, temperature: float | None = None, samples: int = 256,
-                   form: str = "auto", sequence_score: str = "sum") -> Objective:
+                   form: str = "auto", sequence_score: str = "sum", support: str = "auto") -> Objective:
     """Build an objective from a metric name, ``"cross_entropy"``, a metric function or a ``.compute`` object.
 
     Metric objectives optimize the metric's expectation at ``temperature`` (default ``DEFAULT_TEMPERATURE``;
@@ -308,4 +338,4 @@ def make_objective(spec: str | Callable | Any, predictor: Any, *, greater_is_bet
     if temperature is None:
         temperature = DEFAULT_TEMPERATURE if hasattr(predictor, "scores") or hasattr(predictor, "generate") else 0.0
     return MetricObjective(metric, predictor, temperature=temperature, samples=samples, form=form,
-                           sequence_score=sequence_score)
+                           sequence_score=sequence_score, support=support)

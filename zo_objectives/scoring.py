@@ -229,8 +229,11 @@ class Generation(Predictor):
         self.max_new_tokens, self.stop = max_new_tokens, list(stop)
         self.temperature, self.sample_seed = temperature, sample_seed
 
-    def generate(self, model: torch.nn.Module, prompts: Sequence[str]) -> list[str]:
-        """Completions for ``prompts``; sampling (temperature > 0) is seeded and leaves the global RNG as it was."""
+    def generate(self, model: torch.nn.Module, prompts: Sequence[str], strip: bool = True) -> list[str]:
+        """Completions for ``prompts``; sampling (temperature > 0) is seeded and leaves the global RNG as it was.
+
+        ``strip=False`` keeps the whitespace the model generated (a leading space, say), so that the text
+        scored again after its prompt is tokenized as it was generated."""
         limit = self._limit(model) - self.max_new_tokens
         ids, mask, _ = left_pad([self._tokens(p)[-limit:] for p in prompts], self.tokenizer.pad_token_id)
         device = next(model.parameters()).device
@@ -242,12 +245,12 @@ class Generation(Predictor):
                                  max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
                                  stop_strings=self.stop or None, tokenizer=self.tokenizer, **sampling)
         texts = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-        return [self._cut(t) for t in texts]
+        return [self._cut(t, strip) for t in texts]
 
-    def _cut(self, text: str) -> str:
+    def _cut(self, text: str, strip: bool = True) -> str:
         for s in self.stop:
             text = text.split(s)[0]
-        return text.strip()
+        return text.strip() if strip else text
 
     def predict(self, model: torch.nn.Module, batch: Batch) -> list[str]:
         return self.generate(model, [ex["prompt"] for ex in batch])
