@@ -63,7 +63,7 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def environment(device: str) -> str:
+def this_environment(device: str) -> str:
     """One markdown paragraph: the command, date, torch version, threads, CPU (and GPU)."""
     command = "python " + " ".join(shlex.quote(a) for a in [_relative(sys.argv[0]), *sys.argv[1:]])
     facts = [f"command: `{command}`",
@@ -105,10 +105,13 @@ def write_section(name: str, body: str, path: Path = BENCHMARKS_MD) -> None:
     tmp.replace(path)
 
 
-def publish(section: str, heading: str, title: str, table: str, device: str, write: bool, notes: str = "") -> str:
-    """Print ``title``, ``table`` and the environment line; with ``write``, store them (and ``notes``) as the
-    ``section`` of BENCHMARKS.md under ``## heading``. Returns the printed text."""
-    text = f"{title}\n\n{table}\n\n{environment(device)}\n"
+def publish(section: str, heading: str, title: str, table: str, device: str, write: bool, notes: str = "",
+            environment: str | None = None) -> str:
+    """Print ``title``, ``table`` and the environment line (this machine's, unless ``environment`` describes
+    where the results were measured); with ``write``, store them (and ``notes``) as the ``section`` of
+    BENCHMARKS.md under ``## heading``. Returns the printed text."""
+    here = this_environment(device)
+    text = f"{title}\n\n{table}\n\n{here if environment is None else f'{environment} Tabulated here: {here}'}\n"
     print(text)
     if write:
         write_section(section, f"## {heading}\n\n{text}\n{notes}")

@@ -57,6 +57,16 @@ def run(name: str, options: list[str], args: argparse.Namespace, out: Path) -> s
     return proc
 
 
+def summarize(folder: Path) -> dict:
+    """A run folder's config, dev metric before training, evals by step, tied fraction and training seconds."""
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    result = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else {}
+    return {"config": json.loads((folder / "config.json").read_text()), "before": result.get("before"),
+            "evals": {r["step"]: r["eval"] for r in rows if "eval" in r},
+            "tied": sum(r["tied"] for r in rows) / max(1, len(rows)), "seconds": sum(r["seconds"] for r in rows),
+            "steps_done": rows[-1]["step"] if rows else 0}
+
+
 def main(argv: list[str] | None = None) -> list[list]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="sst2")
@@ -72,6 +82,10 @@ def main(argv: list[str] | None = None) -> list[list]:
     parser.add_argument("--output", default="runs/objective_gap")
     parser.add_argument("--reuse", action="store_true",
                         help="read configurations whose run folder already holds eval.json instead of rerunning them")
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: tabulate the run folders under --output as they are (finished or not)")
+    parser.add_argument("--environment", default=None,
+                        help="with --collect: where the runs were measured (replaces this machine's description)")
     parser.add_argument("--write", action="store_true", help="update the objective_gap section of BENCHMARKS.md")
     parser.add_argument("extra", nargs=argparse.REMAINDER, help="more zo-tune options after --")
     args = parser.parse_args(argv)
@@ -82,8 +96,8 @@ def main(argv: list[str] | None = None) -> list[list]:
         parser.error(f"unknown configs {unknown}; available: {', '.join(CONFIGS)}")
 
     out = Path(args.output) / args.task
-    reused = [n for n in names if args.reuse and (out / n / "eval.json").exists()]
-    pending, running = [n for n in names if n not in reused], []
+    reused = [] if args.collect else [n for n in names if args.reuse and (out / n / "eval.json").exists()]
+    pending, running = [] if args.collect else [n for n in names if n not in reused], []
     began = time.time()
     while pending or running:
         while pending and len(running) < args.jobs:
@@ -95,26 +109,32 @@ def main(argv: list[str] | None = None) -> list[list]:
             if proc.returncode:
                 raise SystemExit(f"{proc.name} failed ({proc.returncode}): {' '.join(proc.cmd)}")
             print(f"{proc.name} done", flush=True)
+    runs = {name: summarize(out / name) for name in names}
+    steps = sorted({k for r in runs.values() for k in r["evals"]})
     rows = []
-    for name in names:
-        result = json.loads((out / name / "eval.json").read_text())
-        config = json.loads((out / name / "config.json").read_text())
-        before = result.get("before")
+    for name, r in runs.items():
+        config, before = r["config"], r["before"]
         rows.append([name + (" (reused)" if name in reused else ""), config["lr"], config["optimizer"]["eps"],
-                     config.get("temperature"), config.get("form") or "-", "-" if before is None else f"{before:.4f}",
-                     f"{result['after']:.4f}", f"{result['tied_fraction']:.0%}", f"{result['train_seconds'] / 60:.1f}"])
-    metric = result["metric"]
-    table = markdown_table(["objective", "lr", "eps", "temperature", "form", f"dev {metric} before", "after",
-                            "tied steps", "train minutes"], rows)
+                     config.get("temperature"), config.get("form") or "-", config.get("support") or "-",
+                     "-" if before is None else f"{before:.4f}",
+                     *(f"{r['evals'][k]:.4f}" if k in r["evals"] else "-" for k in steps),
+                     f"{r['tied']:.0%}", f"{r['seconds'] / 60:.1f}"])
+    metric = runs[names[-1]]["config"]["metric"]
+    table = markdown_table(["objective", "lr", "eps", "temperature", "form", "support", f"dev {metric} before",
+                            *(f"step {k}" for k in steps), "tied steps", "train minutes"], rows)
+    done = "" if all(r["steps_done"] == args.steps for r in runs.values()) else (
+        " Runs stopped early: " + ", ".join(f"{n} at step {r['steps_done']}" for n, r in runs.items()) + ".")
+    how = "read from the run folders as they were (--collect)" if args.collect else (
+        f"{args.jobs} job(s) at a time, {args.threads or 'default'} thread(s) each "
+        f"({(time.time() - began) / 60:.0f} min in all, rows marked reused read from earlier runs with the same "
+        "options)")
     title = (f"Task {args.task}, {args.steps} steps x batch {args.batch_size}, seed {args.seed}, dev examples: "
-             f"{args.eval_size or 'all'}; {args.jobs} job(s) at a time, {args.threads or 'default'} thread(s) each "
-             f"({(time.time() - began) / 60:.0f} min in all, rows marked reused read from earlier runs with the same "
-             "options).")
+             f"{args.eval_size or 'all'}; {how}.{done}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
     section = f"objective_gap_{args.task}" + (f"_s{args.seed}" if args.seed else "") + ("_cuda" if on_gpu else "")
     heading = f"Objective gap ({args.task}, seed {args.seed}{', GPU' if on_gpu else ''})"
-    publish(section, heading, title, table, device, args.write)
+    publish(section, heading, title, table, device, args.write, environment=args.environment)
     return rows
 
 

@@ -2,6 +2,7 @@
 that the reference MeZO step and ours both descend a quadratic."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -122,6 +123,13 @@ def test_objective_gap_runs_and_reuses(no_write, tmp_path):
     rows = gap.main(argv)
     assert [r[0] for r in rows] == ["cross_entropy"] and "objective_gap_sst2:begin" in no_write.read_text()
     assert [r[0] for r in gap.main(["--reuse", *argv])] == ["cross_entropy (reused)"]
+    # --collect runs nothing and reads unfinished runs too: the table shows the evals logged so far
+    log = tmp_path / "runs" / "sst2" / "cross_entropy" / "metrics.jsonl"
+    row = json.loads(log.read_text().splitlines()[-1])
+    log.write_text(json.dumps({**row, "eval": 0.123}) + "\n")
+    collected = gap.main(["--collect", "--steps", "2", *argv[4:]])
+    assert collected[0][0] == "cross_entropy" and "0.1230" in collected[0]
+    assert "stopped early: cross_entropy at step 1" in no_write.read_text()
 
 
 def test_squad_candidates_runs(no_write):
