@@ -127,7 +127,7 @@ def test_objective_gap_runs_and_reuses(no_write, tmp_path):
     log = tmp_path / "runs" / "sst2" / "cross_entropy" / "metrics.jsonl"
     row = json.loads(log.read_text().splitlines()[-1])
     log.write_text(json.dumps({**row, "eval": 0.123}) + "\n")
-    collected = gap.main(["--collect", "--steps", "2", *argv[4:]])
+    collected = gap.main(["--collect", "--steps", "2", *argv[:2], *argv[4:]])
     assert collected[0][0] == "cross_entropy" and "0.1230" in collected[0]
     assert "stopped early: cross_entropy at step 1" in no_write.read_text()
 
