@@ -178,11 +178,12 @@ def test_custom_data_file_trains_and_bad_files_return_2(tmp_path, capsys):
     assert "--template" in capsys.readouterr().err
 
 
-def test_squad_metric_objective_defaults_to_log_form_over_candidates(tmp_path, capsys):
+def test_squad_metric_objective_defaults_to_log_form_under_the_model(tmp_path, capsys):
     run = tmp_path / "squad"
     code = tune("--task", "squad", "--steps", "2", "--batch-size", "2", "--eval-size", "2", "--output-dir", str(run))
     assert code == 0, capsys.readouterr().err
     config = json.loads((run / "config.json").read_text())
-    assert (config["objective"], config["temperature"], config["form"], config["lr"]) == ("squad_f1", 1.0, "log", 1e-5)
+    assert (config["objective"], config["temperature"], config["form"], config["support"], config["lr"]) == (
+        "squad_f1", 1.0, "log", "model", 1e-5)
     losses = [r["loss"] for r in rows(run)]
     assert len(losses) == 2 and all(math.isfinite(v) and v >= 0 for v in losses)  # -mean log E[F1] >= 0

@@ -282,8 +282,11 @@ def test_generation_options_are_greedy_and_gold_answers_scored_by_likelihood():
     batch = [{"prompt": "q1", "answers": ["Paris"]}, {"prompt": "q2", "answers": ["Rome"]},
              {"prompt": "q3", "answers": ["Lyon"]}]
     predictor = CandidatePredictor()
-    obj = make_objective("squad_f1", predictor)
+    obj = make_objective("squad_f1", predictor, support="options")
     assert obj.temperature == 1.0 and obj.form == "log"
+    assert make_objective("squad_f1", predictor).support == "model"  # the default for generation in log form
+    assert make_objective("squad_f1", predictor, form="mean").support == "options"
+    assert make_objective("squad_f1", predictor, sequence_score="mean").support == "options"
     options, _ = obj.options(model, batch)
     assert options == [["Paris"], ["the city of Rome", "Rome"], ["Lyon"]]  # deduplicated, empty dropped
     # q1: greedy is gold (1); q2: half "the city of Rome" (F1 0.4) and half "Rome" (1); q3: only gold (1)
@@ -336,7 +339,7 @@ def test_model_support_weighs_options_by_their_probability_under_the_model():
     model.greedy = only_gold
     alone = make_objective("squad_f1", CandidatePredictor(), support="model")
     assert alone(model, batch) == pytest.approx(-(-0.5 + math.log(math.exp(-2.0) + math.exp(-3.0))) / 2)
-    assert make_objective("squad_f1", CandidatePredictor())(model, batch[:1]) == 0.0
+    assert make_objective("squad_f1", CandidatePredictor(), support="options")(model, batch[:1]) == 0.0
 
 
 @pytest.mark.parametrize("kwargs,needle", [

@@ -126,8 +126,9 @@ def tune_parser() -> argparse.ArgumentParser:
                    help="generated answer candidates are scored by their total log-likelihood (default) or its "
                         "mean per token")
     p.add_argument("--metric-support", choices=SUPPORTS, default="auto",
-                   help="options: weigh the options by softmax over them; model: for generation, by their "
-                        "probability under the model (other answers count as scoring 0, a lower bound)")
+                   help="how the options are weighed: options = softmax over them; model = for generation, their "
+                        "probability under the model, every other answer scoring 0 (auto: model for generation "
+                        "metrics in log form, else options)")
     p.add_argument("--samples", type=int, default=256,
                    help="Monte Carlo draws for that expectation when the metric is not a per-example mean")
     p.add_argument("--weight-decay", type=float, default=0.0)
