@@ -36,8 +36,8 @@ CONFIGS = {
     "accuracy_mean": ["--objective", "accuracy", "--metric-form", "mean", "--lr", "1e-4"],
     "accuracy": ["--objective", "accuracy", "--lr", "1e-5"],  # the default: log form at T = 1
     "squad_f1_greedy": ["--objective", "squad_f1", "--temperature", "0", "--lr", "1e-5"],
-    "squad_f1": ["--objective", "squad_f1", "--lr", "1e-5"],  # the default: log form over greedy + gold answers
-    "squad_f1_model": ["--objective", "squad_f1", "--metric-support", "model", "--lr", "1e-5"],
+    "squad_f1": ["--objective", "squad_f1", "--lr", "1e-5"],  # the default: log form, options weighed by the model
+    "squad_f1_options": ["--objective", "squad_f1", "--metric-support", "options", "--lr", "1e-5"],
     "squad_f1_mean": ["--objective", "squad_f1", "--sequence-score", "mean", "--lr", "1e-5"],
 }
 
