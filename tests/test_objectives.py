@@ -340,6 +340,12 @@ def test_model_support_weighs_options_by_their_probability_under_the_model():
     alone = make_objective("squad_f1", CandidatePredictor(), support="model")
     assert alone(model, batch) == pytest.approx(-(-0.5 + math.log(math.exp(-2.0) + math.exp(-3.0))) / 2)
     assert make_objective("squad_f1", CandidatePredictor(), support="options")(model, batch[:1]) == 0.0
+    # however unlikely, an answer counts (no floor); an example no option scores on contributes log(1e-6)
+    model.greedy = {"q1": " Paris", "q2": " Oslo"}
+    model.table = {" Paris": -40.0, " Oslo": -1.0, " Rome": -2.0, " Lyon": -3.0}
+    tail = make_objective("squad_f1", CandidatePredictor())
+    assert tail(model, batch[:1]) == pytest.approx(40.0)
+    assert tail(model, [{"prompt": "q2", "answers": ["Rome"], "targets": []}]) == pytest.approx(-math.log(1e-6))
 
 
 @pytest.mark.parametrize("kwargs,needle", [

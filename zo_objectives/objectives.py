@@ -161,8 +161,8 @@ class MetricObjective:
             for i, (opts, ref) in enumerate(zip(texts, refs)):
                 values[i, : len(opts)] = torch.tensor([float(self.metric([o], [ref])) for o in opts])
             if self.form == "log":  # log sum_c w_c m(c), over the options that score; log LOG_FLOOR if none does
-                logs = (logw + values.log()).nan_to_num(float("-inf"), float("-inf")).logsumexp(-1)
-                return float(logs.clamp(min=math.log(LOG_FLOOR)).mean())
+                logs = torch.where(values > 0, logw + values.log(), float("-inf")).logsumexp(-1)
+                return float(torch.where(logs.isneginf(), math.log(LOG_FLOOR), logs).mean())
             return float((logw.exp().nan_to_num(0.0) * values).sum(-1).mean())
         probs = logw.exp().nan_to_num(0.0)  # an example with no option: all 0
         gen = torch.Generator().manual_seed(prompts_seed([ex["prompt"] for ex in batch]))
