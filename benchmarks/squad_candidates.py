@@ -34,14 +34,16 @@ def main(argv: list[str] | None = None) -> list[list]:
     for i in range(0, len(examples), 8):
         batch = examples[i:i + 8]
         prompts = [ex["prompt"] for ex in batch]
-        greedy = gen.generate(model, prompts)
+        raw = gen.generate(model, prompts, strip=False)  # scored as generated, the gold with its leading space
+        greedy = [t.strip() for t in raw]
         for text, ex in zip(greedy, batch):
             gold = ex["answers"][0]
             f1s.append(squad_f1([text], [ex["answers"]]))
             inside.append(gold.lower() in text.lower())
             tokens = tokenizer.encode(" " + text, add_special_tokens=False)
             first.append(bool(tokens) and tokens[0] == tokenizer.encode(" " + gold, add_special_tokens=False)[0])
-        pairs = [(p, [g, ex["answers"][0]]) for p, g, ex in zip(prompts, greedy, batch) if g and g != ex["answers"][0]]
+        pairs = [(p, [r, ex["targets"][0]]) for p, r, g, ex in zip(prompts, raw, greedy, batch)
+                 if g and g != ex["answers"][0]]
         for normalize in wins:
             if pairs:
                 scores = gen.candidate_scores(model, [p for p, _ in pairs], [c for _, c in pairs], normalize)
