@@ -78,10 +78,10 @@ class MetricObjective:
     (generation only; the default there in log form) weighs each by its own probability under the model,
     exp(log-likelihood / T), and counts every other answer as scoring 0, a lower bound of the metric the
     model's answers would get: it raises the gold answers against every other sequence, not only against
-    the greedy one. The
-    expectation is a smooth function of the weights that does not tie on SPSA steps as the hard metric does
-    (a batch of 16 moves accuracy in steps of 1/16). Generated options are scored by their total
-    log-likelihood (``sequence_score="sum"``, the default) or its mean per token (``"mean"``, options only).
+    the greedy one. The expectation is a smooth function of the weights that does not tie on SPSA steps as
+    the hard metric does (a batch of 16 moves accuracy in steps of 1/16). Generated options are scored by
+    their total log-likelihood (``sequence_score="sum"``, the default) or its mean per token (``"mean"``,
+    options only).
 
     ``form`` says how the examples' expectations combine. ``"log"`` (the default for per-example metrics
     where greater is better, scores in [0, 1]) optimizes the mean log of each example's expected metric, a
@@ -117,10 +117,10 @@ class MetricObjective:
                              f"{self.metric.name!r} is not; use form 'mean'")
         if self.support not in SUPPORTS:
             raise ValueError(f"unknown support {self.support!r}; accepted: {', '.join(SUPPORTS)}")
-        generated = not hasattr(self.predictor, "scores")
+        model_ok = not hasattr(self.predictor, "scores") and self.sequence_score == "sum" and self.metric.per_example
         if self.support == "auto":  # measured best on SQuAD (README): model for generated answers in log form
-            self.support = "model" if generated and self.sequence_score == "sum" and self.form == "log" else "options"
-        elif self.support == "model" and not (generated and self.sequence_score == "sum" and self.metric.per_example):
+            self.support = "model" if model_ok and self.form == "log" else "options"
+        elif self.support == "model" and not model_ok:
             raise ValueError("support 'model' weighs generated options by their probability under the model: it "
                              "needs a generation task, sequence_score 'sum' and a per-example metric; use 'options'")
         self._candidates: tuple[int, list[list[str]]] | None = None
