@@ -2,7 +2,9 @@
 
 Every configuration uses the same task, seed, training sample, steps, batch size and dev set, so each
 makes the same number of forward passes. The table reports dev metric before and after, the fraction of
-steps whose two losses tied (no signal), and the wall time. Configurations run as separate processes,
+steps whose two losses tied (no signal), the median step length (lr * |g|, the multiple of the noise z a step
+moves the weights by: objectives on different scales move at different speeds at the same lr), and the wall
+time. Configurations run as separate processes,
 ``--jobs`` at a time, each with ``--threads`` threads.
 
     python benchmarks/objective_gap.py --task sst2 --steps 400 --jobs 2 --threads 1 --write
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -60,14 +63,25 @@ def run(name: str, options: list[str], args: argparse.Namespace, out: Path) -> s
     return proc
 
 
+def step_length(folder: Path) -> float | None:
+    """Median over steps of |lr * g|, the multiple of z each step moves the weights by (from trajectory.json)."""
+    path = folder / "trajectory.json"
+    if not path.exists():
+        return None
+    records = json.loads(path.read_text())["optimizer"]["mezo"]["trajectory"]
+    lengths = [abs(r["lrs"][0] * g) for r in records for g in r["grads"] if g is not None]
+    return statistics.median(lengths) if lengths else None
+
+
 def summarize(folder: Path) -> dict:
-    """A run folder's config, dev metric before training, evals by step, tied fraction and training seconds."""
+    """A run folder's config, dev metric before training, evals by step, tied fraction, step length and
+    training seconds."""
     rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line.strip()]
     result = json.loads((folder / "eval.json").read_text()) if (folder / "eval.json").exists() else {}
     return {"config": json.loads((folder / "config.json").read_text()), "before": result.get("before"),
             "evals": {r["step"]: r["eval"] for r in rows if "eval" in r},
-            "tied": sum(r["tied"] for r in rows) / max(1, len(rows)), "seconds": sum(r["seconds"] for r in rows),
-            "steps_done": rows[-1]["step"] if rows else 0}
+            "tied": sum(r["tied"] for r in rows) / max(1, len(rows)), "step": step_length(folder),
+            "seconds": sum(r["seconds"] for r in rows), "steps_done": rows[-1]["step"] if rows else 0}
 
 
 def main(argv: list[str] | None = None) -> list[list]:
@@ -121,10 +135,11 @@ def main(argv: list[str] | None = None) -> list[list]:
                      config.get("temperature"), config.get("form") or "-", config.get("support") or "-",
                      "-" if before is None else f"{before:.4f}",
                      *(f"{r['evals'][k]:.4f}" if k in r["evals"] else "-" for k in steps),
-                     f"{r['tied']:.0%}", f"{r['seconds'] / 60:.1f}"])
+                     f"{r['tied']:.0%}", "-" if r["step"] is None else f"{r['step']:.1e}",
+                     f"{r['seconds'] / 60:.1f}"])
     metric = runs[names[-1]]["config"]["metric"]
     table = markdown_table(["objective", "lr", "eps", "temperature", "form", "support", f"dev {metric} before",
-                            *(f"step {k}" for k in steps), "tied steps", "train minutes"], rows)
+                            *(f"step {k}" for k in steps), "tied steps", "median step length", "train minutes"], rows)
     done = "" if all(r["steps_done"] == args.steps for r in runs.values()) else (
         " Runs stopped early: " + ", ".join(f"{n} at step {r['steps_done']}" for n, r in runs.items()) + ".")
     how = "read from the run folders as they were (--collect)" if args.collect else (

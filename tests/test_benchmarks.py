@@ -135,3 +135,12 @@ def test_objective_gap_runs_and_reuses(no_write, tmp_path):
 def test_squad_candidates_runs(no_write):
     rows = load("squad_candidates").main(["--model", "tiny-random", "--n", "4", "--write"])
     assert [r[2] for r in rows[:3]] == [4, 4, 4] and "squad_candidates:begin" in no_write.read_text()
+
+
+def test_objective_gap_step_length_is_median_lr_times_grad(tmp_path):
+    step_length = load("objective_gap").step_length
+    assert step_length(tmp_path) is None  # no trajectory.json
+    records = [{"lrs": [1e-5], "grads": [30.0]}, {"lrs": [1e-5], "grads": [-10.0, None]},
+               {"lrs": [2e-5], "grads": [0.0]}]
+    (tmp_path / "trajectory.json").write_text(json.dumps({"step": 3, "optimizer": {"mezo": {"trajectory": records}}}))
+    assert step_length(tmp_path) == pytest.approx(1e-4)  # median of 3e-4, 1e-4 and 0
