@@ -312,6 +312,7 @@ VARIANTS = {
     "momentum": {"momentum": 0.8, "momentum_window": 3, "n_perturbations": 2},
     "rank-forward": {"fitness_shaping": "rank", "difference": "forward", "n_perturbations": 3},
     "sign": {"update": "sign", "lr": 1e-3},
+    "normalized": {"update": "normalized", "lr": 1e-3, "n_perturbations": 2},
 }
 # every variant with the default table noise, the plain one (and momentum) with the exact noises
 COMBINATIONS = [("table", v) for v in VARIANTS] + [(n, "central") for n in ("gaussian", "rademacher")] + [
@@ -575,6 +576,31 @@ def test_sign_update_of_a_tie_is_zero():
     opt.step(lambda: 1.0)
     assert opt.trajectory[-1]["grads"] == [0.0]
     torch.testing.assert_close(x.detach(), x0, atol=1e-6, rtol=0)
+
+
+def test_normalized_update_divides_by_the_running_rms():
+    g = torch.Generator().manual_seed(7)
+    x = torch.nn.Parameter(torch.randn(25, generator=g, dtype=torch.float64))
+    a = torch.randn(25, generator=g, dtype=torch.float64)
+    lr, beta = 0.02, 0.99
+    opt = make_opt([x], lr=lr, eps=EPS, update="normalized", seed=3)
+    raw = []
+    for step in range(6):
+        x0 = x.detach().clone()
+        scale = 1000.0 if step == 3 else 1.0  # a loss on a 1000x larger scale moves no further
+        closure = quadratic(x, a)
+        opt.step(lambda c=closure, s=scale: s * c())
+        rec = opt.trajectory[-1]
+        z = regen(opt, rec["seeds"][0], 0, x0)
+        raw.append(scale * (f_at(x0, a, EPS * z) - f_at(x0, a, -EPS * z)) / (2 * EPS))
+        mean_square = sum((1 - beta) * beta ** (len(raw) - 1 - k) * r * r for k, r in enumerate(raw))
+        expected = raw[-1] / math.sqrt(mean_square / (1 - beta ** len(raw)))
+        assert rec["grads"][0] == pytest.approx(expected, rel=1e-6)
+        assert rec["second_moment"] == [pytest.approx(mean_square, rel=1e-9), len(raw)]
+        torch.testing.assert_close(x.detach() - x0, -lr * rec["grads"][0] * z, atol=1e-10, rtol=1e-7)
+    assert abs(opt.trajectory[0]["grads"][0]) == pytest.approx(1.0)  # the first estimate is its own RMS
+    # an estimate 1000x larger than the ones before moves at most sqrt((1 - beta^t) / (1 - beta)) ~ 2 times as far
+    assert abs(opt.trajectory[3]["grads"][0]) <= math.sqrt((1 - beta**4) / (1 - beta))
 
 
 def test_momentum_adds_decayed_past_estimates():

@@ -29,7 +29,7 @@ from zo_objectives.objectives import (
     MetricObjective,
     make_objective,
 )
-from zo_objectives.optimizer import SCHEDULES, MeZO, make_scheduler
+from zo_objectives.optimizer import SCHEDULES, UPDATES, MeZO, make_scheduler
 from zo_objectives.plots import plot_run
 from zo_objectives.scoring import predictor_for
 from zo_objectives.train import CHECKPOINT, evaluate, resume, save_weights, train, write_json
@@ -135,7 +135,8 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=SCHEDULES, default="constant")
     p.add_argument("--noise", choices=("table", "gaussian", "rademacher"), default="table")
     p.add_argument("--difference", choices=("central", "forward"), default="central")
-    p.add_argument("--update", choices=("sgd", "sign"), default="sgd")
+    p.add_argument("--update", choices=UPDATES, default="sgd",
+                   help="sgd, sign, or normalized: g over the running RMS of g (one lr for any loss scale)")
     p.add_argument("--fitness-shaping", choices=("none", "rank"), default="none",
                    help="rank: replace each step's losses by centered ranks (evolution strategies)")
     p.add_argument("--momentum", type=float, default=0.0, help="momentum rebuilt from past seeds (no buffer)")

@@ -20,7 +20,8 @@ MASK64 = (1 << 64) - 1
 NOISE_KINDS = ("table", "gaussian", "rademacher")
 NONFINITE_POLICIES = ("raise", "skip")
 DIFFERENCES = ("central", "forward")
-UPDATES = ("sgd", "sign")
+UPDATES = ("sgd", "sign", "normalized")
+RMS_BETA = 0.99  # decay of the running mean square that "normalized" updates divide by
 SHAPINGS = ("none", "rank")
 SCHEDULES = ("constant", "linear", "cosine")
 
@@ -102,7 +103,9 @@ class MeZO(Optimizer):
         seed: seeds the stream of step seeds. noise: "table" (default), "gaussian" or "rademacher".
         difference: "central" (two closure calls at x +- eps z) or "forward" (x and x + eps z: one pass
             over the weights fewer; the first loss is the loss at x).
-        update: "sgd" (move by g) or "sign" (move by sign(g)).
+        update: "sgd" (move by g), "sign" (move by sign(g)) or "normalized" (move by g divided by the
+            running root mean square of the estimates so far, bias-corrected as in Adam: the step length no
+            longer depends on the scale of the loss, so one lr suits objectives on different scales).
         fitness_shaping: "none" or "rank": replace the 2n losses of a step by their centered ranks (as
             evolution strategies do), robust to the scale and outliers of a reward; retune lr with it.
         momentum, momentum_window: heavy-ball momentum without a buffer: each step also moves by
@@ -138,6 +141,7 @@ class MeZO(Optimizer):
         self.noise = Noise(noise, table_size=table_size, table_seed=seed)
         self.num_perturbations_done = 0
         self.trajectory: list[dict] = []
+        self.second_moment = (0.0, 0)  # running mean square of the estimates and their count ("normalized")
         for group in self.param_groups:
             for p in group["params"]:
                 if not p.is_contiguous():
@@ -208,6 +212,9 @@ class MeZO(Optimizer):
         self.num_perturbations_done += n
         record = {"seeds": seeds, "grads": grads, "loss": sum(map(sum, pairs)) / (2 * n),
                   "lrs": [g["lr"] for g in self.param_groups]}
+        if self.update == "normalized":
+            record["grads"], self.second_moment = self._normalized(grads)
+            record["second_moment"] = list(self.second_moment)
         self._update(record, restore=pending[1])
         self.trajectory.append(record)
         return record["loss"]
@@ -260,6 +267,21 @@ class MeZO(Optimizer):
                 grads.append(grad)
         return grads
 
+    def _normalized(self, grads: list[float | None]) -> tuple[list[float | None], tuple[float, int]]:
+        """Each estimate divided by the bias-corrected running RMS of all estimates up to it, and the new
+        (mean square, count)."""
+        mean_square, count = self.second_moment
+        out: list[float | None] = []
+        for grad in grads:
+            if grad is None:
+                out.append(None)
+                continue
+            count += 1
+            mean_square = RMS_BETA * mean_square + (1.0 - RMS_BETA) * grad * grad
+            rms = math.sqrt(mean_square / (1.0 - RMS_BETA**count))
+            out.append(grad / rms if rms > 0 else 0.0)
+        return out, (mean_square, count)
+
     def config(self) -> dict:
         """Everything besides the weights and the trajectory that a replay needs."""
         return {"eps": self.eps, "n_perturbations": self.n_perturbations, "seed": self.seed,
@@ -281,6 +303,8 @@ class MeZO(Optimizer):
         super().load_state_dict(state_dict)
         self.num_perturbations_done = mezo["num_perturbations_done"]
         self.trajectory = [dict(r) for r in mezo["trajectory"]]
+        last = next((r["second_moment"] for r in reversed(self.trajectory) if "second_moment" in r), (0.0, 0))
+        self.second_moment = (float(last[0]), int(last[1]))
 
     @torch.no_grad()
     def replay_record(self, record: dict) -> None:
@@ -295,6 +319,8 @@ class MeZO(Optimizer):
             if k < len(record["seeds"]) - 1:
                 self._move(seed, -1.0 if forward else 1.0)
         self._update(record, restore=1.0 if forward else -1.0)
+        if "second_moment" in record:
+            self.second_moment = (float(record["second_moment"][0]), int(record["second_moment"][1]))
         self.trajectory.append(dict(record))
         self.num_perturbations_done += len(record["seeds"])
 
