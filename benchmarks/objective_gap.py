@@ -42,6 +42,9 @@ CONFIGS = {
     "squad_f1": ["--objective", "squad_f1", "--lr", "1e-5"],  # the default: log form, options weighed by the model
     "squad_f1_options": ["--objective", "squad_f1", "--metric-support", "options", "--lr", "1e-5"],
     "squad_f1_mean": ["--objective", "squad_f1", "--sequence-score", "mean", "--lr", "1e-5"],
+    # normalized updates move ~lr * z per step whatever the loss's scale: both objectives at one lr, one step length
+    "cross_entropy_normalized": ["--objective", "cross_entropy", "--update", "normalized", "--lr", "8e-4"],
+    "squad_f1_normalized": ["--objective", "squad_f1", "--update", "normalized", "--lr", "8e-4"],
 }
 
 
