@@ -134,14 +134,15 @@ def main(argv: list[str] | None = None) -> list[list]:
     rows = []
     for name, r in runs.items():
         config, before = r["config"], r["before"]
-        rows.append([name + (" (reused)" if name in reused else ""), config["lr"], config["optimizer"]["eps"],
+        rows.append([name + (" (reused)" if name in reused else ""), config["lr"],
+                     config["optimizer"].get("update", "sgd"), config["optimizer"]["eps"],
                      config.get("temperature"), config.get("form") or "-", config.get("support") or "-",
                      "-" if before is None else f"{before:.4f}",
                      *(f"{r['evals'][k]:.4f}" if k in r["evals"] else "-" for k in steps),
                      f"{r['tied']:.0%}", "-" if r["step"] is None else f"{r['step']:.1e}",
                      f"{r['seconds'] / 60:.1f}"])
     metric = runs[names[-1]]["config"]["metric"]
-    table = markdown_table(["objective", "lr", "eps", "temperature", "form", "support", f"dev {metric} before",
+    table = markdown_table(["objective", "lr", "update", "eps", "temperature", "form", "support", f"dev {metric} before",
                             *(f"step {k}" for k in steps), "tied steps", "median step length", "train minutes"], rows)
     done = "" if all(r["steps_done"] == args.steps for r in runs.values()) else (
         " Runs stopped early: " + ", ".join(f"{n} at step {r['steps_done']}" for n, r in runs.items()) + ".")
