@@ -7,7 +7,9 @@ long sentences; the rewards ask for the answer alone. Each step samples ``--cand
 prompt (seeded by the prompts), rewards them once, and optimizes the expected reward when a completion is
 drawn from the model's own likelihoods over them (``RewardObjective(candidates=k)``); ``--candidates 0``
 optimizes the reward of a single sampled completion instead. Both rewards are reported before and after
-tuning on held-out prompts, with greedy decoding.
+tuning on held-out prompts, with greedy decoding. Updates are normalized (``MeZO(update="normalized")``): a
+reward in [0, 1.5] has projected gradients ~20x smaller than SQuAD's cross-entropy, and normalizing makes the
+step length the lr's, whatever the reward's scale.
 
     python examples/reward_tuning.py --steps 60
 """
@@ -19,6 +21,7 @@ import argparse
 from metrics import squad_f1
 from tasks import get_task
 from zo_objectives import Generation, MeZO, RewardObjective, load_model, train
+from zo_objectives.optimizer import UPDATES
 
 MAX_WORDS = 6
 INSTRUCTION = "Answer with the shortest possible phrase from the text.\n\n"
@@ -58,7 +61,10 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--lr", type=float, default=8e-4)
+    parser.add_argument("--update", choices=UPDATES, default="normalized",
+                        help="normalized (default): each step moves ~lr * z; the expected reward's projected "
+                             "gradients are ~0.75 (median), so sgd at cross-entropy's lr moves ~20x less")
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--held-out", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -74,7 +80,7 @@ def main() -> None:
     objective = RewardObjective(sampler, rewards, weights=[0.5, 1.0], candidates=args.candidates)
     report = RewardObjective(greedy, rewards)
     before = mean_rewards(report, model, held_out)
-    optimizer = MeZO(model.parameters(), lr=args.lr, eps=args.eps, seed=0)
+    optimizer = MeZO(model.parameters(), lr=args.lr, eps=args.eps, seed=0, update=args.update)
     train(model, optimizer, objective, train_set, steps=args.steps, batch_size=args.batch_size)
     after = mean_rewards(report, model, held_out)
     for fn, b, a in zip(rewards, before, after):
