@@ -187,3 +187,19 @@ def test_squad_metric_objective_defaults_to_log_form_under_the_model(tmp_path, c
         "squad_f1", 1.0, "log", "model", 1e-5)
     losses = [r["loss"] for r in rows(run)]
     assert len(losses) == 2 and all(math.isfinite(v) and v >= 0 for v in losses)  # -mean log E[F1] >= 0
+
+
+def test_normalized_update_defaults_to_its_own_lr(tmp_path, capsys):
+    run = tmp_path / "normalized"
+    code = tune("--update", "normalized", "--steps", "2", "--batch-size", "2", "--eval-size", "2",
+                "--output-dir", str(run))
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((run / "config.json").read_text())
+    assert (config["optimizer"]["update"], config["lr"]) == ("normalized", 1e-4)
+    records = json.loads((run / "trajectory.json").read_text())["optimizer"]["mezo"]["trajectory"]
+    assert [r["second_moment"][1] for r in records] == [1, 2]
+    assert abs(records[0]["grads"][0]) == pytest.approx(1.0)  # the first estimate is its own RMS
+    with pytest.raises(SystemExit) as exit_info:
+        tune("--update", "adam", "--steps", "1", "--output-dir", str(tmp_path / "bad"))
+    assert exit_info.value.code == 2
+    assert "normalized" in capsys.readouterr().err  # names the accepted values
