@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> list[list]:
                      f"{r['seconds'] / 60:.1f}"])
     metric = runs[names[-1]]["config"]["metric"]
     table = markdown_table(["objective", "lr", "update", "eps", "temperature", "form", "support",
-                            f"dev {metric} before", *(f"step {k}" for k in steps), "tied steps", "median step length", "train minutes"], rows)
+                            f"dev {metric} before", *(f"step {k}" for k in steps), "tied steps",
+                            "median step length", "train minutes"], rows)
     done = "" if all(r["steps_done"] == args.steps for r in runs.values()) else (
         " Runs stopped early: " + ", ".join(f"{n} at step {r['steps_done']}" for n, r in runs.items()) + ".")
     how = "read from the run folders as they were (--collect)" if args.collect else (
