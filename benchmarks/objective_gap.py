@@ -4,8 +4,7 @@ Every configuration uses the same task, seed, training sample, steps, batch size
 makes the same number of forward passes. The table reports dev metric before and after, the fraction of
 steps whose two losses tied (no signal), the median step length (lr * |g|, the multiple of the noise z a step
 moves the weights by: objectives on different scales move at different speeds at the same lr), and the wall
-time. Configurations run as separate processes,
-``--jobs`` at a time, each with ``--threads`` threads.
+time. Configurations run as separate processes, ``--jobs`` at a time, each with ``--threads`` threads.
 
     python benchmarks/objective_gap.py --task sst2 --steps 400 --jobs 2 --threads 1 --write
 

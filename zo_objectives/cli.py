@@ -193,8 +193,8 @@ def tune(args: argparse.Namespace) -> dict:
     support = objective.support if form else None
     if world > 1:  # distributed: each rank scores batch[rank::world]; the losses are all-reduced
         objective = distributed.ShardedObjective(objective)
-    scale_free = args.update in ("sign", "normalized")
-    lr = args.lr or DEFAULT_LR["scale-free" if scale_free else form or ("mean" if is_metric else "cross_entropy")]
+    kind = "scale-free" if args.update != "sgd" else form or ("mean" if is_metric else "cross_entropy")
+    lr = args.lr or DEFAULT_LR[kind]
 
     train_set = task.examples("train", n=args.train_size, seed=args.seed)
     dev_set = task.examples("dev", n=args.eval_size)

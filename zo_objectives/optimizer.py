@@ -141,7 +141,6 @@ class MeZO(Optimizer):
         self.noise = Noise(noise, table_size=table_size, table_seed=seed)
         self.num_perturbations_done = 0
         self.trajectory: list[dict] = []
-        self.second_moment = (0.0, 0)  # running mean square of the estimates and their count ("normalized")
         for group in self.param_groups:
             for p in group["params"]:
                 if not p.is_contiguous():
@@ -213,8 +212,7 @@ class MeZO(Optimizer):
         record = {"seeds": seeds, "grads": grads, "loss": sum(map(sum, pairs)) / (2 * n),
                   "lrs": [g["lr"] for g in self.param_groups]}
         if self.update == "normalized":
-            record["grads"], self.second_moment = self._normalized(grads)
-            record["second_moment"] = list(self.second_moment)
+            record["grads"], record["second_moment"] = self._normalized(grads)
         self._update(record, restore=pending[1])
         self.trajectory.append(record)
         return record["loss"]
@@ -267,10 +265,11 @@ class MeZO(Optimizer):
                 grads.append(grad)
         return grads
 
-    def _normalized(self, grads: list[float | None]) -> tuple[list[float | None], tuple[float, int]]:
+    def _normalized(self, grads: list[float | None]) -> tuple[list[float | None], list]:
         """Each estimate divided by the bias-corrected running RMS of all estimates up to it, and the new
-        (mean square, count)."""
-        mean_square, count = self.second_moment
+        [mean square, count]; the previous ones are the last trajectory record's (so resume and replay,
+        which restore the trajectory, restore them too)."""
+        mean_square, count = self.trajectory[-1]["second_moment"] if self.trajectory else (0.0, 0)
         out: list[float | None] = []
         for grad in grads:
             if grad is None:
@@ -280,7 +279,7 @@ class MeZO(Optimizer):
             mean_square = RMS_BETA * mean_square + (1.0 - RMS_BETA) * grad * grad
             rms = math.sqrt(mean_square / (1.0 - RMS_BETA**count))
             out.append(grad / rms if rms > 0 else 0.0)
-        return out, (mean_square, count)
+        return out, [mean_square, count]
 
     def config(self) -> dict:
         """Everything besides the weights and the trajectory that a replay needs."""
@@ -303,8 +302,6 @@ class MeZO(Optimizer):
         super().load_state_dict(state_dict)
         self.num_perturbations_done = mezo["num_perturbations_done"]
         self.trajectory = [dict(r) for r in mezo["trajectory"]]
-        last = next((r["second_moment"] for r in reversed(self.trajectory) if "second_moment" in r), (0.0, 0))
-        self.second_moment = (float(last[0]), int(last[1]))
 
     @torch.no_grad()
     def replay_record(self, record: dict) -> None:
@@ -319,8 +316,6 @@ class MeZO(Optimizer):
             if k < len(record["seeds"]) - 1:
                 self._move(seed, -1.0 if forward else 1.0)
         self._update(record, restore=1.0 if forward else -1.0)
-        if "second_moment" in record:
-            self.second_moment = (float(record["second_moment"][0]), int(record["second_moment"][1]))
         self.trajectory.append(dict(record))
         self.num_perturbations_done += len(record["seeds"])
 
