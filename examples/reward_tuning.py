@@ -1,15 +1,18 @@
-"""Tune SmolLM2-135M toward non-differentiable rewards: short answers that match the reference.
+"""Tune SmolLM2-135M toward non-differentiable rewards: short phrases of the passage that match the reference.
 
 Two TRL-style reward functions (``reward(prompts, completions, **columns) -> list[float]``) are combined with
-weights: a length limit (at most ``MAX_WORDS`` words, a rule no loss function expresses) and token F1 against
-the reference answers, read from the batch's ``answers`` column. The chat model answers SQuAD questions in
-long sentences; the rewards ask for the answer alone. Each step samples ``--candidates`` completions per
-prompt (seeded by the prompts), rewards them once, and optimizes the expected reward when a completion is
-drawn from the model's own likelihoods over them (``RewardObjective(candidates=k)``); ``--candidates 0``
-optimizes the reward of a single sampled completion instead. Both rewards are reported before and after
-tuning on held-out prompts, with greedy decoding. Updates are normalized (``MeZO(update="normalized")``): a
-reward in [0, 1.5] has projected gradients ~20x smaller than SQuAD's cross-entropy, and normalizing makes the
-step length the lr's, whatever the reward's scale.
+weights: an extractive short answer (1 to ``MAX_WORDS`` words copied from the passage, read from the batch's
+``context`` column: a rule no loss function expresses) and token F1 against the reference answers (the
+``answers`` column). The chat model answers SQuAD questions in long sentences; the rewards ask for the answer
+alone. A length limit by itself can be met by non-answers (the untuned model's short replies include "What?"
+and "The answer is:"), and tuning for it lowered F1; a phrase of the passage is at least a candidate answer.
+
+Each step samples ``--candidates`` completions per prompt (seeded by the prompts), rewards them once, and
+optimizes the expected reward when a completion is drawn from the model's own likelihoods over them
+(``RewardObjective(candidates=k)``); ``--candidates 0`` optimizes the reward of a single sampled completion
+instead. Both rewards are reported before and after tuning on held-out prompts, with greedy decoding. Updates
+are normalized (``MeZO(update="normalized")``): a reward in [0, 1.5] has projected gradients ~20x smaller than
+SQuAD's cross-entropy, and normalizing makes the step length the lr's, whatever the reward's scale.
 
     python examples/reward_tuning.py --steps 60
 """
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 
 from metrics import squad_f1
+from metrics.squad import normalize_answer
 from tasks import get_task
 from zo_objectives import Generation, MeZO, RewardObjective, load_model, train
 from zo_objectives.optimizer import UPDATES
@@ -27,9 +31,13 @@ MAX_WORDS = 6
 INSTRUCTION = "Answer with the shortest possible phrase from the text.\n\n"
 
 
-def short_answer(prompts: list[str], completions: list[str], **columns) -> list[float]:
-    """1 when the completion has at most MAX_WORDS words (and is not empty), else 0."""
-    return [float(0 < len(text.split()) <= MAX_WORDS) for text in completions]
+def short_span(prompts: list[str], completions: list[str], context: list[str], **columns) -> list[float]:
+    """1 when the completion, normalized as SQuAD does, is 1 to MAX_WORDS whole words of the passage, else 0."""
+    rewards = []
+    for text, passage in zip(completions, context):
+        words = normalize_answer(text)
+        rewards.append(float(0 < len(words.split()) <= MAX_WORDS and f" {words} " in f" {normalize_answer(passage)} "))
+    return rewards
 
 
 def answer_f1(prompts: list[str], completions: list[str], answers: list[list[str]], **columns) -> list[float]:
@@ -43,7 +51,7 @@ def prompts_from_squad(tokenizer, n: int, offset: int) -> list[dict]:
     messages = [[{"role": "user", "content": f"{INSTRUCTION}{r['raw']['context']}\n\nQuestion: {r['raw']['question']}"}]
                 for r in rows]
     return [{"prompt": tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
-             "answers": r["answers"]} for m, r in zip(messages, rows)]
+             "answers": r["answers"], "context": r["raw"]["context"]} for m, r in zip(messages, rows)]
 
 
 def mean_rewards(objective: RewardObjective, model, examples: list[dict], batch_size: int = 16) -> list[float]:
@@ -74,7 +82,7 @@ def main() -> None:
     model, tokenizer = load_model(args.model)
     train_set = prompts_from_squad(tokenizer, 400, offset=0)
     held_out = prompts_from_squad(tokenizer, args.held_out, offset=400)
-    rewards = [short_answer, answer_f1]
+    rewards = [short_span, answer_f1]
     sampler = Generation(tokenizer, max_new_tokens=args.max_new_tokens, stop=["\n"], temperature=0.7)
     greedy = Generation(tokenizer, max_new_tokens=args.max_new_tokens, stop=["\n"])
     objective = RewardObjective(sampler, rewards, weights=[0.5, 1.0], candidates=args.candidates)
