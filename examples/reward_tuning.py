@@ -1,11 +1,11 @@
-"""Tune SmolLM2-135M toward non-differentiable rewards: short phrases of the passage that match the reference.
+"""Tune SmolLM2-135M toward non-differentiable rewards: short answers that match the reference.
 
 Two TRL-style reward functions (``reward(prompts, completions, **columns) -> list[float]``) are combined with
-weights: an extractive short answer (1 to ``MAX_WORDS`` words copied from the passage, read from the batch's
-``context`` column: a rule no loss function expresses) and token F1 against the reference answers (the
-``answers`` column). The chat model answers SQuAD questions in long sentences; the rewards ask for the answer
-alone. A length limit by itself can be met by non-answers (the untuned model's short replies include "What?"
-and "The answer is:"), and tuning for it lowered F1; a phrase of the passage is at least a candidate answer.
+weights: a short answer and token F1 against the reference answers, read from the batch's ``answers`` column.
+``--short length`` (default) rewards at most ``MAX_WORDS`` words, a rule no loss function expresses; ``--short
+span`` asks for 1 to ``MAX_WORDS`` words copied from the passage (the ``context`` column), which non-answers
+such as "The answer is:" do not meet. The chat model answers SQuAD questions in long sentences; the rewards
+ask for the answer alone.
 
 Each step samples ``--candidates`` completions per prompt (seeded by the prompts), rewards them once, and
 optimizes the expected reward when a completion is drawn from the model's own likelihoods over them
@@ -31,6 +31,11 @@ MAX_WORDS = 6
 INSTRUCTION = "Answer with the shortest possible phrase from the text.\n\n"
 
 
+def short_answer(prompts: list[str], completions: list[str], **columns) -> list[float]:
+    """1 when the completion has at most MAX_WORDS words (and is not empty), else 0."""
+    return [float(0 < len(text.split()) <= MAX_WORDS) for text in completions]
+
+
 def short_span(prompts: list[str], completions: list[str], context: list[str], **columns) -> list[float]:
     """1 when the completion, normalized as SQuAD does, is 1 to MAX_WORDS whole words of the passage, else 0."""
     rewards = []
@@ -43,6 +48,9 @@ def short_span(prompts: list[str], completions: list[str], context: list[str], *
 def answer_f1(prompts: list[str], completions: list[str], answers: list[list[str]], **columns) -> list[float]:
     """SQuAD token F1 of each completion against its reference answers (a column of the batch)."""
     return [squad_f1([text], [golds]) for text, golds in zip(completions, answers)]
+
+
+SHORT_REWARDS = {"length": short_answer, "span": short_span}
 
 
 def prompts_from_squad(tokenizer, n: int, offset: int) -> list[dict]:
@@ -76,13 +84,16 @@ def main() -> None:
     parser.add_argument("--eps", type=float, default=1e-3)
     parser.add_argument("--held-out", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--short", choices=SHORT_REWARDS, default="length",
+                        help="the short-answer reward: length = at most MAX_WORDS words; span = 1 to MAX_WORDS words "
+                             "of the passage")
     parser.add_argument("--candidates", type=int, default=4, help="sampled completions per prompt (0: one)")
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model)
     train_set = prompts_from_squad(tokenizer, 400, offset=0)
     held_out = prompts_from_squad(tokenizer, args.held_out, offset=400)
-    rewards = [short_span, answer_f1]
+    rewards = [SHORT_REWARDS[args.short], answer_f1]
     sampler = Generation(tokenizer, max_new_tokens=args.max_new_tokens, stop=["\n"], temperature=0.7)
     greedy = Generation(tokenizer, max_new_tokens=args.max_new_tokens, stop=["\n"])
     objective = RewardObjective(sampler, rewards, weights=[0.5, 1.0], candidates=args.candidates)

@@ -91,6 +91,7 @@ def test_reward_trains_a_toy_policy():
 def test_reward_example_rewards_and_smoke_run(monkeypatch, capsys):
     from examples import reward_tuning as ex
 
+    assert ex.short_answer([], ["Paris", "", "one two three four five six seven"]) == [1.0, 0.0, 0.0]
     passage = "The Eiffel Tower, in Paris, opened in 1889 and is one two three four five six seven metres tall."
     texts = ["Paris", "the Eiffel Tower.", "", "The answer is:", "Pari", "one two three four five six seven"]
     assert ex.short_span([], texts, context=[passage] * len(texts)) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
@@ -100,7 +101,7 @@ def test_reward_example_rewards_and_smoke_run(monkeypatch, capsys):
                                      "--batch-size", "2", "--max-new-tokens", "2"])
     ex.main()
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[1] for line in lines] == ["short_span", "answer_f1"]
+    assert [line.split()[1] for line in lines] == ["short_answer", "answer_f1"]
 
 
 class SamplingGenerator:
