@@ -88,7 +88,7 @@ def test_reward_trains_a_toy_policy():
     assert model.weight.item() > 0
 
 
-def test_reward_example_rewards_and_smoke_run(monkeypatch, capsys):
+def test_reward_example_rewards():
     from examples import reward_tuning as ex
 
     assert ex.short_answer([], ["Paris", "", "one two three four five six seven"]) == [1.0, 0.0, 0.0]
@@ -97,11 +97,17 @@ def test_reward_example_rewards_and_smoke_run(monkeypatch, capsys):
     assert ex.short_span([], texts, context=[passage] * len(texts)) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
     f1 = ex.answer_f1([], ["the Eiffel Tower", "nothing"], answers=[["Eiffel Tower"], ["Paris"]])
     assert f1 == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("short", ["length", "span"])
+def test_reward_example_smoke_run(monkeypatch, capsys, short):
+    from examples import reward_tuning as ex
+
     monkeypatch.setattr("sys.argv", ["reward_tuning.py", "--model", "tiny-random", "--steps", "1", "--held-out", "2",
-                                     "--batch-size", "2", "--max-new-tokens", "2"])
+                                     "--batch-size", "2", "--max-new-tokens", "2", "--short", short])
     ex.main()
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[1] for line in lines] == ["short_answer", "answer_f1"]
+    assert [line.split()[1] for line in lines] == [ex.SHORT_REWARDS[short].__name__, "answer_f1"]
 
 
 class SamplingGenerator:
