@@ -144,3 +144,29 @@ def test_objective_gap_step_length_is_median_lr_times_grad(tmp_path):
                {"lrs": [2e-5], "grads": [0.0]}]
     (tmp_path / "trajectory.json").write_text(json.dumps({"step": 3, "optimizer": {"mezo": {"trajectory": records}}}))
     assert step_length(tmp_path) == pytest.approx(1e-4)  # median of 3e-4, 1e-4 and 0
+
+
+def test_heldout_gap_evaluates_saved_runs_once(no_write, tmp_path):
+    from zo_objectives.models import load_model
+    from zo_objectives.train import save_weights
+
+    model = load_model("tiny-random")[0]
+    runs = tmp_path / "runs"
+    for name, after in [("cross_entropy", 0.25), ("squad_f1", 0.5)]:  # two finished run folders, as zo-tune leaves
+        folder = runs / "squad" / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"model": "tiny-random", "seed": 3, "eval_size": 2}))
+        (folder / "eval.json").write_text(json.dumps({"after": after}))
+        save_weights(model, folder / "model.safetensors")
+    argv = ["--runs", str(runs), "--configs", "cross_entropy,squad_f1", "--start", "2", "--end", "4",
+            "--model", "tiny-random", "--write"]
+    rows = load("heldout_gap").main(argv)
+    assert rows[0][:4] == [3, "25.0", "50.0", "+25.0"] and rows[-1][0] == "mean"
+    assert "heldout_gap_squad:begin" in no_write.read_text()
+    stored = runs / "squad" / "squad_f1" / "heldout_2_4.json"
+    assert json.loads(stored.read_text())["end"] == 4 and (runs / "squad" / "heldout_2_4.json").exists()
+    # a second call reads the stored results: a changed value shows in the table
+    stored.write_text(json.dumps({**json.loads(stored.read_text()), "value": 0.5}))
+    assert load("heldout_gap").main(argv)[0][5] == "50.0"
+    with pytest.raises(SystemExit, match="no tuned weights"):
+        load("heldout_gap").main(["--runs", str(tmp_path / "nowhere")])

@@ -1,0 +1,131 @@
+"""The objective gap on dev examples no choice was made on: re-evaluates saved ``objective_gap.py`` runs.
+
+``objective_gap.py`` evaluates on the first ``--eval-size`` dev examples, the same ones the defaults were
+compared on. This script evaluates the tuned weights of the same run folders on dev examples ``[--start,
+--end)`` instead, and tabulates, seed by seed, two configurations and their gap on both slices. The untuned
+model is evaluated on the held-out slice too. Each result is stored next to the weights
+(``heldout_<start>_<end>.json``), so interrupted or parallel invocations (disjoint ``--runs``) pick up what is
+done. ``--jobs`` evaluations run at a time, each in its own process with ``--threads`` threads; ``--write``
+updates the ``heldout_gap_<task>`` section of BENCHMARKS.md.
+
+    python benchmarks/heldout_gap.py --task squad --runs runs/gap runs/gap_s1 --jobs 2 --threads 1 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import markdown_table, publish  # noqa: E402
+
+from metrics import get_metric  # noqa: E402
+from tasks import get_task  # noqa: E402
+from zo_objectives.models import load_model, load_run_weights  # noqa: E402
+from zo_objectives.scoring import predictor_for  # noqa: E402
+from zo_objectives.train import evaluate, write_json  # noqa: E402
+
+
+def result_path(folder: Path, args: argparse.Namespace) -> Path:
+    return folder / f"heldout_{args.start}_{args.end}.json"
+
+
+def heldout(folder: Path, args: argparse.Namespace, tuned: bool = True) -> float:
+    """Dev metric on dev[start:end] of a run's tuned weights, or with ``tuned=False`` of the untuned model
+    (the result then goes in ``folder``); read from, or written to, the result file."""
+    path = result_path(folder, args)
+    if path.exists():
+        return json.loads(path.read_text())["value"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    task = get_task(args.task)
+    name = json.loads((folder / "config.json").read_text())["model"] if tuned else args.model
+    model, tokenizer = load_model(name)
+    if tuned:
+        load_run_weights(model, folder)
+    examples = task.examples("dev")[args.start:args.end]
+    if len(examples) < args.end - args.start:
+        raise SystemExit(f"--end {args.end}: the {args.task} dev set has {args.start + len(examples)} examples")
+    began = time.time()
+    value = evaluate(model.eval(), predictor_for(task, tokenizer), examples, get_metric(task.metric))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"run": str(folder) if tuned else None, "model": name, "start": args.start, "end": args.end,
+                      "metric": task.metric, "value": value, "seconds": time.time() - began})
+    print(f"{folder if tuned else name}: {value:.4f}", flush=True)
+    return value
+
+
+def first_slice(folder: Path) -> float:
+    """The run's own evaluation (the first eval_size dev examples), from eval.json."""
+    return json.loads((folder / "eval.json").read_text())["after"]
+
+
+def mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):+.1f} (sd {100 * sd:.1f})"
+
+
+def main(argv: list[str] | None = None) -> list[list]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", default="squad")
+    parser.add_argument("--runs", nargs="+", required=True, help="objective_gap.py --output folders, one per seed")
+    parser.add_argument("--configs", default="cross_entropy_4x,squad_f1",
+                        help="two configuration names: the reference, then the metric objective")
+    parser.add_argument("--start", type=int, default=500)
+    parser.add_argument("--end", type=int, default=1000)
+    parser.add_argument("--model", default="smollm2-135m", help="the untuned model (for the untuned row)")
+    parser.add_argument("--jobs", type=int, default=1, help="evaluations at a time, one process each")
+    parser.add_argument("--threads", type=int, default=None, help="threads per evaluation")
+    parser.add_argument("--write", action="store_true", help="update the heldout_gap section of BENCHMARKS.md")
+    args = parser.parse_args(argv)
+    names = [n.strip() for n in args.configs.split(",")]
+    if len(names) != 2:
+        parser.error(f"--configs takes two names (reference, metric objective), got {names}")
+    if not 0 <= args.start < args.end:
+        parser.error(f"need 0 <= --start < --end, got {args.start} and {args.end}")
+    if args.threads:
+        torch.set_num_threads(args.threads)  # so that the environment line states the threads per evaluation
+    folders = [[Path(r) / args.task / n for n in names] for r in args.runs]
+    missing = [str(f) for pair in folders for f in pair if not (f / "model.safetensors").exists()]
+    if missing:
+        raise SystemExit(f"no tuned weights (model.safetensors) in: {', '.join(missing)}")
+    base = Path(args.runs[0]) / args.task
+    jobs = [(base, False)] + [(f, True) for pair in folders for f in pair]
+    pending = [(f, t) for f, t in jobs if not result_path(f, args).exists()]
+    if pending:
+        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+            list(pool.map(heldout, [f for f, _ in pending], [args] * len(pending), [t for _, t in pending]))
+    untuned = heldout(base, args, tuned=False)
+    rows, gaps_first, gaps_held = [], [], []
+    for pair in folders:
+        seed = json.loads((pair[0] / "config.json").read_text())["seed"]
+        first = [first_slice(f) for f in pair]
+        held = [heldout(f, args) for f in pair]
+        gaps_first.append(first[1] - first[0])
+        gaps_held.append(held[1] - held[0])
+        rows.append([seed, *(f"{100 * v:.1f}" for v in first), f"{100 * gaps_first[-1]:+.1f}",
+                     *(f"{100 * v:.1f}" for v in held), f"{100 * gaps_held[-1]:+.1f}"])
+    eval_size = json.loads((folders[0][0] / "config.json").read_text())["eval_size"]
+    rows.append(["mean", "", "", mean_sd(gaps_first), "", "", mean_sd(gaps_held)])
+    metric = get_task(args.task).metric
+    table = markdown_table(["seed", *(f"{n}, dev 0-{eval_size}" for n in names), "gap",
+                            *(f"{n}, dev {args.start}-{args.end}" for n in names), "gap"], rows)
+    title = (f"Task {args.task}, dev {metric} x 100 of each run's tuned weights; gap = {names[1]} minus {names[0]}. "
+             f"Runs: {', '.join(args.runs)}. The untuned model on dev {args.start}-{args.end}: "
+             f"{100 * untuned:.1f}.")
+    publish(f"heldout_gap_{args.task}", f"Objective gap on held-out dev examples ({args.task})", title, table,
+            "cpu", args.write)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
