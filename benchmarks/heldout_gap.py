@@ -2,9 +2,9 @@
 
 ``objective_gap.py`` evaluates on the first ``--eval-size`` dev examples, the same ones the defaults were
 compared on. This script evaluates the tuned weights of the same run folders on dev examples ``[--start,
---end)`` instead, and tabulates, seed by seed, two configurations and their gap on both slices. The untuned
-model is evaluated on the held-out slice too. Each result is stored next to the weights
-(``heldout_<start>_<end>.json``), so interrupted or parallel invocations (disjoint ``--runs``) pick up what is
+--end)`` instead (a slice after the first), and tabulates, seed by seed, two configurations and their gap on
+each slice and on both together. The untuned model is evaluated on the held-out slice too. Each result is
+stored next to the weights (``heldout_<start>_<end>.json``), so an interrupted invocation picks up what is
 done. ``--jobs`` evaluations run at a time, each in its own process with ``--threads`` threads; ``--write``
 updates the ``heldout_gap_<task>`` section of BENCHMARKS.md.
 
@@ -98,6 +98,9 @@ def main(argv: list[str] | None = None) -> list[list]:
     missing = [str(f) for pair in folders for f in pair if not (f / "model.safetensors").exists()]
     if missing:
         raise SystemExit(f"no tuned weights (model.safetensors) in: {', '.join(missing)}")
+    eval_size = json.loads((folders[0][0] / "config.json").read_text())["eval_size"]
+    if args.start < eval_size:
+        raise SystemExit(f"--start {args.start} overlaps the runs' own dev examples (the first {eval_size})")
     base = Path(args.runs[0]) / args.task
     jobs = [(base, False)] + [(f, True) for pair in folders for f in pair]
     pending = [(f, t) for f, t in jobs if not result_path(f, args).exists()]
@@ -105,20 +108,22 @@ def main(argv: list[str] | None = None) -> list[list]:
         with ProcessPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(heldout, [f for f, _ in pending], [args] * len(pending), [t for _, t in pending]))
     untuned = heldout(base, args, tuned=False)
-    rows, gaps_first, gaps_held = [], [], []
+    n_held = args.end - args.start
+    rows, gaps = [], []  # gaps: per seed, (first slice, held-out slice, both)
     for pair in folders:
         seed = json.loads((pair[0] / "config.json").read_text())["seed"]
         first = [first_slice(f) for f in pair]
         held = [heldout(f, args) for f in pair]
-        gaps_first.append(first[1] - first[0])
-        gaps_held.append(held[1] - held[0])
-        rows.append([seed, *(f"{100 * v:.1f}" for v in first), f"{100 * gaps_first[-1]:+.1f}",
-                     *(f"{100 * v:.1f}" for v in held), f"{100 * gaps_held[-1]:+.1f}"])
-    eval_size = json.loads((folders[0][0] / "config.json").read_text())["eval_size"]
-    rows.append(["mean", "", "", mean_sd(gaps_first), "", "", mean_sd(gaps_held)])
+        gap = first[1] - first[0], held[1] - held[0]
+        gaps.append((*gap, (gap[0] * eval_size + gap[1] * n_held) / (eval_size + n_held)))
+        rows.append([seed, *(f"{100 * v:.1f}" for v in first), f"{100 * gap[0]:+.1f}",
+                     *(f"{100 * v:.1f}" for v in held), f"{100 * gap[1]:+.1f}", f"{100 * gaps[-1][2]:+.1f}"])
+    rows.append(["mean", "", "", mean_sd([g[0] for g in gaps]), "", "", mean_sd([g[1] for g in gaps]),
+                 mean_sd([g[2] for g in gaps])])
     metric = get_task(args.task).metric
     table = markdown_table(["seed", *(f"{n}, dev 0-{eval_size}" for n in names), "gap",
-                            *(f"{n}, dev {args.start}-{args.end}" for n in names), "gap"], rows)
+                            *(f"{n}, dev {args.start}-{args.end}" for n in names), "gap",
+                            f"gap on all {eval_size + n_held}"], rows)
     title = (f"Task {args.task}, dev {metric} x 100 of each run's tuned weights; gap = {names[1]} minus {names[0]}. "
              f"Runs: {', '.join(args.runs)}. The untuned model on dev {args.start}-{args.end}: "
              f"{100 * untuned:.1f}.")

@@ -170,3 +170,5 @@ def test_heldout_gap_evaluates_saved_runs_once(no_write, tmp_path):
     assert load("heldout_gap").main(argv)[0][5] == "50.0"
     with pytest.raises(SystemExit, match="no tuned weights"):
         load("heldout_gap").main(["--runs", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="overlaps the runs' own dev examples"):
+        load("heldout_gap").main([*argv[:4], "--start", "1"])
