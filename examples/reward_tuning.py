@@ -87,6 +87,8 @@ def main() -> None:
     parser.add_argument("--short", choices=SHORT_REWARDS, default="length",
                         help="the short-answer reward: length = at most MAX_WORDS words; span = 1 to MAX_WORDS words "
                              "of the passage")
+    parser.add_argument("--short-weight", type=float, default=0.5,
+                        help="weight of the short-answer reward (F1's is 1); 0 optimizes F1 alone, both are reported")
     parser.add_argument("--candidates", type=int, default=4, help="sampled completions per prompt (0: one)")
     args = parser.parse_args()
 
@@ -96,7 +98,7 @@ def main() -> None:
     rewards = [SHORT_REWARDS[args.short], answer_f1]
     sampler = Generation(tokenizer, max_new_tokens=args.max_new_tokens, stop=["\n"], temperature=0.7)
     greedy = Generation(tokenizer, max_new_tokens=args.max_new_tokens, stop=["\n"])
-    objective = RewardObjective(sampler, rewards, weights=[0.5, 1.0], candidates=args.candidates)
+    objective = RewardObjective(sampler, rewards, weights=[args.short_weight, 1.0], candidates=args.candidates)
     report = RewardObjective(greedy, rewards)
     before = mean_rewards(report, model, held_out)
     optimizer = MeZO(model.parameters(), lr=args.lr, eps=args.eps, seed=0, update=args.update)

@@ -99,12 +99,13 @@ def test_reward_example_rewards():
     assert f1 == [1.0, 0.0]
 
 
-@pytest.mark.parametrize("short", ["length", "span"])
-def test_reward_example_smoke_run(monkeypatch, capsys, short):
+@pytest.mark.parametrize(("short", "weight"), [("length", "0.5"), ("span", "0")])
+def test_reward_example_smoke_run(monkeypatch, capsys, short, weight):
     from examples import reward_tuning as ex
 
     monkeypatch.setattr("sys.argv", ["reward_tuning.py", "--model", "tiny-random", "--steps", "1", "--held-out", "2",
-                                     "--batch-size", "2", "--max-new-tokens", "2", "--short", short])
+                                     "--batch-size", "2", "--max-new-tokens", "2", "--short", short, "--short-weight",
+                                     weight])
     ex.main()
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[1] for line in lines] == [ex.SHORT_REWARDS[short].__name__, "answer_f1"]
