@@ -53,8 +53,6 @@ def heldout(folder: Path, args: argparse.Namespace, tuned: bool = True) -> float
     if tuned:
         load_run_weights(model, folder)
     examples = task.examples("dev")[args.start:args.end]
-    if len(examples) < args.end - args.start:
-        raise SystemExit(f"--end {args.end}: the {args.task} dev set has {args.start + len(examples)} examples")
     began = time.time()
     value = evaluate(model.eval(), predictor_for(task, tokenizer), examples, get_metric(task.metric))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +99,9 @@ def main(argv: list[str] | None = None) -> list[list]:
     eval_size = json.loads((folders[0][0] / "config.json").read_text())["eval_size"]
     if args.start < eval_size:
         raise SystemExit(f"--start {args.start} overlaps the runs' own dev examples (the first {eval_size})")
+    available = len(get_task(args.task).examples("dev"))
+    if args.end > available:
+        raise SystemExit(f"--end {args.end}: the {args.task} dev set has {available} examples")
     base = Path(args.runs[0]) / args.task
     jobs = [(base, False)] + [(f, True) for pair in folders for f in pair]
     pending = [(f, t) for f, t in jobs if not result_path(f, args).exists()]
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> list[list]:
     metric = get_task(args.task).metric
     table = markdown_table(["seed", *(f"{n}, dev 0-{eval_size}" for n in names), "gap",
                             *(f"{n}, dev {args.start}-{args.end}" for n in names), "gap",
-                            f"gap on all {eval_size + n_held}"], rows)
+                            f"gap on both ({eval_size + n_held} examples)"], rows)
     title = (f"Task {args.task}, dev {metric} x 100 of each run's tuned weights; gap = {names[1]} minus {names[0]}. "
              f"Runs: {', '.join(args.runs)}. The untuned model on dev {args.start}-{args.end}: "
              f"{100 * untuned:.1f}.")

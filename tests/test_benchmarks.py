@@ -172,3 +172,5 @@ def test_heldout_gap_evaluates_saved_runs_once(no_write, tmp_path):
         load("heldout_gap").main(["--runs", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="overlaps the runs' own dev examples"):
         load("heldout_gap").main([*argv[:4], "--start", "1"])
+    with pytest.raises(SystemExit, match="dev set has 1000 examples"):
+        load("heldout_gap").main([*argv[:4], "--end", "1001"])
