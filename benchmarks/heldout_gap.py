@@ -55,7 +55,6 @@ def heldout(folder: Path, args: argparse.Namespace, tuned: bool = True) -> float
     examples = task.examples("dev")[args.start:args.end]
     began = time.time()
     value = evaluate(model.eval(), predictor_for(task, tokenizer), examples, get_metric(task.metric))
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, {"run": str(folder) if tuned else None, "model": name, "start": args.start, "end": args.end,
                       "metric": task.metric, "value": value, "seconds": time.time() - began})
     print(f"{folder if tuned else name}: {value:.4f}", flush=True)
@@ -99,35 +98,32 @@ def main(argv: list[str] | None = None) -> list[list]:
     eval_size = json.loads((folders[0][0] / "config.json").read_text())["eval_size"]
     if args.start < eval_size:
         raise SystemExit(f"--start {args.start} overlaps the runs' own dev examples (the first {eval_size})")
-    available = len(get_task(args.task).examples("dev"))
+    task = get_task(args.task)
+    available = len(task.examples("dev"))
     if args.end > available:
         raise SystemExit(f"--end {args.end}: the {args.task} dev set has {available} examples")
-    base = Path(args.runs[0]) / args.task
+    base = Path(args.runs[0]) / args.task  # where the untuned model's result goes
     jobs = [(base, False)] + [(f, True) for pair in folders for f in pair]
-    pending = [(f, t) for f, t in jobs if not result_path(f, args).exists()]
-    if pending:
-        with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-            list(pool.map(heldout, [f for f, _ in pending], [args] * len(pending), [t for _, t in pending]))
-    untuned = heldout(base, args, tuned=False)
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        values = dict(zip(jobs, pool.map(heldout, [f for f, _ in jobs], [args] * len(jobs), [t for _, t in jobs])))
     n_held = args.end - args.start
     rows, gaps = [], []  # gaps: per seed, (first slice, held-out slice, both)
     for pair in folders:
         seed = json.loads((pair[0] / "config.json").read_text())["seed"]
         first = [first_slice(f) for f in pair]
-        held = [heldout(f, args) for f in pair]
+        held = [values[f, True] for f in pair]
         gap = first[1] - first[0], held[1] - held[0]
         gaps.append((*gap, (gap[0] * eval_size + gap[1] * n_held) / (eval_size + n_held)))
         rows.append([seed, *(f"{100 * v:.1f}" for v in first), f"{100 * gap[0]:+.1f}",
                      *(f"{100 * v:.1f}" for v in held), f"{100 * gap[1]:+.1f}", f"{100 * gaps[-1][2]:+.1f}"])
     rows.append(["mean", "", "", mean_sd([g[0] for g in gaps]), "", "", mean_sd([g[1] for g in gaps]),
                  mean_sd([g[2] for g in gaps])])
-    metric = get_task(args.task).metric
     table = markdown_table(["seed", *(f"{n}, dev 0-{eval_size}" for n in names), "gap",
                             *(f"{n}, dev {args.start}-{args.end}" for n in names), "gap",
                             f"gap on both ({eval_size + n_held} examples)"], rows)
-    title = (f"Task {args.task}, dev {metric} x 100 of each run's tuned weights; gap = {names[1]} minus {names[0]}. "
-             f"Runs: {', '.join(args.runs)}. The untuned model on dev {args.start}-{args.end}: "
-             f"{100 * untuned:.1f}.")
+    title = (f"Task {args.task}, dev {task.metric} x 100 of each run's tuned weights; "
+             f"gap = {names[1]} minus {names[0]}. Runs: {', '.join(args.runs)}. "
+             f"The untuned model on dev {args.start}-{args.end}: {100 * values[base, False]:.1f}.")
     publish(f"heldout_gap_{args.task}", f"Objective gap on held-out dev examples ({args.task})", title, table,
             "cpu", args.write)
     return rows
