@@ -183,7 +183,7 @@ def test_squad_metric_objective_defaults_to_log_form_under_the_model(tmp_path, c
     code = tune("--task", "squad", "--steps", "2", "--batch-size", "2", "--eval-size", "2", "--output-dir", str(run))
     assert code == 0, capsys.readouterr().err
     config = json.loads((run / "config.json").read_text())
-    assert (config["objective"], config["temperature"], config["form"], config["support"], config["lr"]) == (
+    assert (config["objective"], config["smoothing"], config["form"], config["support"], config["lr"]) == (
         "squad_f1", 1.0, "log", "model", 1e-5)
     losses = [r["loss"] for r in rows(run)]
     assert len(losses) == 2 and all(math.isfinite(v) and v >= 0 for v in losses)  # -mean log E[F1] >= 0

@@ -1,76 +1,97 @@
 """Command line: ``zo-tune`` (tune a model on a task's objective) and ``zo-eval`` (evaluate a model or run).
 
-Bad input (unknown model, task, objective or plugin, a data file without the needed columns, a multi-token
-label word) prints one line naming the problem and the accepted values, and exits with code 2.
+Both take their flags from the dataclasses of ``zo_objectives.config``; ``tune(TuneConfig(...))`` is the same
+run from Python. Everything is checked before the run folder is touched: bad input (unknown model, task,
+objective, plugin or reward, a bad number, a data file without the needed columns, a resume with changed
+settings) prints one line naming the problem and the accepted values, and exits with code 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import importlib
+import importlib.util
 import json
 import os
+import re
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import torch
 
-from metrics import get_metric, list_metrics
-from tasks import Task, get_task, list_tasks, task_from_file, with_demonstrations
+from metrics import Metric, get_metric, list_metrics
+from tasks import Task, get_task, task_from_file, with_demonstrations
 from zo_objectives import distributed
-from zo_objectives.models import DEFAULT_MODEL, apply_peft, load_model, load_run_weights, select_trainable
-from zo_objectives.objectives import (
-    CROSS_ENTROPY,
-    DEFAULT_TEMPERATURE,
-    FORMS,
-    SEQUENCE_SCORES,
-    SUPPORTS,
-    MetricObjective,
-    make_objective,
+from zo_objectives.config import (
+    DEFAULT_DTYPE,
+    DEFAULT_LR,
+    REWARD,
+    CommonConfig,
+    EvalConfig,
+    Parser,
+    TuneConfig,
+    UsageError,
+    differences,
+    read_config,
 )
-from zo_objectives.optimizer import SCHEDULES, UPDATES, MeZO, make_scheduler
+from zo_objectives.models import apply_peft, load_model, load_run_weights, select_trainable
+from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, RewardObjective, make_objective
+from zo_objectives.optimizer import MeZO, make_scheduler
 from zo_objectives.plots import plot_run
 from zo_objectives.scoring import predictor_for
 from zo_objectives.train import CHECKPOINT, evaluate, resume, save_weights, train, write_json
 
-# Defaults chosen from measurements on SmolLM2-135M / SST-2 (see README "Why these defaults").
-# A metric in log form has cross-entropy's scale; the expected metric itself ("mean" form) is flatter.
-# sign and normalized updates move ~lr * z per step whatever the loss: 1e-4 is about the median step of the
-# default SST-2 run (cross-entropy at 1e-5: 7.8e-5)
-DEFAULT_LR = {"cross_entropy": 1e-5, "log": 1e-5, "mean": 1e-4, "scale-free": 1e-4}
-
-
-class UsageError(ValueError):
-    """Bad command-line input: reported in one line, exit code 2."""
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"'{DEFAULT_MODEL}' (shipped), 'tiny-random', a local folder or a hub id")
-    parser.add_argument("--task", default="sst2", help="a registered task: " + ", ".join(list_tasks()))
-    parser.add_argument("--data", help="a CSV/TSV/JSONL file for a custom task (with --template)")
-    parser.add_argument("--dev-data", help="the custom task's evaluation file (default: --data)")
-    parser.add_argument("--template", help="custom task prompt, a format string over columns, e.g. '{text} It was'")
-    parser.add_argument("--label-words", nargs="+", help="custom classification task: one word per label id")
-    parser.add_argument("--labels", nargs="+", help="custom task: the label values (strings) in --label-words order")
-    parser.add_argument("--answer-column", help="custom generation task: the column of gold answers")
-    parser.add_argument("--plugin", action="append", default=[],
-                        help="a module to import first; it may register metrics or tasks (repeatable)")
-    parser.add_argument("--eval-size", type=int, default=None, help="dev examples to evaluate on (default: all)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=None, help="truncate prompts from the left to this")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-
-
-def _positive(name: str, value: float | int | None) -> None:
-    if value is not None and value <= 0:
-        raise UsageError(f"--{name} must be > 0, got {value}")
-
 
 def _fmt(value: float | None) -> str:
     return "not measured" if value is None else f"{value:.4f}"
+
+
+def import_source(source: str, flag: str) -> ModuleType:
+    """A module by name (found from the working directory too) or a ``.py`` file by path."""
+    try:
+        if source.endswith(".py") or os.sep in source or "/" in source:
+            path = Path(source).resolve()
+            if not path.is_file():
+                raise UsageError(f"{flag} {source!r}: no such file")
+            name = f"zo_source_{path.stem}_{abs(hash(str(path)))}"  # one module per file, imported once
+            if name not in sys.modules:
+                spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(module)
+                sys.modules[name] = module
+            return sys.modules[name]
+        if str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
+        return importlib.import_module(source)
+    except (ImportError, SyntaxError) as err:
+        raise UsageError(f"cannot import {flag} {source!r}: {err}") from err
+
+
+def reward_functions(specs: list[str]) -> list[Callable]:
+    """The reward functions named ``module:function`` (or ``file.py:function``)."""
+    out = []
+    for spec in specs:
+        source, _, name = spec.rpartition(":")
+        fn = getattr(import_source(source, "--reward"), name, None)
+        if not callable(fn):
+            raise UsageError(f"--reward {spec!r}: {source} has no function {name!r}")
+        out.append(fn)
+    return out
+
+
+def _task(config: CommonConfig) -> Task:
+    for flag, path in (("--data", config.data), ("--dev-data", config.dev_data)):
+        if path and not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: no such file")
+    if config.data:
+        return task_from_file(config.data, name=Path(config.data).stem, template=config.template,
+                              label_words=config.label_words, labels=config.labels, label_column=config.label_column,
+                              answer_column=config.answer_column, dev_path=config.dev_data)
+    return get_task(config.task)
 
 
 def _device(name: str | None) -> torch.device:
@@ -86,224 +107,261 @@ def _device(name: str | None) -> torch.device:
     return device
 
 
-def _load_plugins(modules: list[str]) -> None:
-    sys.path.insert(0, str(Path.cwd()))
-    for module in modules:
-        try:
-            importlib.import_module(module)
-        except ImportError as err:
-            raise UsageError(f"cannot import plugin {module!r}: {err}") from err
+def resolve(config: TuneConfig) -> tuple[TuneConfig, Task]:
+    """Load the plugins and the task; fill in the task's name, the objective and the run folder."""
+    for plugin in config.plugin:
+        import_source(plugin, "--plugin")
+    task = _task(config)
+    objective = REWARD if config.reward else config.objective or task.metric
+    if objective not in (REWARD, CROSS_ENTROPY, *list_metrics()):
+        raise UsageError(f"unknown objective {objective!r}; available: {', '.join([CROSS_ENTROPY, *list_metrics()])}")
+    output_dir = config.output_dir or f"runs/{task.name}-{objective}-s{config.seed}"
+    return replace(config, task=task.name, objective=objective, output_dir=output_dir), task
 
 
-def _task(args: argparse.Namespace) -> Task:
-    if args.data:
-        if not args.template:
-            raise UsageError("--data needs --template (a format string over the file's columns)")
-        return task_from_file(args.data, name=Path(args.data).stem, template=args.template,
-                              label_words=args.label_words, labels=args.labels, answer_column=args.answer_column,
-                              dev_path=args.dev_data)
-    return get_task(args.task)
+@dataclass
+class Run:
+    """A tune run ready to start: its settings resolved, model loaded, data drawn."""
+
+    config: TuneConfig
+    model: torch.nn.Module
+    predictor: Any
+    objective: Any
+    metric: Metric
+    train_set: list[dict]
+    dev_set: list[dict]
+    facts: dict  # what config.json holds beside the settings
 
 
-def tune_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zo-tune", description="Tune a causal LM on any objective with MeZO.")
-    _common(p)
-    p.add_argument("--objective", default=None,
-                   help=f"'{CROSS_ENTROPY}' or a registered metric ({', '.join(list_metrics())}); default: the "
-                        "task's metric")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--lr", type=float, default=None,
-                   help=f"default {DEFAULT_LR['cross_entropy']} for cross-entropy and metric objectives in log form, "
-                        f"{DEFAULT_LR['mean']} in mean form or as the hard metric, {DEFAULT_LR['scale-free']} with "
-                        "--update sign or normalized")
-    p.add_argument("--eps", type=float, default=1e-3)
-    p.add_argument("--n-perturbations", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=None,
-                   help="metric objectives optimize the metric's expectation over each example's options (classes, "
-                        "candidates; for generation the greedy answer and the gold answers) drawn from "
-                        f"softmax(log-likelihood / T) (default {DEFAULT_TEMPERATURE}; 0 = the hard metric)")
-    p.add_argument("--metric-form", choices=FORMS, default="auto",
-                   help="log: mean log of each example's expected metric (auto for per-example metrics); mean: the "
-                        "expected metric itself (auto for corpus metrics such as macro-F1)")
-    p.add_argument("--sequence-score", choices=SEQUENCE_SCORES, default="sum",
-                   help="generated answer candidates are scored by their total log-likelihood (default) or its "
-                        "mean per token")
-    p.add_argument("--metric-support", choices=SUPPORTS, default="auto",
-                   help="how the options are weighed: options = softmax over them; model = for generation, their "
-                        "probability under the model, every other answer scoring 0 (auto: model for generation "
-                        "metrics in log form, else options)")
-    p.add_argument("--samples", type=int, default=256,
-                   help="Monte Carlo draws for that expectation when the metric is not a per-example mean")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--schedule", choices=SCHEDULES, default="constant")
-    p.add_argument("--noise", choices=("table", "gaussian", "rademacher"), default="table")
-    p.add_argument("--difference", choices=("central", "forward"), default="central")
-    p.add_argument("--update", choices=UPDATES, default="sgd",
-                   help="sgd, sign, or normalized: g over the running RMS of g (one lr for any loss scale)")
-    p.add_argument("--fitness-shaping", choices=("none", "rank"), default="none",
-                   help="rank: replace each step's losses by centered ranks (evolution strategies)")
-    p.add_argument("--momentum", type=float, default=0.0, help="momentum rebuilt from past seeds (no buffer)")
-    p.add_argument("--momentum-window", type=int, default=0, help="past steps the momentum regenerates")
-    p.add_argument("--peft", choices=("none", "lora", "prefix"), default="none")
-    p.add_argument("--trainable", default=None, help="regex: only parameters whose name matches are tuned")
-    p.add_argument("--train-size", type=int, default=1000, help="training sample size (MeZO: 1000)")
-    p.add_argument("--eval-every", type=int, default=200)
-    p.add_argument("--no-eval-before", action="store_true",
-                   help="skip the zero-shot evaluation (e.g. when zo-eval already measured it)")
-    p.add_argument("--output-dir", default=None, help="run folder (default runs/<task>-<objective>-s<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its trajectory")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
-    p.add_argument("--no-progress", action="store_true")
-    return p
+def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
+    """Load the model and build the objective; resolve lr, smoothing and dtype. Nothing is written."""
+    config = replace(config, dtype=DEFAULT_DTYPE[device.type] if config.dtype == "auto" else config.dtype)
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    model = apply_peft(model, config.peft).to(device)
+    try:
+        select_trainable(model, config.trainable)
+    except re.error as err:
+        raise UsageError(f"--trainable {config.trainable!r} is not a regular expression: {err}") from err
+    predictor = predictor_for(task, tokenizer, max_length=config.max_length)
+    if config.reward:
+        generator = predictor_for(task, tokenizer, max_length=config.max_length,
+                                  temperature=config.sample_temperature)
+        if not hasattr(generator, "generate"):
+            raise UsageError(f"--reward needs a generation task (such as squad); {task.name} is {task.kind}")
+        objective = RewardObjective(generator, reward_functions(config.reward), config.reward_weights,
+                                    candidates=config.reward_candidates)
+    else:  # (names.md: make_objective's `temperature` becomes `smoothing`)
+        objective = make_objective(config.objective, predictor, temperature=config.smoothing, samples=config.samples,
+                                   form=config.metric_form, sequence_score=config.sequence_score,
+                                   support=config.metric_support)
+    metric_objective = isinstance(objective, MetricObjective)
+    smoothing = objective.temperature if metric_objective else None
+    form = objective.form if metric_objective and smoothing else None
+    kind = "scale-free" if config.update != "sgd" else form or ("cross_entropy" if config.objective == CROSS_ENTROPY
+                                                                  else "mean")
+    config = replace(config, lr=config.lr or DEFAULT_LR[kind], smoothing=smoothing)
+    train_set = task.examples("train", n=config.train_size, seed=config.seed)
+    dev_set = task.examples("dev", n=config.eval_size)
+    if config.batch_size > len(train_set):
+        raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training examples of "
+                         f"{task.name}; use --batch-size {len(train_set)} or less")
+    metric = get_metric(task.metric)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    facts = {"form": form, "support": objective.support if form else None, "metric": metric.name,
+             "train_examples": len(train_set), "eval_examples": len(dev_set), "trainable_parameters": trainable,
+             "world_size": distributed.world_size()}
+    return Run(config, model, predictor, objective, metric, train_set, dev_set, facts)
 
 
-def tune(args: argparse.Namespace) -> dict:
-    for name in ("steps", "batch_size", "lr", "eps", "train_size", "eval_size", "n_perturbations", "samples"):
-        _positive(name.replace("_", "-"), getattr(args, name))
-    _load_plugins(args.plugin)
+def check_run_dir(run_dir: Path, resume_run: bool, overwrite: bool) -> None:
+    """Refuse a run folder that is a file, exists without --resume or --overwrite, or has nothing to resume."""
+    for path in (run_dir, *run_dir.parents):
+        if path.exists() and not path.is_dir():
+            raise UsageError(f"--output-dir {run_dir}: {path} is a file, not a folder")
+    if resume_run:
+        for name in (CHECKPOINT, "config.json", "eval.json"):
+            if not (run_dir / name).is_file():
+                raise UsageError(f"--resume: no {name} in {run_dir}")
+    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise UsageError(f"run folder {run_dir} exists; pass --resume to continue it, --overwrite to replace it, "
+                         "or another --output-dir")
+
+
+def check_resume(run_dir: Path, config: TuneConfig, allow_changed_settings: bool) -> list[str]:
+    """The settings that differ from the run's config.json (allowed ones only); refuse any that may not."""
+    allowed, fixed = differences(read_config(TuneConfig, run_dir / "config.json"), config)
+    if fixed:
+        raise UsageError(f"--resume: {', '.join(fixed)} cannot change on a resume of {run_dir} (the checkpoint "
+                         "replays the run with its settings); use another --output-dir")
+    if allowed and not allow_changed_settings:
+        raise UsageError(f"--resume: settings differ from {run_dir / 'config.json'}: {', '.join(allowed)}; pass "
+                         "--allow-changed-settings to continue with the new ones")
+    return allowed
+
+
+def tune(config: TuneConfig, *, resume_run: bool = False, overwrite: bool = False,
+         allow_changed_settings: bool = False) -> dict:
+    """Tune a model as ``config`` says, in its run folder; return the summary that eval.json holds.
+
+    ``resume_run`` continues the run folder from its checkpoint, with the same settings as its config.json
+    (``steps`` to extend it, and the other settings marked free in TuneConfig, may differ; the optimizer's,
+    the data's and the model's may not; any other difference needs ``allow_changed_settings``, and config.json
+    then records it under "resumed"). ``overwrite`` replaces an existing run folder.
+    """
     rank, world = distributed.init()  # distributed: (0, 1) unless torchrun set WORLD_SIZE > 1
     main = rank == 0  # distributed: only rank 0 checks and writes the run folder, prints, shows progress
     distributed.quiet()  # distributed: silences warnings on ranks other than 0
-    task = _task(args)
-    objective_name = args.objective or task.metric
-    if objective_name != CROSS_ENTROPY and objective_name not in list_metrics():
-        raise UsageError(f"unknown objective {objective_name!r}; available: "
-                         f"{', '.join([CROSS_ENTROPY, *list_metrics()])}")
-    run_dir = Path(args.output_dir or f"runs/{task.name}-{objective_name}-s{args.seed}")
-    if main and run_dir.exists() and any(run_dir.iterdir()) and not (args.resume or args.overwrite):
-        raise UsageError(f"run folder {run_dir} exists; pass --resume to continue it, --overwrite to replace it, "
-                         "or another --output-dir")
-    if args.resume and not (run_dir / CHECKPOINT).exists():
-        raise UsageError(f"--resume: no {CHECKPOINT} in {run_dir}")
-    if main and args.overwrite and not args.resume:
-        for stale in ("metrics.jsonl", CHECKPOINT, "eval.json"):
-            (run_dir / stale).unlink(missing_ok=True)
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model)
-    model = apply_peft(model, args.peft).to(_device(args.device))
-    select_trainable(model, args.trainable)
-    predictor = predictor_for(task, tokenizer, max_length=args.max_length)
-    objective = make_objective(objective_name, predictor, temperature=args.temperature, samples=args.samples,
-                               form=args.metric_form, sequence_score=args.sequence_score, support=args.metric_support)
-    is_metric = isinstance(objective, MetricObjective)
-    temperature = objective.temperature if is_metric else None
-    form = objective.form if is_metric and temperature else None
-    support = objective.support if form else None
-    if world > 1:  # distributed: each rank scores batch[rank::world]; the losses are all-reduced
-        objective = distributed.ShardedObjective(objective)
-    kind = "scale-free" if args.update != "sgd" else form or ("mean" if is_metric else "cross_entropy")
-    lr = args.lr or DEFAULT_LR[kind]
-
-    train_set = task.examples("train", n=args.train_size, seed=args.seed)
-    dev_set = task.examples("dev", n=args.eval_size)
-    metric = get_metric(task.metric)
-    params = [p for p in model.parameters() if p.requires_grad]
-    settings = dict(lr=lr, eps=args.eps, weight_decay=args.weight_decay, n_perturbations=args.n_perturbations,
-                    seed=args.seed, noise=args.noise, difference=args.difference, update=args.update,
-                    fitness_shaping=args.fitness_shaping, momentum=args.momentum,
-                    momentum_window=args.momentum_window)
-    config = {**vars(args), "task": task.name, "objective": objective_name, "temperature": temperature, "form": form,
-              "support": support, "lr": lr, "optimizer": settings, "train_examples": len(train_set),
-              "eval_examples": len(dev_set), "metric": metric.name,
-              "trainable_parameters": sum(p.numel() for p in params), "world_size": world}
+    config, task = resolve(config)
+    run_dir = Path(config.output_dir)
     if main:
-        write_json(run_dir / "config.json", config)
+        check_run_dir(run_dir, resume_run, overwrite)
+    run = prepare(config, task, _device(config.device))
+    config, model, metric, dev_set = run.config, run.model, run.metric, run.dev_set
+    changed = check_resume(run_dir, config, allow_changed_settings) if resume_run and main else []
+    params = [p for p in model.parameters() if p.requires_grad]
+    objective = distributed.ShardedObjective(run.objective) if world > 1 else run.objective  # batch[rank::world]
 
     def dev_metric() -> float:
         if world > 1:  # distributed: verify the ranks' weights agree, split the dev set across ranks
             distributed.check_in_sync(params)
-            return distributed.evaluate(model, predictor, dev_set, metric, args.batch_size)
-        return evaluate(model, predictor, dev_set, metric, args.batch_size)
+            return distributed.evaluate(model, run.predictor, dev_set, metric, config.batch_size)
+        return evaluate(model, run.predictor, dev_set, metric, config.batch_size)
 
-    start = 0
-    if args.resume:
+    start, resumed, before = 0, [], None
+    if resume_run:
+        saved = json.loads((run_dir / "config.json").read_text())
+        resumed, before = saved.get("resumed", []), json.loads((run_dir / "eval.json").read_text()).get("before")
         optimizer, start = resume(run_dir, params)
-        before = json.loads((run_dir / "eval.json").read_text()).get("before")
+        optimizer.on_nonfinite = config.on_nonfinite
+        for group in optimizer.param_groups:  # the lr of the steps to come (the trajectory keeps each step's)
+            group.update(lr=config.lr, initial_lr=config.lr)
+        resumed = [*resumed, {"step": start, "changed": changed}] if changed else resumed
     else:
-        optimizer = MeZO(params, **settings)
-        before = None if args.no_eval_before else dev_metric()
+        optimizer = MeZO(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay,
+                         n_perturbations=config.n_perturbations, seed=config.seed, noise=config.noise,
+                         difference=config.difference, update=config.update, fitness_shaping=config.fitness_shaping,
+                         momentum=config.momentum, momentum_window=config.momentum_window,
+                         on_nonfinite=config.on_nonfinite)
+    scheduler = make_scheduler(optimizer, config.schedule, config.steps, last_step=start)
+    if main:  # every check passed: from here on the run folder is written
+        if overwrite and not resume_run:
+            for stale in ("metrics.jsonl", CHECKPOINT, "eval.json"):
+                (run_dir / stale).unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", {**asdict(config), **run.facts, "optimizer": optimizer.config(),
+                                             **({"resumed": resumed} if resumed else {})})
+    if not resume_run:
+        if config.eval_before:
+            if main:
+                print(f"zo-tune: evaluating {config.model} on {len(dev_set)} {task.name} dev examples before tuning "
+                      "(--no-eval-before skips it)", file=sys.stderr)
+            before = dev_metric()
         if main:
             write_json(run_dir / "eval.json", {"metric": metric.name, "examples": len(dev_set), "before": before})
-    scheduler = make_scheduler(optimizer, args.schedule, args.steps, last_step=start)
     if main:
-        print(f"zo-tune: {task.name}, objective {objective_name}, {config['trainable_parameters']:,} trainable "
+        print(f"zo-tune: {task.name}, objective {config.objective}, {run.facts['trainable_parameters']:,} trainable "
               f"parameters, dev {metric.name} before: {_fmt(before)}", file=sys.stderr)
     t0 = time.perf_counter()
-    history = train(model, optimizer, objective, train_set, steps=args.steps, batch_size=args.batch_size,
-                    seed=args.seed, start_step=start, evaluate_fn=dev_metric, eval_every=args.eval_every,
-                    run_dir=run_dir if main else None, scheduler=scheduler, progress=main and not args.no_progress)
+    history = train(model, optimizer, objective, run.train_set, steps=config.steps, batch_size=config.batch_size,
+                    seed=config.seed, start_step=start, evaluate_fn=dev_metric, eval_every=config.eval_every,
+                    run_dir=run_dir if main else None, scheduler=scheduler, progress=main and config.progress,
+                    checkpoint_every=config.checkpoint_every)
     after = history[-1]["eval"] if history and "eval" in history[-1] else dev_metric()
     seconds = time.perf_counter() - t0
     ties = sum(r["tied"] for r in history) / max(1, len(history))
     summary = {"metric": metric.name, "examples": len(dev_set), "before": before, "after": after,
-               "steps": args.steps, "train_seconds": seconds, "tied_fraction": ties}
+               "steps": config.steps, "train_seconds": seconds, "tied_fraction": ties}
     if not main:  # distributed: rank 0 writes the results
         return summary
     write_json(run_dir / "eval.json", summary)
     save_weights(model, run_dir / "model.safetensors")
     plot_run(run_dir)
-    print(f"zo-tune: dev {metric.name} {_fmt(before)} -> {after:.4f} after {args.steps} steps "
+    print(f"zo-tune: dev {metric.name} {_fmt(before)} -> {after:.4f} after {config.steps} steps "
           f"({seconds / 60:.1f} min, {ties:.0%} of steps tied). Run folder: {run_dir} (config.json, "
           f"metrics.jsonl, eval.json, curve.png, {CHECKPOINT}, model.safetensors)", file=sys.stderr)
     return summary
 
 
-def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="zo-eval", description="Evaluate a model, or a zo-tune run, on a task.")
-    _common(p)
-    p.add_argument("--run", help="a zo-tune run folder: evaluate its tuned weights")
-    p.add_argument("--shots", type=int, default=0, help="in-context demonstrations drawn from the train split")
-    p.add_argument("--metric", default=None, help="default: the task's metric")
-    p.add_argument("--split", choices=("dev", "validation"), default="dev")
-    return p
-
-
-def evaluate_cli(args: argparse.Namespace) -> dict:
-    _positive("eval-size", args.eval_size)
-    if args.shots < 0:
-        raise UsageError(f"--shots must be >= 0, got {args.shots}")
-    _load_plugins(args.plugin)
-    task = _task(args)
-    metric = get_metric(args.metric or task.metric)
-    model_name = args.model
-    if args.run:
-        config = json.loads((Path(args.run) / "config.json").read_text())
-        model_name = config["model"]
-    model, tokenizer = load_model(model_name)
-    model.to(_device(args.device))
-    if args.run:
-        model = apply_peft(model, config.get("peft", "none"))
-        load_run_weights(model, Path(args.run))
-    examples = task.examples(args.split, n=args.eval_size, seed=args.seed)
-    if args.shots:
-        demos = task.examples("train", n=args.shots, seed=args.seed)
-        examples = with_demonstrations(examples, demos)
-    predictor = predictor_for(task, tokenizer, max_length=args.max_length)
-    value = evaluate(model, predictor, examples, metric, args.batch_size)
-    result = {"model": model_name, "run": args.run, "task": task.name, "split": args.split, "shots": args.shots,
-              "metric": metric.name, "examples": len(examples), "value": value}
+def evaluate_run(config: EvalConfig) -> dict:
+    """Evaluate ``config.model`` (or the tuned weights of ``config.run``) on the task; print and return the result."""
+    for plugin in config.plugin:
+        import_source(plugin, "--plugin")
+    task = _task(config)
+    metric = get_metric(config.metric or task.metric)
+    device = _device(config.device)
+    examples = task.examples(config.split, n=config.eval_size, seed=config.seed)
+    if config.shots:
+        examples = with_demonstrations(examples, task.examples("train", n=config.shots, seed=config.seed))
+    model, tokenizer = load_model(config.model, dtype=DEFAULT_DTYPE[device.type] if config.dtype == "auto"
+                                  else config.dtype)
+    if config.run:
+        model = apply_peft(model, read_config(TuneConfig, Path(config.run) / "config.json").get("peft", "none"))
+        load_run_weights(model, Path(config.run))
+    model.to(device)
+    predictor = predictor_for(task, tokenizer, max_length=config.max_length)
+    value = evaluate(model, predictor, examples, metric, config.batch_size)
+    result = {"model": config.model, "run": config.run, "task": task.name, "split": config.split,
+              "shots": config.shots, "metric": metric.name, "examples": len(examples), "value": value}
     print(json.dumps(result))
     return result
 
 
-def _main(parser: argparse.ArgumentParser, run, argv: list[str] | None) -> int:
-    args = parser.parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as err:  # UsageError and the library's own input errors
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 2
-    return 0
+# The settings a zo-eval --run takes from the run's config.json unless given
+RUN_SETTINGS = ("model", "task", "data", "dev_data", "template", "label_words", "labels", "label_column",
+                "answer_column", "plugin", "max_length", "dtype")
+
+
+def tune_parser() -> Parser:
+    parser = Parser(TuneConfig, "zo-tune", "Tune a causal LM on any objective with MeZO.")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoint, "
+                                                              "with its config.json's settings")
+    parser.add_argument("--allow-changed-settings", action="store_true",
+                        help="--resume with settings that differ from the run's config.json (recorded there)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    return parser
+
+
+def eval_parser() -> Parser:
+    return Parser(EvalConfig, "zo-eval", "Evaluate a model, or a zo-tune run, on a task.")
+
+
+def _fail(prog: str, err: Exception) -> int:
+    print(f"{prog}: error: {err}", file=sys.stderr)
+    return 2
 
 
 def tune_main(argv: list[str] | None = None) -> int:
-    return _main(tune_parser(), tune, argv)
+    parser = tune_parser()
+    try:
+        args, given = parser.given(argv)
+        config = TuneConfig(**given)
+        if args.resume:  # the run's own settings, overridden by those given
+            run_dir = Path(resolve(config)[0].output_dir)
+            if (run_dir / "config.json").is_file():  # (not its device: the machine may be another)
+                saved = {**read_config(TuneConfig, run_dir / "config.json"), "device": None}
+                config = TuneConfig(**{**saved, **given})
+        tune(config, resume_run=args.resume, overwrite=args.overwrite,
+             allow_changed_settings=args.allow_changed_settings)
+    except (ValueError, FileNotFoundError) as err:  # UsageError and the library's own input errors
+        return _fail(parser.prog, err)
+    return 0
 
 
 def eval_main(argv: list[str] | None = None) -> int:
-    return _main(eval_parser(), evaluate_cli, argv)
+    parser = eval_parser()
+    try:
+        _, given = parser.given(argv)
+        if "run" in given:
+            tuned = read_config(TuneConfig, Path(given["run"]) / "config.json")
+            if given.get("model", tuned.get("model")) != tuned.get("model"):
+                raise UsageError(f"--model {given['model']} is not the model of --run {given['run']}: "
+                                 f"{tuned.get('model')}")
+            given = {**{k: tuned[k] for k in RUN_SETTINGS if k in tuned}, **given}
+        evaluate_run(EvalConfig(**given))
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(parser.prog, err)
+    return 0
 
 
 if __name__ == "__main__":

