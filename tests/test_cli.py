@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import math
+import re
 import sys
 
 import pytest
@@ -11,8 +14,11 @@ import torch
 from safetensors.torch import load_file
 
 import metrics
-from zo_objectives.cli import eval_main, tune_main
-from zo_objectives.models import load_model, tiny_random_model
+from zo_objectives.cli import eval_main, tune_main, tune_parser
+from zo_objectives.cli import tune as tune_run
+from zo_objectives.config import TuneConfig, UsageError
+from zo_objectives.models import DTYPES, PEFT_KINDS, load_model, tiny_random_model
+from zo_objectives.optimizer import UPDATES
 
 # make_scheduler(last_step=...) on --resume steps the scheduler before any optimizer step, by design
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
@@ -63,7 +69,8 @@ def test_resume_equals_straight_run(straight_run, tmp_path):
     run = tmp_path / "resumed"
     assert tune("--steps", "2", "--eval-every", "2", "--eval-size", "4", "--output-dir", str(run)) == 0
     assert [r["step"] for r in rows(run)] == [1, 2]
-    assert tune("--steps", "4", "--eval-every", "2", "--eval-size", "4", "--output-dir", str(run), "--resume") == 0
+    # --eval-every, --no-progress and --steps may differ on resume; the other settings come from config.json
+    assert tune_main(["--output-dir", str(run), "--resume", "--steps", "4", "--eval-every", "1"]) == 0
     assert [r["step"] for r in rows(run)] == [1, 2, 3, 4]
     assert json.loads((run / "trajectory.json").read_text())["step"] == 4
     a, b = load_file(run / "model.safetensors"), load_file(straight / "model.safetensors")
@@ -78,10 +85,146 @@ def test_resume_equals_straight_run(straight_run, tmp_path):
 def test_eval_main_on_a_run_folder(straight_run, capsys):
     _, run = straight_run
     capsys.readouterr()
-    assert eval_main(["--run", str(run), "--task", "sst2", "--eval-size", "16", "--batch-size", "8"]) == 0
+    assert eval_main(["--run", str(run), "--eval-size", "16", "--batch-size", "8"]) == 0  # the run's model and task
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["metric"] == "accuracy" and result["examples"] == 16 and result["run"] == str(run)
+    assert (result["model"], result["task"], result["metric"], result["examples"], result["run"]) == (
+        "tiny-random", "sst2", "accuracy", 16, str(run))
     assert result["value"] == json.loads((run / "eval.json").read_text())["after"]
+    assert eval_main(["--run", str(run), "--model", "smollm2-135m"]) == 2
+    assert "is not the model of --run" in capsys.readouterr().err
+
+
+def test_eval_main_reads_a_config_file(tmp_path, capsys):
+    config = tmp_path / "eval.json"
+    config.write_text(json.dumps({"model": "tiny-random", "task": "sst2", "eval_size": 4, "batch_size": 4}))
+    assert eval_main(["--config", str(config), "--eval-size", "2"]) == 0  # a flag beside the file overrides it
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["examples"] == 2
+    config.write_text(json.dumps({"model": "tiny-random", "eval_sise": 4}))
+    assert eval_main(["--config", str(config)]) == 2
+    assert "unknown settings ['eval_sise']; accepted: model, task" in capsys.readouterr().err
+
+
+def test_flags_come_from_the_config_fields():
+    parser = tune_parser()
+    options = {o: a for a in parser._actions for o in a.option_strings}
+    for f in dataclasses.fields(TuneConfig):
+        action = options["--" + f.name.replace("_", "-")]
+        assert action.dest == f.name and action.help == f.metadata["help"], f.name
+    assert tuple(options["--update"].choices) == UPDATES and tuple(options["--peft"].choices) == PEFT_KINDS
+    assert tuple(options["--dtype"].choices) == ("auto", *DTYPES)
+    assert options["--no-progress"].dest == "progress" and options["--no-eval-before"].dest == "eval_before"
+    _, given = parser.given(["--plugin", "a", "--plugin", "b", "c", "--no-progress", "--lr", "1e-3"])
+    assert given == {"plugin": ["a", "b", "c"], "progress": False, "lr": 1e-3}  # only what was given
+
+
+def test_tune_from_python_and_from_config_json_rerun_the_run(straight_run, tmp_path):
+    _, straight = straight_run
+    saved = json.loads((straight / "config.json").read_text())
+    assert (saved["lr"], saved["smoothing"], saved["dtype"], saved["output_dir"]) == (1e-5, 1.0, "fp32", str(straight))
+    config = TuneConfig(model="tiny-random", task="sst2", train_size=32, batch_size=8, progress=False, steps=4,
+                        eval_every=2, eval_size=16, output_dir=str(tmp_path / "python"))
+    summary = tune_run(config)
+    assert summary["after"] == json.loads((straight / "eval.json").read_text())["after"]
+    assert tune_main(["--config", str(straight / "config.json"), "--output-dir", str(tmp_path / "again")]) == 0
+    for run in (tmp_path / "python", tmp_path / "again"):
+        assert {**json.loads((run / "config.json").read_text()), "output_dir": str(straight)} == saved
+        a, b = load_file(run / "model.safetensors"), load_file(straight / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _, given = tune_parser().given(["--config", str(straight / "config.json"), "--steps", "2"])
+    assert (given["steps"], given["lr"], given["eval_size"]) == (2, 1e-5, 16)  # flags beside the file override it
+
+
+def test_resume_refuses_changed_settings_unless_allowed(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert tune("--steps", "2", "--eval-every", "2", "--eval-size", "4", "--output-dir", str(run)) == 0
+    config, _ = (run / "config.json").read_text(), capsys.readouterr()
+    resume = ["--output-dir", str(run), "--resume", "--steps", "4"]
+    assert tune_main([*resume, "--lr", "1e-3", "--batch-size", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "settings differ" in err and "--batch-size 8 -> 4, --lr 1e-05 -> 0.001" in err
+    assert "--allow-changed-settings" in err and len(err.strip().splitlines()) == 1
+    assert tune_main([*resume, "--seed", "1", "--lr", "1e-3", "--allow-changed-settings"]) == 2
+    assert "--seed 0 -> 1: cannot change on a resume" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == config and len(rows(run)) == 2  # untouched
+    assert tune_main([*resume, "--lr", "1e-3", "--batch-size", "4", "--allow-changed-settings"]) == 0
+    assert [r["lr"] for r in rows(run)] == [1e-5, 1e-5, 1e-3, 1e-3]  # the new lr is the one used
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["lr"], saved["batch_size"], saved["steps"]) == (1e-3, 4, 4)
+    assert saved["resumed"] == [{"step": 2, "changed": {"batch_size": [8, 4], "lr": [1e-5, 1e-3]}}]
+
+
+REWARDS = '''
+def short(prompts, completions, **columns):
+    return [float(len(c.split()) <= 3) for c in completions]
+
+
+def overlap(prompts, completions, answers, **columns):
+    return [float(any(a in c for a in golds)) for c, golds in zip(completions, answers)]
+'''
+
+
+def test_reward_run_logs_each_reward_per_step(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_rewards.py").write_text(REWARDS)
+    run = tmp_path / "run"
+    code = tune("--task", "squad", "--reward", "my_rewards.py:short", "--reward", "./my_rewards.py:overlap",
+                "--reward-weights", "0.5", "1", "--steps", "2", "--batch-size", "2", "--eval-size", "2",
+                "--output-dir", str(run))
+    assert code == 0, capsys.readouterr().err
+    assert "evaluating tiny-random on 2 squad dev examples before tuning" in capsys.readouterr().err
+    log = rows(run)
+    assert len(log) == 2 and all(set(r["rewards"]) == {"short", "overlap"} for r in log)
+    assert all(0 <= v <= 1 for r in log for v in r["rewards"].values())
+    config = json.loads((run / "config.json").read_text())
+    assert (config["objective"], config["reward_weights"], config["lr"], config["metric"]) == (
+        "reward", [0.5, 1.0], 1e-4, "squad_f1")
+
+
+def test_dtype_and_checkpoint_interval_reach_the_run(tmp_path, monkeypatch):
+    saved_at = []
+    train_module = importlib.import_module("zo_objectives.train")  # the module (the package exports the function)
+    real = train_module.save_checkpoint
+    monkeypatch.setattr(train_module, "save_checkpoint", lambda d, o, step: (saved_at.append(step), real(d, o, step)))
+    run = tmp_path / "bf16"
+    assert tune("--dtype", "bf16", "--steps", "4", "--checkpoint-every", "2", "--eval-every", "0",
+                "--eval-size", "4", "--no-eval-before", "--output-dir", str(run)) == 0
+    assert json.loads((run / "config.json").read_text())["dtype"] == "bf16"
+    assert {t.dtype for t in load_file(run / "model.safetensors").values()} == {torch.bfloat16}
+    assert sorted(set(saved_at)) == [2, 4]
+
+
+NAN_PLUGIN = '''
+from metrics import register_metric
+
+register_metric("always_nan", lambda predictions, references: float("nan"))
+'''
+
+
+@pytest.mark.filterwarnings("ignore:skipping an estimate with non-finite loss")
+def test_plugin_file_and_on_nonfinite(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(metrics, "_REGISTRY", dict(metrics._REGISTRY))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "nan_metric.py").write_text(NAN_PLUGIN)
+    args = ["--plugin", "./nan_metric.py", "--objective", "always_nan", "--smoothing", "0", "--steps", "1",
+            "--eval-size", "4", "--no-eval-before"]
+    assert tune(*args, "--on-nonfinite", "skip", "--output-dir", "skip") == 0, capsys.readouterr().err
+    trajectory = json.loads((tmp_path / "skip" / "trajectory.json").read_text())["optimizer"]["mezo"]["trajectory"]
+    assert trajectory[0]["grads"] == [None]  # skipped: the weights did not move
+    capsys.readouterr()
+    assert tune(*args, "--output-dir", "raise") == 1  # --on-nonfinite raise, the default: the run stops
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: non-finite loss" in err and "--on-nonfinite skip" in err
+
+
+def test_label_column_names_the_labels_of_a_data_file(tmp_path, capsys):
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,sentiment\n" + "".join(f"review {i},{i % 2}\n" for i in range(8)))
+    custom = ["--data", str(data), "--dev-data", str(data), "--template", "{text}. It was", "--label-words", " bad",
+              " good", "--steps", "1", "--eval-size", "4", "--batch-size", "4"]
+    assert tune(*custom, "--output-dir", str(tmp_path / "a")) == 2
+    assert "missing column 'label'" in capsys.readouterr().err
+    assert tune(*custom, "--label-column", "sentiment", "--output-dir", str(tmp_path / "b")) == 0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["label_column"] == "sentiment"
 
 
 PLUGIN = '''
@@ -121,14 +264,64 @@ def test_plugin_registers_a_metric_objective(tmp_path, monkeypatch, capsys):
     (["--model", "/nonexistent/no-such-model"], "no-such-model"),
     (["--objective", "f1", "--metric-form", "log"], "per-example"),
     (["--metric-support", "model"], "generation task"),
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--lr", "0"], "--lr must be > 0"),
+    (["--eps", "inf"], "--eps must be a finite number"),
+    (["--max-length", "0"], "--max-length must be > 0"),
+    (["--smoothing", "-1"], "--smoothing must be >= 0"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be > 0"),
+    (["--momentum", "1.5", "--momentum-window", "2"], "--momentum must be in [0, 1)"),
+    (["--momentum", "0.5"], "--momentum-window > 1"),
+    (["--batch-size", "64"], "--batch-size 64 is larger than the 32 training examples"),
+    (["--plugin", "./no_such_file.py"], "no_such_file.py"),
+    (["--trainable", "("], "not a regular expression"),
+    (["--device", "foo"], "unknown --device 'foo'"),
+    (["--template", "{text}"], "--template describes a custom data file: it needs --data"),
+    (["--data", "no_such_file.csv", "--template", "{text}"], "--data no_such_file.csv: no such file"),
+    (["--config", "no_such_config.json"], "cannot read config no_such_config.json"),
+    (["--reward", "no_colon"], "expected module:function"),
+    (["--task", "squad", "--reward", "no_such_reward_module:fn"], "no_such_reward_module"),
+    (["--task", "squad", "--reward", "os:no_such_function"], "no function 'no_such_function'"),
+    (["--task", "squad", "--reward", "os:getcwd"], "reward 'getcwd' raised TypeError"),
+    (["--reward", "math:fabs"], "--reward needs a generation task (such as squad); sst2 is classification"),
+    (["--task", "squad", "--reward", "os:getcwd", "--reward-weights", "1", "2"], "2 weights for 1 --reward"),
+    (["--task", "squad", "--reward", "os:getcwd", "--objective", "f1"], "exclude each other"),
+    (["--reward-weights", "1"], "1 weights for 0 --reward"),
+    (["--task", "squad", "--reward", "os:getcwd", "--reward-candidates", "2"], "needs --sample-temperature > 0"),
 ])
 def test_bad_input_returns_2_naming_the_problem(args, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
     code = tune("--steps", "1", "--output-dir", str(tmp_path / "run"), *args)
     err = capsys.readouterr().err
     assert code == 2
     assert needle in err and "error" in err
     assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()  # checked before the run folder is touched
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"lr": float("nan")}, "--lr must be a finite number, got nan"),
+    ({"steps": "4"}, "--steps must be int, got '4'"),
+    ({"eps": True}, "--eps must be float, got True"),
+    ({"update": "adam"}, "unknown --update 'adam'; accepted: sgd, sign, normalized"),
+    ({"dtype": "fp8"}, "unknown --dtype 'fp8'; accepted: auto, fp32, bf16, fp16"),
+    ({"label_words": " good"}, "--label-words must be a list"),
+    ({"reward_weights": [1, "x"]}, "--reward-weights must be float, got 'x'"),
+])
+def test_config_checks_values_from_python(kwargs, needle):
+    with pytest.raises(UsageError, match=re.escape(needle)):
+        TuneConfig(**kwargs)
+
+
+def test_output_dir_that_is_a_file_returns_2(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for target in (afile, afile / "run"):
+        assert tune("--steps", "1", "--output-dir", str(target)) == 2
+        assert f"{afile} is a file, not a folder" in capsys.readouterr().err
+    assert afile.read_text() == "not a folder"
 
 
 def test_unknown_objective_lists_options(tmp_path, capsys):

@@ -35,6 +35,7 @@ from zo_objectives.config import (
     Parser,
     TuneConfig,
     UsageError,
+    describe,
     differences,
     read_config,
 )
@@ -55,8 +56,8 @@ def import_source(source: str, flag: str) -> ModuleType:
     try:
         if source.endswith(".py") or os.sep in source or "/" in source:
             path = Path(source).resolve()
-            if not path.is_file():
-                raise UsageError(f"{flag} {source!r}: no such file")
+            if path.suffix != ".py" or not path.is_file():
+                raise UsageError(f"{flag} {source!r}: no such .py file")
             name = f"zo_source_{path.stem}_{abs(hash(str(path)))}"  # one module per file, imported once
             if name not in sys.modules:
                 spec = importlib.util.spec_from_file_location(name, path)
@@ -151,6 +152,8 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
             raise UsageError(f"--reward needs a generation task (such as squad); {task.name} is {task.kind}")
         objective = RewardObjective(generator, reward_functions(config.reward), config.reward_weights,
                                     candidates=config.reward_candidates)
+        ex = task.examples("train", n=1, seed=config.seed)[0]  # a reward that fails fails now, on a gold answer
+        objective.scores([ex["prompt"]], [ex["target"].strip()], {k: [v] for k, v in ex.items() if k != "prompt"})
     else:  # (names.md: make_objective's `temperature` becomes `smoothing`)
         objective = make_objective(config.objective, predictor, temperature=config.smoothing, samples=config.samples,
                                    form=config.metric_form, sequence_score=config.sequence_score,
@@ -188,26 +191,34 @@ def check_run_dir(run_dir: Path, resume_run: bool, overwrite: bool) -> None:
                          "or another --output-dir")
 
 
-def check_resume(run_dir: Path, config: TuneConfig, allow_changed_settings: bool) -> list[str]:
-    """The settings that differ from the run's config.json (allowed ones only); refuse any that may not."""
+def check_resume(run_dir: Path, config: TuneConfig, allow_changed_settings: bool) -> list[dict]:
+    """Refuse settings that differ from the run's config.json unless they may; return the run's record of
+    changed settings ("resumed" in config.json), with this resume's changes added."""
+    saved = json.loads((run_dir / "config.json").read_text())
     allowed, fixed = differences(read_config(TuneConfig, run_dir / "config.json"), config)
     if fixed:
-        raise UsageError(f"--resume: {', '.join(fixed)} cannot change on a resume of {run_dir} (the checkpoint "
+        raise UsageError(f"--resume: {describe(fixed)}: cannot change on a resume of {run_dir} (the checkpoint "
                          "replays the run with its settings); use another --output-dir")
     if allowed and not allow_changed_settings:
-        raise UsageError(f"--resume: settings differ from {run_dir / 'config.json'}: {', '.join(allowed)}; pass "
+        raise UsageError(f"--resume: settings differ from {run_dir / 'config.json'}: {describe(allowed)}; pass "
                          "--allow-changed-settings to continue with the new ones")
-    return allowed
+    step = json.loads((run_dir / CHECKPOINT).read_text())["step"]
+    return saved.get("resumed", []) + ([{"step": step, "changed": allowed}] if allowed else [])
+
+
+MEZO_SETTINGS = ("lr", "eps", "weight_decay", "n_perturbations", "seed", "noise", "difference", "update",
+                 "fitness_shaping", "momentum", "momentum_window", "on_nonfinite")
 
 
 def tune(config: TuneConfig, *, resume_run: bool = False, overwrite: bool = False,
          allow_changed_settings: bool = False) -> dict:
     """Tune a model as ``config`` says, in its run folder; return the summary that eval.json holds.
 
-    ``resume_run`` continues the run folder from its checkpoint, with the same settings as its config.json
-    (``steps`` to extend it, and the other settings marked free in TuneConfig, may differ; the optimizer's,
-    the data's and the model's may not; any other difference needs ``allow_changed_settings``, and config.json
-    then records it under "resumed"). ``overwrite`` replaces an existing run folder.
+    ``resume_run`` continues the run folder from its checkpoint, with the settings of its config.json:
+    ``steps`` (to extend it) and the other settings marked free in TuneConfig may differ, those marked fixed
+    (the model's, the data's, the optimizer's) may not, and any other difference needs
+    ``allow_changed_settings`` (config.json then records it under "resumed"). ``overwrite`` replaces an
+    existing run folder.
     """
     rank, world = distributed.init()  # distributed: (0, 1) unless torchrun set WORLD_SIZE > 1
     main = rank == 0  # distributed: only rank 0 checks and writes the run folder, prints, shows progress
@@ -218,7 +229,7 @@ def tune(config: TuneConfig, *, resume_run: bool = False, overwrite: bool = Fals
         check_run_dir(run_dir, resume_run, overwrite)
     run = prepare(config, task, _device(config.device))
     config, model, metric, dev_set = run.config, run.model, run.metric, run.dev_set
-    changed = check_resume(run_dir, config, allow_changed_settings) if resume_run and main else []
+    resumed = check_resume(run_dir, config, allow_changed_settings) if resume_run and main else []
     params = [p for p in model.parameters() if p.requires_grad]
     objective = distributed.ShardedObjective(run.objective) if world > 1 else run.objective  # batch[rank::world]
 
@@ -228,21 +239,15 @@ def tune(config: TuneConfig, *, resume_run: bool = False, overwrite: bool = Fals
             return distributed.evaluate(model, run.predictor, dev_set, metric, config.batch_size)
         return evaluate(model, run.predictor, dev_set, metric, config.batch_size)
 
-    start, resumed, before = 0, [], None
+    start, before = 0, None
     if resume_run:
-        saved = json.loads((run_dir / "config.json").read_text())
-        resumed, before = saved.get("resumed", []), json.loads((run_dir / "eval.json").read_text()).get("before")
         optimizer, start = resume(run_dir, params)
         optimizer.on_nonfinite = config.on_nonfinite
         for group in optimizer.param_groups:  # the lr of the steps to come (the trajectory keeps each step's)
             group.update(lr=config.lr, initial_lr=config.lr)
-        resumed = [*resumed, {"step": start, "changed": changed}] if changed else resumed
+        before = json.loads((run_dir / "eval.json").read_text()).get("before")
     else:
-        optimizer = MeZO(params, lr=config.lr, eps=config.eps, weight_decay=config.weight_decay,
-                         n_perturbations=config.n_perturbations, seed=config.seed, noise=config.noise,
-                         difference=config.difference, update=config.update, fitness_shaping=config.fitness_shaping,
-                         momentum=config.momentum, momentum_window=config.momentum_window,
-                         on_nonfinite=config.on_nonfinite)
+        optimizer = MeZO(params, **{name: getattr(config, name) for name in MEZO_SETTINGS})
     scheduler = make_scheduler(optimizer, config.schedule, config.steps, last_step=start)
     if main:  # every check passed: from here on the run folder is written
         if overwrite and not resume_run:
@@ -252,11 +257,10 @@ def tune(config: TuneConfig, *, resume_run: bool = False, overwrite: bool = Fals
         write_json(run_dir / "config.json", {**asdict(config), **run.facts, "optimizer": optimizer.config(),
                                              **({"resumed": resumed} if resumed else {})})
     if not resume_run:
-        if config.eval_before:
-            if main:
-                print(f"zo-tune: evaluating {config.model} on {len(dev_set)} {task.name} dev examples before tuning "
-                      "(--no-eval-before skips it)", file=sys.stderr)
-            before = dev_metric()
+        if config.eval_before and main:
+            print(f"zo-tune: evaluating {config.model} on {len(dev_set)} {task.name} dev examples before tuning "
+                  "(--no-eval-before skips it)", file=sys.stderr)
+        before = dev_metric() if config.eval_before else None
         if main:
             write_json(run_dir / "eval.json", {"metric": metric.name, "examples": len(dev_set), "before": before})
     if main:
@@ -272,14 +276,13 @@ def tune(config: TuneConfig, *, resume_run: bool = False, overwrite: bool = Fals
     ties = sum(r["tied"] for r in history) / max(1, len(history))
     summary = {"metric": metric.name, "examples": len(dev_set), "before": before, "after": after,
                "steps": config.steps, "train_seconds": seconds, "tied_fraction": ties}
-    if not main:  # distributed: rank 0 writes the results
-        return summary
-    write_json(run_dir / "eval.json", summary)
-    save_weights(model, run_dir / "model.safetensors")
-    plot_run(run_dir)
-    print(f"zo-tune: dev {metric.name} {_fmt(before)} -> {after:.4f} after {config.steps} steps "
-          f"({seconds / 60:.1f} min, {ties:.0%} of steps tied). Run folder: {run_dir} (config.json, "
-          f"metrics.jsonl, eval.json, curve.png, {CHECKPOINT}, model.safetensors)", file=sys.stderr)
+    if main:  # distributed: rank 0 writes the results
+        write_json(run_dir / "eval.json", summary)
+        save_weights(model, run_dir / "model.safetensors")
+        plot_run(run_dir)
+        print(f"zo-tune: dev {metric.name} {_fmt(before)} -> {after:.4f} after {config.steps} steps "
+              f"({seconds / 60:.1f} min, {ties:.0%} of steps tied). Run folder: {run_dir} (config.json, "
+              f"metrics.jsonl, eval.json, curve.png, {CHECKPOINT}, model.safetensors)", file=sys.stderr)
     return summary
 
 
@@ -345,6 +348,9 @@ def tune_main(argv: list[str] | None = None) -> int:
              allow_changed_settings=args.allow_changed_settings)
     except (ValueError, FileNotFoundError) as err:  # UsageError and the library's own input errors
         return _fail(parser.prog, err)
+    except FloatingPointError as err:  # a NaN/inf loss: not bad input, the run stops (its checkpoint kept)
+        print(f"{parser.prog}: error: {err} (--on-nonfinite skip skips them)", file=sys.stderr)
+        return 1
     return 0
 
 

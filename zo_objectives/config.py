@@ -276,12 +276,17 @@ class Parser(HfArgumentParser):
         return other, {**(read_config(cls, args.config) if args.config else {}), **flags}
 
 
-def differences(saved: dict, config: Any) -> tuple[list[str], list[str]]:
-    """The settings of ``config`` that differ from a run's ``saved`` ones, each as ``--name saved -> new``: those
-    that may change on resume only when allowed, and those that may never change."""
-    allowed, fixed = [], []
+def differences(saved: dict, config: Any) -> tuple[dict, dict]:
+    """The settings of ``config`` that differ from a run's ``saved`` ones, as name: [saved, new]: those that may
+    change on resume only when allowed, and those that may never change."""
+    allowed, fixed = {}, {}
     for f in fields(config):
         old, new = saved.get(f.name), getattr(config, f.name)
         if f.metadata["resume"] != FREE and old != new:
-            (fixed if f.metadata["resume"] == FIXED else allowed).append(f"{flag(f.name)} {old} -> {new}")
+            (fixed if f.metadata["resume"] == FIXED else allowed)[f.name] = [old, new]
     return allowed, fixed
+
+
+def describe(changes: dict) -> str:
+    """``--name saved -> new, ...``"""
+    return ", ".join(f"{flag(name)} {old} -> {new}" for name, (old, new) in changes.items())

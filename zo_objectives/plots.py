@@ -29,7 +29,8 @@ def plot_run(run_dir: Path, window: int = 25) -> Path:
     axes[0].plot(steps, [r["objective"] for r in rows], alpha=0.3, lw=0.8)
     axes[0].plot(steps, rolling_mean([r["objective"] for r in rows], window), lw=1.5)
     form = "mean log of expected" if config.get("form") == "log" else "expected"
-    smoothing = f" ({form}, T = {config['temperature']:g})" if config.get("temperature") else ""
+    t = config.get("smoothing", config.get("temperature"))  # (config.json before the rename: "temperature")
+    smoothing = f" ({form}, T = {t:g})" if t else ""
     axes[0].set(title=f"training objective: {config['objective']}{smoothing}", xlabel="step")
     evals = [(r["step"], r["eval"]) for r in rows if "eval" in r]
     before = json.loads((run_dir / "eval.json").read_text()).get("before") if (run_dir / "eval.json").exists() else None
