@@ -145,6 +145,8 @@ def test_resume_refuses_changed_settings_unless_allowed(tmp_path, capsys):
     assert "--allow-changed-settings" in err and len(err.strip().splitlines()) == 1
     assert tune_main([*resume, "--seed", "1", "--lr", "1e-3", "--allow-changed-settings"]) == 2
     assert "--seed 0 -> 1: cannot change on a resume" in capsys.readouterr().err
+    with pytest.raises(UsageError, match=re.escape("settings differ from") + ".*--lr 1e-05 -> 0.001"):
+        tune_run(TuneConfig.load(run / "config.json", steps=4, lr=1e-3), resume=True)  # the same from Python
     assert (run / "config.json").read_text() == config and len(rows(run)) == 2  # untouched
     assert tune_main([*resume, "--lr", "1e-3", "--batch-size", "4", "--allow-changed-settings"]) == 0
     assert [r["lr"] for r in rows(run)] == [1e-5, 1e-5, 1e-3, 1e-3]  # the new lr is the one used

@@ -44,7 +44,8 @@ from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, RewardObjec
 from zo_objectives.optimizer import MeZO, make_scheduler
 from zo_objectives.plots import plot_run
 from zo_objectives.scoring import predictor_for
-from zo_objectives.train import CHECKPOINT, evaluate, resume, save_weights, train, write_json
+from zo_objectives.train import CHECKPOINT, evaluate, save_weights, train, write_json
+from zo_objectives.train import resume as replay_checkpoint
 
 
 def _fmt(value: float | None) -> str:
@@ -177,12 +178,12 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
     return Run(config, model, predictor, objective, metric, train_set, dev_set, facts)
 
 
-def check_run_dir(run_dir: Path, resume_run: bool, overwrite: bool) -> None:
+def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Refuse a run folder that is a file, exists without --resume or --overwrite, or has nothing to resume."""
     for path in (run_dir, *run_dir.parents):
         if path.exists() and not path.is_dir():
             raise UsageError(f"--output-dir {run_dir}: {path} is a file, not a folder")
-    if resume_run:
+    if resume:
         for name in (CHECKPOINT, "config.json", "eval.json"):
             if not (run_dir / name).is_file():
                 raise UsageError(f"--resume: no {name} in {run_dir}")
@@ -210,11 +211,11 @@ MEZO_SETTINGS = ("lr", "eps", "weight_decay", "n_perturbations", "seed", "noise"
                  "fitness_shaping", "momentum", "momentum_window", "on_nonfinite")
 
 
-def tune(config: TuneConfig, *, resume_run: bool = False, overwrite: bool = False,
+def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
          allow_changed_settings: bool = False) -> dict:
     """Tune a model as ``config`` says, in its run folder; return the summary that eval.json holds.
 
-    ``resume_run`` continues the run folder from its checkpoint, with the settings of its config.json:
+    ``resume`` continues the run folder from its checkpoint, with the settings of its config.json:
     ``steps`` (to extend it) and the other settings marked free in TuneConfig may differ, those marked fixed
     (the model's, the data's, the optimizer's) may not, and any other difference needs
     ``allow_changed_settings`` (config.json then records it under "resumed"). ``overwrite`` replaces an
@@ -226,10 +227,10 @@ def tune(config: TuneConfig, *, resume_run: bool = False, overwrite: bool = Fals
     config, task = resolve(config)
     run_dir = Path(config.output_dir)
     if main:
-        check_run_dir(run_dir, resume_run, overwrite)
+        check_run_dir(run_dir, resume, overwrite)
     run = prepare(config, task, _device(config.device))
     config, model, metric, dev_set = run.config, run.model, run.metric, run.dev_set
-    resumed = check_resume(run_dir, config, allow_changed_settings) if resume_run and main else []
+    resumed = check_resume(run_dir, config, allow_changed_settings) if resume and main else []
     params = [p for p in model.parameters() if p.requires_grad]
     objective = distributed.ShardedObjective(run.objective) if world > 1 else run.objective  # batch[rank::world]
 
@@ -240,8 +241,8 @@ def tune(config: TuneConfig, *, resume_run: bool = False, overwrite: bool = Fals
         return evaluate(model, run.predictor, dev_set, metric, config.batch_size)
 
     start, before = 0, None
-    if resume_run:
-        optimizer, start = resume(run_dir, params)
+    if resume:
+        optimizer, start = replay_checkpoint(run_dir, params)
         optimizer.on_nonfinite = config.on_nonfinite
         for group in optimizer.param_groups:  # the lr of the steps to come (the trajectory keeps each step's)
             group.update(lr=config.lr, initial_lr=config.lr)
@@ -250,13 +251,13 @@ def tune(config: TuneConfig, *, resume_run: bool = False, overwrite: bool = Fals
         optimizer = MeZO(params, **{name: getattr(config, name) for name in MEZO_SETTINGS})
     scheduler = make_scheduler(optimizer, config.schedule, config.steps, last_step=start)
     if main:  # every check passed: from here on the run folder is written
-        if overwrite and not resume_run:
+        if overwrite and not resume:
             for stale in ("metrics.jsonl", CHECKPOINT, "eval.json"):
                 (run_dir / stale).unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", {**asdict(config), **run.facts, "optimizer": optimizer.config(),
                                              **({"resumed": resumed} if resumed else {})})
-    if not resume_run:
+    if not resume:
         if config.eval_before and main:
             print(f"zo-tune: evaluating {config.model} on {len(dev_set)} {task.name} dev examples before tuning "
                   "(--no-eval-before skips it)", file=sys.stderr)
@@ -342,9 +343,8 @@ def tune_main(argv: list[str] | None = None) -> int:
         if args.resume:  # the run's own settings, overridden by those given
             run_dir = Path(resolve(config)[0].output_dir)
             if (run_dir / "config.json").is_file():  # (not its device: the machine may be another)
-                saved = {**read_config(TuneConfig, run_dir / "config.json"), "device": None}
-                config = TuneConfig(**{**saved, **given})
-        tune(config, resume_run=args.resume, overwrite=args.overwrite,
+                config = TuneConfig.load(run_dir / "config.json", **{"device": None, **given})
+        tune(config, resume=args.resume, overwrite=args.overwrite,
              allow_changed_settings=args.allow_changed_settings)
     except (ValueError, FileNotFoundError) as err:  # UsageError and the library's own input errors
         return _fail(parser.prog, err)

@@ -81,6 +81,11 @@ class CommonConfig:
     device: str | None = arg(None, "cpu, cuda, cuda:1, ... (default: cuda when available)", resume=FREE)
     dtype: str = arg("auto", f"weights' dtype; auto: {DEFAULT_DTYPE}", choices=("auto", *DTYPES), resume=FIXED)
 
+    @classmethod
+    def load(cls, path: str | Path, **changes: Any) -> Any:
+        """The config in a JSON file (such as a run's config.json), with ``changes``."""
+        return cls(**{**read_config(cls, path), **changes})
+
     def __post_init__(self) -> None:
         check(self)
         for name in ("template", "label_words", "labels", "answer_column", "dev_data"):
