@@ -290,6 +290,7 @@ def test_plugin_registers_a_metric_objective(tmp_path, monkeypatch, capsys):
     (["--task", "squad", "--reward", "os:getcwd", "--reward-weights", "1", "2"], "2 weights for 1 --reward"),
     (["--task", "squad", "--reward", "os:getcwd", "--objective", "f1"], "exclude each other"),
     (["--reward-weights", "1"], "1 weights for 0 --reward"),
+    (["--objective", "cross_entropy", "--smoothing", "2"], "--smoothing applies to metric objectives"),
     (["--task", "squad", "--reward", "os:getcwd", "--reward-candidates", "2"], "needs --sample-temperature > 0"),
 ])
 def test_bad_input_returns_2_naming_the_problem(args, needle, tmp_path, capsys, monkeypatch):

@@ -160,10 +160,14 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
                                    form=config.metric_form, sequence_score=config.sequence_score,
                                    support=config.metric_support)
     metric_objective = isinstance(objective, MetricObjective)
+    if config.smoothing is not None and not metric_objective:
+        raise UsageError(f"--smoothing applies to metric objectives, not to {config.objective}")
     smoothing = objective.temperature if metric_objective else None
     form = objective.form if metric_objective and smoothing else None
-    kind = "scale-free" if config.update != "sgd" else form or ("cross_entropy" if config.objective == CROSS_ENTROPY
-                                                                  else "mean")
+    if config.update != "sgd":
+        kind = "scale-free"
+    else:  # a hard metric or rewards: the scale of the mean form
+        kind = "cross_entropy" if config.objective == CROSS_ENTROPY else form or "mean"
     config = replace(config, lr=config.lr or DEFAULT_LR[kind], smoothing=smoothing)
     train_set = task.examples("train", n=config.train_size, seed=config.seed)
     dev_set = task.examples("dev", n=config.eval_size)

@@ -2,8 +2,9 @@
 
 From these dataclasses come the ``zo-tune`` / ``zo-eval`` flags (through ``transformers.HfArgumentParser``, as
 TRL does: a field ``batch_size`` is ``--batch-size``, its metadata the flag's help and accepted values), the run
-folder's ``config.json`` (``to_json``) and the library call ``zo_objectives.cli.tune(TuneConfig(...))``.
-Every value is checked when the dataclass is built, before any file is touched.
+folder's ``config.json`` (the fields, resolved, beside facts about the run; ``zo-tune --config`` and
+``TuneConfig.load`` read it back) and the library call ``zo_objectives.cli.tune(TuneConfig(...))``. Every value
+is checked when the dataclass is built, before any file is touched.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ class CommonConfig:
     eval_size: int | None = arg(None, "dev examples to evaluate on (default: all)", above=0, resume=FIXED)
     batch_size: int = arg(16, "examples per step (and per evaluation batch)", above=0)
     max_length: int | None = arg(None, "truncate prompts from the left to this many tokens", above=0)
-    seed: int = arg(0, "seeds the training sample, its order and the perturbations", resume=FIXED)
+    seed: int = arg(0, "seeds the training sample (zo-tune: its order and the perturbations; zo-eval: the "
+                       "demonstrations)", resume=FIXED)
     device: str | None = arg(None, "cpu, cuda, cuda:1, ... (default: cuda when available)", resume=FREE)
     dtype: str = arg("auto", f"weights' dtype; auto: {DEFAULT_DTYPE}", choices=("auto", *DTYPES), resume=FIXED)
 
@@ -201,7 +203,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return [_coerce(name, v, typing.get_args(kind)[0]) for v in value]
     if kind is float and type(value) is int:
         return float(value)
-    if type(value) is kind or (kind is float and type(value) is float):
+    if type(value) is kind:  # exactly: a bool is not an int here
         return value
     expected = "a list" if typing.get_origin(kind) is list else kind.__name__
     raise UsageError(f"{flag(name)} must be {expected}, got {value!r}")
@@ -254,7 +256,8 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Shows a flag's default where it has one."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        return action.help if action.default in (None, [], False) else super()._get_help_string(action)
+        shown = not (action.default is None or action.default is False or action.default == [])
+        return super()._get_help_string(action) if shown else action.help
 
 
 class Parser(HfArgumentParser):
