@@ -17,13 +17,16 @@ class EchoGenerator:
 
     def generate(self, model, prompts, strip=True):
         self.calls += 1
-        return [p[::-1] + ("!" * int(model.weight.item() > 0)) for p in prompts]
+        return [p[::-1] + ("!" * int(model().item() > 0)) for p in prompts]
 
 
 class OneWeight(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.tensor([0.3]))
+
+    def forward(self) -> torch.Tensor:  # MeZO perturbs weights as a module's forward sees them
+        return self.weight
 
 
 BATCH = [{"prompt": "ab", "want": "ba"}, {"prompt": "xyz", "want": "q"}]

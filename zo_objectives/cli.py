@@ -62,6 +62,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=None, help="truncate prompts from the left to this")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
 
 
 def _positive(name: str, value: float | int | None) -> None:
@@ -181,7 +182,8 @@ def tune(args: argparse.Namespace) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(args.seed)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, dtype={"fp32": torch.float32, "bf16": torch.bfloat16,
+                                                     "fp16": torch.float16}[args.dtype])
     model = apply_peft(model, args.peft).to(_device(args.device))
     select_trainable(model, args.trainable)
     predictor = predictor_for(task, tokenizer, max_length=args.max_length)

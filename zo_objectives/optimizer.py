@@ -114,15 +114,17 @@ class Noise:
 
 def round_stochastic(value: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``value`` (fp32, overwritten) rounded to ``dtype`` up or down with probability proportional to its
-    distance from each neighbour, so that the expected result is ``value``; ``bits`` are 16 uniform bits."""
+    distance from each neighbour, so that the expected result is ``value`` (exactly in bf16; in fp16 to 2^-13
+    of the grid spacing); ``bits`` are 16 uniform random bits per element."""
     if dtype == torch.bfloat16:  # bf16 is the top half of fp32: add random low bits, then truncate them
         as_int = value.view(torch.int32)
         as_int.add_(bits).bitwise_and_(-65536)
         return value.to(dtype)
-    # fp16: the grid spacing at |value| is 2^(exponent - 10), with subnormals below 2^-14
+    # fp16: the grid spacing at |value| is 2^(exponent - 10), with subnormals below 2^-14. In units of it, value
+    # has 13 fractional bits (fp32's 23 - 10), so a 13-bit uniform u makes floor(value + u) exact and unbiased
     _, exponent = torch.frexp(value)
     spacing = torch.ldexp(torch.ones_like(value), exponent.sub_(1).clamp_(min=-14).sub_(10))
-    value.div_(spacing).add_(bits.to(value.dtype).mul_(1.0 / 65536)).floor_().mul_(spacing)
+    value.div_(spacing).add_(bits.bitwise_right_shift(3).to(value.dtype).mul_(2.0**-13)).floor_().mul_(spacing)
     return value.to(dtype)
 
 
