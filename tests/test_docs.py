@@ -1,4 +1,4 @@
-"""README, docs/ and BENCHMARKS.md agree with the stored results (benchmarks/results/*.json), and their links resolve."""
+"""README, docs/ and BENCHMARKS.md agree with the stored results (benchmarks/results/*.json); their links resolve."""
 
 import importlib.util
 import re
