@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import markdown_table, publish  # noqa: E402
+from _common import publish  # noqa: E402
 
 from metrics import get_metric  # noqa: E402
 from tasks import get_task  # noqa: E402
@@ -118,14 +118,15 @@ def main(argv: list[str] | None = None) -> list[list]:
                      *(f"{100 * v:.1f}" for v in held), f"{100 * gap[1]:+.1f}", f"{100 * gaps[-1][2]:+.1f}"])
     rows.append(["mean", "", "", mean_sd([g[0] for g in gaps]), "", "", mean_sd([g[1] for g in gaps]),
                  mean_sd([g[2] for g in gaps])])
-    table = markdown_table(["seed", *(f"{n}, dev 0-{eval_size}" for n in names), "gap",
-                            *(f"{n}, dev {args.start}-{args.end}" for n in names), "gap",
-                            f"gap on both ({eval_size + n_held} examples)"], rows)
+    header = ["seed", *(f"{n}, dev 0-{eval_size}" for n in names), "gap",
+              *(f"{n}, dev {args.start}-{args.end}" for n in names), "gap",
+              f"gap on both ({eval_size + n_held} examples)"]
     title = (f"Task {args.task}, dev {task.metric} x 100 of each run's tuned weights; "
              f"gap = {names[1]} minus {names[0]}. Runs: {', '.join(args.runs)}. "
              f"The untuned model on dev {args.start}-{args.end}: {100 * values[base, False]:.1f}.")
-    publish(f"heldout_gap_{args.task}", f"Objective gap on held-out dev examples ({args.task})", title, table,
-            "cpu", args.write)
+    publish(f"heldout_gap_{args.task}", f"Objective gap on held-out dev examples ({args.task})", title, header, rows,
+            "cpu", args.write, params={"task": args.task, "configs": names, "start": args.start, "end": args.end,
+                                       "eval_size": eval_size, "untuned": values[base, False]})
     return rows
 
 

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import forward, label_word_loss, markdown_table, publish, setup  # noqa: E402
+from _common import forward, label_word_loss, publish, setup  # noqa: E402
 from reference_mezo import reference_step  # noqa: E402
 
 from zo_objectives.optimizer import NOISE_KINDS, MeZO  # noqa: E402
@@ -138,8 +138,8 @@ def main(argv: list[str] | None = None) -> list[list]:
              "closure calls); goal <= 1.05 for the default. \"+x\" on a weights-only row is that pass's time "
              "over two forward passes.")
     section = "step_speed" if args.model == "smollm2-135m" else f"step_speed_{args.model}"
-    publish(section, f"Step speed ({args.model})", title, markdown_table(HEADER, table), args.device, args.write,
-            notes=notes)
+    publish(section, f"Step speed ({args.model})", title, HEADER, table, args.device, args.write, notes=notes,
+            params={"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len})
     return table
 
 
