@@ -22,18 +22,40 @@ BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
 RESULTS = ROOT / "benchmarks" / "results"
 
 
-def setup(model_name: str, device: str, threads: int | None, batch_size: int, seq_len: int, seed: int = 0):
-    """Load the model (eval mode, on ``device``) and a fixed batch of random token ids with a full mask.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Llama shapes with random weights (no download): SmolLM2-135M's, and TinyLlama-1.1B's (hidden 2048, 22 layers)
+RANDOM_LLAMAS = {
+    "random-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "random-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                        num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
+}
+
+
+def build_model(model_name: str, dtype: str = "fp32") -> torch.nn.Module:
+    """A shipped or local model (``load_model``), or a Llama of a ``RANDOM_LLAMAS`` shape built in ``dtype``."""
+    if model_name in RANDOM_LLAMAS:
+        from transformers import AutoModelForCausalLM, LlamaConfig
+
+        config = LlamaConfig(max_position_embeddings=2048, **RANDOM_LLAMAS[model_name])
+        torch.manual_seed(0)
+        return AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype]).eval()
+    from zo_objectives.models import load_model
+
+    return load_model(model_name, dtype=DTYPES[dtype])[0]
+
+
+def setup(model_name: str, device: str, threads: int | None, batch_size: int, seq_len: int, seed: int = 0,
+          dtype: str = "fp32"):
+    """Load the model (eval mode, on ``device``, in ``dtype``) and a fixed batch of random token ids with a full
+    mask.
 
     Returns ``(model, batch)`` where ``batch`` holds input_ids, attention_mask, position_ids (as the
     scoring code builds them for unpadded rows), labels (one class per row) and label_ids (two tokens).
     """
     if threads:
         torch.set_num_threads(threads)
-    from zo_objectives.models import load_model
-
-    model, _ = load_model(model_name)
-    model = model.to(device).eval()
+    model = build_model(model_name, dtype).to(device=device, dtype=DTYPES[dtype]).eval()
     gen = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (batch_size, seq_len), generator=gen)
