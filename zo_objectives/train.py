@@ -138,9 +138,9 @@ def _finite_numbers(values: Any, allow_none: bool = False) -> bool:
         for v in values)
 
 
-def checkpoint_problem(saved: Any) -> str | None:
+def checkpoint_problem(saved: Any, base_sha256: str) -> str | None:
     """What is wrong with a loaded checkpoint, or None: its structure, record count, finite gradients and
-    learning rates, and checksum (not the base weights, which :func:`resume` checks)."""
+    learning rates, checksum, and the checksum of the base weights it is to be replayed onto."""
     if not isinstance(saved, dict) or not {"step", "optimizer"} <= set(saved):
         return "is not a zo-objectives checkpoint (no step and optimizer)"
     if not isinstance(saved.get("integrity"), dict):
@@ -156,6 +156,8 @@ def checkpoint_problem(saved: Any) -> str | None:
                 return f"has a non-finite or malformed gradient or lr in trajectory record {i} (step {i + 1})"
         if _sha256_json({"step": step, "optimizer": saved["optimizer"]}) != integrity["sha256"]:
             return "fails its sha256 checksum: it was changed or damaged after it was written"
+        if integrity["base_sha256"] != base_sha256:
+            return "was written for other base weights (another model, dtype, peft or set of trainable parameters)"
     except (KeyError, TypeError, AttributeError) as err:
         return f"is malformed ({type(err).__name__}: {err})"
     return None
@@ -172,15 +174,12 @@ def resume(run_dir: Path, params: list) -> tuple[MeZO, int]:
         saved = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"cannot resume: {path} is not valid JSON ({err})") from None
-    problem = checkpoint_problem(saved)
+    problem = checkpoint_problem(saved, weights_sha256(_trainable(params)))
     if problem:
         raise ValueError(f"cannot resume: {path} {problem}")
-    if weights_sha256(_trainable(params)) != saved["integrity"]["base_sha256"]:
-        raise ValueError(f"cannot resume: {path} was written for other base weights (another model, dtype, "
-                         "peft or set of trainable parameters)")
     try:
         optimizer = replay(params, saved["optimizer"])
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # RuntimeError: e.g. a step past float range
         raise ValueError(f"cannot resume: {path} does not replay ({type(err).__name__}: {err})") from None
     if not all(torch.isfinite(p).all() for p in _trainable(params)):
         raise ValueError(f"cannot resume: replaying {path} gives non-finite weights")
@@ -252,6 +251,7 @@ def train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, example
     history: list[dict] = []
     log, base, saved_step = None, "", start_step
     if run_dir:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         base = _base_sha256(Path(run_dir), optimizer, start_step)
         truncate_log(Path(run_dir) / LOG, start_step)
         log = open(Path(run_dir) / LOG, "a")
