@@ -351,7 +351,8 @@ def edit(path: Path, change, rehash: bool = False) -> None:
     saved = json.loads(path.read_text())
     change(saved)
     if rehash:
-        saved["integrity"]["sha256"] = train_mod._sha256_json({"step": saved["step"], "optimizer": saved["optimizer"]})
+        body = train_mod._canonical({"step": saved["step"], "optimizer": saved["optimizer"]})
+        saved["integrity"]["sha256"] = train_mod._sha256(body)
     path.write_text(json.dumps(saved))
 
 

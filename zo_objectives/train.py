@@ -114,8 +114,13 @@ def _optimizer_params(optimizer: MeZO) -> list[torch.Tensor]:
     return _trainable(p for group in optimizer.param_groups for p in group["params"])
 
 
-def _sha256_json(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+def _canonical(data: Any) -> str:
+    """Compact JSON (json's fast C encoder), keys in insertion order: what a loaded file re-encodes to."""
+    return json.dumps(data, separators=(",", ":"))
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def save_checkpoint(run_dir: Path, optimizer: MeZO, step: int, base_sha256: str) -> None:
@@ -127,9 +132,10 @@ def save_checkpoint(run_dir: Path, optimizer: MeZO, step: int, base_sha256: str)
         raise ValueError(f"cannot checkpoint step {step}: the optimizer holds {len(records)} trajectory records")
     state["mezo"]["trajectory"] = records[:step]  # an interrupted step (not logged yet) is left out: it reruns
     state["mezo"]["num_perturbations_done"] = sum(len(r["seeds"]) for r in records[:step])
-    body = {"step": step, "optimizer": state}
-    integrity = {"records": step, "sha256": _sha256_json(body), "base_sha256": base_sha256}
-    write_json(Path(run_dir) / CHECKPOINT, {**body, "integrity": integrity})
+    body = _canonical({"step": step, "optimizer": state})
+    integrity = {"records": step, "sha256": _sha256(body), "base_sha256": base_sha256}
+    text = f'{body[:-1]},"integrity":{_canonical(integrity)}}}'  # the body encoded once: {..., "integrity": ...}
+    atomic_write(Path(run_dir) / CHECKPOINT, lambda tmp: Path(tmp).write_text(text))
 
 
 def _finite_numbers(values: Any, allow_none: bool = False) -> bool:
@@ -154,7 +160,7 @@ def checkpoint_problem(saved: Any, base_sha256: str) -> str | None:
             if not (_finite_numbers(record["grads"], allow_none=True) and _finite_numbers(record["lrs"])
                     and len(record["grads"]) == len(record["seeds"])):
                 return f"has a non-finite or malformed gradient or lr in trajectory record {i} (step {i + 1})"
-        if _sha256_json({"step": step, "optimizer": saved["optimizer"]}) != integrity["sha256"]:
+        if _sha256(_canonical({"step": step, "optimizer": saved["optimizer"]})) != integrity["sha256"]:
             return "fails its sha256 checksum: it was changed or damaged after it was written"
         if integrity["base_sha256"] != base_sha256:
             return "was written for other base weights (another model, dtype, peft or set of trainable parameters)"
@@ -216,8 +222,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    finally:  # None: a handler set outside Python, which cannot be put back; the default is the closest
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _base_sha256(run_dir: Path, optimizer: MeZO, start_step: int) -> str:
