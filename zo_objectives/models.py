@@ -183,7 +183,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp
         if name_or_path == "tiny-random":
             model = tiny_random_model(vocab_size=len(tokenizer)).to(dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     else:
         tokenizer, model = _load_hf(name_or_path, dtype, trust_remote_code)
     prepare_tokenizer(tokenizer)
