@@ -32,7 +32,7 @@ from metrics import get_metric  # noqa: E402
 from tasks import get_task  # noqa: E402
 from zo_objectives.models import load_model, load_run_weights  # noqa: E402
 from zo_objectives.scoring import predictor_for  # noqa: E402
-from zo_objectives.train import evaluate, write_json  # noqa: E402
+from zo_objectives.train import evaluate_model, write_json  # noqa: E402
 
 
 def result_path(folder: Path, args: argparse.Namespace) -> Path:
@@ -54,7 +54,7 @@ def heldout(folder: Path, args: argparse.Namespace, tuned: bool = True) -> float
         load_run_weights(model, folder)
     examples = task.examples("dev")[args.start:args.end]
     began = time.time()
-    value = evaluate(model.eval(), predictor_for(task, tokenizer), examples, get_metric(task.metric))
+    value = evaluate_model(model.eval(), predictor_for(task, tokenizer), examples, get_metric(task.metric))
     write_json(path, {"run": str(folder) if tuned else None, "model": name, "start": args.start, "end": args.end,
                       "metric": task.metric, "value": value, "seconds": time.time() - began})
     print(f"{folder if tuned else name}: {value:.4f}", flush=True)

@@ -15,7 +15,7 @@ from zo_objectives.objectives import (
 )
 from zo_objectives.optimizer import MeZO, make_scheduler, replay
 from zo_objectives.scoring import Generation, LabelWords, MultipleChoice, predictor_for
-from zo_objectives.train import evaluate, train
+from zo_objectives.train import evaluate_model, train
 
 __all__ = [
     "CrossEntropy",
@@ -29,7 +29,7 @@ __all__ = [
     "RewardObjective",
     "WeightedSum",
     "apply_peft",
-    "evaluate",
+    "evaluate_model",
     "load_model",
     "make_objective",
     "make_scheduler",

@@ -32,7 +32,7 @@ from zo_objectives.objectives import (
 from zo_objectives.optimizer import SCHEDULES, UPDATES, MeZO, make_scheduler
 from zo_objectives.plots import plot_run
 from zo_objectives.scoring import predictor_for
-from zo_objectives.train import CHECKPOINT, evaluate, resume, save_weights, train, write_json
+from zo_objectives.train import CHECKPOINT, evaluate_model, resume, save_weights, train, write_json
 
 # Defaults chosen from measurements on SmolLM2-135M / SST-2 (see README "Why these defaults").
 # A metric in log form has cross-entropy's scale; the expected metric itself ("mean" form) is flatter.
@@ -217,7 +217,7 @@ def tune(args: argparse.Namespace) -> dict:
         if world > 1:  # distributed: verify the ranks' weights agree, split the dev set across ranks
             distributed.check_in_sync(params)
             return distributed.evaluate(model, predictor, dev_set, metric, args.batch_size)
-        return evaluate(model, predictor, dev_set, metric, args.batch_size)
+        return evaluate_model(model, predictor, dev_set, metric, args.batch_size)
 
     start = 0
     if args.resume:
@@ -283,7 +283,7 @@ def evaluate_cli(args: argparse.Namespace) -> dict:
         demos = task.examples("train", n=args.shots, seed=args.seed)
         examples = with_demonstrations(examples, demos)
     predictor = predictor_for(task, tokenizer, max_length=args.max_length)
-    value = evaluate(model, predictor, examples, metric, args.batch_size)
+    value = evaluate_model(model, predictor, examples, metric, args.batch_size)
     result = {"model": model_name, "run": args.run, "task": task.name, "split": args.split, "shots": args.shots,
               "metric": metric.name, "examples": len(examples), "value": value}
     print(json.dumps(result))
