@@ -2,8 +2,9 @@
 
 >>> from zo_objectives import MeZO, load_model, make_objective, predictor_for
 
-Loading models (``load_model``, ``apply_peft``, ``select_trainable``) is imported on first use: ``import zo_objectives`` then costs torch and little else (transformers' model code pulls in
-accelerate, scikit-learn pulls in scipy and pandas).
+The model loaders (``load_model``, ``apply_peft``, ``select_trainable``) are imported on first use, and
+scikit-learn only by the macro-F1 metric: ``import zo_objectives`` then costs torch and little else
+(transformers' model code pulls in accelerate; scikit-learn pulls in scipy and pandas).
 """
 
 from __future__ import annotations
