@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from metrics import get_metric
-from zo_objectives import distributed
+from zo_objectives import Objective, distributed, make_objective
 from zo_objectives.optimizer import MeZO
 from zo_objectives.train import evaluate_model, train
 
@@ -59,7 +59,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         params = list(model.parameters())
         opt = run_mezo(model, distributed.ShardedObjective(toy_cross_entropy))
         assert distributed.check_in_sync(params)
-        accuracy = distributed.evaluate(model, ToyPredictor(), DATA[:7], get_metric("accuracy"), batch_size=2)
+        accuracy = distributed.evaluate_model(model, ToyPredictor(), DATA[:7], get_metric("accuracy"), batch_size=2)
         weights = [p.detach().clone() for p in params]
         with torch.no_grad():  # a one-ulp difference on one rank is caught on every rank
             if rank == 1:
@@ -120,10 +120,11 @@ def test_single_process_path(monkeypatch):
     model = toy_model()
     sharded = distributed.ShardedObjective(toy_cross_entropy)
     assert sharded(model, DATA[:5]) == toy_cross_entropy(model, DATA[:5])
+    assert isinstance(sharded, Objective) and make_objective(sharded, ToyPredictor()) is sharded  # not a metric
     assert distributed.check_in_sync(model.parameters())
     metric = get_metric("accuracy")
-    assert distributed.evaluate(model, ToyPredictor(), DATA, metric, 5) == evaluate_model(model, ToyPredictor(), DATA,
-                                                                                     metric, 5)
+    assert distributed.evaluate_model(model, ToyPredictor(), DATA, metric, 5) == evaluate_model(
+        model, ToyPredictor(), DATA, metric, 5)
     assert distributed.checksum(model.parameters()) == distributed.checksum(toy_model().parameters())
     with torch.no_grad():
         model[0].bias[0] += 1e-12
