@@ -77,7 +77,7 @@ def forward(model: torch.nn.Module, batch: dict, keep: int = 1) -> torch.Tensor:
 
 
 def label_word_loss(model: torch.nn.Module, batch: dict) -> float:
-    """The closure a MeZO step scores: LabelWords' cross-entropy over two label words at the next position."""
+    """The closure a MeZO step scores: LabelWordPredictor' cross-entropy over two label words at the next position."""
     logits = forward(model, batch, keep=1)[:, -1].float()
     return float(torch.nn.functional.cross_entropy(logits[:, batch["label_ids"]], batch["labels"]))
 

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> list[list]:
     from metrics import squad_f1
     from tasks import get_task
     from zo_objectives import load_model
-    from zo_objectives.scoring import Generation
+    from zo_objectives.scoring import GenerationPredictor
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> list[list]:
     args = parser.parse_args(argv)
 
     model, tokenizer = load_model(args.model)
-    gen = Generation(tokenizer, max_new_tokens=16)
+    gen = GenerationPredictor(tokenizer, max_new_tokens=16)
     examples = get_task("squad").examples("train", n=args.n, seed=0)
     f1s, inside, first, wins = [], [], [], {False: [], True: []}
     for i in range(0, len(examples), 8):

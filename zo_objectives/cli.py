@@ -22,7 +22,7 @@ from zo_objectives import distributed
 from zo_objectives.models import DEFAULT_MODEL, apply_peft, load_model, load_run_weights, select_trainable
 from zo_objectives.objectives import (
     CROSS_ENTROPY,
-    DEFAULT_TEMPERATURE,
+    DEFAULT_SMOOTHING,
     FORMS,
     SEQUENCE_SCORES,
     SUPPORTS,
@@ -122,7 +122,7 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None,
                    help="metric objectives optimize the metric's expectation over each example's options (classes, "
                         "candidates; for generation the greedy answer and the gold answers) drawn from "
-                        f"softmax(log-likelihood / T) (default {DEFAULT_TEMPERATURE}; 0 = the hard metric)")
+                        f"softmax(log-likelihood / T) (default {DEFAULT_SMOOTHING}; 0 = the hard metric)")
     p.add_argument("--metric-form", choices=FORMS, default="auto",
                    help="log: mean log of each example's expected metric (auto for per-example metrics); mean: the "
                         "expected metric itself (auto for corpus metrics such as macro-F1)")
@@ -187,10 +187,10 @@ def tune(args: argparse.Namespace) -> dict:
     model = apply_peft(model, args.peft).to(_device(args.device))
     select_trainable(model, args.trainable)
     predictor = predictor_for(task, tokenizer, max_length=args.max_length)
-    objective = make_objective(objective_name, predictor, temperature=args.temperature, samples=args.samples,
+    objective = make_objective(objective_name, predictor, smoothing=args.temperature, samples=args.samples,
                                form=args.metric_form, sequence_score=args.sequence_score, support=args.metric_support)
     is_metric = isinstance(objective, MetricObjective)
-    temperature = objective.temperature if is_metric else None
+    temperature = objective.smoothing if is_metric else None
     form = objective.form if is_metric and temperature else None
     support = objective.support if form else None
     if world > 1:  # distributed: each rank scores batch[rank::world]; the losses are all-reduced
@@ -216,7 +216,7 @@ def tune(args: argparse.Namespace) -> dict:
     def dev_metric() -> float:
         if world > 1:  # distributed: verify the ranks' weights agree, split the dev set across ranks
             distributed.check_in_sync(params)
-            return distributed.evaluate(model, predictor, dev_set, metric, args.batch_size)
+            return distributed.evaluate_model(model, predictor, dev_set, metric, args.batch_size)
         return evaluate_model(model, predictor, dev_set, metric, args.batch_size)
 
     start = 0
