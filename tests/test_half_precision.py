@@ -129,7 +129,8 @@ FLOATS = st.floats(min_value=-60000, max_value=60000, width=32, allow_subnormal=
 @given(st.lists(FLOATS, min_size=1, max_size=32), st.sampled_from(["bf16", "fp16"]), st.integers(0, 65535))
 def test_round_stochastic_returns_a_neighbour(values, dtype, bit):
     value = torch.tensor(values, dtype=torch.float32)
-    out = round_stochastic(value.clone(), torch.full_like(value, bit, dtype=torch.int32), DTYPES[dtype]).float()
+    bits = torch.full_like(value, bit, dtype=torch.int32)
+    out = round_stochastic(value.clone(), bits, out=torch.empty_like(value, dtype=DTYPES[dtype])).float()
     down, up = neighbours(value, DTYPES[dtype])
     assert ((out == down) | (out == up)).all()  # exact values (down == up) stay exact
 
@@ -138,7 +139,8 @@ def test_round_stochastic_returns_a_neighbour(values, dtype, bit):
 @given(FLOATS, st.sampled_from(["bf16", "fp16"]))
 def test_round_stochastic_is_unbiased_over_its_random_bits(v, dtype):
     value = torch.full((65536,), v, dtype=torch.float32)
-    out = round_stochastic(value.clone(), torch.arange(65536, dtype=torch.int32), DTYPES[dtype]).double()
+    bits = torch.arange(65536, dtype=torch.int32)
+    out = round_stochastic(value.clone(), bits, out=torch.empty_like(value, dtype=DTYPES[dtype])).double()
     down, up = neighbours(value[:1], DTYPES[dtype])
     # the mean over all 16-bit draws is v: exactly in bf16 (16 bits of dither), to 2^-13 of the spacing in fp16
     # (13 bits: exact wherever v has at most 13 bits below the spacing, all but the far subnormals)

@@ -99,7 +99,7 @@ def test_bad_rewards_raise_clearly_and_restore_weights(bad, message):
     objective = RewardObjective(EchoGenerator(), [length, bad])
     with pytest.raises(RewardError, match=message):
         optimizer.step(lambda: objective(model, BATCH))
-    assert torch.allclose(model.weight.detach(), before, atol=1e-7)
+    assert torch.equal(model.weight.detach(), before)  # bitwise: the stored weight is never perturbed
     assert optimizer.trajectory == []
 
 
@@ -179,7 +179,7 @@ class SamplingGenerator:
         out = torch.full((len(prompts), max(len(c) for c in candidates)), float("-inf"))
         for row, cands in enumerate(candidates):
             for col, c in enumerate(cands):
-                out[row, col] = model.weight.item() if c == "good" else 0.0
+                out[row, col] = model().item() if c == "good" else 0.0
         return out
 
 

@@ -103,29 +103,30 @@ class Noise:
     def rounding_bits(self, seed: int, index: int, chunk: int, length: int, device: torch.device) -> torch.Tensor:
         """16 random bits per element (int32 in [0, 65536)) for stochastic rounding, regenerated from the
         seed: the low mantissa bits of the fp32 table at a hashed offset (a read, not a random draw)."""
-        table = self._table(device, torch.float32)
+        key = (device, torch.int32)
+        if key not in self._tables:
+            self._tables[key] = self._table(device, torch.float32).view(torch.int32) & 0xFFFF
         offset = self._offset(length, seed, index, chunk, ROUNDING_SALT)
-        return table[offset:offset + length].view(torch.int32) & 0xFFFF
+        return self._tables[key][offset:offset + length]
 
     def config(self) -> dict:
         return {"noise": self.kind, "table_size": self.table_size, "table_seed": self.table_seed,
                 "chunk_size": self.chunk_size}
 
 
-def round_stochastic(value: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def round_stochastic(value: torch.Tensor, bits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """``value`` (fp32, overwritten) rounded to ``dtype`` up or down with probability proportional to its
     distance from each neighbour, so that the expected result is ``value`` (exactly in bf16; in fp16 to 2^-13
-    of the grid spacing); ``bits`` are 16 uniform random bits per element."""
-    if dtype == torch.bfloat16:  # bf16 is the top half of fp32: add random low bits, then truncate them
-        as_int = value.view(torch.int32)
-        as_int.add_(bits).bitwise_and_(-65536)
-        return value.to(dtype)
+    of the grid spacing), written into ``out`` (bf16 or fp16); ``bits`` are 16 uniform random bits per element."""
+    if out.dtype == torch.bfloat16:  # bf16 is the top half of fp32: add random low bits, then truncate them
+        value.view(torch.int32).add_(bits).bitwise_and_(-65536)
+        return out.copy_(value)
     # fp16: the grid spacing at |value| is 2^(exponent - 10), with subnormals below 2^-14. In units of it, value
     # has 13 fractional bits (fp32's 23 - 10), so a 13-bit uniform u makes floor(value + u) exact and unbiased
     _, exponent = torch.frexp(value)
     spacing = torch.ldexp(torch.ones_like(value), exponent.sub_(1).clamp_(min=-14).sub_(10))
     value.div_(spacing).add_(bits.bitwise_right_shift(3).to(value.dtype).mul_(2.0**-13)).floor_().mul_(spacing)
-    return value.to(dtype)
+    return out.copy_(value)
 
 
 @contextmanager
@@ -355,7 +356,7 @@ class MeZO(Optimizer):
                         acc.add_(z, alpha=-lr * coeff)
                     if p.dtype in HALF:
                         bits = self.noise.rounding_bits(record["seeds"][0], index, k, acc.numel(), acc.device)
-                        flat[where] = round_stochastic(acc, bits, p.dtype)
+                        round_stochastic(acc, bits, out=flat[where])
             self.trajectory.append(record)
             self.num_perturbations_done += len(record["seeds"])
 
