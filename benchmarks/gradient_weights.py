@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import markdown_table, publish  # noqa: E402
+from _common import publish  # noqa: E402
 
 
 def weights(margins: torch.Tensor, temperature: float | None) -> torch.Tensor:
@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> list[list]:
     title = (f"Gradient weights: {args.model}, {args.task}, first {len(labels)} training examples (seed 0), zero-shot "
              f"accuracy {acc:.3f}, class {1 - minority} is {(labels != minority).float().mean():.1%} of them; "
              f"margin quartiles {quartiles}.")
-    table = markdown_table(["objective", "mean weight", "wrong / right weight", "net bias push toward minority"], rows)
-    publish("gradient_weights", "Gradient weights per example", title, table, "cpu", args.write)
+    header = ["objective", "mean weight", "wrong / right weight", "net bias push toward minority"]
+    publish("gradient_weights", "Gradient weights per example", title, header, rows, "cpu", args.write,
+            params={"model": args.model, "task": args.task, "n": len(labels)})
     return rows
 
 

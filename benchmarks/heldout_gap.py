@@ -26,13 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import markdown_table, publish  # noqa: E402
+from _common import publish  # noqa: E402
 
 from metrics import get_metric  # noqa: E402
 from tasks import get_task  # noqa: E402
 from zo_objectives.models import load_model, load_run_weights  # noqa: E402
 from zo_objectives.scoring import predictor_for  # noqa: E402
-from zo_objectives.train import evaluate, write_json  # noqa: E402
+from zo_objectives.train import evaluate_model, write_json  # noqa: E402
 
 
 def result_path(folder: Path, args: argparse.Namespace) -> Path:
@@ -54,7 +54,7 @@ def heldout(folder: Path, args: argparse.Namespace, tuned: bool = True) -> float
         load_run_weights(model, folder)
     examples = task.examples("dev")[args.start:args.end]
     began = time.time()
-    value = evaluate(model.eval(), predictor_for(task, tokenizer), examples, get_metric(task.metric))
+    value = evaluate_model(model.eval(), predictor_for(task, tokenizer), examples, get_metric(task.metric))
     write_json(path, {"run": str(folder) if tuned else None, "model": name, "start": args.start, "end": args.end,
                       "metric": task.metric, "value": value, "seconds": time.time() - began})
     print(f"{folder if tuned else name}: {value:.4f}", flush=True)
@@ -118,14 +118,15 @@ def main(argv: list[str] | None = None) -> list[list]:
                      *(f"{100 * v:.1f}" for v in held), f"{100 * gap[1]:+.1f}", f"{100 * gaps[-1][2]:+.1f}"])
     rows.append(["mean", "", "", mean_sd([g[0] for g in gaps]), "", "", mean_sd([g[1] for g in gaps]),
                  mean_sd([g[2] for g in gaps])])
-    table = markdown_table(["seed", *(f"{n}, dev 0-{eval_size}" for n in names), "gap",
-                            *(f"{n}, dev {args.start}-{args.end}" for n in names), "gap",
-                            f"gap on both ({eval_size + n_held} examples)"], rows)
+    header = ["seed", *(f"{n}, dev 0-{eval_size}" for n in names), "gap",
+              *(f"{n}, dev {args.start}-{args.end}" for n in names), "gap",
+              f"gap on both ({eval_size + n_held} examples)"]
     title = (f"Task {args.task}, dev {task.metric} x 100 of each run's tuned weights; "
              f"gap = {names[1]} minus {names[0]}. Runs: {', '.join(args.runs)}. "
              f"The untuned model on dev {args.start}-{args.end}: {100 * values[base, False]:.1f}.")
-    publish(f"heldout_gap_{args.task}", f"Objective gap on held-out dev examples ({args.task})", title, table,
-            "cpu", args.write)
+    publish(f"heldout_gap_{args.task}", f"Objective gap on held-out dev examples ({args.task})", title, header, rows,
+            "cpu", args.write, params={"task": args.task, "configs": names, "start": args.start, "end": args.end,
+                                       "eval_size": eval_size, "untuned": values[base, False]})
     return rows
 
 

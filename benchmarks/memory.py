@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import forward, label_word_loss, markdown_table, publish, setup  # noqa: E402
+from _common import forward, label_word_loss, publish, setup  # noqa: E402
 from reference_mezo import reference_step  # noqa: E402
 
 from zo_objectives.optimizer import MeZO  # noqa: E402
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> list[list]:
              f"the peak is ru_maxrss " + ("measured from the loaded state (high-water mark reset after loading)."
                                           if reset else "since process start (the high-water mark could not be "
                                           "reset, so it includes loading)."))
-    publish("memory", "Memory", title, markdown_table(header, table), args.device, args.write,
-            notes="Goal: mezo / inference <= 1.05.")
+    publish("memory", "Memory", title, header, table, args.device, args.write, notes="Goal: mezo / inference <= 1.05.",
+            params={"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len})
     return table
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import markdown_table, publish  # noqa: E402
+from _common import publish  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> list[list]:
     from metrics import squad_f1
     from tasks import get_task
     from zo_objectives import load_model
-    from zo_objectives.scoring import Generation
+    from zo_objectives.scoring import GenerationPredictor
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> list[list]:
     args = parser.parse_args(argv)
 
     model, tokenizer = load_model(args.model)
-    gen = Generation(tokenizer, max_new_tokens=16)
+    gen = GenerationPredictor(tokenizer, max_new_tokens=16)
     examples = get_task("squad").examples("train", n=args.n, seed=0)
     f1s, inside, first, wins = [], [], [], {False: [], True: []}
     for i in range(0, len(examples), 8):
@@ -57,9 +57,10 @@ def main(argv: list[str] | None = None) -> list[list]:
             ["same first token", share(first), len(first)],
             ["gold beats greedy by total log-likelihood", share(wins[False]), len(wins[False])],
             ["gold beats greedy by mean log-likelihood per token", share(wins[True]), len(wins[True])]]
-    table = markdown_table(["zero-shot, SQuAD training questions", "value", "questions"], rows)
+    header = ["zero-shot, SQuAD training questions", "value", "questions"]
     title = f"{args.model}, greedy answers of up to 16 tokens; the last two rows count questions where they differ."
-    publish("squad_candidates", "SQuAD candidates (zero-shot)", title, table, "cpu", args.write)
+    publish("squad_candidates", "SQuAD candidates (zero-shot)", title, header, rows, "cpu", args.write,
+            params={"model": args.model, "n": args.n})
     return rows
 
 

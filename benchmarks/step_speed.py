@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import forward, label_word_loss, markdown_table, publish, setup  # noqa: E402
+from _common import DTYPES, forward, label_word_loss, publish, setup  # noqa: E402
 from reference_mezo import reference_step  # noqa: E402
 
 from zo_objectives.optimizer import NOISE_KINDS, MeZO  # noqa: E402
@@ -37,8 +37,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def configurations(model: torch.nn.Module, batch: dict, overhead: bool = True) -> dict[str, tuple[str, Callable]]:
-    """name -> (kind, zero-argument callable); kind is "forward", "step" or "weights" (constant closure)."""
+def configurations(model: torch.nn.Module, batch: dict, overhead: bool = True,
+                   sizes: dict | None = None) -> dict[str, tuple[str, Callable]]:
+    """name -> (kind, zero-argument callable); kind is "forward", "step" or "weights" (constant closure: for our
+    MeZO the update pass alone, since the perturbation happens inside the forwards). ``sizes``: the noise's
+    ``chunk_size`` and ``table_size``."""
+    sizes = sizes or {}
     params = [p for p in model.parameters() if p.requires_grad]
 
     def closure() -> float:
@@ -51,16 +55,16 @@ def configurations(model: torch.nn.Module, batch: dict, overhead: bool = True) -
         "forward (logits_to_keep=1)": ("forward", lambda: forward(model, batch, keep=1)),
         "forward (full logits)": ("reference forward", lambda: forward(model, batch, keep=0)),
     }
-    optimizers = {f"MeZO {kind}" + (" (default)" if kind == "table" else ""): MeZO(params, lr=LR, eps=EPS, noise=kind)
-                  for kind in NOISE_KINDS}
-    optimizers["MeZO table, forward difference"] = MeZO(params, lr=LR, eps=EPS, difference="forward")
+    optimizers = {f"MeZO {kind}" + (" (default)" if kind == "table" else ""):
+                  MeZO(params, lr=LR, eps=EPS, noise=kind, **sizes) for kind in NOISE_KINDS}
+    optimizers["MeZO table, forward difference"] = MeZO(params, lr=LR, eps=EPS, difference="forward", **sizes)
     for name, opt in optimizers.items():
         configs[name] = ("step", lambda opt=opt: opt.step(closure))
     seeds = iter(range(1 << 30))
     configs["reference MeZO"] = ("step", lambda: reference_step(model, closure, LR, EPS, next(seeds)))
     if overhead:
         for name, opt in optimizers.items():
-            configs[f"{name}: weights only"] = ("weights", lambda opt=opt: opt.step(constant))
+            configs[f"{name}: update pass only"] = ("weights", lambda opt=opt: opt.step(constant))
         configs["reference MeZO: weights only"] = (
             "weights", lambda: reference_step(model, constant, LR, EPS, next(seeds)))
     return configs
@@ -118,6 +122,9 @@ def main(argv: list[str] | None = None) -> list[list]:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before measuring")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--chunk-size", type=int, default=1 << 18, help="MeZO's noise chunk (GPU: 16777216)")
+    parser.add_argument("--table-size", type=int, default=1 << 22, help="MeZO's noise table (>= 2 chunks)")
     parser.add_argument("--no-overhead", action="store_true", help="skip the weights-only rows")
     parser.add_argument("--quick", action="store_true", help="smoke check: 1 repeat, no warm-up, no weights-only "
                         "rows (numbers not for reporting)")
@@ -125,21 +132,25 @@ def main(argv: list[str] | None = None) -> list[list]:
     args = parser.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup, args.no_overhead = 1, 0, True
-    model, batch = setup(args.model, args.device, args.threads, args.batch_size, args.seq_len)
-    configs = configurations(model, batch, overhead=not args.no_overhead)
+    model, batch = setup(args.model, args.device, args.threads, args.batch_size, args.seq_len, dtype=args.dtype)
+    sizes = {"chunk_size": args.chunk_size, "table_size": args.table_size}
+    configs = configurations(model, batch, overhead=not args.no_overhead, sizes=sizes)
     times = measure(configs, args.repeats, args.device, args.warmup,
                     log=lambda s: print(s, file=sys.stderr, flush=True))
     table = rows(configs, times)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     title = (f"Step speed: {args.model} ({n_params / 1e6:.1f}M trainable parameters), batch {args.batch_size} x "
-             f"{args.seq_len} tokens, device {args.device}, median of {args.repeats} interleaved repeats "
-             f"after {args.warmup} warm-up round(s). lr={LR}, eps={EPS}.")
+             f"{args.seq_len} tokens, {args.dtype}, device {args.device}, median of {args.repeats} interleaved "
+             f"repeats after {args.warmup} warm-up round(s). lr={LR}, eps={EPS}, noise chunks of {args.chunk_size} "
+             f"values.")
     notes = ("Ratios are to two forward passes with `logits_to_keep=1` (a central-difference step's two "
              "closure calls); goal <= 1.05 for the default. \"+x\" on a weights-only row is that pass's time "
              "over two forward passes.")
-    section = "step_speed" if args.model == "smollm2-135m" else f"step_speed_{args.model}"
-    publish(section, f"Step speed ({args.model})", title, markdown_table(HEADER, table), args.device, args.write,
-            notes=notes)
+    section = "_".join(["step_speed"] + [v for v, default in ((args.model, "smollm2-135m"), (args.dtype, "fp32"),
+                                                              (args.device, "cpu")) if v != default])
+    publish(section, f"Step speed ({args.model})", title, HEADER, table, args.device, args.write, notes=notes,
+            params={"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": args.dtype,
+                    "chunk_size": args.chunk_size})
     return table
 
 

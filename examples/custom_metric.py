@@ -27,7 +27,7 @@ def balanced_accuracy(predictions: list[int], references: list[int]) -> float:
 def main() -> None:
     from metrics import get_metric
     from tasks import get_task
-    from zo_objectives import MeZO, evaluate, load_model, make_objective, predictor_for, train
+    from zo_objectives import MeZO, evaluate_model, load_model, make_objective, predictor_for, train
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -42,9 +42,9 @@ def main() -> None:
     optimizer = MeZO(model.parameters(), lr=1e-4, eps=1e-3, seed=0)
     dev = task.examples("dev", n=args.eval_size)
     metric = get_metric("balanced_accuracy")
-    before = evaluate(model, predictor, dev, metric)
+    before = evaluate_model(model, predictor, dev, metric)
     train(model, optimizer, objective, task.examples("train", n=1000), steps=args.steps, batch_size=16)
-    after = evaluate(model, predictor, dev, metric)
+    after = evaluate_model(model, predictor, dev, metric)
     print(f"dev balanced accuracy: {before:.4f} -> {after:.4f} after {args.steps} steps")
 
 

@@ -24,7 +24,7 @@ import argparse
 from metrics import squad_f1
 from metrics.squad import normalize_answer
 from tasks import get_task
-from zo_objectives import Generation, MeZO, RewardObjective, load_model, train
+from zo_objectives import GenerationPredictor, MeZO, RewardObjective, load_model, train
 from zo_objectives.optimizer import UPDATES
 
 MAX_WORDS = 6
@@ -32,12 +32,21 @@ INSTRUCTION = "Answer with the shortest possible phrase from the text.\n\n"
 
 
 def short_answer(prompts: list[str], completions: list[str], **columns) -> list[float]:
-    """1 when the completion has at most MAX_WORDS words (and is not empty), else 0."""
+    """1 when the completion has at most MAX_WORDS words (and is not empty), else 0.
+
+    >>> short_answer([], ["Paris", "", "one two three four five six seven"])
+    [1.0, 0.0, 0.0]
+    """
     return [float(0 < len(text.split()) <= MAX_WORDS) for text in completions]
 
 
 def short_span(prompts: list[str], completions: list[str], context: list[str], **columns) -> list[float]:
-    """1 when the completion, normalized as SQuAD does, is 1 to MAX_WORDS whole words of the passage, else 0."""
+    """1 when the completion, normalized as SQuAD does, is 1 to MAX_WORDS whole words of the passage, else 0.
+
+    >>> passage = "The Eiffel Tower, in Paris, opened in 1889."
+    >>> short_span([], ["the Eiffel Tower.", "Pari", "The answer is:"], context=[passage] * 3)
+    [1.0, 0.0, 0.0]
+    """
     rewards = []
     for text, passage in zip(completions, context):
         words = normalize_answer(text)
@@ -46,7 +55,11 @@ def short_span(prompts: list[str], completions: list[str], context: list[str], *
 
 
 def answer_f1(prompts: list[str], completions: list[str], answers: list[list[str]], **columns) -> list[float]:
-    """SQuAD token F1 of each completion against its reference answers (a column of the batch)."""
+    """SQuAD token F1 of each completion against its reference answers (a column of the batch).
+
+    >>> answer_f1([], ["the Eiffel Tower", "Paris, France"], answers=[["Eiffel Tower"], ["Paris"]])
+    [1.0, 0.6666666666666666]
+    """
     return [squad_f1([text], [golds]) for text, golds in zip(completions, answers)]
 
 
@@ -66,9 +79,10 @@ def mean_rewards(objective: RewardObjective, model, examples: list[dict], batch_
     """Each reward function's mean over ``examples`` (one generation per example)."""
     totals = [0.0] * len(objective.rewards)
     for i in range(0, len(examples), batch_size):
-        prompts, completions, columns = objective.generate(model, examples[i:i + batch_size])
-        for k, fn in enumerate(objective.rewards):
-            totals[k] += sum(fn(prompts=prompts, completions=completions, **columns))
+        batch = examples[i:i + batch_size]
+        objective.rewards_for(model, batch)
+        for k, mean in enumerate(objective.last_means.values()):  # one per reward function, in order
+            totals[k] += mean * len(batch)
     return [t / len(examples) for t in totals]
 
 
@@ -96,8 +110,8 @@ def main() -> None:
     train_set = prompts_from_squad(tokenizer, 400, offset=0)
     held_out = prompts_from_squad(tokenizer, args.held_out, offset=400)
     rewards = [SHORT_REWARDS[args.short], answer_f1]
-    sampler = Generation(tokenizer, max_new_tokens=args.max_new_tokens, stop=["\n"], temperature=0.7)
-    greedy = Generation(tokenizer, max_new_tokens=args.max_new_tokens, stop=["\n"])
+    sampler = GenerationPredictor(tokenizer, max_new_tokens=args.max_new_tokens, stop=["\n"], temperature=0.7)
+    greedy = GenerationPredictor(tokenizer, max_new_tokens=args.max_new_tokens, stop=["\n"])
     objective = RewardObjective(sampler, rewards, weights=[args.short_weight, 1.0], candidates=args.candidates)
     report = RewardObjective(greedy, rewards)
     before = mean_rewards(report, model, held_out)

@@ -6,6 +6,8 @@ returns a :class:`Metric` whose ``greater_is_better`` tells an objective which s
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,6 +15,11 @@ from metrics.classification import accuracy, exact_match, f1
 from metrics.squad import squad_em, squad_f1
 
 MetricFn = Callable[[list, list], float]
+
+
+class MetricError(ValueError, TypeError):
+    """A metric raised, or returned something other than one finite number; the message names the metric.
+    Both a ValueError and a TypeError, so that either ``except`` catches it."""
 
 
 @dataclass(frozen=True)
@@ -25,7 +32,21 @@ class Metric:
     per_example: bool = False  # the metric is a mean of per-example scores (lets objectives take expectations)
 
     def __call__(self, predictions: list, references: list) -> float:
-        return float(self.fn(predictions, references))
+        """The metric's value as a float; a metric that raises or returns anything but one finite number fails
+        here with a ``MetricError`` naming it, not steps later."""
+        try:
+            value = self.fn(predictions, references)
+        except Exception as err:
+            raise MetricError(f"metric {self.name!r} raised {type(err).__name__}: {err}") from err
+        if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a 0-d numpy array or tensor
+            value = value.item()
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise MetricError(f"metric {self.name!r} returned {value!r:.60} ({type(value).__name__}); a metric must "
+                            "return one number (int or float)")
+        if not math.isfinite(value):
+            raise MetricError(f"metric {self.name!r} returned {value} on {len(predictions)} predictions; a metric "
+                              "must return a finite number")
+        return float(value)
 
 
 _REGISTRY: dict[str, Metric] = {}
@@ -64,6 +85,6 @@ for _fn in (accuracy, exact_match, squad_em, squad_f1):
 register_metric("f1", f1)
 
 __all__ = [
-    "Metric", "accuracy", "exact_match", "f1", "get_metric", "list_metrics", "register_metric", "squad_em",
-    "squad_f1",
+    "Metric", "MetricError", "accuracy", "exact_match", "f1", "get_metric", "list_metrics", "register_metric",
+    "squad_em", "squad_f1",
 ]

@@ -14,15 +14,43 @@ EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
 
 
 def read_table(path: str | Path) -> list[dict]:
-    """Rows of a CSV, TSV or JSON-lines file (by extension) via ``datasets``."""
+    """Rows of a CSV, TSV or JSON-lines file (by extension) via ``datasets``; a file that is empty, not UTF-8,
+    without data rows or unparsable raises ValueError naming it."""
     path = Path(path)
     ext = path.suffix.lower()
     if ext not in EXTENSIONS:
         raise ValueError(f"unsupported file extension {ext!r} for {path}; accepted: {', '.join(EXTENSIONS)}")
     if not path.is_file():
         raise FileNotFoundError(path)
+    data = path.read_bytes()
+    if not data.strip():
+        raise ValueError(f"{path} is empty: it needs {'a header line and ' if ext in ('.csv', '.tsv') else ''}"
+                         "data rows")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:  # datasets would fail with a long traceback
+        line = data[:err.start].count(b"\n") + 1
+        raise ValueError(f"{path} is not UTF-8 text (byte {data[err.start]:#x} on line {line}): save it as UTF-8, "
+                         f"e.g. iconv -f latin1 -t utf-8 {path.name} > utf8-{path.name}") from None
     kwargs = {"delimiter": "\t"} if ext == ".tsv" else {}
-    return load_rows(EXTENSIONS[ext], path, **kwargs)
+    import datasets  # here, as in tasks.builtin: importing it takes seconds
+
+    level = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # it logs parser errors as well as raising them
+    try:
+        rows = load_rows(EXTENSIONS[ext], path, **kwargs)
+    except Exception as err:  # datasets wraps parser errors; the cause says what is wrong with the file
+        cause = err.__cause__ or err
+        if "corresponds to no data" in str(cause):
+            rows = []
+        else:
+            raise ValueError(f"{path} cannot be read as {ext[1:].upper()}: "
+                             f"{(str(cause).strip().splitlines() or [type(cause).__name__])[0]}") from None
+    finally:
+        datasets.logging.set_verbosity(level)
+    if not rows:
+        raise ValueError(f"{path} has no data rows{' (only a header line)' if ext in ('.csv', '.tsv') else ''}")
+    return rows
 
 
 def template_fields(template: str) -> list[str]:
@@ -75,6 +103,10 @@ def task_from_file(
     if labels is not None and label_words and len(labels) != len(label_words):
         raise ValueError(f"labels {labels} and label_words {label_words} must have the same length")
     metric = metric or ("squad_f1" if kind == "generation" else "accuracy")
+    bare = [w for w in label_words or [] if kind == "classification" and not w[:1].isspace()]
+    if bare and not template[-1:].isspace():
+        warnings.warn(f"label words {bare} have no leading space: the model reads them glued to the prompt's last "
+                      f"word, a different tokenization; you likely want {[' ' + w for w in bare]}", stacklevel=2)
 
     needed = {f: "used by the template" for f in template_fields(template)}
     needed.update({answer_column: "answer_column"} if kind == "generation" else {label_column: "label_column"})

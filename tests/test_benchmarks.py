@@ -27,9 +27,10 @@ def load(name: str):
 
 @pytest.fixture
 def no_write(monkeypatch, tmp_path):
-    """Point BENCHMARKS.md to a temporary file so that no test touches the real one."""
+    """Point BENCHMARKS.md and benchmarks/results to temporary ones so that no test touches the real ones."""
     common = load("_common")
     monkeypatch.setattr(common, "BENCHMARKS_MD", tmp_path / "BENCHMARKS.md")
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
     monkeypatch.setattr(common.write_section, "__defaults__", (tmp_path / "BENCHMARKS.md",))
     return tmp_path / "BENCHMARKS.md"
 
@@ -59,6 +60,9 @@ def test_memory_runs(no_write):
     assert [row[0] for row in table] == ["inference"]
     text = no_write.read_text()
     assert "<!-- memory:begin -->" in text and "<!-- memory:end -->" in text and "| inference |" in text
+    stored = json.loads((no_write.parent / "results" / "memory.json").read_text())
+    assert stored["rows"][0][0] == "inference" and stored["environment"]["command"].startswith("python ")
+    assert load("_common").render(stored) in text and "<!-- environments:begin -->" in text
 
 
 def test_write_section_keeps_other_sections(tmp_path):
@@ -129,7 +133,43 @@ def test_objective_gap_runs_and_reuses(no_write, tmp_path):
     log.write_text(json.dumps({**row, "eval": 0.123}) + "\n")
     collected = gap.main(["--collect", "--steps", "2", *argv[:2], *argv[4:]])
     assert collected[0][0] == "cross_entropy" and "0.1230" in collected[0]
-    assert "stopped early: cross_entropy at step 1" in no_write.read_text()
+    assert "Seed 0: stopped early, cross_entropy at step 1." in no_write.read_text()
+    assert json.loads((no_write.parent / "results" / "objective_gap_sst2_s0.json").read_text())["params"]["seed"] == 0
+
+
+def _seed_result(seed: int, values: list[str], device: str = "cpu") -> dict:
+    rows = [[name + " (reused)", "1e-05", "sgd", value, "0%", "1.0e-04", "1.5"]
+            for name, value in zip(["cross_entropy", "squad_f1"], values)]
+    return {"section": f"objective_gap_squad_s{seed}", "title": "", "notes": "",
+            "columns": ["objective", "lr", "update", "step 60", "tied steps", "median step length", "train minutes"],
+            "rows": rows, "params": {"task": "squad", "seed": seed, "steps": 60, "batch_size": 8, "eval_size": 500,
+                                     "metric": "squad_f1", "stopped": ""},
+            "environment": {"command": f"python benchmarks/objective_gap.py --seed {seed} --configs a,b --output "
+                            f"runs/gap_s{seed} --write", "date": "today", "device": device}}
+
+
+def test_objective_gap_seeds_table_has_seeds_as_columns_and_mean_sd():
+    gap = load("objective_gap")
+    results = {f"s{s}": _seed_result(s, v) for s, v in [(0, ["0.3155", "0.2820"]), (1, ["0.2924", "-"])]}
+    results["gpu"] = _seed_result(2, ["0.9", "0.9"], device="cuda")  # another device: not in the CPU table
+    table = gap.seeds_table("squad", gpu=False, results=results)
+    assert table["columns"][3:7] == ["seed 0", "seed 1", "mean", "sd"]
+    assert table["rows"][0][:7] == ["cross_entropy", "1e-05", "sgd", "31.55", "29.24", "30.40", "1.63"]
+    assert table["rows"][1][3:7] == ["28.20", "-", "-", "-"]  # one seed: no mean
+    assert table["environment"]["command"] == ("python benchmarks/objective_gap.py --seed S --configs NAMES "
+                                               "--output runs/gap_sS --write")
+    with pytest.raises(SystemExit, match="no stored results of objective_gap.py for task 'sst2'"):
+        gap.seeds_table("sst2", gpu=False, results=results)
+
+
+def test_stored_result_is_the_data_of_its_section(no_write):
+    common = load("_common")
+    result = common.publish("demo", "Demo", "A caption.", ["a", "b"], [[1, "x"]], "cpu", write=True, notes="N.")
+    text = no_write.read_text()
+    assert "## Demo\n\nA caption.\n\n| a | b |\n|---|---|\n| 1 | x |" in text and "N." in text
+    stored = json.loads((no_write.parent / "results" / "demo.json").read_text())
+    assert stored == result and stored["rows"] == [["1", "x"]]
+    assert "demo" in text[text.index("environments:begin"):text.index("environments:end")]
 
 
 def test_squad_candidates_runs(no_write):

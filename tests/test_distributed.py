@@ -15,9 +15,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from metrics import get_metric
-from zo_objectives import distributed
+from zo_objectives import Objective, distributed, make_objective
 from zo_objectives.optimizer import MeZO
-from zo_objectives.train import evaluate, train
+from zo_objectives.train import evaluate_model, train
 
 WORLD = 2
 STEPS, BATCH = 4, 5  # an odd batch: uneven shards (3 and 2 examples) exercise the size weighting
@@ -59,7 +59,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         params = list(model.parameters())
         opt = run_mezo(model, distributed.ShardedObjective(toy_cross_entropy))
         assert distributed.check_in_sync(params)
-        accuracy = distributed.evaluate(model, ToyPredictor(), DATA[:7], get_metric("accuracy"), batch_size=2)
+        accuracy = distributed.evaluate_model(model, ToyPredictor(), DATA[:7], get_metric("accuracy"), batch_size=2)
         weights = [p.detach().clone() for p in params]
         with torch.no_grad():  # a one-ulp difference on one rank is caught on every rank
             if rank == 1:
@@ -94,7 +94,7 @@ def test_two_ranks_match_each_other_and_a_single_process(tmp_path):
     single = toy_model()
     initial = [p.detach().clone() for p in single.parameters()]
     opt = run_mezo(single, toy_cross_entropy)
-    single_accuracy = evaluate(single, ToyPredictor(), DATA[:7], get_metric("accuracy"), batch_size=2)
+    single_accuracy = evaluate_model(single, ToyPredictor(), DATA[:7], get_metric("accuracy"), batch_size=2)
 
     assert [r["main"] for r in ranks] == [True, False]
     assert all(r["diverged"] for r in ranks)
@@ -120,10 +120,11 @@ def test_single_process_path(monkeypatch):
     model = toy_model()
     sharded = distributed.ShardedObjective(toy_cross_entropy)
     assert sharded(model, DATA[:5]) == toy_cross_entropy(model, DATA[:5])
+    assert isinstance(sharded, Objective) and make_objective(sharded, ToyPredictor()) is sharded  # not a metric
     assert distributed.check_in_sync(model.parameters())
     metric = get_metric("accuracy")
-    assert distributed.evaluate(model, ToyPredictor(), DATA, metric, 5) == evaluate(model, ToyPredictor(), DATA,
-                                                                                     metric, 5)
+    assert distributed.evaluate_model(model, ToyPredictor(), DATA, metric, 5) == evaluate_model(
+        model, ToyPredictor(), DATA, metric, 5)
     assert distributed.checksum(model.parameters()) == distributed.checksum(toy_model().parameters())
     with torch.no_grad():
         model[0].bias[0] += 1e-12

@@ -6,11 +6,26 @@ import collections
 import re
 import string
 
+import numpy as np
 import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from sklearn.metrics import f1_score
 
 import metrics
-from metrics import Metric, accuracy, exact_match, f1, get_metric, list_metrics, register_metric, squad_em, squad_f1
+from metrics import (
+    Metric,
+    MetricError,
+    accuracy,
+    exact_match,
+    f1,
+    get_metric,
+    list_metrics,
+    register_metric,
+    squad_em,
+    squad_f1,
+)
 from metrics.squad import normalize_answer
 
 
@@ -88,8 +103,51 @@ def test_exact_match_strips_whitespace_only():
 def test_length_mismatch_and_empty_raise(fn):
     with pytest.raises(ValueError, match="lengths must match"):
         fn(["a", "b"], ["a"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one example"):
         fn([], [])
+
+
+@pytest.mark.parametrize("fn", [accuracy, f1])
+def test_labels_must_not_mix_strings_and_numbers(fn):
+    with pytest.raises(TypeError, match="mix strings and numbers"):
+        fn([1, "1"], [1, 1])
+    with pytest.raises(TypeError, match="mix strings and numbers"):
+        fn(["1", "0"], [1, 0])
+    assert fn(["1", "0"], ["1", "0"]) == 1.0
+
+
+def test_accuracy_refuses_what_is_not_one_label_per_example():
+    with pytest.raises(TypeError, match=r"prediction 0 is .*ndarray of shape \(2,\)"):
+        accuracy(np.array([[1, 0], [0, 1]]), np.array([[1, 0], [0, 1]]))
+    with pytest.raises(TypeError, match="prediction 1 is None"):
+        accuracy([1, None], [1, 0])
+    with pytest.raises(TypeError, match=r"reference 0 is \[1\] \(list\)"):
+        accuracy([1], [[1]])
+    # numpy arrays of labels, numpy scalars and 0-d tensors are labels
+    assert accuracy(np.array([1, 0, 2]), np.array([1, 1, 2])) == pytest.approx(2 / 3)
+    assert isinstance(accuracy(np.array([1, 0]), np.array([1, 1])), float)
+    assert accuracy(torch.tensor([3, 4]), [3, 3]) == 0.5
+
+
+def test_squad_refuses_a_prediction_that_is_not_a_string():
+    with pytest.raises(TypeError, match="prediction 1 is None .*compare strings"):
+        squad_f1(["Paris", None], [["Paris"], ["Rome"]])
+    with pytest.raises(TypeError, match="prediction 0 is 3"):
+        squad_em([3], [["3"]])
+    with pytest.raises(TypeError, match="gold answers must be strings"):
+        squad_f1(["Paris"], [[None]])
+    with pytest.raises(TypeError, match="prediction 0 is None"):
+        exact_match([None], ["None"])  # not "None" == "None"
+
+
+def test_squad_accepts_the_answers_dict_of_the_squad_dataset():
+    ref = {"text": ["Denver Broncos", "the Broncos"], "answer_start": [177, 250]}
+    assert squad_f1(["Broncos"], [ref]) == pytest.approx(1.0)
+    assert squad_f1(["Denver"], [ref]) == pytest.approx(squad_f1(["Denver"], [ref["text"]]))
+    assert squad_f1(["Denver"], [ref]) == pytest.approx(2 / 3)
+    assert squad_em(["denver broncos!"], [ref]) == 1.0
+    with pytest.raises(ValueError, match=r"'text' list of gold answers; got keys \['answer_start'\]"):
+        squad_f1(["Denver"], [{"answer_start": [0]}])
 
 
 # --- SQuAD ---------------------------------------------------------------------------------------------------
@@ -178,11 +236,62 @@ def test_squad_empty_gold_list_raises():
 
 
 # --- registry ------------------------------------------------------------------------------------------------
+# --- properties (hypothesis) -----------------------------------------------------------------------------------
+WORDS = ["the", "The", "an", "A", "a", "Paris", "paris.", "x", "b,c", "don't", "New-York", "1,000", "Ærø", "\t", "\n",
+         "!", ""]
+TEXT = st.one_of(st.text(max_size=20), st.lists(st.sampled_from(WORDS), max_size=8).map(" ".join))
+
+
+@given(TEXT)
+def test_normalize_matches_official_idempotent_and_canonical(text):
+    norm = normalize_answer(text)
+    assert norm == official_normalize_answer(text)
+    assert normalize_answer(norm) == norm  # idempotent
+    assert norm == norm.strip() and "  " not in norm and norm == norm.lower()
+    assert not set(norm) & set(string.punctuation)
+    assert not {"a", "an", "the"} & set(norm.split())
+
+
+@given(TEXT, st.lists(TEXT, min_size=1, max_size=3))
+def test_squad_scores_match_official_and_are_bounded(prediction, golds):
+    em, f1_value = squad_em([prediction], [golds]), squad_f1([prediction], [golds])
+    assert em == float(official_max_over_ground_truths(official_exact_match_score, prediction, golds))
+    assert f1_value == pytest.approx(official_max_over_ground_truths(official_f1_score, prediction, golds))
+    assert 0.0 <= f1_value <= 1.0 and em in (0.0, 1.0)
+    if em == 1.0 and normalize_answer(prediction):
+        assert f1_value == pytest.approx(1.0)  # an exact match has full token overlap
+    # F1 is symmetric in prediction and gold, and ignores a leading article and trailing punctuation
+    assert squad_f1([golds[0]], [[prediction]]) == pytest.approx(squad_f1([prediction], [[golds[0]]]))
+    assert squad_f1([f"The {prediction}!"], [golds]) == pytest.approx(f1_value)
+    # the max over gold answers: adding the prediction itself as a gold gives EM 1
+    assert squad_em([prediction], [[*golds, prediction]]) == 1.0
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3)), min_size=1, max_size=20))
+def test_accuracy_is_the_mean_of_matches_and_agrees_on_strings(pairs):
+    preds, refs = [p for p, _ in pairs], [r for _, r in pairs]
+    value = accuracy(preds, refs)
+    assert value == sum(p == r for p, r in pairs) / len(pairs)
+    assert accuracy([str(p) for p in preds], [str(r) for r in refs]) == value
+    assert accuracy(np.array(preds), np.array(refs)) == value
+
+
+# --- registry ------------------------------------------------------------------------------------------------
+def test_metric_call_names_the_metric_when_it_fails():
+    with pytest.raises(MetricError, match="metric 'accuracy' raised TypeError: labels mix strings and numbers"):
+        get_metric("accuracy")([1, "1"], [1, 1])
+    with pytest.raises(MetricError, match=r"metric 'listy' returned \[1.0\] \(list\)"):
+        Metric("listy", lambda p, r: [1.0])([1], [1])
+    with pytest.raises(MetricError, match="metric 'infinite' returned inf"):
+        Metric("infinite", lambda p, r: float("inf"))([1], [1])
+
+
 def test_builtins_registered():
     assert {"accuracy", "f1", "exact_match", "squad_em", "squad_f1"} <= set(list_metrics())
     m = get_metric("accuracy")
-    assert isinstance(m, Metric) and m.greater_is_better and m.name == "accuracy"
+    assert m.greater_is_better and m.name == "accuracy" and m.per_example and m.fn is accuracy
     assert m([1, 0], [1, 1]) == 0.5
+    assert get_metric("squad_f1").per_example and not get_metric("f1").per_example  # macro-F1 is not a mean
 
 
 def test_get_metric_unknown_lists_available():
@@ -211,11 +320,11 @@ def test_register_metric_as_call_lower_is_better(clean_registry):
     m = get_metric("mae")
     assert m.greater_is_better is False
     assert m([1, 2], [2, 4]) == 1.5
-    assert isinstance(m([1], [1]), float)
+    assert m([1], [1]) == 0.0 and type(m([1], [1])) is float  # an int result comes back as a float
 
 
 def test_register_metric_rejects_non_callable(clean_registry):
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="metric 'bad' must be callable, got int"):
         register_metric("bad", 3)
     assert "bad" not in list_metrics()
 

@@ -8,11 +8,15 @@ import pytest
 import torch
 
 import metrics
-from metrics import Metric, get_metric, register_metric
+from metrics import Metric, MetricError, get_metric, register_metric
+from zo_objectives.distributed import ShardedObjective
 from zo_objectives.objectives import (
     CROSS_ENTROPY,
+    DEFAULT_SMOOTHING,
     CrossEntropy,
     MetricObjective,
+    Objective,
+    RewardObjective,
     WeightedSum,
     make_objective,
     references,
@@ -34,7 +38,7 @@ class FixedPredictor:
 
 
 class ScorePredictor(FixedPredictor):
-    """Scores from ``ex["scores"]`` times ``model.scale`` (a stand-in for LabelWords / MultipleChoice)."""
+    """Scores from ``ex["scores"]`` times ``model.scale`` (a stand-in for LabelWordPredictor / ChoicePredictor)."""
 
     def scores(self, model, batch):
         return torch.stack([ex["scores"] for ex in batch]) * model.scale
@@ -66,7 +70,7 @@ def test_references_are_labels_or_answers():
 
 def test_metric_name_greater_is_better_is_negated():
     obj = make_objective("accuracy", FixedPredictor())
-    assert isinstance(obj, MetricObjective) and obj.name == "accuracy" and obj.temperature == 0
+    assert isinstance(obj, MetricObjective) and obj.name == "accuracy" and obj.smoothing == 0
     assert obj(MODEL, BATCH) == -0.75
 
 
@@ -80,6 +84,17 @@ def test_greater_is_better_override_for_a_name():
     obj = make_objective("accuracy", FixedPredictor(), greater_is_better=False)
     assert obj(MODEL, BATCH) == 0.75
     assert get_metric("accuracy").greater_is_better  # the registry is not changed
+
+
+def test_greater_is_better_true_keeps_the_metric_per_example_and_the_log_form():
+    batch = scored_batch(n=12)
+    default = make_objective("accuracy", ScorePredictor())
+    stated = make_objective("accuracy", ScorePredictor(), greater_is_better=True)
+    assert stated.metric.per_example and stated.form == "log" == default.form
+    assert stated(MODEL, batch) == default(MODEL, batch)
+    # flipping the direction keeps per_example too (the mean form then, as log needs greater is better)
+    lower = make_objective("accuracy", ScorePredictor(), greater_is_better=False)
+    assert lower.metric.per_example and lower.form == "mean"
 
 
 def test_cross_entropy():
@@ -130,10 +145,81 @@ def test_compute_object():
 def test_compute_object_needs_an_existing_key():
     with pytest.raises(ValueError, match="key="):
         make_objective(ComputeMetric(), FixedPredictor())
+    # a predictor of known kind: one tiny compute when the objective is built reports the wrong key at once
+    module = ComputeMetric()
+    with pytest.raises(ValueError, match=r"returned keys \['accuracy', 'n'\]; no 'f1'"):
+        make_objective(module, ScorePredictor(), key="f1")
+    assert module.seen == ([0], [0])
+    # a predictor of unknown kind: no guess at its predictions; the first evaluation reports it, naming the metric
     obj = make_objective(ComputeMetric(), FixedPredictor(), key="f1")
-    with pytest.raises(ValueError, match="'f1'") as err:
+    with pytest.raises(MetricError, match=r"metric 'computed' raised ValueError: .*keys \['accuracy', 'n'\]; no 'f1'"):
         obj(MODEL, BATCH)
-    assert "accuracy" in str(err.value)  # names the keys it did return
+
+
+class StringsOnlyCompute:
+    """A ``.compute`` metric that refuses the integer labels of the tiny build-time example."""
+
+    name = "strings_only"
+
+    def compute(self, predictions, references):
+        if not all(isinstance(p, str) for p in predictions):
+            raise TypeError("predictions must be strings")
+        return {"score": 1.0}
+
+
+def test_compute_object_that_fails_on_the_build_example_reports_when_evaluated():
+    obj = make_objective(StringsOnlyCompute(), ScorePredictor(), key="score", smoothing=0)
+    with pytest.raises(MetricError, match="metric 'strings_only' raised TypeError: predictions must be strings"):
+        obj(MODEL, scored_batch(n=4))
+
+
+def test_compute_object_can_be_per_example():
+    batch = scored_batch(n=40)
+    probs = torch.stack([ex["scores"] for ex in batch]).softmax(-1)
+    expected = float(probs[torch.arange(len(batch)), [ex["label"] for ex in batch]].mean())
+    corpus = make_objective(ComputeMetric(), ScorePredictor(), key="accuracy", form="mean")
+    assert not corpus.metric.per_example and corpus.form == "mean"  # a corpus metric: Monte Carlo draws
+    exact = make_objective(ComputeMetric(), ScorePredictor(), key="accuracy", per_example=True, form="mean")
+    assert exact.metric.per_example
+    assert -exact(MODEL, batch) == pytest.approx(expected, abs=1e-6)  # exact expectation, no draws
+    assert -corpus(MODEL, batch) != pytest.approx(expected, abs=1e-6)
+    assert make_objective(ComputeMetric(), ScorePredictor(), key="accuracy", per_example=True).form == "log"
+    # per_example also declares a plain function's, or overrides a registered metric's
+    assert make_objective(metrics.accuracy, ScorePredictor(), per_example=True).metric.per_example
+    assert not make_objective("accuracy", ScorePredictor(), per_example=False, form="mean").metric.per_example
+
+
+@pytest.mark.parametrize("returned,needle", [
+    ([0.5], r"returned \[0.5\] \(list\)"),
+    (None, r"returned None \(NoneType\)"),
+    ("0.5", r"returned '0.5' \(str\)"),
+    (float("nan"), "returned nan"),
+    (True, r"returned True \(bool\)"),
+])
+def test_a_metric_returning_no_number_fails_when_evaluated_naming_it(returned, needle):
+    def my_metric(predictions, references):
+        return returned
+
+    obj = make_objective(my_metric, FixedPredictor())  # built fine: nothing is evaluated yet
+    with pytest.raises(MetricError, match=f"metric 'my_metric' {needle}") as err:
+        obj(MODEL, BATCH)
+    assert isinstance(err.value, TypeError) and isinstance(err.value, ValueError)
+    smooth = make_objective(Metric("mine", my_metric, per_example=True), ScorePredictor())
+    with pytest.raises(MetricError, match=f"metric 'mine' {needle}"):
+        smooth(MODEL, scored_batch(n=4))
+
+
+def test_a_metric_that_raises_is_named():
+    def broken(predictions, references):
+        return 1 / 0
+
+    with pytest.raises(MetricError, match="metric 'broken' raised ZeroDivisionError: division by zero"):
+        make_objective(broken, FixedPredictor())(MODEL, BATCH)
+    # numpy numbers and 0-d arrays are numbers
+    import numpy as np
+
+    assert make_objective(lambda p, r: np.float32(0.25), FixedPredictor())(MODEL, BATCH) == -0.25
+    assert make_objective(lambda p, r: np.array(0.5), FixedPredictor())(MODEL, BATCH) == -0.5
 
 
 def test_weighted_sum():
@@ -144,11 +230,61 @@ def test_weighted_sum():
     assert make_objective(obj, FixedPredictor()) is obj
 
 
+class MyObjective(Objective):
+    """A user's own objective, marked by subclassing Objective."""
+
+    def __call__(self, model, batch):
+        return 7.0
+
+
+class Unmarked:
+    """An objective class that does not subclass Objective (registered in a test)."""
+
+    def __call__(self, model, batch):
+        return 3.0
+
+
+class EchoGenerator:
+    def generate(self, model, prompts, strip=True):
+        return list(prompts)
+
+
 def test_built_objectives_pass_through():
     obj = MetricObjective(get_metric("f1"), FixedPredictor())
     assert make_objective(obj, None) is obj
     ce = CrossEntropy(FixedPredictor())
     assert make_objective(ce, None) is ce
+    reward = RewardObjective(EchoGenerator(), lambda prompts, completions, **kw: [1.0] * len(prompts))
+    assert make_objective(reward, None) is reward
+    # a user's objective and a sharded one are objectives too: returned as they are, not wrapped as metrics
+    mine = MyObjective()
+    assert make_objective(mine, FixedPredictor()) is mine and mine(MODEL, BATCH) == 7.0
+    sharded = ShardedObjective(mine)
+    assert make_objective(sharded, FixedPredictor()) is sharded and sharded(MODEL, BATCH) == 7.0
+
+
+def test_objective_is_a_class_to_subclass_not_any_callable():
+    assert not isinstance(lambda model, batch: 0.0, Objective)
+    assert not isinstance(Unmarked(), Objective)
+    with pytest.raises(TypeError, match="Can't instantiate abstract class"):
+        Objective()
+    # a class one cannot change is marked with register()
+    Objective.register(Unmarked)
+    try:
+        unmarked = Unmarked()
+        assert make_objective(unmarked, FixedPredictor()) is unmarked
+    finally:  # undo the registration for the other tests
+        Objective._abc_registry_clear()
+        Objective._abc_caches_clear()
+    assert not isinstance(Unmarked(), Objective)
+
+
+def test_a_function_of_model_and_batch_is_refused_not_taken_for_a_metric():
+    def my_loss(model, batch):
+        return 1.0
+
+    with pytest.raises(TypeError, match="'my_loss' takes \\(model, ...\\): an objective, not a metric.*subclass"):
+        make_objective(my_loss, FixedPredictor())
 
 
 def test_unknown_name_lists_options():
@@ -163,19 +299,22 @@ def test_not_an_objective_raises_type_error():
         make_objective(42, FixedPredictor())
 
 
-def test_temperature_default_with_and_without_scores():
-    assert make_objective("accuracy", ScorePredictor()).temperature > 0
-    assert make_objective("accuracy", ScorePredictor(), temperature=0).temperature == 0
-    assert make_objective("accuracy", FixedPredictor()).temperature == 0
+def test_smoothing_default_with_and_without_scores():
+    assert DEFAULT_SMOOTHING == 1.0
+    assert make_objective("accuracy", ScorePredictor()).smoothing == DEFAULT_SMOOTHING
+    assert MetricObjective(get_metric("accuracy"), ScorePredictor()).smoothing == DEFAULT_SMOOTHING  # one default
+    assert make_objective("accuracy", ScorePredictor(), smoothing=0).smoothing == 0
+    assert make_objective("accuracy", FixedPredictor()).smoothing == 0  # no scores: the hard metric
+    assert MetricObjective(get_metric("accuracy"), FixedPredictor()).smoothing == 0
 
 
 def test_invalid_sampling_settings_raise():
     with pytest.raises(ValueError, match="scores"):
-        MetricObjective(get_metric("accuracy"), FixedPredictor(), temperature=1.0)
-    with pytest.raises(ValueError):
-        MetricObjective(get_metric("accuracy"), ScorePredictor(), temperature=1.0, samples=0)
-    with pytest.raises(ValueError):
-        MetricObjective(get_metric("accuracy"), ScorePredictor(), temperature=-1.0)
+        MetricObjective(get_metric("accuracy"), FixedPredictor(), smoothing=1.0)
+    with pytest.raises(ValueError, match="samples >= 1, got 1.0, 0"):
+        MetricObjective(get_metric("accuracy"), ScorePredictor(), smoothing=1.0, samples=0)
+    with pytest.raises(ValueError, match="smoothing must be >= 0.*got -1.0"):
+        MetricObjective(get_metric("accuracy"), ScorePredictor(), smoothing=-1.0)
 
 
 def scored_batch(n=24, classes=3, seed=0):
@@ -187,7 +326,7 @@ def scored_batch(n=24, classes=3, seed=0):
 
 def test_sampled_metric_uses_common_random_numbers():
     batch = scored_batch()
-    obj = MetricObjective(get_metric("f1"), ScorePredictor(), temperature=1.0, samples=16)  # not per-example: drawn
+    obj = MetricObjective(get_metric("f1"), ScorePredictor(), smoothing=1.0, samples=16)  # not per-example: drawn
     before = torch.get_rng_state()
     values = {obj(MODEL, batch) for _ in range(3)}
     assert len(values) == 1
@@ -203,24 +342,24 @@ def test_smoothed_metric_is_expected_accuracy_of_softmax_sampler(clean_registry)
     batch = scored_batch(n=40)
     probs = torch.stack([ex["scores"] for ex in batch]).softmax(-1)
     expected = float(probs[torch.arange(len(batch)), [ex["label"] for ex in batch]].mean())
-    exact = MetricObjective(get_metric("accuracy"), ScorePredictor(), temperature=1.0, form="mean")  # exact
+    exact = MetricObjective(get_metric("accuracy"), ScorePredictor(), smoothing=1.0, form="mean")  # exact
     assert -exact(MODEL, batch) == pytest.approx(expected, abs=1e-6)
     register_metric("accuracy_drawn", metrics.accuracy)  # the same function, not declared per-example: drawn
-    drawn = MetricObjective(get_metric("accuracy_drawn"), ScorePredictor(), temperature=1.0, samples=2000)
+    drawn = MetricObjective(get_metric("accuracy_drawn"), ScorePredictor(), smoothing=1.0, samples=2000)
     assert -drawn(MODEL, batch) == pytest.approx(expected, abs=0.02)
 
 
-def test_small_temperature_approaches_hard_metric():
+def test_small_smoothing_approaches_hard_metric():
     batch = scored_batch(n=40)
     for name in ("accuracy", "f1"):
-        hard = MetricObjective(get_metric(name), ScorePredictor())
-        hot = MetricObjective(get_metric(name), ScorePredictor(), samples=64, temperature=3.0, form="mean")
-        cold = MetricObjective(get_metric(name), ScorePredictor(), samples=64, temperature=1e-3, form="mean")
+        hard = MetricObjective(get_metric(name), ScorePredictor(), smoothing=0)
+        hot = MetricObjective(get_metric(name), ScorePredictor(), samples=64, smoothing=3.0, form="mean")
+        cold = MetricObjective(get_metric(name), ScorePredictor(), samples=64, smoothing=1e-3, form="mean")
         assert cold(MODEL, batch) == pytest.approx(hard(MODEL, batch), abs=1e-12)
         assert hot(MODEL, batch) != pytest.approx(hard(MODEL, batch), abs=1e-3)
-    # the gap shrinks as the temperature goes down
-    hard_value = MetricObjective(get_metric("accuracy"), ScorePredictor())(MODEL, batch)
-    gaps = [abs(MetricObjective(get_metric("accuracy"), ScorePredictor(), temperature=t, form="mean")(MODEL, batch)
+    # the gap shrinks as the smoothing goes down
+    hard_value = MetricObjective(get_metric("accuracy"), ScorePredictor(), smoothing=0)(MODEL, batch)
+    gaps = [abs(MetricObjective(get_metric("accuracy"), ScorePredictor(), smoothing=t, form="mean")(MODEL, batch)
                 - hard_value) for t in (2.0, 0.5, 0.05)]
     assert gaps[0] > gaps[2] and gaps[2] < 0.05
 
@@ -229,8 +368,8 @@ def test_sampled_lower_is_better_metric_keeps_sign(clean_registry):
     register_metric("err", lambda p, r: sum(a != b for a, b in zip(p, r)) / len(p), greater_is_better=False,
                     per_example=True)
     batch = scored_batch()
-    err = MetricObjective(get_metric("err"), ScorePredictor(), temperature=1.0, samples=32)
-    acc = MetricObjective(get_metric("accuracy"), ScorePredictor(), temperature=1.0, samples=32, form="mean")
+    err = MetricObjective(get_metric("err"), ScorePredictor(), smoothing=1.0, samples=32)
+    acc = MetricObjective(get_metric("accuracy"), ScorePredictor(), smoothing=1.0, samples=32, form="mean")
     assert err.form == "mean"  # lower is better: no log form
     assert err(MODEL, batch) == pytest.approx(1 + acc(MODEL, batch))
 
@@ -243,20 +382,21 @@ def test_log_form_is_default_for_per_example_metrics_and_equals_cross_entropy_of
     assert log_acc.form == "log" and make_objective("f1", ScorePredictor()).form == "mean"
     # -mean_i log p_i(gold) at temperature 1: the cross-entropy over the classes
     assert log_acc(MODEL, batch) == pytest.approx(float(torch.nn.functional.cross_entropy(scores, labels)), abs=1e-5)
-    # a temperature divides the scores first
-    hot = make_objective("accuracy", ScorePredictor(), temperature=2.0)
+    # the smoothing temperature divides the scores first
+    hot = make_objective("accuracy", ScorePredictor(), smoothing=2.0)
     assert hot(MODEL, batch) == pytest.approx(float(torch.nn.functional.cross_entropy(scores / 2, labels)), abs=1e-5)
 
 
 def test_form_must_be_known_and_log_needs_a_per_example_metric():
     with pytest.raises(ValueError, match="accepted: auto, log, mean"):
-        MetricObjective(get_metric("accuracy"), ScorePredictor(), temperature=1.0, form="sqrt")
+        MetricObjective(get_metric("accuracy"), ScorePredictor(), smoothing=1.0, form="sqrt")
     with pytest.raises(ValueError, match="per-example"):
-        MetricObjective(get_metric("f1"), ScorePredictor(), temperature=1.0, form="log")
+        MetricObjective(get_metric("f1"), ScorePredictor(), smoothing=1.0, form="log")
 
 
 class CandidatePredictor:
-    """A stand-in for Generation: greedy answers from ``ex["greedy"]``, candidate scores from ``model.table``."""
+    """A stand-in for GenerationPredictor: greedy answers from ``ex["greedy"]``, candidate scores from
+    ``model.table``."""
 
     def __init__(self):
         self.generated = 0
@@ -283,7 +423,7 @@ def test_generation_options_are_greedy_and_gold_answers_scored_by_likelihood():
              {"prompt": "q3", "answers": ["Lyon"]}]
     predictor = CandidatePredictor()
     obj = make_objective("squad_f1", predictor, support="options")
-    assert obj.temperature == 1.0 and obj.form == "log"
+    assert obj.smoothing == 1.0 and obj.form == "log"
     assert make_objective("squad_f1", predictor).support == "model"  # the default for generation in log form
     assert make_objective("squad_f1", predictor, form="mean").support == "options"
     assert make_objective("squad_f1", predictor, sequence_score="mean").support == "options"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -10,7 +12,7 @@ from tasks import get_task
 from zo_objectives.cli import eval_main, tune_main
 from zo_objectives.models import apply_peft, load_model, select_trainable, tiny_random_model
 from zo_objectives.optimizer import MeZO
-from zo_objectives.scoring import Generation, LabelWords
+from zo_objectives.scoring import GenerationPredictor, LabelWordPredictor
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -26,7 +28,7 @@ def test_peft_trains_only_the_adapter(kind, tokenizer):
     assert trainable and all(("lora_" in n) if kind == "lora" else ("prompt_encoder" in n) for n in trainable)
     before = snapshot(model)
     batch = get_task("sst2").examples("train", n=8)
-    predictor = LabelWords(tokenizer, [" terrible", " great"])
+    predictor = LabelWordPredictor(tokenizer, [" terrible", " great"])
     optimizer = MeZO([p for p in model.parameters() if p.requires_grad], lr=1e-2, eps=1e-2)
     for _ in range(2):
         optimizer.step(lambda: predictor.cross_entropy(model, batch))
@@ -59,7 +61,10 @@ def test_cli_lora_saves_only_the_adapter(tmp_path, capsys):
     assert saved and all("lora_" in name for name in saved)
     capsys.readouterr()
     assert eval_main(["--task", "sst2", "--eval-size", "8", "--run", str(run)]) == 0
-    assert '"value"' in capsys.readouterr().out
+    result = json.loads(capsys.readouterr().out)
+    # zo-eval rebuilds the tuned model (base + saved adapter): the dev accuracy zo-tune measured after training
+    after = json.loads((run / "eval.json").read_text())["after"]
+    assert (result["metric"], result["examples"]) == ("accuracy", 8) and result["value"] == pytest.approx(after)
 
 
 def test_cli_trainable_filter(tmp_path):
@@ -75,7 +80,7 @@ def test_cli_trainable_filter(tmp_path):
 def test_candidate_scores_under_peft_match_whole_sequences(kind):
     model, tokenizer = load_model("tiny-random")
     model = apply_peft(model, kind)
-    gen = Generation(tokenizer)
+    gen = GenerationPredictor(tokenizer)
     prompts, candidates = ["Q: capital? A:", "Q: colour of the sky? A:"], [[" Paris", " Lyon city"], [" blue"]]
     scores = gen.candidate_scores(model, prompts, candidates)
     for row, cands in enumerate(candidates):

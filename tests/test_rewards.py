@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import doctest
+import re
+
+import numpy as np
 import pytest
 import torch
 
@@ -17,13 +21,16 @@ class EchoGenerator:
 
     def generate(self, model, prompts, strip=True):
         self.calls += 1
-        return [p[::-1] + ("!" * int(model.weight.item() > 0)) for p in prompts]
+        return [p[::-1] + ("!" * int(model().item() > 0)) for p in prompts]
 
 
 class OneWeight(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.tensor([0.3]))
+
+    def forward(self) -> torch.Tensor:  # MeZO perturbs weights as a module's forward sees them
+        return self.weight
 
 
 BATCH = [{"prompt": "ab", "want": "ba"}, {"prompt": "xyz", "want": "q"}]
@@ -39,9 +46,13 @@ def matches(prompts, completions, want, **columns):
 
 def test_weighted_rewards_and_columns():
     objective = RewardObjective(EchoGenerator(), [length, matches], weights=[0.5, 2.0])
+    assert objective.last_means == {}
     # completions: "ba!", "zyx!" -> lengths 3, 4; matches 1, 0
     expected = ((0.5 * 3 + 2.0 * 1) + (0.5 * 4 + 2.0 * 0)) / 2
     assert objective(OneWeight(), BATCH) == pytest.approx(-expected)
+    assert objective.last_means == {"length": 3.5, "matches": 0.5}  # each reward's own mean, unweighted
+    objective(OneWeight(), BATCH[:1])
+    assert objective.last_means == {"length": 3.0, "matches": 1.0}  # the last batch only
 
 
 def test_unweighted_is_plain_sum():
@@ -49,11 +60,37 @@ def test_unweighted_is_plain_sum():
     assert objective(OneWeight(), BATCH) == pytest.approx(-3.5)
 
 
+def test_a_single_reward_function_and_numpy_rewards():
+    def np_length(prompts, completions, **columns):
+        return np.array([len(c) for c in completions], dtype=np.float32)
+
+    def np_scalars(prompts, completions, **columns):
+        return [np.float64(0.25), np.int64(2)]
+
+    single = RewardObjective(EchoGenerator(), np_length)  # not in a list
+    assert single.rewards == [np_length]
+    assert single(OneWeight(), BATCH) == pytest.approx(-3.5)
+    both = RewardObjective(EchoGenerator(), [np_length, np_scalars, np_length], weights=[1.0, 2.0, 0.0])
+    assert both(OneWeight(), BATCH) == pytest.approx(-(3.5 + 2 * 1.125))
+    assert both.last_means == {"np_length_0": 3.5, "np_scalars": 1.125, "np_length_2": 3.5}  # repeats numbered
+    assert all(type(v) is float for v in both.last_means.values())
+
+
+def test_a_reward_function_in_the_generator_place_is_refused_when_built():
+    with pytest.raises(ValueError, match="generator must have .generate.*got 'length': pass reward functions as "
+                                         "rewards="):
+        RewardObjective(length, [matches])
+    with pytest.raises(ValueError, match="reward 'length' is not callable"):
+        RewardObjective(EchoGenerator(), [length.__name__])
+
+
 @pytest.mark.parametrize("bad,message", [
     (lambda prompts, completions, **kw: 1 / 0, "raised ZeroDivisionError"),
     (lambda prompts, completions, **kw: [1.0], "returned 1 values for 2"),
     (lambda prompts, completions, **kw: ["good", 1.0], "'good'"),
     (lambda prompts, completions, **kw: [True, 1.0], "True"),
+    (lambda prompts, completions, **kw: [float("nan"), 1.0], "nan .*not NaN"),
+    (lambda prompts, completions, **kw: [None, 1.0], "None"),
 ])
 def test_bad_rewards_raise_clearly_and_restore_weights(bad, message):
     model = OneWeight()
@@ -62,12 +99,12 @@ def test_bad_rewards_raise_clearly_and_restore_weights(bad, message):
     objective = RewardObjective(EchoGenerator(), [length, bad])
     with pytest.raises(RewardError, match=message):
         optimizer.step(lambda: objective(model, BATCH))
-    assert torch.allclose(model.weight.detach(), before, atol=1e-7)
+    assert torch.equal(model.weight.detach(), before)  # bitwise: the stored weight is never perturbed
     assert optimizer.trajectory == []
 
 
 def test_invalid_configuration():
-    with pytest.raises(ValueError, match="at least one"):
+    with pytest.raises(ValueError, match="at least one reward function"):
         RewardObjective(EchoGenerator(), [])
     with pytest.raises(ValueError, match="2 weights for 1"):
         RewardObjective(EchoGenerator(), [length], weights=[1.0, 2.0])
@@ -91,6 +128,9 @@ def test_reward_trains_a_toy_policy():
 def test_reward_example_rewards():
     from examples import reward_tuning as ex
 
+    results = doctest.testmod(ex)  # the examples in the reward functions' docstrings
+    assert results.attempted >= 4 and results.failed == 0
+
     assert ex.short_answer([], ["Paris", "", "one two three four five six seven"]) == [1.0, 0.0, 0.0]
     passage = "The Eiffel Tower, in Paris, opened in 1889 and is one two three four five six seven metres tall."
     texts = ["Paris", "the Eiffel Tower.", "", "The answer is:", "Pari", "one two three four five six seven"]
@@ -109,6 +149,16 @@ def test_reward_example_smoke_run(monkeypatch, capsys, short, weight):
     ex.main()
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[1] for line in lines] == [ex.SHORT_REWARDS[short].__name__, "answer_f1"]
+    # the "before" figures are the untuned model's mean rewards, computed here again one reward at a time
+    model, tokenizer = ex.load_model("tiny-random")
+    held_out = ex.prompts_from_squad(tokenizer, 2, offset=400)
+    completions = ex.GenerationPredictor(tokenizer, max_new_tokens=2, stop=["\n"]).generate(
+        model, [e["prompt"] for e in held_out])
+    columns = {"context": [e["context"] for e in held_out], "answers": [e["answers"] for e in held_out]}
+    for line, fn in zip(lines, [ex.SHORT_REWARDS[short], ex.answer_f1]):
+        before, after = map(float, re.search(r": (\S+) -> (\S+) after 1 steps$", line).groups())
+        assert before == pytest.approx(sum(fn([], completions, **columns)) / 2, abs=5e-4)
+        assert 0.0 <= after <= 1.0
 
 
 class SamplingGenerator:
@@ -129,7 +179,7 @@ class SamplingGenerator:
         out = torch.full((len(prompts), max(len(c) for c in candidates)), float("-inf"))
         for row, cands in enumerate(candidates):
             for col, c in enumerate(cands):
-                out[row, col] = model.weight.item() if c == "good" else 0.0
+                out[row, col] = model().item() if c == "good" else 0.0
         return out
 
 
@@ -149,6 +199,7 @@ def test_candidates_expected_reward_over_distinct_samples_rewarded_once():
         model.weight.fill_(1.0)
     assert objective(model, BATCH) == pytest.approx(-torch.tensor([1.0, 0.0]).softmax(0)[0].item() / 2)
     assert generator.calls == 1 and calls == [6]  # generated and rewarded once for the batch
+    assert objective.last_means == {"is_good": pytest.approx(2 / 6)}  # over the 6 sampled candidates
 
 
 def test_candidates_train_toward_the_rewarded_text_and_need_sampling():

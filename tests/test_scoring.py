@@ -3,11 +3,13 @@ greedy generation, on tiny random Llamas with the SmolLM2 tokenizer."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import build_small_lm
 
-from zo_objectives.scoring import Generation, LabelWords, MultipleChoice, left_pad, predictor_for
+from zo_objectives.scoring import ChoicePredictor, GenerationPredictor, LabelWordPredictor, left_pad, predictor_for
 
 WORDS = [" positive", " negative", " neutral"]
 PROMPTS = ["This movie was great. It was", "Bad.", "An utterly forgettable two hours, with one good scene. It was",
@@ -29,7 +31,7 @@ def test_left_pad_positions():
 
 
 def test_label_words_batch_equals_one_at_a_time(tokenizer, small_lm):
-    lw = LabelWords(tokenizer, WORDS)
+    lw = LabelWordPredictor(tokenizer, WORDS)
     batched = lw.scores(small_lm, BATCH)
     assert batched.shape == (len(BATCH), 3)
     single = torch.cat([lw.scores(small_lm, [ex]) for ex in BATCH])
@@ -45,7 +47,7 @@ def test_label_words_batch_equals_one_at_a_time(tokenizer, small_lm):
 
 
 def test_label_words_cross_entropy(tokenizer, small_lm):
-    lw = LabelWords(tokenizer, WORDS)
+    lw = LabelWordPredictor(tokenizer, WORDS)
     scores = lw.scores(small_lm, BATCH)
     expected = torch.nn.functional.cross_entropy(scores, torch.tensor([ex["label"] for ex in BATCH]))
     assert lw.cross_entropy(small_lm, BATCH) == pytest.approx(float(expected), abs=1e-5)
@@ -55,12 +57,12 @@ def test_multi_token_label_word_raises_naming_it(tokenizer):
     word = " antidisestablishmentarianism"
     assert len(tokenizer.encode(word, add_special_tokens=False)) > 1
     with pytest.raises(ValueError, match="antidisestablishmentarianism"):
-        LabelWords(tokenizer, [" positive", word])
+        LabelWordPredictor(tokenizer, [" positive", word])
 
 
 def test_repeated_label_words_raise(tokenizer):
     with pytest.raises(ValueError, match="repeated"):
-        LabelWords(tokenizer, [" yes", " yes"])
+        LabelWordPredictor(tokenizer, [" yes", " yes"])
 
 
 MC_BATCH = [
@@ -74,7 +76,7 @@ MC_BATCH = [
 
 @pytest.mark.parametrize("length_normalize", [True, False])
 def test_multiple_choice_batch_equals_one_at_a_time(tokenizer, small_lm, length_normalize):
-    mc = MultipleChoice(tokenizer, length_normalize=length_normalize)
+    mc = ChoicePredictor(tokenizer, length_normalize=length_normalize)
     batched = mc.scores(small_lm, MC_BATCH)
     assert batched.shape == (3, 3)
     assert torch.isinf(batched[0, 2]) and batched[0, 2] < 0 and torch.isinf(batched[2, 2])
@@ -97,7 +99,7 @@ def test_multiple_choice_batch_equals_one_at_a_time(tokenizer, small_lm, length_
 
 
 def test_continuation_logprobs_match_full_forward(tokenizer, small_lm):
-    pred = Generation(tokenizer)
+    pred = GenerationPredictor(tokenizer)
     prompts = ["Q: Who wrote Hamlet?\nA:", "2+2=", "A much longer prompt, with several words in it, ends here:"]
     conts = [" William Shakespeare", " 4", " yes"]
     total, count = pred.continuation_logprobs(small_lm, prompts, conts)
@@ -114,24 +116,43 @@ def test_continuation_logprobs_match_full_forward(tokenizer, small_lm):
 
 def test_empty_continuation_raises(tokenizer, small_lm):
     with pytest.raises(ValueError, match="empty"):
-        Generation(tokenizer).continuation_logprobs(small_lm, ["x"], [""])
+        GenerationPredictor(tokenizer).continuation_logprobs(small_lm, ["x"], [""])
 
 
 def long_prompt(n_words=150):
     return " ".join(f"word{i % 37}" for i in range(n_words)) + ". It was"
 
 
+def greedy_reference(model, tokenizer, ids: list[int], max_new_tokens: int) -> str:
+    """Greedy decoding one token at a time on an unpadded sequence, cut at the first newline and stripped."""
+    ids = list(ids)
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+            if token == model.generation_config.eos_token_id:
+                break
+            out.append(token)
+    return tokenizer.decode(out, skip_special_tokens=True).split("\n")[0].strip()
+
+
 def test_long_prompts_truncated_from_the_left(tokenizer, small_lm):
     prompt = long_prompt()
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     assert len(ids) > 64  # longer than the model's 64 positions
-    lw = LabelWords(tokenizer, WORDS, max_length=10)
-    scores = lw.scores(small_lm, [{"prompt": prompt}, {"prompt": "Short. It was"}])
+    lw = LabelWordPredictor(tokenizer, WORDS, max_length=10)
+    with pytest.warns(UserWarning, match=rf"1 of 2 prompts cut from the left to fit 10 tokens: {len(ids) - 10} tokens "
+                                         rf"cut, the longest prompt has {len(ids)} tokens"):
+        scores = lw.scores(small_lm, [{"prompt": prompt}, {"prompt": "Short. It was"}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per predictor
+        assert torch.equal(lw.scores(small_lm, [{"prompt": prompt}, {"prompt": "Short. It was"}]), scores)
     with torch.no_grad():
         logits = small_lm(input_ids=torch.tensor([ids[-10:]])).logits[0, -1]
     torch.testing.assert_close(scores[0], logits[lw.label_ids], atol=1e-4, rtol=0)
     # without max_length the model's context bounds the prompt: no error, the end of the prompt is kept
-    full = LabelWords(tokenizer, WORDS).scores(small_lm, [{"prompt": prompt}])
+    with pytest.warns(UserWarning, match=f"fit 64 tokens: {len(ids) - 64} tokens cut"):
+        full = LabelWordPredictor(tokenizer, WORDS).scores(small_lm, [{"prompt": prompt}])
     with torch.no_grad():
         logits = small_lm(input_ids=torch.tensor([ids[-64:]])).logits[0, -1]
     torch.testing.assert_close(full[0], logits[lw.label_ids], atol=1e-4, rtol=0)
@@ -141,16 +162,37 @@ def test_long_prompts_truncated_for_candidates_and_generation(tokenizer, small_l
     prompt = long_prompt()
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     cont = tokenizer.encode(" good", add_special_tokens=False)
-    mc = MultipleChoice(tokenizer, max_length=12)
-    scores = mc.scores(small_lm, [{"prompt": prompt, "candidates": [" good", " bad"], "label": 0}])
+    mc = ChoicePredictor(tokenizer, max_length=12)
+    with pytest.warns(UserWarning, match=f"cut from the left to fit {12 - len(cont)} tokens"):
+        scores = mc.scores(small_lm, [{"prompt": prompt, "candidates": [" good", " bad"], "label": 0}])
     lp = full_logprobs(small_lm, ids[-(12 - len(cont)):] + cont)
     expected = sum(float(lp[12 - len(cont) - 1 + t, tok]) for t, tok in enumerate(cont)) / len(cont)
     assert float(scores[0, 0]) == pytest.approx(expected, abs=1e-4)
     # the model's own context (64) bounds prompt + continuation when max_length is not given
-    assert torch.isfinite(MultipleChoice(tokenizer).scores(
-        small_lm, [{"prompt": prompt, "candidates": [" good", " bad"], "label": 0}])).all()
-    out = Generation(tokenizer, max_new_tokens=4).generate(small_lm, [prompt, "Hi"])
-    assert len(out) == 2 and all(isinstance(t, str) for t in out)
+    with pytest.warns(UserWarning, match="cut from the left"):
+        assert torch.isfinite(ChoicePredictor(tokenizer).scores(
+            small_lm, [{"prompt": prompt, "candidates": [" good", " bad"], "label": 0}])).all()
+    # generation keeps the prompt's last 64 - max_new_tokens tokens: as greedy decoding of those alone
+    with pytest.warns(UserWarning, match=f"1 of 2 prompts cut from the left to fit 60 tokens: {len(ids) - 60} tokens"):
+        out = GenerationPredictor(tokenizer, max_new_tokens=4).generate(small_lm, [prompt, "Hi"])
+    hi = tokenizer.encode("Hi", add_special_tokens=False)
+    assert out == [greedy_reference(small_lm, tokenizer, ids[-60:], 4), greedy_reference(small_lm, tokenizer, hi, 4)]
+    assert out[0]  # the comparison means something: the random model says something
+    with pytest.raises(ValueError, match="max_new_tokens=64 leaves no room for a prompt in the 64-token limit"):
+        GenerationPredictor(tokenizer, max_new_tokens=64).generate(small_lm, ["Hi"])
+
+
+def test_label_words_without_a_leading_space_warn_after_prompts_that_end_in_a_word(tokenizer, small_lm):
+    bare = LabelWordPredictor(tokenizer, ["Yes", "No"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bare.scores(small_lm, [{"prompt": "Is it true? Yes or No?\n"}])  # after a newline: as RTE writes them
+        LabelWordPredictor(tokenizer, WORDS).scores(small_lm, BATCH)  # leading spaces: nothing to say
+    with pytest.warns(UserWarning, match=r"label words \['Yes', 'No'\] have no leading space.*' Yes'"):
+        bare.scores(small_lm, [{"prompt": "Is it true? Answer:"}])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per predictor
+        bare.scores(small_lm, [{"prompt": "Is it true? Answer:"}])
 
 
 # --- generation ----------------------------------------------------------------------------------------------
@@ -182,48 +224,55 @@ def chain_lm(tokenizer):
 
 def test_generation_greedy_stops_at_newline(tokenizer, chain_lm):
     prompts = ["Question: what do you say first? Answer:", "A:"]  # different lengths: left padding
-    raw = Generation(tokenizer, max_new_tokens=4, stop=()).generate(chain_lm, prompts)
+    raw = GenerationPredictor(tokenizer, max_new_tokens=4, stop=()).generate(chain_lm, prompts)
     assert raw == ["hello\n world"] * 2  # no stop string: the newline stays (outer whitespace stripped)
-    out = Generation(tokenizer, max_new_tokens=6).generate(chain_lm, prompts)
+    out = GenerationPredictor(tokenizer, max_new_tokens=6).generate(chain_lm, prompts)
     assert out == ["hello", "hello"]
-    assert Generation(tokenizer, max_new_tokens=6).predict(chain_lm, [{"prompt": p} for p in prompts]) == out
+    assert GenerationPredictor(tokenizer, max_new_tokens=6).predict(chain_lm, [{"prompt": p} for p in prompts]) == out
     # max_new_tokens bounds the output
-    assert Generation(tokenizer, max_new_tokens=1, stop=()).generate(chain_lm, prompts) == ["hello", "hello"]
+    assert GenerationPredictor(tokenizer, max_new_tokens=1, stop=()).generate(chain_lm, prompts) == ["hello", "hello"]
     # another stop string
-    assert Generation(tokenizer, max_new_tokens=4, stop=(" world",)).generate(chain_lm, prompts) == ["hello"] * 2
+    world = GenerationPredictor(tokenizer, max_new_tokens=4, stop=(" world",))
+    assert world.generate(chain_lm, prompts) == ["hello"] * 2
 
 
-def test_generation_on_random_model_returns_strings_without_newline(tokenizer, small_lm):
-    out = Generation(tokenizer, max_new_tokens=8).generate(small_lm, PROMPTS)
-    assert len(out) == len(PROMPTS)
-    assert all(isinstance(t, str) and "\n" not in t and t == t.strip() for t in out)
+def test_generation_on_random_model_is_greedy_decoding_of_each_prompt_alone(tokenizer, small_lm):
+    out = GenerationPredictor(tokenizer, max_new_tokens=8).generate(small_lm, PROMPTS)  # left-padded together
+    expected = [greedy_reference(small_lm, tokenizer, tokenizer.encode(p, add_special_tokens=False), 8)
+                for p in PROMPTS]
+    assert out == expected
+    assert len(set(out)) > 1 and all("\n" not in t and t == t.strip() for t in out)
 
 
 def test_generation_sampling_is_seeded_and_leaves_global_rng(tokenizer, small_lm):
-    gen = Generation(tokenizer, max_new_tokens=6, temperature=1.5, stop=())
+    gen = GenerationPredictor(tokenizer, max_new_tokens=6, temperature=1.5, stop=())
     torch.manual_seed(0)
     before = torch.get_rng_state()
     first = gen.generate(small_lm, PROMPTS[:3])
     assert torch.equal(torch.get_rng_state(), before)
     assert gen.generate(small_lm, PROMPTS[:3]) == first
+    # sampling differs from greedy, and another sample_seed draws other texts
+    greedy = GenerationPredictor(tokenizer, max_new_tokens=6, stop=()).generate(small_lm, PROMPTS[:3])
+    other = GenerationPredictor(tokenizer, max_new_tokens=6, temperature=1.5, stop=(), sample_seed=1)
+    assert first != greedy and other.generate(small_lm, PROMPTS[:3]) != first
 
 
 def test_generation_invalid_max_new_tokens(tokenizer):
     with pytest.raises(ValueError, match="max_new_tokens"):
-        Generation(tokenizer, max_new_tokens=0)
+        GenerationPredictor(tokenizer, max_new_tokens=0)
 
 
 def test_predictor_for_task_kinds(tokenizer):
     from tasks import get_task
 
-    assert isinstance(predictor_for(get_task("sst2"), tokenizer), LabelWords)
-    assert isinstance(predictor_for(get_task("copa"), tokenizer), MultipleChoice)
+    assert isinstance(predictor_for(get_task("sst2"), tokenizer), LabelWordPredictor)
+    assert isinstance(predictor_for(get_task("copa"), tokenizer), ChoicePredictor)
     gen = predictor_for(get_task("squad"), tokenizer, max_length=100)
-    assert isinstance(gen, Generation) and gen.max_length == 100
+    assert isinstance(gen, GenerationPredictor) and gen.max_length == 100
 
 
 def test_candidate_scores_are_continuation_logprobs_padded_with_minus_inf(tokenizer, small_lm):
-    gen = Generation(tokenizer)
+    gen = GenerationPredictor(tokenizer)
     prompts, candidates = ["Q: capital? A:", "Q: colour? A:"], [[" Paris", " the city of Lyon"], [" blue"]]
     scores = gen.candidate_scores(small_lm, prompts, candidates)
     assert scores.shape == (2, 2) and scores[1, 1] == float("-inf")
@@ -231,4 +280,5 @@ def test_candidate_scores_are_continuation_logprobs_padded_with_minus_inf(tokeni
         total, _ = gen.continuation_logprobs(small_lm, [prompts[row]] * len(cands), cands)
         assert torch.allclose(scores[row, : len(cands)], total, atol=1e-4)
     mean = gen.candidate_scores(small_lm, prompts, candidates, length_normalize=True)
-    assert mean[0, 1] == pytest.approx(float(scores[0, 1]) / len(tokenizer.encode(" the city of Lyon")), rel=1e-4)
+    lyon = tokenizer.encode(" the city of Lyon", add_special_tokens=False)
+    assert mean[0, 1] == pytest.approx(float(scores[0, 1]) / len(lyon), rel=1e-4)

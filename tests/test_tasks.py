@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import warnings
 
 import pytest
 
@@ -171,3 +173,38 @@ def test_data_files_and_provenance_ship():
         assert (tasks.DATA_DIR / rel).is_file()
     total = sum(p.stat().st_size for p in tasks.DATA_DIR.rglob("*") if p.is_file())
     assert total < 6 * 1024 * 1024
+
+
+@pytest.mark.parametrize("name, content, problem", [
+    ("empty.csv", b"", "is empty: it needs a header line and data rows"),
+    ("blank.jsonl", b"\n\n", "is empty"),
+    ("header.csv", b"text,label\n", r"has no data rows \(only a header line\)"),
+    ("header.tsv", b"text\tlabel\n", r"has no data rows \(only a header line\)"),
+    ("latin1.csv", "text,label\ngood,1\ncaf\u00e9 tr\u00e8s bon,1\n".encode("latin-1"),
+     r"is not UTF-8 text \(byte 0xe9 on line 3\): save it as UTF-8"),
+    ("broken.jsonl", b'{"text": "a", "label": 1}\n{"text": \n', "cannot be read as JSONL"),
+])
+def test_bad_data_files_fail_with_one_line(tmp_path, name, content, problem):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + " " + problem) as err:
+        task_from_file(path, name="x", template="{text} It was", label_words=[" a", " b"])
+    assert "\n" not in str(err.value)
+
+
+def test_label_column_names_another_column(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("text,label,gold\nfine,0,1\nbad,0,0\n")
+    task = task_from_file(path, name="x", template="{text} It was", label_words=[" a", " b"], label_column="gold",
+                          dev_path=path)
+    assert [e["label"] for e in task.examples("dev")] == [1, 0]
+
+
+def test_label_words_without_a_space_warn(csv_file):
+    kwargs = dict(name="x", label_words=["bad", "good"], labels=["neg", "pos"], label_column="sentiment")
+    with pytest.warns(UserWarning, match=r"label words \['bad', 'good'\] have no leading space.*\[' bad', ' good'\]"):
+        task_from_file(csv_file, template="{text} It was", **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # after a newline a bare word is the natural tokenization
+        task_from_file(csv_file, template="{text}\nSentiment:\n", **kwargs)
+        task_from_file(csv_file, template="{text} It was", **{**kwargs, "label_words": [" bad", " good"]})

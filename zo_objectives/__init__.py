@@ -1,10 +1,40 @@
 """zo-objectives: fine-tune language models on objectives without a gradient, with MeZO.
 
 >>> from zo_objectives import MeZO, load_model, make_objective, predictor_for
+
+The model loaders (``load_model``, ``apply_peft``, ``select_trainable``) are imported on first use, and
+scikit-learn only by the macro-F1 metric: ``import zo_objectives`` then costs torch and little else
+(transformers' model code pulls in accelerate; scikit-learn pulls in scipy and pandas).
 """
 
-from zo_objectives.models import apply_peft, load_model, select_trainable
-from zo_objectives.objectives import (
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+
+def _check_top_level_packages() -> None:
+    """``metrics`` and ``tasks`` are top-level packages installed beside this one. A ``metrics.py`` or
+    ``tasks.py`` earlier on ``sys.path`` (the working directory, a script's folder) would be imported in their
+    place and fail later in confusing ways; refuse it now, naming the file."""
+    root = Path(__file__).resolve().parent.parent
+    for name in ("metrics", "tasks"):
+        expected = root / name / "__init__.py"
+        module = sys.modules.get(name)
+        spec = None if module else importlib.util.find_spec(name)
+        origin = getattr(module, "__file__", None) if module else getattr(spec, "origin", None)
+        if origin is None or Path(origin).resolve() != expected:
+            found = origin or (list(spec.submodule_search_locations) if spec else "nothing")
+            raise ImportError(f"{found} shadows zo-objectives' {name!r} package ({expected.parent}); rename it, or run "
+                              f"from a folder without a {name}.py")
+
+
+_check_top_level_packages()
+
+from zo_objectives.objectives import (  # noqa: E402 (after the check, which names a shadowing file)
+    DEFAULT_SMOOTHING,
     CrossEntropy,
     MetricObjective,
     Objective,
@@ -13,23 +43,49 @@ from zo_objectives.objectives import (
     WeightedSum,
     make_objective,
 )
-from zo_objectives.optimizer import MeZO, make_scheduler, replay
-from zo_objectives.scoring import Generation, LabelWords, MultipleChoice, predictor_for
-from zo_objectives.train import evaluate, train
+from zo_objectives.optimizer import MeZO, make_scheduler, replay  # noqa: E402
+from zo_objectives.scoring import (  # noqa: E402
+    ChoicePredictor,
+    GenerationPredictor,
+    LabelWordPredictor,
+    predictor_for,
+)
+from zo_objectives.train import train  # noqa: E402 (eager: the function's name is the module's)
+
+_LAZY = {  # name -> module, imported on first access (PEP 562)
+    "apply_peft": "zo_objectives.models",
+    "load_model": "zo_objectives.models",
+    "select_trainable": "zo_objectives.models",
+    "evaluate_model": "zo_objectives.train",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'zo_objectives' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
+    "DEFAULT_SMOOTHING",
+    "ChoicePredictor",
     "CrossEntropy",
-    "Generation",
-    "LabelWords",
+    "GenerationPredictor",
+    "LabelWordPredictor",
     "MeZO",
     "MetricObjective",
-    "MultipleChoice",
     "Objective",
     "RewardError",
     "RewardObjective",
     "WeightedSum",
     "apply_peft",
-    "evaluate",
+    "evaluate_model",
     "load_model",
     "make_objective",
     "make_scheduler",

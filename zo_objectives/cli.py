@@ -44,7 +44,7 @@ from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, RewardObjec
 from zo_objectives.optimizer import MeZO, make_scheduler
 from zo_objectives.plots import plot_run
 from zo_objectives.scoring import predictor_for
-from zo_objectives.train import CHECKPOINT, evaluate, save_weights, train, write_json
+from zo_objectives.train import CHECKPOINT, evaluate_model, save_weights, train, write_json
 from zo_objectives.train import resume as replay_checkpoint
 
 
@@ -155,14 +155,14 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
                                     candidates=config.reward_candidates)
         ex = task.examples("train", n=1, seed=config.seed)[0]  # a reward that fails fails now, on a gold answer
         objective.scores([ex["prompt"]], [ex["target"].strip()], {k: [v] for k, v in ex.items() if k != "prompt"})
-    else:  # (names.md: make_objective's `temperature` becomes `smoothing`)
-        objective = make_objective(config.objective, predictor, temperature=config.smoothing, samples=config.samples,
+    else:
+        objective = make_objective(config.objective, predictor, smoothing=config.smoothing, samples=config.samples,
                                    form=config.metric_form, sequence_score=config.sequence_score,
                                    support=config.metric_support)
     metric_objective = isinstance(objective, MetricObjective)
     if config.smoothing is not None and not metric_objective:
         raise UsageError(f"--smoothing applies to metric objectives, not to {config.objective}")
-    smoothing = objective.temperature if metric_objective else None
+    smoothing = objective.smoothing if metric_objective else None
     form = objective.form if metric_objective and smoothing else None
     if config.update != "sgd":
         kind = "scale-free"
@@ -241,8 +241,8 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
     def dev_metric() -> float:
         if world > 1:  # distributed: verify the ranks' weights agree, split the dev set across ranks
             distributed.check_in_sync(params)
-            return distributed.evaluate(model, run.predictor, dev_set, metric, config.batch_size)
-        return evaluate(model, run.predictor, dev_set, metric, config.batch_size)
+            return distributed.evaluate_model(model, run.predictor, dev_set, metric, config.batch_size)
+        return evaluate_model(model, run.predictor, dev_set, metric, config.batch_size)
 
     start, before = 0, None
     if resume:
@@ -308,7 +308,7 @@ def evaluate_run(config: EvalConfig) -> dict:
         load_run_weights(model, Path(config.run))
     model.to(device)
     predictor = predictor_for(task, tokenizer, max_length=config.max_length)
-    value = evaluate(model, predictor, examples, metric, config.batch_size)
+    value = evaluate_model(model, predictor, examples, metric, config.batch_size)
     result = {"model": config.model, "run": config.run, "task": task.name, "split": config.split,
               "shots": config.shots, "metric": metric.name, "examples": len(examples), "value": value}
     print(json.dumps(result))

@@ -22,7 +22,7 @@ from transformers import HfArgumentParser
 
 from tasks import list_tasks
 from zo_objectives.models import DEFAULT_MODEL, DTYPES, PEFT_KINDS
-from zo_objectives.objectives import DEFAULT_TEMPERATURE, FORMS, SEQUENCE_SCORES, SUPPORTS
+from zo_objectives.objectives import DEFAULT_SMOOTHING, FORMS, SEQUENCE_SCORES, SUPPORTS
 from zo_objectives.optimizer import DIFFERENCES, NOISE_KINDS, NONFINITE_POLICIES, SCHEDULES, SHAPINGS, UPDATES
 
 # Defaults chosen from measurements on SmolLM2-135M / SST-2 (see README "Why these defaults").
@@ -120,7 +120,7 @@ class TuneConfig(CommonConfig):
     smoothing: float | None = arg(None, "metric objectives optimize the metric's expectation over each example's "
                                         "options (classes, candidates; for generation the greedy answer and the gold "
                                         "answers) drawn from softmax(log-likelihood / T) (default "
-                                        f"{DEFAULT_TEMPERATURE}; 0 = the hard metric)", at_least=0)
+                                        f"{DEFAULT_SMOOTHING}; 0 = the hard metric)", at_least=0)
     metric_form: str = arg("auto", "log: mean log of each example's expected metric (auto for per-example "
                                    "metrics); mean: the expected metric itself (auto for corpus metrics such as "
                                    "macro-F1)", choices=FORMS)
@@ -152,8 +152,8 @@ class TuneConfig(CommonConfig):
     train_size: int = arg(1000, "training sample size (MeZO: 1000)", above=0)
     eval_every: int = arg(200, "evaluate on the dev set every this many steps (0: only at the end)", at_least=0,
                           resume=FREE)
-    checkpoint_every: int = arg(1, "write the checkpoint (trajectory.json) every this many steps", above=0,
-                                resume=FREE)
+    checkpoint_every: int = arg(1, "write the checkpoint (trajectory.json) every this many steps (0: only at "
+                                   "evaluations)", at_least=0, resume=FREE)
     eval_before: bool = arg(True, "evaluate before tuning (--no-eval-before skips it, e.g. when zo-eval already "
                                   "measured it)", resume=FREE)
     output_dir: str | None = arg(None, "run folder (default runs/<task>-<objective>-s<seed>)", resume=FREE)

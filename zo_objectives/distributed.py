@@ -22,6 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from zo_objectives.objectives import Objective
+
 _HASH_MOD = (1 << 61) - 1
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -91,7 +93,7 @@ def weighted_mean(value: float, weight: float) -> float:
     return total / count
 
 
-class ShardedObjective:
+class ShardedObjective(Objective):
     """``objective`` on the whole batch, computed as ``batch[rank::world]`` on each rank and all-reduced.
 
     Returns the mean of the shards' losses weighted by shard size, identical on every rank. This equals the
@@ -144,9 +146,9 @@ def predict_all(model: torch.nn.Module, predictor: Any, examples: Sequence[dict]
     return gather(local_predict_all(model, predictor, shard(examples), batch_size), len(examples))
 
 
-def evaluate(model: torch.nn.Module, predictor: Any, examples: Sequence[dict], metric: Any,
-             batch_size: int = 16) -> float:
-    """``zo_objectives.train.evaluate`` split across ranks: each rank predicts its share, the predictions are
+def evaluate_model(model: torch.nn.Module, predictor: Any, examples: Sequence[dict], metric: Any,
+                   batch_size: int = 16) -> float:
+    """``zo_objectives.train.evaluate_model`` split across ranks: each rank predicts its share, the predictions are
     all-gathered, and every rank computes the metric on the full set (exact for any metric, macro-F1 too)."""
     from zo_objectives.objectives import references
 

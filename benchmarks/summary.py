@@ -1,0 +1,99 @@
+"""README's results table, generated from the stored results (benchmarks/results/*.json).
+
+Each row names the result file, the table row and the column its number comes from, so that README shows
+the numbers exactly as BENCHMARKS.md does and `tests/test_docs.py` fails when the two drift apart.
+
+    python benchmarks/summary.py            # print the table
+    python benchmarks/summary.py --write    # replace the results section of README.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import ROOT, load_results, markdown_table, write_section  # noqa: E402
+
+README = ROOT / "README.md"
+
+# (what, method, [(section, {column: value} picking the row, column of the number)])
+ROWS: list[tuple[str, str, list[tuple[str, dict[str, str], str]]]] = [
+    ("SST-2 dev accuracy (872 sentences)", "zero-shot / 4-shot in-context",
+     [("baselines", {"task": "sst2", "method": "zero-shot"}, "dev metric"),
+      ("baselines", {"task": "sst2", "method": "in-context, 4 demonstrations"}, "dev metric")]),
+    ("SST-2, 400 steps x 16", "MeZO on cross-entropy / on accuracy (the default objective)",
+     [("objective_gap_sst2", {"objective": "cross_entropy"}, "seed 0"),
+      ("objective_gap_sst2", {"objective": "accuracy"}, "seed 0")]),
+    ("SST-2, 400 steps x 16", "MeZO on hard accuracy (T = 0): share of steps with tied losses",
+     [("objective_gap_sst2", {"objective": "accuracy_hard"}, "seed 0"),
+      ("objective_gap_sst2", {"objective": "accuracy_hard"}, "tied steps (seed 0)")]),
+    ("SQuAD dev F1 (first 500 questions)", "zero-shot",
+     [("baselines", {"task": "squad", "method": "zero-shot"}, "dev metric")]),
+    ("SQuAD, 60 steps x 8, mean (sd) of 6 seeds", "MeZO on cross-entropy at 4x lr / on F1 (the default objective)",
+     [("objective_gap_squad", {"objective": "cross_entropy_4x"}, "mean"),
+      ("objective_gap_squad", {"objective": "cross_entropy_4x"}, "sd"),
+      ("objective_gap_squad", {"objective": "squad_f1"}, "mean"),
+      ("objective_gap_squad", {"objective": "squad_f1"}, "sd")]),
+    ("SQuAD gap, F1 objective minus cross-entropy", "on dev 0-499 / on dev 500-999 (held out from every choice)",
+     [("heldout_gap_squad", {"seed": "mean"}, "gap"), ("heldout_gap_squad", {"seed": "mean"}, "gap#2")]),
+    ("Step time, SmolLM2-135M, 16 x 64 tokens, CPU", "MeZO / reference MeZO, in forward-pass pairs",
+     [("step_speed", {"configuration": "MeZO table (default)"}, "step / (2 x forward)"),
+      ("step_speed", {"configuration": "reference MeZO"}, "step / (2 x forward)")]),
+    ("Peak memory / inference's, same batch", "MeZO / reference MeZO / backprop + AdamW",
+     [("memory", {"config": "mezo"}, "peak / inference peak"),
+      ("memory", {"config": "reference"}, "peak / inference peak"),
+      ("memory", {"config": "adamw"}, "peak / inference peak")]),
+]
+
+
+def cell(results: dict[str, dict], section: str, where: dict[str, str], column: str) -> str:
+    """The cell of ``column`` (``name#2``: its second column of that name) in the row matching ``where``."""
+    result = results[section]
+    name, _, nth = column.partition("#")
+    index = [i for i, c in enumerate(result["columns"]) if c == name][int(nth or 1) - 1]
+    rows = [r for r in result["rows"] if all(r[result["columns"].index(k)] == v for k, v in where.items())]
+    if len(rows) != 1:
+        raise ValueError(f"{section}: {len(rows)} rows match {where}, expected one")
+    return rows[0][index]
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+
+
+def joined(values: list[str], sd: bool) -> str:
+    """Cells as README shows them: ``a / b``, or ``mean (sd x)`` pairs for mean and sd cells."""
+    if sd:
+        values = [f"{m} (sd {s})" for m, s in zip(values[::2], values[1::2])]
+    return " / ".join(values)
+
+
+def table(results: dict[str, dict] | None = None) -> str:
+    results = load_results() if results is None else results
+    rows = []
+    for what, method, cells in ROWS:
+        values = [cell(results, *spec) for spec in cells]
+        sections = list(dict.fromkeys(section for section, _, _ in cells))
+        links = ", ".join(f"[{results[s]['heading']}](BENCHMARKS.md#{anchor(results[s]['heading'])})" for s in sections)
+        rows.append([what, method, joined(values, sd=any(c == "sd" for _, _, c in cells)), links])
+    return markdown_table(["measurement", "method", "result", "details"], rows)
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help="replace the results section of README.md")
+    args = parser.parse_args(argv)
+    text = table()
+    print(text)
+    if args.write:
+        write_section("results", text, README)
+    return text
+
+
+if __name__ == "__main__":
+    main()
