@@ -222,8 +222,9 @@ class MeZO(Optimizer):
         weight_decay: decoupled weight decay. n_perturbations: SPSA estimates averaged per step.
         seed: seeds the stream of step seeds. noise: "table" (default), "gaussian" or "rademacher".
         table_size, chunk_size: values in the noise table, and elements per chunk of every pass over a tensor
-            (the bound on its buffers). Each chunk costs a few kernel launches: on a GPU, ``chunk_size=1 << 24``
-            with ``table_size=1 << 25`` keeps a step near two forward passes (BENCHMARKS.md).
+            (the bound on its buffers). Default 2^22 and 2^18, or 2^25 and 2^24 when the parameters are on a GPU,
+            where each chunk's kernel launches dominate (a 1.1B model's step: 2.8 x two forward passes instead of
+            18.5, BENCHMARKS.md). A checkpoint keeps them, so replay draws the same noise on any device.
         difference: "central" (losses at x +- eps z) or "forward" (x and x + eps z).
         update: "sgd" (move by g), "sign" (experimental: move by sign(g)) or "normalized" (move by g divided by
             the running root mean square of the estimates so far, bias-corrected as in Adam: the step length no
@@ -237,8 +238,8 @@ class MeZO(Optimizer):
     """
 
     def __init__(self, params: Iterable, *, lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0,
-                 n_perturbations: int = 1, seed: int = 0, noise: str = "table", table_size: int = 1 << 22,
-                 chunk_size: int = 1 << 18, difference: str = "central", update: str = "sgd",
+                 n_perturbations: int = 1, seed: int = 0, noise: str = "table", table_size: int | None = None,
+                 chunk_size: int | None = None, difference: str = "central", update: str = "sgd",
                  fitness_shaping: str = "none", momentum: float = 0.0, momentum_window: int = 0,
                  on_nonfinite: str = "raise"):
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay), ("momentum", momentum)):
@@ -264,7 +265,10 @@ class MeZO(Optimizer):
         self.eps, self.n_perturbations, self.seed = eps, n_perturbations, seed
         self.difference, self.update, self.on_nonfinite = difference, update, on_nonfinite
         self.fitness_shaping, self.momentum, self.momentum_window = fitness_shaping, momentum, momentum_window
-        self.noise = Noise(noise, table_size=table_size, table_seed=seed, chunk_size=chunk_size)
+        # Each chunk of a pass costs a few kernel launches: on a GPU, fewer and larger chunks (and a table to match)
+        on_gpu = any(p.is_cuda for group in self.param_groups for p in group["params"])
+        self.noise = Noise(noise, table_size=table_size or (1 << 25 if on_gpu else 1 << 22), table_seed=seed,
+                           chunk_size=chunk_size or (1 << 24 if on_gpu else 1 << 18))
         self.num_perturbations_done = 0
         self.trajectory: list[dict] = []
         self._warned_training = self._warned_unused = False
@@ -450,7 +454,7 @@ def replay(params: Iterable, state: dict, steps: int | None = None) -> MeZO:
     keys = ("eps", "n_perturbations", "seed", "difference", "update", "fitness_shaping", "momentum", "momentum_window")
     config = {k: mezo[k] for k in keys}
     opt = MeZO(params, noise=mezo["noise"], table_size=mezo["table_size"],
-               chunk_size=mezo.get("chunk_size", 1 << 18), **config)
+               chunk_size=mezo["chunk_size"], **config)
     if "param_groups" in state:
         for group, saved in zip(opt.param_groups, state["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
