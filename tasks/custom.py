@@ -103,10 +103,6 @@ def task_from_file(
     if labels is not None and label_words and len(labels) != len(label_words):
         raise ValueError(f"labels {labels} and label_words {label_words} must have the same length")
     metric = metric or ("squad_f1" if kind == "generation" else "accuracy")
-    bare = [w for w in label_words or [] if kind == "classification" and not w[:1].isspace()]
-    if bare and not template[-1:].isspace():
-        warnings.warn(f"label words {bare} have no leading space: the model reads them glued to the prompt's last "
-                      f"word, a different tokenization; you likely want {[' ' + w for w in bare]}", stacklevel=2)
 
     needed = {f: "used by the template" for f in template_fields(template)}
     needed.update({answer_column: "answer_column"} if kind == "generation" else {label_column: "label_column"})

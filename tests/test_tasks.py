@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import warnings
 
 import pytest
 
@@ -200,11 +199,3 @@ def test_label_column_names_another_column(tmp_path):
     assert [e["label"] for e in task.examples("dev")] == [1, 0]
 
 
-def test_label_words_without_a_space_warn(csv_file):
-    kwargs = dict(name="x", label_words=["bad", "good"], labels=["neg", "pos"], label_column="sentiment")
-    with pytest.warns(UserWarning, match=r"label words \['bad', 'good'\] have no leading space.*\[' bad', ' good'\]"):
-        task_from_file(csv_file, template="{text} It was", **kwargs)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # after a newline a bare word is the natural tokenization
-        task_from_file(csv_file, template="{text}\nSentiment:\n", **kwargs)
-        task_from_file(csv_file, template="{text} It was", **{**kwargs, "label_words": [" bad", " good"]})
