@@ -824,3 +824,20 @@ def test_schedule_last_step_resumes_the_shape(kind):
 def test_unknown_schedule_raises():
     with pytest.raises(ValueError, match="accepted: constant, linear, cosine"):
         lrs("exponential")
+
+
+def test_hyperparameters_are_keyword_only_and_replay_names_what_it_takes():
+    x = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(TypeError, match="positional"):
+        MeZO([x], 1e-5, 1e-3)
+    assert MeZO([x]).param_groups[0]["lr"] == 1e-5  # the README's and the CLI's default
+    opt = make_opt([x])
+    opt.step(quadratic(x, torch.ones(3)))
+    with pytest.raises(TypeError, match=r"MeZO.state_dict\(\).*got list"):
+        replay([x], opt.state_dict()["mezo"]["trajectory"])
+
+
+def test_param_groups_added_later_must_be_contiguous():
+    opt = make_opt([torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(4, 3).t())]})
