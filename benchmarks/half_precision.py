@@ -1,0 +1,52 @@
+"""Quality and wall time of the same zo-tune run in several dtypes: dev metric before and after, time per step.
+
+Reads finished run folders (same settings and seed, only ``--dtype`` differing), made for example by
+
+    zo-tune --dtype fp32 --output-dir runs/quality_fp32     # the `make run` protocol: SST-2, accuracy, 400 steps
+    zo-tune --dtype bf16 --output-dir runs/quality_bf16
+
+and tabulates them:
+
+    python benchmarks/half_precision.py --runs runs/quality_fp32 runs/quality_bf16 --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import publish  # noqa: E402
+
+
+def summary(run: Path) -> list:
+    config = json.loads((run / "config.json").read_text())
+    result = json.loads((run / "eval.json").read_text())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    step = statistics.median(r["seconds"] for r in rows)
+    return [config["dtype"], f"{100 * result['before']:.2f}", f"{100 * result['after']:.2f}", len(rows),
+            f"{step:.2f}", f"{result['train_seconds'] / 60:.1f}"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", nargs="+", required=True, help="finished zo-tune run folders")
+    parser.add_argument("--note", default="", help="how the runs were made (the command, threads, machine load)")
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args(argv)
+    rows = [summary(Path(run)) for run in args.runs]
+    config = json.loads((Path(args.runs[0]) / "config.json").read_text())
+    return publish("half_precision", "Half precision: the same run in each dtype",
+                   f"zo-tune on {config['task']} ({config['objective']} objective, {config['steps']} steps x "
+                   f"{config['batch_size']}, seed {config['seed']}, {config['model']}), run folders "
+                   f"{', '.join(args.runs)}; dev metric x 100.",
+                   ["dtype", "dev before", "dev after", "steps", "median s per step", "train minutes"], rows, "cpu",
+                   args.write, notes=args.note, params={"task": config["task"], "runs": args.runs})
+
+
+if __name__ == "__main__":
+    main()
