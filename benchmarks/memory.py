@@ -39,7 +39,7 @@ CONFIGS = {
     "inference": "one forward pass (logits_to_keep=1, inference mode)",
     "mezo": "our MeZO (table noise, central difference)",
     "mezo-gaussian": "our MeZO (gaussian noise)",
-    "mezo-frozen-embeddings": "our MeZO, input embedding and LM head frozen (where the extra memory comes from)",
+    "mezo-frozen-embeddings": "our MeZO, input embedding and LM head frozen (diagnostic)",
     "mezo-lora": "our MeZO on LoRA r=8 (q, v) only",
     "reference": "reference MeZO step",
     "adamw": "backprop + AdamW (train mode, full-logits cross-entropy)",
