@@ -23,12 +23,21 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Llama shapes with random weights (no download): SmolLM2-135M's, and TinyLlama-1.1B's (hidden 2048, 22 layers)
+# Llama shapes with random weights (no download): SmolLM2-135M's and -360M's, TinyLlama-1.1B's (hidden 2048,
+# 22 layers), and LLaMA-7B's, -13B's and -33B's (Touvron et al., 2023; for a GPU: built on the device)
 RANDOM_LLAMAS = {
     "random-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+    "random-360m": dict(hidden_size=960, intermediate_size=2560, num_hidden_layers=32, num_attention_heads=15,
+                        num_key_value_heads=5, vocab_size=49152, tie_word_embeddings=True),
     "random-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                         num_key_value_heads=4, vocab_size=32000, tie_word_embeddings=False),
+    "random-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, tie_word_embeddings=False),
+    "random-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False),
+    "random-33b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
+                       num_key_value_heads=52, vocab_size=32000, tie_word_embeddings=False),
 }
 
 

@@ -1,20 +1,22 @@
-"""Peak memory of inference, MeZO training (ours and the reference step) and backprop + AdamW.
+"""Peak memory of inference, MeZO training (ours and the reference step), backprop + AdamW and LoRA.
 
 Each configuration runs in its own subprocess (this script with ``--config NAME``), which loads the model
-and the fixed batch (16 x 64 random token ids), reads every weight once (transformers maps the safetensors
-file lazily, so the weights are not resident until touched), records its resident set size ("loaded"), resets the
-kernel's high-water mark where Linux allows it (``/proc/self/clear_refs``), runs a few iterations and
-reports the peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``) and, on CUDA, ``torch.cuda.max_memory_allocated``.
-Goal: MeZO's peak <= 1.05 x inference's.
+(in ``--dtype``) and the fixed batch (16 x 64 random token ids), reads every weight once (transformers maps the
+safetensors file lazily, so the weights are not resident until touched), records its resident set size
+("loaded"), resets the kernel's high-water mark where Linux allows it (``/proc/self/clear_refs``), runs a few
+iterations and reports the peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``) and, on CUDA,
+``torch.cuda.max_memory_allocated``. Goal: MeZO's peak <= 1.05 x inference's.
 
     python benchmarks/memory.py                          # SmolLM2-135M
     python benchmarks/memory.py --model tiny-random
     python benchmarks/memory.py --write                  # update the memory section of BENCHMARKS.md
+    python benchmarks/memory.py --model random-1.1b --dtype bf16 --batch-size 2 --seq-len 32 --threads 1 --write
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -27,19 +29,24 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import forward, label_word_loss, publish, setup  # noqa: E402
+from _common import DTYPES, RANDOM_LLAMAS, forward, label_word_loss, publish, setup  # noqa: E402
 from reference_mezo import reference_step  # noqa: E402
 
+from zo_objectives.models import apply_peft  # noqa: E402
 from zo_objectives.optimizer import MeZO  # noqa: E402
 
 CONFIGS = {
     "inference": "one forward pass (logits_to_keep=1, inference mode)",
     "mezo": "our MeZO (table noise, central difference)",
     "mezo-gaussian": "our MeZO (gaussian noise)",
+    "mezo-frozen-embeddings": "our MeZO, input embedding and LM head frozen (diagnostic)",
+    "mezo-lora": "our MeZO on LoRA r=8 (q, v) only",
     "reference": "reference MeZO step",
     "adamw": "backprop + AdamW (train mode, full-logits cross-entropy)",
+    "lora": "backprop + AdamW on LoRA r=8 (q, v) only, as adamw (the MeZO paper's LoRA setting)",
 }
 MIB = 1024 * 1024
+EMBEDDINGS = ("embed_tokens", "lm_head")
 
 
 def current_rss_kib() -> int:
@@ -58,21 +65,35 @@ def reset_peak() -> bool:
         return False
 
 
-def run_config(name: str, model_name: str, device: str, threads: int | None, batch_size: int, seq_len: int,
-               steps: int = 3) -> dict:
-    """Run one configuration in this process; return its memory figures (KiB and bytes)."""
-    model, batch = setup(model_name, device, threads, batch_size, seq_len)
-    cuda = device.startswith("cuda")
-    with torch.no_grad():  # from_pretrained maps the safetensors file lazily: page the weights in before "loaded"
+def release_freed() -> None:
+    """Collect garbage and hand freed heap back to the kernel (glibc), so that a later peak starts clean."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def prepare(name: str, model: torch.nn.Module) -> torch.nn.Module:
+    """The model a configuration trains: LoRA-wrapped for the LoRA ones, embeddings frozen for the diagnostic."""
+    if name in ("lora", "mezo-lora"):
+        model = apply_peft(model, "lora")
+    if name == "mezo-frozen-embeddings":
+        for param_name, p in model.named_parameters():
+            p.requires_grad_(not any(e in param_name for e in EMBEDDINGS))
+    return model
+
+
+def page_in(model: torch.nn.Module) -> None:
+    """Touch every weight once: from_pretrained maps the safetensors file lazily, so the weights are not resident
+    until read."""
+    with torch.no_grad():
         for p in model.parameters():
             p.sum()
-    gc.collect()
-    loaded = current_rss_kib()
-    peak_reset = reset_peak()
-    if cuda:
-        torch.cuda.synchronize()
-        cuda_loaded = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+
+
+def run_steps(name: str, model: torch.nn.Module, batch: dict, steps: int) -> None:
+    """``steps`` iterations of configuration ``name`` on ``batch`` (the model as ``prepare`` returned it)."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def closure() -> float:
@@ -81,14 +102,14 @@ def run_config(name: str, model_name: str, device: str, threads: int | None, bat
     if name == "inference":
         for _ in range(steps):
             forward(model, batch, keep=1)
-    elif name in ("mezo", "mezo-gaussian"):
+    elif name.startswith("mezo"):
         opt = MeZO(params, lr=1e-6, eps=1e-3, noise="gaussian" if name == "mezo-gaussian" else "table")
         for _ in range(steps):
             opt.step(closure)
     elif name == "reference":
         for seed in range(steps):
             reference_step(model, closure, lr=1e-6, eps=1e-3, seed=seed)
-    elif name == "adamw":
+    elif name in ("adamw", "lora"):
         model.train()
         opt = torch.optim.AdamW(params, lr=1e-5)
         ids = batch["input_ids"]
@@ -100,10 +121,31 @@ def run_config(name: str, model_name: str, device: str, threads: int | None, bat
             opt.step()
             opt.zero_grad(set_to_none=True)
             del logits, loss
+        model.eval()
     else:
         raise ValueError(f"unknown config {name!r}; accepted: {', '.join(CONFIGS)}")
+
+
+def run_config(name: str, model_name: str, device: str, threads: int | None, batch_size: int, seq_len: int,
+               steps: int = 3, dtype: str = "fp32") -> dict:
+    """Run one configuration in this process; return its memory figures (KiB and bytes)."""
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}; accepted: {', '.join(CONFIGS)}")
+    model, batch = setup(model_name, device, threads, batch_size, seq_len, dtype=dtype)
+    model = prepare(name, model)
+    page_in(model)
+    cuda = device.startswith("cuda")
+    release_freed()
+    loaded = current_rss_kib()
+    peak_reset = reset_peak()
+    if cuda:
+        torch.cuda.synchronize()
+        cuda_loaded = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    run_steps(name, model, batch, steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     result = {"config": name, "loaded_kib": loaded, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
-              "peak_reset": peak_reset}
+              "peak_reset": peak_reset, "largest_trainable_bytes": max(p.numel() * p.element_size() for p in trainable)}
     if cuda:
         torch.cuda.synchronize()
         result.update(cuda_loaded=cuda_loaded, cuda_peak=torch.cuda.max_memory_allocated())
@@ -111,20 +153,26 @@ def run_config(name: str, model_name: str, device: str, threads: int | None, bat
 
 
 def measure(model_name: str, device: str, threads: int | None, batch_size: int, seq_len: int,
-            configs: list[str] | None = None, steps: int = 3) -> list[dict]:
+            configs: list[str] | None = None, steps: int = 3, dtype: str = "fp32") -> list[dict]:
     """Run each configuration in a fresh subprocess; return their results."""
     results = []
     for name in configs or list(CONFIGS):
         cmd = [sys.executable, str(Path(__file__).resolve()), "--config", name, "--model", model_name,
-               "--device", device, "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--steps", str(steps)]
+               "--device", device, "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--steps", str(steps),
+               "--dtype", dtype]
         if threads:
             cmd += ["--threads", str(threads)]
-        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            raise RuntimeError(f"config {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        results.append(run_worker(cmd, name))
     return results
+
+
+def run_worker(cmd: list[str], what: str) -> dict:
+    """Run a worker subprocess that prints its result as JSON on its last line; return that result."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def rows(results: list[dict]) -> tuple[list[str], list[list]]:
@@ -145,9 +193,40 @@ def rows(results: list[dict]) -> tuple[list[str], list[list]]:
     return header, out
 
 
+def section_name(model_name: str, dtype: str) -> str:
+    """``memory`` for the default (SmolLM2-135M in fp32, which README's summary reads), else
+    ``memory_<model>_<dtype>``."""
+    if (model_name, dtype) == ("smollm2-135m", "fp32"):
+        return "memory"
+    return f"memory_{Path(model_name).name}_{dtype}"
+
+
+def notes(results: list[dict], dtype: str) -> str:
+    """The goal and, from the results, whether it is met and where MeZO's extra memory comes from."""
+    by = {r["config"]: r for r in results}
+    text = "Goal: mezo / inference <= 1.05."
+    if "inference" not in by or "mezo" not in by:
+        return text
+    base, mezo = by["inference"], by["mezo"]
+    ratio = mezo["peak_kib"] / base["peak_kib"]
+    text += (f" Measured: {ratio:.3f} ({'met' if ratio <= 1.05 else 'not met'}); MeZO peaks "
+             f"{(mezo['peak_kib'] - base['peak_kib']) / 1024:.0f} MiB above inference. Its largest trainable tensor "
+             f"is {mezo['largest_trainable_bytes'] / MIB:.0f} MiB in {dtype}: MeZO builds each module's perturbed "
+             "weight as a temporary tensor while that module runs, so this one is its largest extra buffer.")
+    if "mezo-frozen-embeddings" in by:
+        frozen = by["mezo-frozen-embeddings"]
+        text += (f" With the input embedding and LM head frozen (largest trainable tensor "
+                 f"{frozen['largest_trainable_bytes'] / MIB:.0f} MiB), MeZO peaks at "
+                 f"{frozen['peak_kib'] / base['peak_kib']:.3f} x inference.")
+    return text
+
+
 def main(argv: list[str] | None = None) -> list[list]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default), tiny-random, or a path")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help=f"smollm2-135m (default), tiny-random, {', '.join(RANDOM_LLAMAS)} (random weights), "
+                        "or a path")
+    parser.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="weights' dtype (default fp32)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -156,26 +235,32 @@ def main(argv: list[str] | None = None) -> list[list]:
     parser.add_argument("--quick", action="store_true", help="smoke check: one iteration per configuration")
     parser.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)}")
     parser.add_argument("--config", default=None, help=argparse.SUPPRESS)  # internal: run one config, print JSON
-    parser.add_argument("--write", action="store_true", help="update the memory section of BENCHMARKS.md")
+    parser.add_argument("--write", action="store_true", help="update this model's memory section of BENCHMARKS.md")
     args = parser.parse_args(argv)
+    configs = args.configs.split(",") if args.configs else list(CONFIGS)
+    unknown = [c for c in configs + ([args.config] if args.config else []) if c not in CONFIGS]
+    if unknown:
+        parser.error(f"unknown config {unknown[0]!r}; accepted: {', '.join(CONFIGS)}")
     if args.quick:
         args.steps = 1
     if args.config:
         print(json.dumps(run_config(args.config, args.model, args.device, args.threads, args.batch_size,
-                                    args.seq_len, args.steps)))
+                                    args.seq_len, args.steps, args.dtype)))
         return []
-    configs = args.configs.split(",") if args.configs else None
-    results = measure(args.model, args.device, args.threads, args.batch_size, args.seq_len, configs, args.steps)
+    results = measure(args.model, args.device, args.threads, args.batch_size, args.seq_len, configs, args.steps,
+                      args.dtype)
     header, table = rows(results)
     reset = all(r["peak_reset"] for r in results)
-    title = (f"Memory: {args.model}, batch {args.batch_size} x {args.seq_len} tokens, device {args.device}, "
-             f"{args.steps} iteration(s) per configuration, each "
+    title = (f"Memory: {args.model} in {args.dtype}, batch {args.batch_size} x {args.seq_len} tokens, device "
+             f"{args.device}, {args.steps} iteration(s) per configuration, each "
              f"configuration in its own process. \"loaded\" is the RSS after loading the model and the batch; "
              f"the peak is ru_maxrss " + ("measured from the loaded state (high-water mark reset after loading)."
                                           if reset else "since process start (the high-water mark could not be "
                                           "reset, so it includes loading)."))
-    publish("memory", "Memory", title, header, table, args.device, args.write, notes="Goal: mezo / inference <= 1.05.",
-            params={"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len})
+    section = section_name(args.model, args.dtype)
+    heading = "Memory" if section == "memory" else f"Memory ({args.model}, {args.dtype})"
+    publish(section, heading, title, header, table, args.device, args.write, notes=notes(results, args.dtype),
+            params={"model": args.model, "dtype": args.dtype, "batch_size": args.batch_size, "seq_len": args.seq_len})
     return table
 
 

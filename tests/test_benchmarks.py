@@ -55,14 +55,116 @@ def test_memory_runs(no_write):
     assert [row[0] for row in table] == names
     # the kernel's RSS counters lag a little: the peak may read a few hundred KiB under the loaded RSS
     assert all(r["peak_kib"] >= r["loaded_kib"] - 4096 > 0 for r in results)
+    by = {r["config"]: r for r in results}  # LoRA trains its small adapters; frozen embeddings leave smaller tensors
+    assert by["lora"]["largest_trainable_bytes"] < by["mezo-frozen-embeddings"]["largest_trainable_bytes"]
+    assert by["mezo-frozen-embeddings"]["largest_trainable_bytes"] < by["mezo"]["largest_trainable_bytes"]
     # the real entry point: one configuration in its own subprocess, written to a (temporary) BENCHMARKS.md
     table = memory.main([*SMALL, "--threads", "1", "--configs", "inference", "--write"])
     assert [row[0] for row in table] == ["inference"]
     text = no_write.read_text()
-    assert "<!-- memory:begin -->" in text and "<!-- memory:end -->" in text and "| inference |" in text
-    stored = json.loads((no_write.parent / "results" / "memory.json").read_text())
+    assert "<!-- memory_tiny-random_fp32:begin -->" in text and "| inference |" in text
+    stored = json.loads((no_write.parent / "results" / "memory_tiny-random_fp32.json").read_text())
     assert stored["rows"][0][0] == "inference" and stored["environment"]["command"].startswith("python ")
     assert load("_common").render(stored) in text and "<!-- environments:begin -->" in text
+
+
+def test_memory_half_precision_and_lora():
+    memory = load("memory")
+    result = memory.run_config("mezo-lora", "tiny-random", "cpu", 1, 2, 8, steps=1, dtype="bf16")
+    assert result["config"] == "mezo-lora" and result["peak_kib"] >= result["loaded_kib"] - 4096
+    # LoRA r=8 on q and v of a hidden-64 model: the largest adapter is 64 x 8 (fp32, as peft keeps adapters)
+    assert result["largest_trainable_bytes"] == 64 * 8 * 4
+    assert memory.section_name("smollm2-135m", "fp32") == "memory"  # README's summary reads this one
+    assert memory.section_name("random-1.1b", "bf16") == "memory_random-1.1b_bf16"
+
+
+def test_memory_notes_say_whether_the_goal_is_met():
+    notes = load("memory").notes
+    mib = 1 << 20
+
+    def result(config: str, peak_kib: int) -> dict:
+        return {"config": config, "peak_kib": peak_kib, "loaded_kib": 1000, "largest_trainable_bytes": 125 * mib}
+
+    met = notes([result("inference", 2000 * 1024), result("mezo", 2040 * 1024)], "bf16")
+    assert "Measured: 1.020 (met)" in met and "40 MiB above inference" in met and "125 MiB in bf16" in met
+    missed = notes([result("inference", 2000 * 1024), result("mezo", 2200 * 1024),
+                    result("mezo-frozen-embeddings", 2050 * 1024)], "bf16")
+    assert "1.100 (not met)" in missed and "frozen" in missed and "1.025 x inference" in missed
+    assert notes([result("mezo", 1)], "bf16") == "Goal: mezo / inference <= 1.05."
+
+
+def test_memory_refuses_an_unknown_config_or_dtype(capsys):
+    memory = load("memory")
+    for argv, message in ((["--configs", "mezo,sgd"], "unknown config 'sgd'; accepted: inference, mezo"),
+                          (["--dtype", "fp8"], "invalid choice: 'fp8'")):
+        with pytest.raises(SystemExit, match="2"):
+            memory.main([*SMALL, *argv])
+        assert message in capsys.readouterr().err
+
+
+def _synthetic_points(a: dict, b: dict, c: float = 300e6) -> list[dict]:
+    """Points exactly on peak = a*params + b*tokens*layers*hidden + c for three sizes and two batch shapes."""
+    points = []
+    for method in a:
+        for params, layers, hidden in ((135e6, 30, 576), (362e6, 32, 960), (1.1e9, 22, 2048)):
+            for batch_size, seq_len in ((2, 32), (8, 32)):
+                peak = a[method] * params + b[method] * batch_size * seq_len * layers * hidden + c
+                points.append({"model": f"m{params:.0f}", "method": method, "params": int(params), "layers": layers,
+                               "hidden": hidden, "batch_size": batch_size, "seq_len": seq_len, "loaded": c,
+                               "peak": peak})
+    return points
+
+
+def test_scaling_fit_recovers_bytes_per_parameter_and_per_token():
+    scaling = load("scaling")
+    points = _synthetic_points({"mezo": 2.1}, {"mezo": 3.0})
+    points[-1]["peak"] = None  # out of memory: left out of the fit
+    coef = scaling.fit(points)
+    assert coef["a"] == pytest.approx(2.1) and coef["b"] == pytest.approx(3.0) and coef["c"] == pytest.approx(300e6)
+    assert coef["points"] == 5 and coef["max_error"] < 1e-9
+    with pytest.raises(ValueError, match="two model sizes or more"):
+        scaling.fit([p for p in points if p["params"] == 135e6])
+    # a Llama with OPT-30B's layers and hidden size has OPT-30B's parameter count (29.97B) to 0.2%
+    assert scaling.opt_params(48, 7168) == pytest.approx(29.97e9, rel=2e-3)
+
+
+def test_scaling_projects_the_largest_shape_per_method(no_write, monkeypatch):
+    scaling = load("scaling")
+    # 2 B/param: OPT-30B (60 GB) fits 80 GiB, OPT-66B (131 GB) does not; 8 B/param + 48 bytes of activations per
+    # token x layer x hidden: OPT-6.7B takes 53 + 25 GiB; with fp32 states (12 B/param) only OPT-2.7B fits
+    points = _synthetic_points({"inference": 2.0, "mezo": 2.0, "adamw": 8.0}, {"inference": 0.5, "mezo": 0.5,
+                                                                           "adamw": 48.0}, c=0.0)
+    monkeypatch.setattr(scaling, "measure", lambda *args: points)
+    rows = scaling.main(["--sizes", "a,b,c", "--write"])
+    largest = {row[0]: row[-1] for row in rows}
+    assert largest == {"inference": "OPT-30B", "MeZO": "OPT-30B",
+                       "backprop + AdamW, bf16 states (measured)": "OPT-6.7B",
+                       "backprop + AdamW, fp32 states (measured + 4 B/param)": "OPT-2.7B",
+                       "backprop + AdamW, fp32 master weights and states (measured + 8 B/param)": "OPT-2.7B"}
+    assert [row[1] for row in rows][-3:] == ["8.00", "12.00", "16.00"]
+    text = no_write.read_text()
+    assert "<!-- scaling:begin -->" in text and "Offloading" in text and "| OPT-30B (30.0B) |" in text
+    stored = json.loads((no_write.parent / "results" / "scaling.json").read_text())
+    assert stored["params"]["fits"]["mezo"]["a"] == pytest.approx(2.0)
+
+
+def test_scaling_worker_measures_each_shape():
+    scaling = load("scaling")
+    for method in ("inference", "mezo", "lora", "adamw"):
+        points = scaling.worker("tiny-random", method, [(1, 8), (2, 8)], "cpu", "bf16", 1, 1)
+        assert [(p["batch_size"], p["seq_len"]) for p in points] == [(1, 8), (2, 8)]
+        assert all(p["peak"] >= p["loaded"] - (4 << 20) > 0 and p["layers"] == 2 and p["hidden"] == 64
+                   for p in points)
+
+
+def test_scaling_refuses_bad_arguments(capsys):
+    scaling = load("scaling")
+    for argv, message in ((["--shapes", "2x32,8"], "bad batch shape '8': expected BATCHxTOKENS"),
+                          (["--sizes", "random-135m"], "the fit needs two model sizes or more"),
+                          (["--methods", "mezo,sgd"], "unknown method 'sgd'; accepted: inference, mezo")):
+        with pytest.raises(SystemExit, match="2"):
+            scaling.main(argv)
+        assert message in capsys.readouterr().err
 
 
 def test_write_section_keeps_other_sections(tmp_path):
