@@ -209,3 +209,34 @@ def test_lora_in_half_precision_is_exact_at_lr_zero(dtype):
     opt.step(lm_loss(model))
     moved = [not torch.equal(a, b) for a, b in zip(before, snapshot(model))]
     assert any(moved) and sum(moved) <= len(trainable)  # only the LoRA tensors moved
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_large_weights_are_perturbed_through_their_output_without_a_copy(dtype):
+    """An embedding's output gets z of its looked-up rows (bitwise what the perturbed copy gives); a linear
+    layer on a few rows of input (an LM head under logits_to_keep) gets x @ z.T; on many rows it takes the copy."""
+    from zo_objectives.optimizer import _Perturbed
+
+    dt = DTYPES[dtype]
+    torch.manual_seed(0)
+    embedding, head = torch.nn.Embedding(3000, 48).to(dt), torch.nn.Linear(48, 3000, bias=False).to(dt)
+    opt = MeZO([*embedding.parameters(), *head.parameters()], lr=1e-3, eps=1e-2, table_size=TABLE, chunk_size=1 << 16)
+    ids = torch.randint(0, 3000, (5, 7))
+    few, many = torch.randn(2, 1, 48).to(dt), torch.randn(4, 20, 48).to(dt)
+
+    def perturbed(index: int, w: torch.Tensor) -> torch.Tensor:
+        flat = w.detach().view(-1)
+        z = torch.cat([c for _, c in opt.noise.chunks(7, index, flat)])
+        return torch.add(flat, z, alpha=-1e-2).view_as(w)
+
+    with torch.no_grad(), _Perturbed(opt, 7, -1.0) as p:
+        looked_up, small, large = embedding(ids), head(few), head(many)
+        assert not p.swapped and p.seen == {0, 1}
+    assert torch.equal(looked_up, torch.nn.functional.embedding(ids, perturbed(0, embedding.weight)))
+    expected = torch.nn.functional.linear(few.double(), perturbed(1, head.weight).double())
+    shift = (expected - torch.nn.functional.linear(few.double(), head.weight.double())).abs().max()
+    tolerance = {"fp32": 1e-5, "bf16": 3e-2, "fp16": 5e-3}[dtype]  # rounding of the output, well below the shift
+    assert shift > 0.1
+    torch.testing.assert_close(small.double(), expected, atol=tolerance, rtol=0)
+    assert torch.equal(large, torch.nn.functional.linear(many, perturbed(1, head.weight)))
+    assert embedding.weight is opt.param_groups[0]["params"][0]  # nothing left swapped

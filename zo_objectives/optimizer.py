@@ -100,6 +100,24 @@ class Noise:
                 z.random_(0, 2, generator=gen).mul_(2).sub_(1)
             yield slice(start, start + z.numel()), z
 
+    def _offsets(self, seed: int, index: int, n: int) -> list[int]:
+        c = self.chunk_size
+        return [self._offset(min(c, n - start), seed, index, k) for k, start in enumerate(range(0, n, c))]
+
+    def gather(self, seed: int, index: int, flat: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """z at the given positions of ``flat`` (table noise only): the values ``chunks`` yields there."""
+        offsets = torch.tensor(self._offsets(seed, index, flat.numel()), device=flat.device)
+        c = self.chunk_size
+        return self._table(flat.device, flat.dtype)[offsets[positions // c] + positions % c]
+
+    def span(self, seed: int, index: int, flat: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """z of ``flat[start:stop]`` (table noise only): the table slices ``chunks`` yields there, joined."""
+        c, table = self.chunk_size, self._table(flat.device, flat.dtype)
+        offsets = self._offsets(seed, index, flat.numel())
+        pieces = [table[offsets[k] + max(start, k * c) - k * c: offsets[k] + min(stop, (k + 1) * c) - k * c]
+                  for k in range(start // c, (stop - 1) // c + 1)]
+        return torch.cat(pieces)
+
     def rounding_bits(self, seed: int, index: int, chunk: int, length: int, device: torch.device) -> torch.Tensor:
         """16 random bits per element (int32 in [0, 65536)) for stochastic rounding, regenerated from the
         seed: the low mantissa bits of the fp32 table at a hashed offset (a read, not a random draw)."""
@@ -147,14 +165,23 @@ def signals_deferred():
 
 
 class _Perturbed:
-    """While active, every module forward sees its trainable weights as ``w + scale * eps * z`` (a temporary
-    tensor), through process-wide module hooks; the stored weights are never written."""
+    """While active, every module forward sees its trainable weights as ``w + scale * eps * z``, through
+    process-wide module hooks; the stored weights are never written.
+
+    Usually the module's weight is swapped for a temporary perturbed copy. With table noise, two large weights are
+    perturbed through their output instead, so that no copy of them is made: an embedding's output gets
+    ``eps * z`` of the rows it looked up (the same values, bitwise), and a linear layer applied to at most
+    ``SMALL_INPUT`` rows (an LM head under ``logits_to_keep``) gets ``eps * x @ z.T``, built in blocks of rows."""
+
+    SMALL_INPUT = 64  # rows of input under which x @ z.T (a matmul that small) is cheaper than copying the weight
+    BLOCK = 1 << 18  # values of z per block of an output correction: bounds its buffers
 
     def __init__(self, opt: MeZO, seed: int, scale: float):
         self.opt, self.seed, self.alpha = opt, seed, scale * opt.eps
         self.targets = {id(p): index for index, p, _ in opt._params()}
         self.seen: set[int] = set()
         self.swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+        self.through_output: dict[int, tuple[int, torch.Tensor]] = {}  # id(module) -> (index, weight)
 
     def _perturb(self, index: int, p: torch.Tensor) -> torch.Tensor:
         # A normal (not inference-mode) Parameter like the original: torch picks matmul kernels by it. As a
@@ -167,11 +194,24 @@ class _Perturbed:
                 torch.add(flat[where], z, alpha=self.alpha, out=out[where])
             return torch.nn.Parameter(out.view_as(p), requires_grad=p.requires_grad)
 
+    def _by_output(self, module: torch.nn.Module, name: str, args) -> bool:
+        if name != "weight" or self.opt.noise.kind != "table" or not args:
+            return False
+        if type(module) is torch.nn.Embedding:
+            return module.max_norm is None  # max_norm renormalizes the looked-up rows of the weight itself
+        if type(module) is torch.nn.Linear and isinstance(args[0], torch.Tensor):
+            return args[0].numel() // max(1, args[0].shape[-1]) <= self.SMALL_INPUT
+        return False
+
     def _pre(self, module: torch.nn.Module, args) -> None:
         for name, p in module._parameters.items():
             index = self.targets.get(id(p)) if p is not None else None
-            if index is not None:
-                self.seen.add(index)
+            if index is None:
+                continue
+            self.seen.add(index)
+            if self._by_output(module, name, args):
+                self.through_output[id(module)] = (index, p)
+            else:
                 self.swapped.append((module, name, p))
                 module._parameters[name] = self._perturb(index, p)
         if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
@@ -180,8 +220,25 @@ class _Perturbed:
                 warnings.warn("MeZO: dropout is active (the model is in training mode): it makes the two losses of "
                               "an estimate differ. Call model.eval() first", stacklevel=2)
 
-    def _post(self, module: torch.nn.Module, args, output) -> None:
+    def _post(self, module: torch.nn.Module, args, output):
         self._restore(module)
+        if id(module) not in self.through_output:
+            return None
+        index, p = self.through_output.pop(id(module))
+        flat, noise, width = p.detach().view(-1), self.opt.noise, p.shape[1]
+        rows = max(1, self.BLOCK // width)
+        if isinstance(module, torch.nn.Embedding):  # output[i] = w[ids[i]]: add z of that row
+            ids, out = args[0].reshape(-1), output.view(-1, width)
+            columns = torch.arange(width, device=p.device)
+            for start in range(0, ids.numel(), rows):
+                positions = ids[start:start + rows, None] * width + columns
+                out[start:start + rows].add_(noise.gather(self.seed, index, flat, positions), alpha=self.alpha)
+            return output
+        for start in range(0, p.shape[0], rows):  # output = x @ w.T: add x @ z.T, a block of z's rows at a time
+            stop = min(start + rows, p.shape[0])
+            z = noise.span(self.seed, index, flat, start * width, stop * width).view(stop - start, width)
+            output[..., start:stop].add_(torch.nn.functional.linear(args[0], z), alpha=self.alpha)
+        return output
 
     def _restore(self, module: torch.nn.Module | None = None) -> None:
         keep = []
