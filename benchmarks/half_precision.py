@@ -28,7 +28,7 @@ def summary(run: Path) -> list:
     result = json.loads((run / "eval.json").read_text())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     step = statistics.median(r["seconds"] for r in rows)
-    return [config["dtype"], f"{100 * result['before']:.2f}", f"{100 * result['after']:.2f}", len(rows),
+    return [config["dtype"], config["seed"], f"{100 * result['before']:.2f}", f"{100 * result['after']:.2f}", len(rows),
             f"{step:.2f}", f"{result['train_seconds'] / 60:.1f}"]
 
 
@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> dict:
     config = json.loads((Path(args.runs[0]) / "config.json").read_text())
     return publish("half_precision", "Half precision: the same run in each dtype",
                    f"zo-tune on {config['task']} ({config['objective']} objective, {config['steps']} steps x "
-                   f"{config['batch_size']}, seed {config['seed']}, {config['model']}), run folders "
+                   f"{config['batch_size']}, {config['model']}), run folders "
                    f"{', '.join(args.runs)}; dev metric x 100.",
-                   ["dtype", "dev before", "dev after", "steps", "median s per step", "train minutes"], rows, "cpu",
-                   args.write, notes=args.note, params={"task": config["task"], "runs": args.runs})
+                   ["dtype", "seed", "dev before", "dev after", "steps", "median s per step", "train minutes"], rows,
+                   "cpu", args.write, notes=args.note, params={"task": config["task"], "runs": args.runs})
 
 
 if __name__ == "__main__":

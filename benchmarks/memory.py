@@ -211,8 +211,9 @@ def notes(results: list[dict], dtype: str) -> str:
     ratio = mezo["peak_kib"] / base["peak_kib"]
     text += (f" Measured: {ratio:.3f} ({'met' if ratio <= 1.05 else 'not met'}); MeZO peaks "
              f"{(mezo['peak_kib'] - base['peak_kib']) / 1024:.0f} MiB above inference. Its largest trainable tensor "
-             f"is {mezo['largest_trainable_bytes'] / MIB:.0f} MiB in {dtype}: MeZO builds each module's perturbed "
-             "weight as a temporary tensor while that module runs, so this one is its largest extra buffer.")
+             f"is {mezo['largest_trainable_bytes'] / MIB:.0f} MiB in {dtype}; MeZO perturbs an embedding and an LM "
+             "head through their outputs (no copy) and every other module's weight as a temporary copy while that "
+             "module runs.")
     if "mezo-frozen-embeddings" in by:
         frozen = by["mezo-frozen-embeddings"]
         text += (f" With the input embedding and LM head frozen (largest trainable tensor "

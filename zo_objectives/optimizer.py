@@ -6,8 +6,9 @@ regenerated from (seed, tensor index, chunk).
 
 The stored weights are never perturbed. While the closure runs, each module's forward sees its trainable
 weights as a fresh tensor w + eps*z (built chunk by chunk from the regenerated noise, dropped when the module
-returns), so at most one layer's perturbed copy exists at a time, and a closure that raises, a NaN or a
-KeyboardInterrupt leaves the weights bitwise as they were. The only write is the update. In bf16/fp16 it is
+returns; an embedding and an LM head get the perturbation added to their output instead, without a copy), so
+at most one layer's perturbed copy exists at a time, and a closure that raises, a NaN or a KeyboardInterrupt
+leaves the weights bitwise as they were. The only write is the update. In bf16/fp16 it is
 computed in fp32 per chunk and stochastically rounded, with random bits regenerated from the step's seed:
 the expected change equals the fp32 update (round-to-nearest would drop most updates smaller than half an
 ulp), and resume and ``replay`` stay bitwise.
