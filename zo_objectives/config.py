@@ -25,7 +25,7 @@ from zo_objectives.models import DEFAULT_MODEL, DTYPES, PEFT_KINDS
 from zo_objectives.objectives import DEFAULT_SMOOTHING, FORMS, SEQUENCE_SCORES, SUPPORTS
 from zo_objectives.optimizer import DIFFERENCES, NOISE_KINDS, NONFINITE_POLICIES, SCHEDULES, SHAPINGS, UPDATES
 
-# Defaults chosen from measurements on SmolLM2-135M / SST-2 (see README "Why these defaults").
+# Defaults chosen from measurements on SmolLM2-135M / SST-2 (docs/objectives.md).
 # A metric in log form has cross-entropy's scale; the expected metric itself ("mean" form) is flatter.
 # sign and normalized updates move ~lr * z per step whatever the loss: 1e-4 is about the median step of the
 # default SST-2 run (cross-entropy at 1e-5: 7.8e-5)
