@@ -14,6 +14,7 @@ constant: the passes over the weights alone.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import time
@@ -39,17 +40,19 @@ def _sync(device: str) -> None:
 
 def configurations(model: torch.nn.Module, batch: dict, overhead: bool = True,
                    sizes: dict | None = None) -> dict[str, tuple[str, Callable]]:
-    """name -> (kind, zero-argument callable); kind is "forward", "step" or "weights" (constant closure: for our
-    MeZO the update pass alone, since the perturbation happens inside the forwards). ``sizes``: the noise's
-    ``chunk_size`` and ``table_size``."""
+    """name -> (kind, zero-argument callable); kind is "forward", "step" or "weights" (a closure with no
+    forward pass: for our MeZO the update pass alone, since the perturbation happens inside the forwards).
+    ``sizes``: the noise's ``chunk_size`` and ``table_size``."""
     sizes = sizes or {}
     params = [p for p in model.parameters() if p.requires_grad]
 
     def closure() -> float:
         return label_word_loss(model, batch)
 
-    def constant() -> float:
-        return 1.0
+    losses = itertools.cycle([1.0, 0.0])
+
+    def constant() -> float:  # no forward pass; the losses differ, so the update moves every weight
+        return next(losses)
 
     configs: dict[str, tuple[str, Callable]] = {
         "forward (logits_to_keep=1)": ("forward", lambda: forward(model, batch, keep=1)),
