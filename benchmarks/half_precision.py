@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
     rows = [summary(Path(run)) for run in args.runs]
+    for dtype in dict.fromkeys(row[0] for row in rows):  # each dtype's mean over its runs (seeds)
+        mine = [row for row in rows if row[0] == dtype]
+        if len(mine) > 1:
+            rows.append([dtype, "mean", *(f"{statistics.mean(float(r[i]) for r in mine):.2f}" for i in (2, 3)),
+                         "", "", ""])
     config = json.loads((Path(args.runs[0]) / "config.json").read_text())
     return publish("half_precision", "Half precision: the same run in each dtype",
                    f"zo-tune on {config['task']} ({config['objective']} objective, {config['steps']} steps x "
