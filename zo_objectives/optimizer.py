@@ -235,10 +235,14 @@ class _Perturbed:
                 positions = ids[start:start + rows, None] * width + columns
                 out[start:start + rows].add_(noise.gather(self.seed, index, flat, positions), alpha=self.alpha)
             return output
-        for start in range(0, p.shape[0], rows):  # output = x @ w.T: add x @ z.T, a block of z's rows at a time
+        # output = x @ w.T: add x @ z.T, a block of z's rows at a time. x as a contiguous 2-D matrix: a strided 3-D
+        # one (h[:, -1:]) sends torch's matmul to a batched kernel that copies z once per row of x
+        x = args[0].reshape(-1, width).contiguous()
+        for start in range(0, p.shape[0], rows):
             stop = min(start + rows, p.shape[0])
             z = noise.span(self.seed, index, flat, start * width, stop * width).view(stop - start, width)
-            output[..., start:stop].add_(torch.nn.functional.linear(args[0], z), alpha=self.alpha)
+            correction = torch.nn.functional.linear(x, z).view(*output.shape[:-1], stop - start)
+            output[..., start:stop].add_(correction, alpha=self.alpha)
         return output
 
     def _restore(self, module: torch.nn.Module | None = None) -> None:
