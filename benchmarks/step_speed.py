@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> list[list]:
              "over two forward passes.")
     section = "_".join(["step_speed"] + [v for v, default in ((args.model, "smollm2-135m"), (args.dtype, "fp32"),
                                                               (args.device, "cpu")) if v != default])
-    publish(section, f"Step speed ({args.model})", title, HEADER, table, args.device, args.write, notes=notes,
+    heading = f"Step speed ({args.model}{'' if args.dtype == 'fp32' else ', ' + args.dtype})"
+    publish(section, heading, title, HEADER, table, args.device, args.write, notes=notes,
             params={"model": args.model, "batch_size": args.batch_size, "seq_len": args.seq_len, "dtype": args.dtype,
                     "chunk_size": args.chunk_size})
     return table

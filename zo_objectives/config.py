@@ -30,7 +30,8 @@ from zo_objectives.optimizer import DIFFERENCES, NOISE_KINDS, NONFINITE_POLICIES
 # sign and normalized updates move ~lr * z per step whatever the loss: 1e-4 is about the median step of the
 # default SST-2 run (cross-entropy at 1e-5: 7.8e-5)
 DEFAULT_LR = {"cross_entropy": 1e-5, "log": 1e-5, "mean": 1e-4, "scale-free": 1e-4}
-# --dtype auto: the dtype each device type gets (the integrator sets it from measurements)
+# --dtype auto: bf16 on GPUs; fp32 on CPUs, where bf16 matched its accuracy (BENCHMARKS.md "Half precision") but
+# not every CPU has bf16 arithmetic
 DEFAULT_DTYPE = {"cpu": "fp32", "cuda": "bf16"}
 SPLITS = ("dev", "validation")
 REWARD = "reward"  # the objective of --reward runs
