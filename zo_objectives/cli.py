@@ -96,6 +96,11 @@ def _task(config: CommonConfig) -> Task:
     return get_task(config.task)
 
 
+def _dtype(name: str, device: torch.device) -> str:
+    """The dtype a run uses: ``auto`` resolves by device type (``DEFAULT_DTYPE``)."""
+    return DEFAULT_DTYPE[device.type] if name == "auto" else name
+
+
 def _device(name: str | None) -> torch.device:
     """The requested device; by default CUDA when available (under torchrun, this rank's GPU)."""
     if name is None:
@@ -137,7 +142,7 @@ class Run:
 
 def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
     """Load the model and build the objective; resolve lr, smoothing and dtype. Nothing is written."""
-    config = replace(config, dtype=DEFAULT_DTYPE[device.type] if config.dtype == "auto" else config.dtype)
+    config = replace(config, dtype=_dtype(config.dtype, device))
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(config.model, dtype=config.dtype)
     model = apply_peft(model, config.peft).to(device)
@@ -301,8 +306,7 @@ def evaluate_run(config: EvalConfig) -> dict:
     examples = task.examples(config.split, n=config.eval_size, seed=config.seed)
     if config.shots:
         examples = with_demonstrations(examples, task.examples("train", n=config.shots, seed=config.seed))
-    model, tokenizer = load_model(config.model, dtype=DEFAULT_DTYPE[device.type] if config.dtype == "auto"
-                                  else config.dtype)
+    model, tokenizer = load_model(config.model, dtype=_dtype(config.dtype, device))
     if config.run:
         model = apply_peft(model, read_config(TuneConfig, Path(config.run) / "config.json").get("peft", "none"))
         load_run_weights(model, Path(config.run))

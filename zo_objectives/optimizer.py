@@ -101,20 +101,20 @@ class Noise:
                 z.random_(0, 2, generator=gen).mul_(2).sub_(1)
             yield slice(start, start + z.numel()), z
 
-    def _offsets(self, seed: int, index: int, n: int) -> list[int]:
+    def offsets(self, seed: int, index: int, n: int) -> list[int]:
+        """Where each chunk of a tensor of ``n`` values reads the table (table noise): for :meth:`gather` and
+        :meth:`span`, computed once per tensor."""
         c = self.chunk_size
         return [self._offset(min(c, n - start), seed, index, k) for k, start in enumerate(range(0, n, c))]
 
-    def gather(self, seed: int, index: int, flat: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """z at the given positions of ``flat`` (table noise only): the values ``chunks`` yields there."""
-        offsets = torch.tensor(self._offsets(seed, index, flat.numel()), device=flat.device)
+    def gather(self, flat: torch.Tensor, offsets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """z at the given positions of ``flat`` (``offsets`` as a tensor): the values ``chunks`` yields there."""
         c = self.chunk_size
         return self._table(flat.device, flat.dtype)[offsets[positions // c] + positions % c]
 
-    def span(self, seed: int, index: int, flat: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """z of ``flat[start:stop]`` (table noise only): the table slices ``chunks`` yields there, joined."""
+    def span(self, flat: torch.Tensor, offsets: list[int], start: int, stop: int) -> torch.Tensor:
+        """z of ``flat[start:stop]``: the table slices ``chunks`` yields there, joined."""
         c, table = self.chunk_size, self._table(flat.device, flat.dtype)
-        offsets = self._offsets(seed, index, flat.numel())
         pieces = [table[offsets[k] + max(start, k * c) - k * c: offsets[k] + min(stop, (k + 1) * c) - k * c]
                   for k in range(start // c, (stop - 1) // c + 1)]
         return torch.cat(pieces)
@@ -228,19 +228,20 @@ class _Perturbed:
         index, p = self.through_output.pop(id(module))
         flat, noise, width = p.detach().view(-1), self.opt.noise, p.shape[1]
         rows = max(1, self.BLOCK // width)
+        offsets = noise.offsets(self.seed, index, flat.numel())
         if isinstance(module, torch.nn.Embedding):  # output[i] = w[ids[i]]: add z of that row
             ids, out = args[0].reshape(-1), output.view(-1, width)
-            columns = torch.arange(width, device=p.device)
+            columns, where = torch.arange(width, device=p.device), torch.tensor(offsets, device=p.device)
             for start in range(0, ids.numel(), rows):
                 positions = ids[start:start + rows, None] * width + columns
-                out[start:start + rows].add_(noise.gather(self.seed, index, flat, positions), alpha=self.alpha)
+                out[start:start + rows].add_(noise.gather(flat, where, positions), alpha=self.alpha)
             return output
         # output = x @ w.T: add x @ z.T, a block of z's rows at a time. x as a contiguous 2-D matrix: a strided 3-D
         # one (h[:, -1:]) sends torch's matmul to a batched kernel that copies z once per row of x
         x = args[0].reshape(-1, width).contiguous()
         for start in range(0, p.shape[0], rows):
             stop = min(start + rows, p.shape[0])
-            z = noise.span(self.seed, index, flat, start * width, stop * width).view(stop - start, width)
+            z = noise.span(flat, offsets, start * width, stop * width).view(stop - start, width)
             correction = torch.nn.functional.linear(x, z).view(*output.shape[:-1], stop - start)
             output[..., start:stop].add_(correction, alpha=self.alpha)
         return output
