@@ -22,7 +22,7 @@ from metrics import Metric, get_metric, list_metrics
 from zo_objectives.scoring import Batch, prompts_seed
 
 CROSS_ENTROPY = "cross_entropy"
-DEFAULT_SMOOTHING = 1.0  # metric objectives on predictors with scores optimize the expected metric (README)
+DEFAULT_SMOOTHING = 1.0  # metric objectives on predictors with scores optimize the expected metric (docs/objectives.md)
 
 
 class Objective(ABC):
@@ -129,7 +129,7 @@ class MetricObjective(Objective):
         if self.support not in SUPPORTS:
             raise ValueError(f"unknown support {self.support!r}; accepted: {', '.join(SUPPORTS)}")
         model_ok = not hasattr(self.predictor, "scores") and self.sequence_score == "sum" and self.metric.per_example
-        if self.support == "auto":  # measured best on SQuAD (README): model for generated answers in log form
+        if self.support == "auto":  # measured best on SQuAD (docs/squad.md): model for generated answers in log form
             self.support = "model" if model_ok and self.form == "log" else "options"
         elif self.support == "model" and not model_ok:
             raise ValueError("support 'model' weighs generated options by their probability under the model: it "
