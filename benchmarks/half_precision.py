@@ -39,11 +39,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
     rows = [summary(Path(run)) for run in args.runs]
-    for dtype in dict.fromkeys(row[0] for row in rows):  # each dtype's mean over its runs (seeds)
-        mine = [row for row in rows if row[0] == dtype]
-        if len(mine) > 1:
-            rows.append([dtype, "mean", *(f"{statistics.mean(float(r[i]) for r in mine):.2f}" for i in (2, 3)),
-                         "", "", ""])
+    dtypes = list(dict.fromkeys(row[0] for row in rows))
+    after = {(row[0], row[1]): float(row[3]) for row in rows}
+    groups = {dtype: [v for (d, _), v in after.items() if d == dtype] for dtype in dtypes}
+    for dtype in dtypes[1:]:  # paired by seed with the first dtype: the difference the dtype makes
+        groups[f"{dtype} - {dtypes[0]}"] = [v - after[dtypes[0], seed] for (d, seed), v in after.items()
+                                            if d == dtype and (dtypes[0], seed) in after]
+    for name, values in groups.items():  # mean and sd over seeds
+        if len(values) > 1:
+            rows.append([name, "mean", "", f"{statistics.mean(values):.2f}", "", "", ""])
+            rows.append([name, "sd", "", f"{statistics.stdev(values):.2f}", "", "", ""])
     config = json.loads((Path(args.runs[0]) / "config.json").read_text())
     return publish("half_precision", "Half precision: the same run in each dtype",
                    f"zo-tune on {config['task']} ({config['objective']} objective, {config['steps']} steps x "

@@ -3,8 +3,9 @@
 All in one process on one fixed batch (16 x 64 random token ids, full attention mask), repetitions
 interleaved (the order of the configurations rotates each round) so that a noisy machine slows them alike.
 The ratio ``step / (2 x forward)`` is the cost of a step over its two closure calls (goal: <= 1.05 for the
-default table noise; the reference is about 2.2). "weights only" rows time a step whose closure returns a
-constant: the passes over the weights alone.
+default table noise; the reference is about 2.2). A step is two forwards with perturbed weights and the update:
+"weights only" rows time a step whose closure returns a constant (the passes over the weights alone), and the
+"perturbed weights" row one forward as a step runs it.
 
     python benchmarks/step_speed.py                      # SmolLM2-135M, 5 repeats
     python benchmarks/step_speed.py --model tiny-random --repeats 1
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DTYPES, forward, label_word_loss, publish, setup  # noqa: E402
 from reference_mezo import reference_step  # noqa: E402
 
-from zo_objectives.optimizer import NOISE_KINDS, MeZO  # noqa: E402
+from zo_objectives.optimizer import NOISE_KINDS, MeZO, _Perturbed  # noqa: E402
 
 LR, EPS = 1e-6, 1e-3
 
@@ -40,8 +41,8 @@ def _sync(device: str) -> None:
 
 def configurations(model: torch.nn.Module, batch: dict, overhead: bool = True,
                    sizes: dict | None = None) -> dict[str, tuple[str, Callable]]:
-    """name -> (kind, zero-argument callable); kind is "forward", "step" or "weights" (a closure with no
-    forward pass: for our MeZO the update pass alone, since the perturbation happens inside the forwards).
+    """name -> (kind, zero-argument callable); kind is "forward", "perturbed forward" (one closure call of a
+    step), "step" or "weights" (a closure with no forward pass: for our MeZO the update pass alone).
     ``sizes``: the noise's ``chunk_size`` and ``table_size``."""
     sizes = sizes or {}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -65,6 +66,13 @@ def configurations(model: torch.nn.Module, batch: dict, overhead: bool = True,
         configs[name] = ("step", lambda opt=opt: opt.step(closure))
     seeds = iter(range(1 << 30))
     configs["reference MeZO"] = ("step", lambda: reference_step(model, closure, LR, EPS, next(seeds)))
+    default = optimizers["MeZO table (default)"]
+
+    def perturbed_forward() -> torch.Tensor:  # one closure call of a step: weights perturbed inside the forward
+        with torch.no_grad(), _Perturbed(default, seed=next(seeds), scale=1.0):
+            return forward(model, batch, keep=1)
+
+    configs["forward with perturbed weights (table)"] = ("perturbed forward", perturbed_forward)
     if overhead:
         for name, opt in optimizers.items():
             configs[f"{name}: update pass only"] = ("weights", lambda opt=opt: opt.step(constant))
@@ -107,6 +115,8 @@ def rows(configs: dict[str, tuple[str, Callable]], times: dict[str, list[float]]
             ratio = f"+{med / (2 * fwd):.3f}"
         elif kind == "forward":
             ratio = "1 forward"
+        elif kind == "perturbed forward":
+            ratio = f"{med / fwd:.3f} forwards"
         else:
             ratio = f"{med / fwd:.2f} forwards"
         out.append([name, f"{med:.4f}", f"{min(times[name]):.4f}", ratio])

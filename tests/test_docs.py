@@ -84,10 +84,6 @@ def test_relative_links_resolve(page):
 def test_readme_quickstart_runs_on_tiny_random():
     code = re.search(r"## Quickstart\n\n```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
     assert 'load_model("tiny-random")' in code
-    import zo_objectives
-
-    if not hasattr(zo_objectives, "evaluate_model"):
-        pytest.skip("the renames of this round (evaluate -> evaluate_model) are not merged yet")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": ""})
     assert out.returncode == 0, out.stderr[-2000:]

@@ -113,6 +113,19 @@ def test_half_precision_updates_are_unbiased(dtype):
     assert (moved != 0).float().mean() < 0.5  # each weight moved by a whole ulp or not at all
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_update_reads_the_perturbations_noise_in_fp32(dtype):
+    """On the CPU the update adds z in fp32 (a faster kernel than adding a half tensor to an fp32 one): the very
+    values the perturbation used, widened, so that the step moves along the direction it measured."""
+    opt = MeZO([torch.nn.Parameter(torch.zeros(3))], table_size=TABLE, chunk_size=1 << 16)
+    flat = torch.zeros(300_000, dtype=DTYPES[dtype])  # several chunks
+    narrow = [(where, z.clone()) for where, z in opt.noise.chunks(5, 2, flat)]
+    wide = list(opt.noise.chunks(5, 2, flat, wide=True))
+    assert [w for w, _ in narrow] == [w for w, _ in wide]
+    for (_, a), (_, b) in zip(narrow, wide, strict=True):
+        assert b.dtype == torch.float32 and torch.equal(a.float(), b)
+
+
 def neighbours(value: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The largest ``dtype`` value <= each value and the smallest >= it (equal when representable)."""
     near = value.to(dtype)

@@ -432,6 +432,16 @@ def raising_closure(x, on_call: int, exc: BaseException):
     return closure, calls
 
 
+@pytest.mark.parametrize("noise", NOISE_KINDS)
+def test_empty_trainable_tensor_is_perturbed_and_updated_as_nothing(noise):
+    x, empty = torch.nn.Parameter(torch.ones(5)), torch.nn.Parameter(torch.zeros(0, 4))
+    m, a = read(x, empty), torch.zeros(5)
+    opt = make_opt([x, empty], lr=0.1, eps=EPS, noise=noise)
+    for _ in range(3):
+        loss = opt.step(lambda: 0.5 * float(((m()[0] - a) ** 2).sum()) + float(m()[1].sum()))
+    assert loss > 0 and empty.shape == (0, 4) and not torch.equal(x.detach(), torch.ones(5))
+
+
 @pytest.mark.parametrize("difference", ["central", "forward"])
 @pytest.mark.parametrize("on_call", [1, 2])
 @pytest.mark.parametrize("exc", [ValueError("bad batch"), KeyboardInterrupt()], ids=["ValueError", "Interrupt"])

@@ -81,11 +81,21 @@ class Noise:
     def _offset(self, length: int, *key: int) -> int:
         return mix(*key) % (self.table_size - length + 1)
 
-    def chunks(self, seed: int, index: int, flat: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
-        """Yield (slice of ``flat``, z for that slice); the same arguments always yield the same z."""
+    def _wide_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The table rounded to ``dtype``, held in fp32, for a half-precision update on the CPU: adding it to the
+        fp32 buffer is a same-dtype kernel, twice as fast there as adding the half-precision table."""
+        key = (device, dtype, torch.float32)
+        if key not in self._tables:
+            self._tables[key] = self._table(device, dtype).float()
+        return self._tables[key]
+
+    def chunks(self, seed: int, index: int, flat: torch.Tensor,
+               wide: bool = False) -> Iterator[tuple[slice, torch.Tensor]]:
+        """Yield (slice of ``flat``, z for that slice); the same arguments always yield the same z, in
+        ``flat``'s precision (``wide``, table noise only: the same values in fp32)."""
         n, c = flat.numel(), self.chunk_size
         if self.kind == "table":
-            table = self._table(flat.device, flat.dtype)
+            table = self._wide_table(flat.device, flat.dtype) if wide else self._table(flat.device, flat.dtype)
             for k, start in enumerate(range(0, n, c)):
                 length = min(c, n - start)
                 offset = self._offset(length, seed, index, k)
@@ -117,7 +127,7 @@ class Noise:
         c, table = self.chunk_size, self._table(flat.device, flat.dtype)
         pieces = [table[offsets[k] + max(start, k * c) - k * c: offsets[k] + min(stop, (k + 1) * c) - k * c]
                   for k in range(start // c, (stop - 1) // c + 1)]
-        return torch.cat(pieces)
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def rounding_bits(self, seed: int, index: int, chunk: int, length: int, device: torch.device) -> torch.Tensor:
         """16 random bits per element (int32 in [0, 65536)) for stochastic rounding, regenerated from the
@@ -172,28 +182,28 @@ class _Perturbed:
     Usually the module's weight is swapped for a temporary perturbed copy. With table noise, two large weights are
     perturbed through their output instead, so that no copy of them is made: an embedding's output gets
     ``eps * z`` of the rows it looked up (the same values, bitwise), and a linear layer applied to at most
-    ``SMALL_INPUT`` rows (an LM head under ``logits_to_keep``) gets ``eps * x @ z.T``, built in blocks of rows."""
+    ``SMALL_INPUT`` rows (an LM head under ``logits_to_keep``) gets ``eps * x @ z.T``, by blocks of rows."""
 
     SMALL_INPUT = 64  # rows of input under which x @ z.T (a matmul that small) is cheaper than copying the weight
-    BLOCK = 1 << 18  # values of z per block of an output correction: bounds its buffers
+    GATHER = 1 << 18  # values of z gathered at a time for an embedding's output: bounds the index buffers
 
     def __init__(self, opt: MeZO, seed: int, scale: float):
         self.opt, self.seed, self.alpha = opt, seed, scale * opt.eps
         self.targets = {id(p): index for index, p, _ in opt._params()}
         self.seen: set[int] = set()
-        self.swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+        self.swapped: dict[int, tuple[torch.nn.Module, list]] = {}  # id(module) -> (module, [(name, original)])
         self.through_output: dict[int, tuple[int, torch.Tensor]] = {}  # id(module) -> (index, weight)
 
     def _perturb(self, index: int, p: torch.Tensor) -> torch.Tensor:
-        # A normal (not inference-mode) Parameter like the original: torch picks matmul kernels by it. As a
-        # plain or inference tensor, SmolLM2's tied lm_head took a batched matmul over an 8x expanded copy of
-        # its weight (1.1 s instead of 9 ms in bf16).
-        with torch.inference_mode(False), torch.no_grad():
-            flat = p.detach().view(-1)
+        flat, noise = p.detach().view(-1), self.opt.noise
+        chunks = noise.chunks(self.seed, index, flat)
+        if 0 < flat.numel() <= noise.chunk_size:  # one chunk: a single kernel
+            out = torch.add(flat, next(chunks)[1], alpha=self.alpha)
+        else:
             out = torch.empty_like(flat)
-            for where, z in self.opt.noise.chunks(self.seed, index, flat):
+            for where, z in chunks:
                 torch.add(flat[where], z, alpha=self.alpha, out=out[where])
-            return torch.nn.Parameter(out.view_as(p), requires_grad=p.requires_grad)
+        return torch.nn.Parameter(out.view_as(p), requires_grad=p.requires_grad)
 
     def _by_output(self, module: torch.nn.Module, name: str, args) -> bool:
         if name != "weight" or self.opt.noise.kind != "table" or not args:
@@ -205,6 +215,7 @@ class _Perturbed:
         return False
 
     def _pre(self, module: torch.nn.Module, args) -> None:
+        swaps = []
         for name, p in module._parameters.items():
             index = self.targets.get(id(p)) if p is not None else None
             if index is None:
@@ -213,8 +224,20 @@ class _Perturbed:
             if self._by_output(module, name, args):
                 self.through_output[id(module)] = (index, p)
             else:
-                self.swapped.append((module, name, p))
-                module._parameters[name] = self._perturb(index, p)
+                swaps.append((name, index, p))
+        if swaps:
+            self.swapped[id(module)] = (module, [(name, p) for name, _, p in swaps])
+            # A normal (not inference-mode) Parameter like the original: torch picks matmul kernels by it. As a
+            # plain or inference tensor, SmolLM2's tied lm_head took a batched matmul over an 8x expanded copy of
+            # its weight (1.1 s instead of 9 ms in bf16). The contexts are entered only when needed: they cost
+            # as much as the kernel launch of a small layer's perturbation
+            if torch.is_inference_mode_enabled() or torch.is_grad_enabled():
+                with torch.inference_mode(False), torch.no_grad():
+                    for name, index, p in swaps:
+                        module._parameters[name] = self._perturb(index, p)
+            else:
+                for name, index, p in swaps:
+                    module._parameters[name] = self._perturb(index, p)
         if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
             if not self.opt._warned_training:
                 self.opt._warned_training = True
@@ -222,15 +245,16 @@ class _Perturbed:
                               "an estimate differ. Call model.eval() first", stacklevel=2)
 
     def _post(self, module: torch.nn.Module, args, output):
-        self._restore(module)
+        swapped = self.swapped.pop(id(module), None)
+        if swapped is not None:
+            module._parameters.update(swapped[1])
         if id(module) not in self.through_output:
             return None
         index, p = self.through_output.pop(id(module))
         flat, noise, width = p.detach().view(-1), self.opt.noise, p.shape[1]
-        rows = max(1, self.BLOCK // width)
         offsets = noise.offsets(self.seed, index, flat.numel())
         if isinstance(module, torch.nn.Embedding):  # output[i] = w[ids[i]]: add z of that row
-            ids, out = args[0].reshape(-1), output.view(-1, width)
+            ids, out, rows = args[0].reshape(-1), output.view(-1, width), max(1, self.GATHER // width)
             columns, where = torch.arange(width, device=p.device), torch.tensor(offsets, device=p.device)
             for start in range(0, ids.numel(), rows):
                 positions = ids[start:start + rows, None] * width + columns
@@ -239,21 +263,13 @@ class _Perturbed:
         # output = x @ w.T: add x @ z.T, a block of z's rows at a time. x as a contiguous 2-D matrix: a strided 3-D
         # one (h[:, -1:]) sends torch's matmul to a batched kernel that copies z once per row of x
         x = args[0].reshape(-1, width).contiguous()
+        rows = max(1, noise.chunk_size // width)  # at most a noise chunk of z at a time: bounded buffers
         for start in range(0, p.shape[0], rows):
             stop = min(start + rows, p.shape[0])
             z = noise.span(flat, offsets, start * width, stop * width).view(stop - start, width)
             correction = torch.nn.functional.linear(x, z).view(*output.shape[:-1], stop - start)
             output[..., start:stop].add_(correction, alpha=self.alpha)
         return output
-
-    def _restore(self, module: torch.nn.Module | None = None) -> None:
-        keep = []
-        for entry in self.swapped:
-            if module is None or entry[0] is module:
-                entry[0]._parameters[entry[1]] = entry[2]
-            else:
-                keep.append(entry)
-        self.swapped = keep
 
     def __enter__(self) -> _Perturbed:
         from torch.nn.modules import module as nn_module
@@ -265,7 +281,9 @@ class _Perturbed:
     def __exit__(self, *exc) -> None:
         for handle in self.handles:
             handle.remove()
-        self._restore()
+        for module, originals in self.swapped.values():  # modules whose forward raised before its hook ran
+            module._parameters.update(originals)
+        self.swapped.clear()
 
 
 class MeZO(Optimizer):
@@ -405,23 +423,32 @@ class MeZO(Optimizer):
         """The update, the only write to the weights: one pass per tensor, all terms summed in the weight's
         precision (fp32 for half-precision weights, then stochastically rounded); then the record is kept."""
         terms = self._terms(record)
+        buffers: dict[torch.device, torch.Tensor] = {}  # one fp32 chunk per device for half-precision weights
         with signals_deferred():
             for index, p, group in self._params():
                 lr = group["lr"]
                 wd = group["weight_decay"] if (p.ndim >= 2 or group["decay_1d"]) else 0.0
                 if not lr or not (terms or wd):
                     continue  # nothing moves: the weights stay bitwise as they are
-                flat = p.detach().view(-1)
-                streams = [self.noise.chunks(seed, index, flat) for seed, _ in terms]
+                flat, half = p.detach().view(-1), p.dtype in HALF
+                if half and p.device not in buffers:
+                    size = min(self.noise.chunk_size, max(q.numel() for _, q, _ in self._params()))
+                    buffers[p.device] = torch.empty(size, device=p.device, dtype=torch.float32)
+                # z as fp32 values on the CPU, where adding a half tensor to an fp32 one is a slow mixed-dtype
+                # kernel; on a GPU reading half the bytes is faster and the sum is the same
+                wide = half and flat.device.type == "cpu"
+                streams = [self.noise.chunks(seed, index, flat, wide=wide) for seed, _ in terms]
                 for k, where in enumerate(slice(s, s + self.noise.chunk_size)
                                           for s in range(0, flat.numel(), self.noise.chunk_size)):
                     zs = [next(stream)[1] for stream in streams]
-                    acc = flat[where].float() if p.dtype in HALF else flat[where]
+                    acc = flat[where]
+                    if half:
+                        acc = buffers[p.device][:acc.numel()].copy_(acc)
                     if wd:
                         acc.mul_(1.0 - lr * wd)
                     for z, (_, coeff) in zip(zs, terms):
                         acc.add_(z, alpha=-lr * coeff)
-                    if p.dtype in HALF:
+                    if half:
                         bits = self.noise.rounding_bits(record["seeds"][0], index, k, acc.numel(), acc.device)
                         round_stochastic(acc, bits, out=flat[where])
             self.trajectory.append(record)
