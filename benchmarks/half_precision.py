@@ -1,6 +1,7 @@
 """Quality and wall time of the same zo-tune run in several dtypes: dev metric before and after, time per step.
 
-Reads finished run folders (same settings and seed, only ``--dtype`` differing), made for example by
+Reads finished run folders (the same settings and seeds, only ``--dtype`` and ``--eps`` differing; eps is named
+where it is not 1e-3), made for example by
 
     zo-tune --dtype fp32 --output-dir runs/quality_fp32     # the `make run` protocol: SST-2, accuracy, 400 steps
     zo-tune --dtype bf16 --output-dir runs/quality_bf16
@@ -28,7 +29,8 @@ def summary(run: Path) -> list:
     result = json.loads((run / "eval.json").read_text())
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     step = statistics.median(r["seconds"] for r in rows)
-    return [config["dtype"], config["seed"], f"{100 * result['before']:.2f}", f"{100 * result['after']:.2f}", len(rows),
+    setting = config["dtype"] + ("" if config["eps"] == 1e-3 else f", eps {config['eps']:g}")
+    return [setting, config["seed"], f"{100 * result['before']:.2f}", f"{100 * result['after']:.2f}", len(rows),
             f"{step:.2f}", f"{result['train_seconds'] / 60:.1f}"]
 
 
@@ -39,12 +41,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--write", action="store_true")
     args = parser.parse_args(argv)
     rows = [summary(Path(run)) for run in args.runs]
-    dtypes = list(dict.fromkeys(row[0] for row in rows))
+    settings = list(dict.fromkeys(row[0] for row in rows))
     after = {(row[0], row[1]): float(row[3]) for row in rows}
-    groups = {dtype: [v for (d, _), v in after.items() if d == dtype] for dtype in dtypes}
-    for dtype in dtypes[1:]:  # paired by seed with the first dtype: the difference the dtype makes
-        groups[f"{dtype} - {dtypes[0]}"] = [v - after[dtypes[0], seed] for (d, seed), v in after.items()
-                                            if d == dtype and (dtypes[0], seed) in after]
+    groups = {name: [v for (s, _), v in after.items() if s == name] for name in settings}
+    for name in settings[1:]:  # paired by seed with the first setting: the difference the setting makes
+        groups[f"{name} - {settings[0]}"] = [v - after[settings[0], seed] for (s, seed), v in after.items()
+                                             if s == name and (settings[0], seed) in after]
     for name, values in groups.items():  # mean and sd over seeds
         if len(values) > 1:
             rows.append([name, "mean", "", f"{statistics.mean(values):.2f}", "", "", ""])
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
                    f"zo-tune on {config['task']} ({config['objective']} objective, {config['steps']} steps x "
                    f"{config['batch_size']}, {config['model']}), run folders "
                    f"{', '.join(args.runs)}; dev metric x 100.",
-                   ["dtype", "seed", "dev before", "dev after", "steps", "median s per step", "train minutes"], rows,
+                   ["setting", "seed", "dev before", "dev after", "steps", "median s per step", "train minutes"],
+                   rows,
                    "cpu", args.write, notes=args.note, params={"task": config["task"], "runs": args.runs})
 
 

@@ -35,6 +35,15 @@ def no_write(monkeypatch, tmp_path):
     return tmp_path / "BENCHMARKS.md"
 
 
+def test_eps_fidelity_compares_with_fp32(no_write):
+    result = load("eps_fidelity").main(["--model", "tiny-random", "--batches", "3", "--batch-size", "2",
+                                        "--settings", "bf16:1e-2", "fp32:1e-3"])
+    reference, bf16, same = result["rows"]
+    assert reference[:3] == ["fp32", "0.001", "1.000"] and bf16[:2] == ["bf16", "0.01"]
+    assert same[2:4] == ["1.000", "0.00"]  # the reference setting again: the same estimates exactly
+    assert -1.0 <= float(bf16[2]) <= 1.0
+
+
 def test_step_speed_runs(no_write, capsys):
     step_speed = load("step_speed")
     table = step_speed.main([*SMALL, "--repeats", "1", "--warmup", "0", "--threads", "1"])
@@ -316,3 +325,20 @@ def test_heldout_gap_evaluates_saved_runs_once(no_write, tmp_path):
         load("heldout_gap").main([*argv[:4], "--start", "1"])
     with pytest.raises(SystemExit, match="dev set has 1000 examples"):
         load("heldout_gap").main([*argv[:4], "--end", "1001"])
+
+
+def test_half_precision_table_pairs_settings_by_seed(no_write, tmp_path):
+    runs = []
+    for dtype, eps, seed, after in [("fp32", 1e-3, 0, 0.70), ("fp32", 1e-3, 1, 0.68), ("bf16", 3e-3, 0, 0.69),
+                                    ("bf16", 3e-3, 1, 0.69)]:
+        run = tmp_path / f"{dtype}_{seed}"
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"dtype": dtype, "eps": eps, "seed": seed, "task": "sst2",
+                                                     "objective": "accuracy", "steps": 2, "batch_size": 4,
+                                                     "model": "m"}))
+        (run / "eval.json").write_text(json.dumps({"before": 0.5, "after": after, "train_seconds": 60}))
+        (run / "metrics.jsonl").write_text('{"seconds": 1.0}\n{"seconds": 3.0}\n')
+        runs.append(str(run))
+    rows = {(r[0], r[1]): r[3] for r in load("half_precision").main(["--runs", *runs])["rows"]}
+    assert rows["fp32", "mean"] == "69.00" and rows["bf16, eps 0.003", "mean"] == "69.00"
+    assert rows["bf16, eps 0.003 - fp32", "mean"] == "0.00" and rows["bf16, eps 0.003 - fp32", "sd"] == "1.41"

@@ -121,7 +121,8 @@ def test_flags_come_from_the_config_fields():
 def test_tune_from_python_and_from_config_json_rerun_the_run(straight_run, tmp_path):
     _, straight = straight_run
     saved = json.loads((straight / "config.json").read_text())
-    assert (saved["lr"], saved["smoothing"], saved["dtype"], saved["output_dir"]) == (1e-5, 1.0, "fp32", str(straight))
+    assert (saved["lr"], saved["eps"], saved["smoothing"], saved["dtype"], saved["output_dir"]) == (
+        1e-5, 1e-3, 1.0, "fp32", str(straight))
     config = TuneConfig(model="tiny-random", task="sst2", train_size=32, batch_size=8, progress=False, steps=4,
                         eval_every=2, eval_size=16, output_dir=str(tmp_path / "python"))
     summary = tune_run(config)
@@ -192,7 +193,8 @@ def test_dtype_and_checkpoint_interval_reach_the_run(tmp_path, monkeypatch):
     run = tmp_path / "bf16"
     assert tune("--dtype", "bf16", "--steps", "4", "--checkpoint-every", "2", "--eval-every", "0",
                 "--eval-size", "4", "--no-eval-before", "--output-dir", str(run)) == 0
-    assert json.loads((run / "config.json").read_text())["dtype"] == "bf16"
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["dtype"], saved["eps"]) == ("bf16", 3e-3)  # bf16's default eps
     assert {t.dtype for t in load_file(run / "model.safetensors").values()} == {torch.bfloat16}
     assert sorted(set(saved_at)) == [2, 4]
 

@@ -28,6 +28,7 @@ from tasks import Task, get_task, task_from_file, with_demonstrations
 from zo_objectives import distributed
 from zo_objectives.config import (
     DEFAULT_DTYPE,
+    DEFAULT_EPS,
     DEFAULT_LR,
     REWARD,
     CommonConfig,
@@ -141,7 +142,7 @@ class Run:
 
 
 def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
-    """Load the model and build the objective; resolve lr, smoothing and dtype. Nothing is written."""
+    """Load the model and build the objective; resolve lr, eps, smoothing and dtype. Nothing is written."""
     config = replace(config, dtype=_dtype(config.dtype, device))
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(config.model, dtype=config.dtype)
@@ -173,7 +174,8 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
         kind = "scale-free"
     else:  # a hard metric or rewards: the scale of the mean form
         kind = "cross_entropy" if config.objective == CROSS_ENTROPY else form or "mean"
-    config = replace(config, lr=config.lr or DEFAULT_LR[kind], smoothing=smoothing)
+    config = replace(config, lr=config.lr or DEFAULT_LR[kind], eps=config.eps or DEFAULT_EPS[config.dtype],
+                     smoothing=smoothing)
     train_set = task.examples("train", n=config.train_size, seed=config.seed)
     dev_set = task.examples("dev", n=config.eval_size)
     if config.batch_size > len(train_set):

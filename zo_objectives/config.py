@@ -33,6 +33,9 @@ DEFAULT_LR = {"cross_entropy": 1e-5, "log": 1e-5, "mean": 1e-4, "scale-free": 1e
 # --dtype auto: bf16 on GPUs; fp32 on CPUs, where bf16 matched its accuracy (BENCHMARKS.md "Half precision") but
 # not every CPU has bf16 arithmetic
 DEFAULT_DTYPE = {"cpu": "fp32", "cuda": "bf16"}
+# eps per dtype: a bf16 forward pass rounds the loss difference of +-1e-3 perturbations enough that the estimate
+# keeps 0.83 correlation with fp32's; at 3e-3 it keeps 0.99 (benchmarks/eps_fidelity.py, docs/half_precision.md)
+DEFAULT_EPS = {"fp32": 1e-3, "fp16": 1e-3, "bf16": 3e-3}
 SPLITS = ("dev", "validation")
 REWARD = "reward"  # the objective of --reward runs
 
@@ -116,7 +119,8 @@ class TuneConfig(CommonConfig):
     lr: float | None = arg(None, f"default {DEFAULT_LR['cross_entropy']} for cross-entropy and metric objectives "
                                  f"in log form, {DEFAULT_LR['mean']} in mean form, as the hard metric or for --reward, "
                                  f"{DEFAULT_LR['scale-free']} with --update sign or normalized", above=0)
-    eps: float = arg(1e-3, "perturbation scale", above=0, resume=FIXED)
+    eps: float | None = arg(None, f"perturbation scale (default {DEFAULT_EPS['fp32']}, {DEFAULT_EPS['bf16']} in bf16, "
+                                  "whose rounding swamps smaller loss differences)", above=0, resume=FIXED)
     n_perturbations: int = arg(1, "SPSA estimates averaged per step", above=0, resume=FIXED)
     smoothing: float | None = arg(None, "metric objectives optimize the metric's expectation over each example's "
                                         "options (classes, candidates; for generation the greedy answer and the gold "

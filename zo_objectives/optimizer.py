@@ -299,7 +299,8 @@ class MeZO(Optimizer):
         params: parameters or param groups, as for any torch optimizer. Groups may set ``lr``,
             ``weight_decay`` and ``decay_1d`` (decay tensors with one dimension: biases and norm weights;
             off by default, as in MeZO).
-        lr: learning rate. eps: perturbation scale (one value for all groups).
+        lr: learning rate. eps: perturbation scale (one value for all groups); for a bf16 model 3e-3, where
+            the rounding of a forward pass swamps the loss differences of smaller ones (docs/half_precision.md).
         weight_decay: decoupled weight decay. n_perturbations: SPSA estimates averaged per step.
         seed: seeds the stream of step seeds. noise: "table" (default), "gaussian" or "rademacher".
         table_size, chunk_size: values in the noise table, and elements per chunk of every pass over a tensor
