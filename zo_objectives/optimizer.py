@@ -22,7 +22,7 @@ import signal
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch.optim import Optimizer
@@ -175,6 +175,13 @@ def signals_deferred():
             signal.raise_signal(s)
 
 
+@contextmanager
+def _normal_no_grad():
+    """Build normal tensors (not inference-mode ones) without autograd history."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 class _Perturbed:
     """While active, every module forward sees its trainable weights as ``w + scale * eps * z``, through
     process-wide module hooks; the stored weights are never written.
@@ -231,11 +238,8 @@ class _Perturbed:
             # plain or inference tensor, SmolLM2's tied lm_head took a batched matmul over an 8x expanded copy of
             # its weight (1.1 s instead of 9 ms in bf16). The contexts are entered only when needed: they cost
             # as much as the kernel launch of a small layer's perturbation
-            if torch.is_inference_mode_enabled() or torch.is_grad_enabled():
-                with torch.inference_mode(False), torch.no_grad():
-                    for name, index, p in swaps:
-                        module._parameters[name] = self._perturb(index, p)
-            else:
+            needed = torch.is_inference_mode_enabled() or torch.is_grad_enabled()
+            with _normal_no_grad() if needed else nullcontext():
                 for name, index, p in swaps:
                     module._parameters[name] = self._perturb(index, p)
         if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
