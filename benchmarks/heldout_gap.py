@@ -4,10 +4,10 @@
 compared on (for SQuAD, ``--eval-size 500``: the "choose" slice of ``tasks.SQUAD_DEV_SLICES``). This script
 evaluates the tuned weights of the same run folders on dev examples ``[--start, --end)`` instead (by default
 SQuAD's "confirm" slice, dev 500-999, on articles the choose slice does not hold), and tabulates, seed by seed,
-two configurations and their gap on each slice and on both together. The untuned model is evaluated on the held-out slice too. Each result is
-stored next to the weights (``heldout_<start>_<end>.json``), so an interrupted invocation picks up what is
-done. ``--jobs`` evaluations run at a time, each in its own process with ``--threads`` threads; ``--write``
-updates the ``heldout_gap_<task>`` section of BENCHMARKS.md.
+two configurations and their gap on each slice and on both together. The untuned model is evaluated on the
+held-out slice too. Each result is stored next to the weights (``heldout_<start>_<end>.json``), so an interrupted
+invocation picks up what is done. ``--jobs`` evaluations run at a time, each in its own process with
+``--threads`` threads; ``--write`` updates the ``heldout_gap_<task>`` section of BENCHMARKS.md.
 
     python benchmarks/heldout_gap.py --task squad --runs runs/gap runs/gap_s1 --jobs 2 --threads 1 --write
 """

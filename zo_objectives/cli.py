@@ -1,4 +1,5 @@
-"""Command line: ``zo-tune`` (tune a model on a task's objective) and ``zo-eval`` (evaluate a model or run).
+"""Command line: ``zo-tune`` (tune a model on a task's objective), ``zo-eval`` (evaluate a model or run) and
+``zo-export`` (write a run's tuned model as a Hugging Face folder).
 
 Both take their flags from the dataclasses of ``zo_objectives.config``; ``tune(TuneConfig(...))`` is the same
 run from Python. Everything is checked before the run folder is touched: bad input (unknown model, task,
@@ -33,6 +34,7 @@ from zo_objectives.config import (
     REWARD,
     CommonConfig,
     EvalConfig,
+    ExportConfig,
     Parser,
     TuneConfig,
     UsageError,
@@ -40,7 +42,7 @@ from zo_objectives.config import (
     differences,
     read_config,
 )
-from zo_objectives.models import apply_peft, load_model, load_run_weights, select_trainable
+from zo_objectives.models import apply_peft, export_run, load_model, load_run_weights, select_trainable
 from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, RewardObjective, make_objective
 from zo_objectives.optimizer import MeZO, make_scheduler
 from zo_objectives.plots import plot_run
@@ -377,6 +379,25 @@ def eval_main(argv: list[str] | None = None) -> int:
         evaluate_run(EvalConfig(**given))
     except (ValueError, FileNotFoundError) as err:
         return _fail(parser.prog, err)
+    return 0
+
+
+def export_parser() -> Parser:
+    parser = Parser(ExportConfig, "zo-export", "Write a zo-tune run's tuned model as a Hugging Face folder: a full "
+                                               "model, or a PEFT adapter for --peft lora/prefix runs.")
+    parser.add_argument("run_dir", help="a finished zo-tune run folder")
+    parser.add_argument("out_dir", help="the folder to write (new or empty)")
+    return parser
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    parser = export_parser()
+    try:
+        args, given = parser.given(argv)
+        out = export_run(args.run_dir, args.out_dir, merge=ExportConfig(**given).merge)
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(parser.prog, err)
+    print(f"zo-export: wrote {out}", file=sys.stderr)
     return 0
 
 

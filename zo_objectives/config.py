@@ -194,6 +194,16 @@ class EvalConfig(CommonConfig):
                      choices=SPLITS)
 
 
+@dataclass
+class ExportConfig:
+    """A ``zo-export`` export (the run folder and output folder are its two positional arguments)."""
+
+    merge: bool = arg(False, "LoRA runs: merge the adapter into the weights and write a full model folder")
+
+    def __post_init__(self) -> None:
+        check(self)
+
+
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
