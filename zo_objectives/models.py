@@ -280,7 +280,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, merge: bool = False)
     if merge:
         model = model.merge_and_unload()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")  # mkdir, not mkdtemp: the umask's permissions
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
