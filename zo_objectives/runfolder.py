@@ -38,10 +38,10 @@ def atomic_write(path: Path, write: Callable[[str], None], before_rename: Callab
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
+        write(tmp)  # (some writers, safetensors' among them, create the file anew)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
-        write(tmp)
         if before_rename:
             before_rename(tmp)
         os.replace(tmp, path)
