@@ -52,6 +52,7 @@ from zo_objectives.runfolder import (
     CHECKPOINT,
     CONFIG,
     EVAL,
+    RUN_FILES,
     WEIGHTS,
     check_sealed,
     clean,
@@ -376,8 +377,8 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
         write_sealed(run_dir, WEIGHTS, lambda tmp: save_file(trainable_state(model), tmp), step=config.steps)
         plot_run(run_dir)
         print(f"zo-tune: dev {metric.name} {_fmt(before)} -> {after:.4f} after {config.steps} steps "
-              f"({seconds / 60:.1f} min, {ties:.0%} of steps tied). Run folder: {run_dir} (config.json, "
-              f"metrics.jsonl, eval.json, curve.png, {CHECKPOINT}, model.safetensors)", file=sys.stderr)
+              f"({seconds / 60:.1f} min, {ties:.0%} of steps tied). Run folder: {run_dir} "
+              f"({', '.join(RUN_FILES)})", file=sys.stderr)
     return summary
 
 
