@@ -217,12 +217,17 @@ def test_a_signal_stops_with_one_line_and_the_conventional_status(tmp_path, sign
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "zo_objectives.cli", *BASE, "--output-dir", str(run), "--steps", "100000"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not (run / CHECKPOINT).exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signum)
-    code, err = proc.wait(60), proc.stderr.read()
+    # the default handlers: a test runner or a shell may have left SIGINT ignored, which a child inherits
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while not (run / CHECKPOINT).exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signum)
+        code, err = proc.wait(60), proc.stderr.read()
+    finally:
+        proc.kill()
     assert code == 128 + signum
     last = err.strip().splitlines()[-1]
     step = json.loads((run / CHECKPOINT).read_text())["step"]

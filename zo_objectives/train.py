@@ -40,6 +40,7 @@ from zo_objectives.runfolder import (
     RECORDS,
     atomic_write,
     check_sealed,
+    clean,
     lock,
     read_json,
     read_manifest,
@@ -330,7 +331,7 @@ def _base_sha256(run_dir: Path, optimizer: MeZO, start_step: int) -> str:
             raise ValueError(f"{run_dir} holds a run at step {head.get('step')} ({CHECKPOINT}): continue it with "
                              "resume(), or train in an empty folder")
         return weights_sha256(_optimizer_params(optimizer))
-    saved = _load(run_dir) if head else {}
+    saved = load_checkpoint(run_dir) if head else {}
     if saved.get("step") != start_step:
         raise ValueError(f"cannot continue {run_dir} at step {start_step}: its {CHECKPOINT} is not at that step")
     lines = (_canonical(r) + "\n" for r in optimizer.trajectory)
@@ -377,6 +378,7 @@ def _train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, exampl
     history: list[dict] = []
     log, base, saved_step = None, "", start_step
     if run_dir:
+        clean(Path(run_dir))  # temporaries a killed run left
         base = _base_sha256(Path(run_dir), optimizer, start_step)
         truncate_log(Path(run_dir) / LOG, start_step)
         log = open(Path(run_dir) / LOG, "a")
