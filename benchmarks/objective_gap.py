@@ -72,7 +72,11 @@ def step_length(folder: Path) -> float | None:
     path = folder / "trajectory.json"
     if not path.exists():
         return None
-    records = json.loads(path.read_text())["optimizer"]["mezo"]["trajectory"]
+    if (folder / "trajectory.jsonl").exists():  # the records, one per line (the head holds their count)
+        count = json.loads(path.read_text())["records"]["count"]
+        records = [json.loads(line) for line in (folder / "trajectory.jsonl").read_text().splitlines()[:count]]
+    else:  # a run folder written before checkpoints were appended
+        records = json.loads(path.read_text())["optimizer"]["mezo"]["trajectory"]
     lengths = [abs(r["lrs"][0] * g) for r in records for g in r["grads"] if g is not None]
     return statistics.median(lengths) if lengths else None
 

@@ -54,13 +54,28 @@ def read_table(path: str | Path) -> list[dict]:
 
 
 def template_fields(template: str) -> list[str]:
-    """Top-level field names used by a format string, e.g. ``"{text} It was"`` -> ``["text"]``."""
+    """Column names used by a format string, e.g. ``"{text} It was"`` -> ``["text"]``. A ValueError naming
+    ``--template`` for a string Python cannot format, a template with no column, a positional field, an
+    attribute or item access (``{text.upper}`` would put a method's address in every prompt) or an unknown
+    conversion."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(f"--template {template!r} is not a valid format string: {err} (write {{{{ and }}}} for "
+                         "literal braces)") from None
     names = []
-    for _, field, _, _ in string.Formatter().parse(template):
-        if field is not None:
-            if field == "" or field.isdigit():
-                raise ValueError(f"template {template!r} must use named fields like {{text}}, not {{{field}}}")
-            names.append(field.split(".")[0].split("[")[0])
+    for _, field, _, conversion in parsed:
+        if field is None:
+            continue
+        if not field.isidentifier():
+            raise ValueError(f"--template {template!r} must use named fields like {{text}}, not {{{field}}} "
+                             "(no positions, attributes or items)")
+        if conversion not in (None, "r", "s", "a"):
+            raise ValueError(f"--template {template!r}: unknown conversion !{conversion} in {{{field}}}; accepted: "
+                             "!r, !s, !a")
+        names.append(field)
+    if not names:
+        raise ValueError(f"--template {template!r} uses no column: name one in braces, e.g. '{{text}} It was'")
     return names
 
 

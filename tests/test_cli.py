@@ -19,6 +19,7 @@ from zo_objectives.cli import tune as tune_run
 from zo_objectives.config import TuneConfig, UsageError
 from zo_objectives.models import DTYPES, PEFT_KINDS, load_model, tiny_random_model
 from zo_objectives.optimizer import UPDATES
+from zo_objectives.train import load_checkpoint
 
 # make_scheduler(last_step=...) on --resume steps the scheduler before any optimizer step, by design
 pytestmark = [pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`"),
@@ -59,7 +60,7 @@ def test_tune_writes_the_run_folder(straight_run):
     result = json.loads((run / "eval.json").read_text())
     assert result["metric"] == "accuracy" and result["examples"] == 16 and result["steps"] == 4
     assert 0 <= result["before"] <= 1 and result["after"] == log[-1]["eval"]
-    checkpoint = json.loads((run / "trajectory.json").read_text())
+    checkpoint = load_checkpoint(run)
     assert checkpoint["step"] == 4 and len(checkpoint["optimizer"]["mezo"]["trajectory"]) == 4
     assert (run / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_file(run / "model.safetensors")
@@ -200,7 +201,11 @@ def test_dtype_and_checkpoint_interval_reach_the_run(tmp_path, monkeypatch):
 
 
 INF_REWARD = '''
-def infinite(prompts, completions, **columns):
+def infinite(prompts, completions, answers, **columns):  # finite on a gold answer: passes the up-front check
+    return [1.0 if c in golds else float("inf") for c, golds in zip(completions, answers)]
+
+
+def always_infinite(prompts, completions, **columns):
     return [float("inf")] * len(completions)
 '''
 
@@ -212,12 +217,17 @@ def test_reward_file_and_on_nonfinite(tmp_path, monkeypatch, capsys):
     args = ["--task", "squad", "--reward", "./inf_reward.py:infinite", "--steps", "1", "--batch-size", "2",
             "--eval-size", "2", "--no-eval-before"]
     assert tune(*args, "--on-nonfinite", "skip", "--output-dir", "skip") == 0, capsys.readouterr().err
-    trajectory = json.loads((tmp_path / "skip" / "trajectory.json").read_text())["optimizer"]["mezo"]["trajectory"]
+    trajectory = load_checkpoint(tmp_path / "skip")["optimizer"]["mezo"]["trajectory"]
     assert trajectory[0]["grads"] == [None]  # skipped: the weights did not move
     capsys.readouterr()
     assert tune(*args, "--output-dir", "raise") == 1  # --on-nonfinite raise, the default: the run stops
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error: non-finite loss" in err and "--on-nonfinite skip" in err
+    args[3] = "./inf_reward.py:always_infinite"  # inf on the gold answer too: refused before any file is written
+    assert tune(*args, "--on-nonfinite", "skip", "--output-dir", "refused") == 2
+    err = capsys.readouterr().err
+    assert "--reward gives inf on a gold answer" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "refused").exists()
 
 
 def test_label_column_names_the_labels_of_a_data_file(tmp_path, capsys):
@@ -394,7 +404,7 @@ def test_normalized_update_defaults_to_its_own_lr(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     config = json.loads((run / "config.json").read_text())
     assert (config["optimizer"]["update"], config["lr"]) == ("normalized", 1e-4)
-    records = json.loads((run / "trajectory.json").read_text())["optimizer"]["mezo"]["trajectory"]
+    records = load_checkpoint(run)["optimizer"]["mezo"]["trajectory"]
     assert [r["second_moment"][1] for r in records] == [1, 2]
     assert abs(records[0]["grads"][0]) == pytest.approx(1.0)  # the first estimate is its own RMS
     with pytest.raises(SystemExit) as exit_info:

@@ -12,17 +12,21 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from metrics import Metric, get_metric, list_metrics
 from tasks import Task, get_task, task_from_file, with_demonstrations
@@ -46,8 +50,24 @@ from zo_objectives.models import apply_peft, export_run, load_model, load_run_we
 from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, RewardObjective, make_objective
 from zo_objectives.optimizer import MeZO, make_scheduler
 from zo_objectives.plots import plot_run
+from zo_objectives.runfolder import (
+    CHECKPOINT,
+    CONFIG,
+    EVAL,
+    RUN_FILES,
+    WEIGHTS,
+    check_sealed,
+    clean,
+    holds_files,
+    left_before_first_checkpoint,
+    lock,
+    new_manifest,
+    read_json,
+    read_manifest,
+    write_sealed,
+)
 from zo_objectives.scoring import predictor_for
-from zo_objectives.train import CHECKPOINT, evaluate_model, save_weights, train, write_json
+from zo_objectives.train import Stopped, check_run_folder, evaluate_model, sigterm_as_interrupt, train, trainable_state
 from zo_objectives.train import resume as replay_checkpoint
 
 
@@ -72,8 +92,10 @@ def import_source(source: str, flag: str) -> ModuleType:
         if str(Path.cwd()) not in sys.path:
             sys.path.insert(0, str(Path.cwd()))
         return importlib.import_module(source)
-    except (ImportError, SyntaxError) as err:
-        raise UsageError(f"cannot import {flag} {source!r}: {err}") from err
+    except UsageError:
+        raise
+    except Exception as err:  # a module that raises as it is imported: ImportError, SyntaxError or its own
+        raise UsageError(f"cannot import {flag} {source!r}: {type(err).__name__}: {err}") from err
 
 
 def reward_functions(specs: list[str]) -> list[Callable]:
@@ -162,7 +184,10 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
         objective = RewardObjective(generator, reward_functions(config.reward), config.reward_weights,
                                     candidates=config.reward_candidates)
         ex = task.examples("train", n=1, seed=config.seed)[0]  # a reward that fails fails now, on a gold answer
-        objective.scores([ex["prompt"]], [ex["target"].strip()], {k: [v] for k, v in ex.items() if k != "prompt"})
+        score = objective.scores([ex["prompt"]], [ex["target"].strip()],
+                                 {k: [v] for k, v in ex.items() if k != "prompt"})[0]
+        if not math.isfinite(score):
+            raise UsageError(f"--reward gives {score} on a gold answer: rewards must be finite numbers")
     else:
         objective = make_objective(config.objective, predictor, smoothing=config.smoothing, samples=config.samples,
                                    form=config.metric_form, sequence_score=config.sequence_score,
@@ -192,32 +217,69 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a run folder that is a file, exists without --resume or --overwrite, or has nothing to resume."""
+    """Refuse a run folder that is a file, holds a run without --resume or --overwrite, or has nothing to
+    resume. A folder left by a run that stopped before its first checkpoint may be reused as it is."""
     for path in (run_dir, *run_dir.parents):
         if path.exists() and not path.is_dir():
             raise UsageError(f"--output-dir {run_dir}: {path} is a file, not a folder")
     if resume:
-        for name in (CHECKPOINT, "config.json", "eval.json"):
+        for name in (CHECKPOINT, CONFIG, EVAL):
             if not (run_dir / name).is_file():
                 raise UsageError(f"--resume: no {name} in {run_dir}")
-    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+    elif holds_files(run_dir) and not overwrite and not left_before_first_checkpoint(run_dir):
         raise UsageError(f"run folder {run_dir} exists; pass --resume to continue it, --overwrite to replace it, "
                          "or another --output-dir")
 
 
-def check_resume(run_dir: Path, config: TuneConfig, allow_changed_settings: bool) -> list[dict]:
+def check_resume_early(run_dir: Path, config: TuneConfig) -> int:
+    """What a resume can check before loading the model: the folder's files belong together
+    (:func:`check_run_folder`), ``--steps`` is not below the checkpoint's step and the settings that may never
+    change did not (but those ``prepare`` resolves). Return the checkpoint's step."""
+    try:
+        step = check_run_folder(run_dir)
+    except ValueError as err:
+        raise UsageError(f"--resume: {err}") from None
+    if config.steps < step:
+        raise UsageError(f"--steps {config.steps} is below the step of the checkpoint in {run_dir} ({step}): --steps "
+                         f"is the total to reach; pass --steps {step} or more")
+    _, fixed = differences(read_config(TuneConfig, run_dir / CONFIG), config)
+    fixed = {k: v for k, v in fixed.items() if k not in ("dtype", "eps")}  # "auto" and None resolve later
+    if fixed:
+        raise UsageError(f"--resume: {describe(fixed)}: cannot change on a resume of {run_dir} (the checkpoint "
+                         "replays the run with its settings); use another --output-dir")
+    return step
+
+
+def check_resume(run_dir: Path, config: TuneConfig, allow_changed_settings: bool, step: int) -> list[dict]:
     """Refuse settings that differ from the run's config.json unless they may; return the run's record of
     changed settings ("resumed" in config.json), with this resume's changes added."""
-    saved = json.loads((run_dir / "config.json").read_text())
-    allowed, fixed = differences(read_config(TuneConfig, run_dir / "config.json"), config)
+    saved = read_json(run_dir / CONFIG)
+    allowed, fixed = differences(read_config(TuneConfig, run_dir / CONFIG), config)
     if fixed:
         raise UsageError(f"--resume: {describe(fixed)}: cannot change on a resume of {run_dir} (the checkpoint "
                          "replays the run with its settings); use another --output-dir")
     if allowed and not allow_changed_settings:
-        raise UsageError(f"--resume: settings differ from {run_dir / 'config.json'}: {describe(allowed)}; pass "
+        raise UsageError(f"--resume: settings differ from {run_dir / CONFIG}: {describe(allowed)}; pass "
                          "--allow-changed-settings to continue with the new ones")
-    step = json.loads((run_dir / CHECKPOINT).read_text())["step"]
     return saved.get("resumed", []) + ([{"step": step, "changed": allowed}] if allowed else [])
+
+
+def claim(run_dir: Path, resume: bool, overwrite: bool, held: ExitStack) -> None:
+    """Take the run folder's lock (held until ``held`` closes), then check it again: another run may have
+    written it since the first check."""
+    held.enter_context(lock(run_dir))
+    check_run_dir(run_dir, resume, overwrite)
+
+
+def stop_message(run_dir: Path, signum: int) -> str:
+    """One line for a run stopped by a signal: where, what was saved, how to go on."""
+    name = signal.Signals(signum).name
+    try:
+        step = read_json(run_dir / CHECKPOINT)["step"]
+    except (ValueError, TypeError, KeyError):
+        return f"stopped by {name} before the first checkpoint: nothing to resume; run the command again"
+    return (f"stopped by {name} at step {step}; checkpoint saved in {run_dir / CHECKPOINT}; continue with: "
+            f"zo-tune --output-dir {run_dir} --resume")
 
 
 MEZO_SETTINGS = ("lr", "eps", "weight_decay", "n_perturbations", "seed", "noise", "difference", "update",
@@ -232,18 +294,36 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
     ``steps`` (to extend it) and the other settings marked free in TuneConfig may differ, those marked fixed
     (the model's, the data's, the optimizer's) may not, and any other difference needs
     ``allow_changed_settings`` (config.json then records it under "resumed"). ``overwrite`` replaces an
-    existing run folder.
+    existing run folder: every file a run writes is removed before anything is written. The run holds the
+    folder's lock from its checks to its end; a stop by SIGINT or SIGTERM raises :class:`Stopped` saying
+    where the run stopped and how to continue it.
     """
     rank, world = distributed.init()  # distributed: (0, 1) unless torchrun set WORLD_SIZE > 1
     main = rank == 0  # distributed: only rank 0 checks and writes the run folder, prints, shows progress
     distributed.quiet()  # distributed: silences warnings on ranks other than 0
     config, task = resolve(config)
     run_dir = Path(config.output_dir)
+    with ExitStack() as held:
+        try:
+            return _tune(config, task, run_dir, main, world, held, resume, overwrite, allow_changed_settings)
+        except KeyboardInterrupt as err:
+            signum = getattr(err, "signum", signal.SIGINT)
+            raise Stopped(stop_message(run_dir, signum), signum) from None
+
+
+def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int, held: ExitStack, resume: bool,
+          overwrite: bool, allow_changed_settings: bool) -> dict:
+    step, claimed = 0, False
     if main:
         check_run_dir(run_dir, resume, overwrite)
+        if run_dir.is_dir():
+            claim(run_dir, resume, overwrite, held)
+            claimed = True
+        if resume:
+            step = check_resume_early(run_dir, config)
     run = prepare(config, task, _device(config.device))
     config, model, metric, dev_set = run.config, run.model, run.metric, run.dev_set
-    resumed = check_resume(run_dir, config, allow_changed_settings) if resume and main else []
+    resumed = check_resume(run_dir, config, allow_changed_settings, step) if resume and main else []
     params = [p for p in model.parameters() if p.requires_grad]
     objective = distributed.ShardedObjective(run.objective) if world > 1 else run.objective  # batch[rank::world]
 
@@ -259,24 +339,28 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
         optimizer.on_nonfinite = config.on_nonfinite
         for group in optimizer.param_groups:  # the lr of the steps to come (the trajectory keeps each step's)
             group.update(lr=config.lr, initial_lr=config.lr)
-        before = json.loads((run_dir / "eval.json").read_text()).get("before")
+        before = read_json(run_dir / EVAL).get("before")
     else:
         optimizer = MeZO(params, **{name: getattr(config, name) for name in MEZO_SETTINGS})
     scheduler = make_scheduler(optimizer, config.schedule, config.steps, last_step=start)
     if main:  # every check passed: from here on the run folder is written
-        if overwrite and not resume:
-            for stale in ("metrics.jsonl", CHECKPOINT, "eval.json"):
-                (run_dir / stale).unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", {**asdict(config), **run.facts, "optimizer": optimizer.config(),
-                                             **({"resumed": resumed} if resumed else {})})
+        if not claimed:  # a new folder: claimed as it is created
+            claim(run_dir, resume, overwrite, held)
+        if not (resume or overwrite) and left_before_first_checkpoint(run_dir):
+            print(f"zo-tune: reusing {run_dir}: the run there stopped before its first checkpoint", file=sys.stderr)
+        clean(run_dir, everything=not resume)  # temporaries a kill left; for a new run every earlier file
+        if not resume:
+            new_manifest(run_dir)
+        write_sealed(run_dir, CONFIG, _json_writer({**asdict(config), **run.facts, "optimizer": optimizer.config(),
+                                                    **({"resumed": resumed} if resumed else {})}))
     if not resume:
         if config.eval_before and main:
             print(f"zo-tune: evaluating {config.model} on {len(dev_set)} {task.name} dev examples before tuning "
                   "(--no-eval-before skips it)", file=sys.stderr)
         before = dev_metric() if config.eval_before else None
         if main:
-            write_json(run_dir / "eval.json", {"metric": metric.name, "examples": len(dev_set), "before": before})
+            write_sealed(run_dir, EVAL, _json_writer({"metric": metric.name, "examples": len(dev_set),
+                                                      "before": before}))
     if main:
         print(f"zo-tune: {task.name}, objective {config.objective}, {run.facts['trainable_parameters']:,} trainable "
               f"parameters, dev {metric.name} before: {_fmt(before)}", file=sys.stderr)
@@ -291,13 +375,31 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
     summary = {"metric": metric.name, "examples": len(dev_set), "before": before, "after": after,
                "steps": config.steps, "train_seconds": seconds, "tied_fraction": ties}
     if main:  # distributed: rank 0 writes the results
-        write_json(run_dir / "eval.json", summary)
-        save_weights(model, run_dir / "model.safetensors")
+        write_sealed(run_dir, EVAL, _json_writer(summary))
+        write_sealed(run_dir, WEIGHTS, lambda tmp: save_file(trainable_state(model), tmp), step=config.steps)
         plot_run(run_dir)
         print(f"zo-tune: dev {metric.name} {_fmt(before)} -> {after:.4f} after {config.steps} steps "
-              f"({seconds / 60:.1f} min, {ties:.0%} of steps tied). Run folder: {run_dir} (config.json, "
-              f"metrics.jsonl, eval.json, curve.png, {CHECKPOINT}, model.safetensors)", file=sys.stderr)
+              f"({seconds / 60:.1f} min, {ties:.0%} of steps tied). Run folder: {run_dir} "
+              f"({', '.join(RUN_FILES)})", file=sys.stderr)
     return summary
+
+
+def _json_writer(data: Any) -> Callable[[str], None]:
+    return lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1))
+
+
+def check_run_weights(run_dir: Path) -> None:
+    """Refuse a run folder whose weights or settings are not the ones its run wrote, or whose weights are of
+    an earlier step than its checkpoint (a resumed run that has not finished)."""
+    manifest = read_manifest(run_dir)
+    check_sealed(run_dir, CONFIG, manifest)
+    if not (run_dir / WEIGHTS).exists():
+        raise ValueError(f"no {WEIGHTS} in {run_dir}: is it a finished zo-tune run folder?")
+    weights = check_sealed(run_dir, WEIGHTS, manifest)
+    step = read_json(run_dir / CHECKPOINT).get("step") if (run_dir / CHECKPOINT).exists() else None
+    if step is not None and step != weights.get("step"):
+        raise ValueError(f"{run_dir / WEIGHTS} holds the weights of step {weights.get('step')} but the run's "
+                         f"checkpoint is at step {step}: finish it with zo-tune --output-dir {run_dir} --resume")
 
 
 def evaluate_run(config: EvalConfig) -> dict:
@@ -356,14 +458,29 @@ def tune_main(argv: list[str] | None = None) -> int:
             run_dir = Path(resolve(config)[0].output_dir)
             if (run_dir / "config.json").is_file():  # (not its device: the machine may be another)
                 config = TuneConfig.load(run_dir / "config.json", **{"device": None, **given})
-        tune(config, resume=args.resume, overwrite=args.overwrite,
-             allow_changed_settings=args.allow_changed_settings)
+        with sigterm_as_interrupt():
+            tune(config, resume=args.resume, overwrite=args.overwrite,
+                 allow_changed_settings=args.allow_changed_settings)
     except (ValueError, FileNotFoundError) as err:  # UsageError and the library's own input errors
         return _fail(parser.prog, err)
     except FloatingPointError as err:  # a NaN/inf loss: not bad input, the run stops (its checkpoint kept)
         print(f"{parser.prog}: error: {err} (--on-nonfinite skip skips them)", file=sys.stderr)
         return 1
+    except OSError as err:  # a full disk, a read-only folder: the files written so far are whole
+        print(f"{parser.prog}: error: {_os_error(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Stopped): one line, the conventional exit status
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"{parser.prog}: {err if isinstance(err, Stopped) else 'stopped by ' + signal.Signals(signum).name}",
+              file=sys.stderr)
+        return 128 + signum
     return 0
+
+
+def _os_error(err: OSError) -> str:
+    """``cannot write PATH: No space left on device`` (the checkpoint, written atomically, stays whole)."""
+    where = f" {err.filename}" if err.filename else ""
+    return f"cannot write{where}: {err.strerror or err} (the checkpoint stays as last saved; --resume continues it)"
 
 
 def eval_main(argv: list[str] | None = None) -> int:
@@ -371,6 +488,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     try:
         _, given = parser.given(argv)
         if "run" in given:
+            check_run_weights(Path(given["run"]))
             tuned = read_config(TuneConfig, Path(given["run"]) / "config.json")
             if given.get("model", tuned.get("model")) != tuned.get("model"):
                 raise UsageError(f"--model {given['model']} is not the model of --run {given['run']}: "

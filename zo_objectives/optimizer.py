@@ -516,6 +516,7 @@ class MeZO(Optimizer):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["mezo"] = {**self.config(), "num_perturbations_done": self.num_perturbations_done,
+                         "params": _describe(p for group in self.param_groups for p in group["params"]),
                          "trajectory": [dict(r) for r in self.trajectory]}
         return state
 
@@ -536,11 +537,18 @@ class MeZO(Optimizer):
         self._apply(dict(record))
 
 
+def _describe(params: Iterable[torch.Tensor]) -> list[list]:
+    """[dtype, shape] of each parameter: what replay checks the parameters it is given against."""
+    return [[str(p.dtype).removeprefix("torch."), list(p.shape)] for p in params]
+
+
 def replay(params: Iterable, state: dict, steps: int | None = None) -> MeZO:
     """Rebuild tuned weights in place from the base weights and a ``MeZO.state_dict()``.
 
     ``params`` must be the same parameters (same order, same groups) the optimizer was built with, holding
-    the base weights. Returns an optimizer positioned after the replayed steps, ready to continue training.
+    the base weights: their count, dtypes and shapes (and, when the state carries ``base_sha256``, the
+    weights' checksum) are checked first, and a mismatch is a ValueError with the weights untouched. Returns
+    an optimizer positioned after the replayed steps, ready to continue training.
     """
     if not (isinstance(state, dict) and "mezo" in state):
         raise TypeError("replay needs a MeZO.state_dict() (a dict with a 'mezo' entry: the settings and the "
@@ -550,6 +558,19 @@ def replay(params: Iterable, state: dict, steps: int | None = None) -> MeZO:
     config = {k: mezo[k] for k in keys}
     opt = MeZO(params, noise=mezo["noise"], table_size=mezo["table_size"],
                chunk_size=mezo["chunk_size"], **config)
+    given = [p for group in opt.param_groups for p in group["params"]]
+    saved = mezo.get("params") or [None] * sum(len(g["params"]) for g in state.get("param_groups", []))
+    if saved and len(saved) != len(given):
+        raise ValueError(f"replay: the state is of {len(saved)} parameters, got {len(given)}")
+    for i, (now, then) in enumerate(zip(_describe(given), saved)):
+        if then is not None and now != then:
+            raise ValueError(f"replay: parameter {i} is {now[0]} {tuple(now[1])} but the state's is {then[0]} "
+                             f"{tuple(then[1])}: not the parameters the optimizer was built with")
+    if mezo.get("base_sha256"):
+        from zo_objectives.train import weights_sha256  # (train imports this module)
+
+        if weights_sha256(p for p in given if p.requires_grad) != mezo["base_sha256"]:
+            raise ValueError("replay: the parameters do not hold the base weights the state was made from")
     if "param_groups" in state:
         for group, saved in zip(opt.param_groups, state["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
