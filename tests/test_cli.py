@@ -51,7 +51,8 @@ def test_tune_writes_the_run_folder(straight_run):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     log = rows(run)
     assert [r["step"] for r in log] == [1, 2, 3, 4]
-    assert all("loss" in r and "objective" in r for r in log)
+    # the loss minimized (log form: -mean log expected accuracy > 0) and the batch's expected accuracy
+    assert all(r["loss"] > 0 and 0 < r["accuracy"] < 1 and "objective" not in r for r in log)
     assert [("eval" in r) for r in log] == [False, True, False, True]
     config = json.loads((run / "config.json").read_text())
     assert config["task"] == "sst2" and config["objective"] == "accuracy" and config["steps"] == 4

@@ -247,7 +247,10 @@ def train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, example
     """Run MeZO steps ``start_step..steps-1``; log each to ``run_dir/metrics.jsonl`` and checkpoint every
     ``checkpoint_every`` steps (0: only at evaluations), at evaluations and when stopped.
 
-    The loss of a step is the mean objective over its perturbed evaluations. A step "ties" when both sides
+    The loss of a step is the mean objective over its perturbed evaluations: what MeZO minimizes, logged as
+    ``"loss"`` (lower is better). Beside it each row holds the objective's own values (its ``last_values``),
+    by name, in their own units and direction, averaged over the step's evaluations: ``"accuracy"`` the
+    batch's expected accuracy (higher is better), ``"cross_entropy"``, ``"reward"``. A step "ties" when both sides
     of its estimate scored the same (no signal: the weights do not move). SIGTERM stops a run as Ctrl-C does
     (KeyboardInterrupt, after saving the checkpoint). A row is logged before its step is checkpointed, and
     rows past ``start_step`` are dropped first, so metrics.jsonl matches the checkpoint after any kill.
@@ -268,10 +271,18 @@ def train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, example
             for step in bar:
                 batch = [examples[i] for i in batch_indices(len(examples), batch_size, seed, step)]
                 t0 = time.perf_counter()
-                loss = optimizer.step(lambda b=batch: objective(model, b))
+                measured: list[dict] = []  # each evaluation's last_values
+
+                def closure(b: list[dict] = batch, measured: list[dict] = measured) -> float:
+                    loss = objective(model, b)
+                    measured.append(dict(getattr(objective, "last_values", None) or {}))
+                    return loss
+
+                loss = optimizer.step(closure)
                 record = optimizer.trajectory[-1]
-                sign = -1.0 if getattr(objective, "greater_is_better", False) else 1.0  # log the metric
-                row = {"step": step + 1, "loss": loss, "objective": sign * loss,
+                values = {name: sum(m[name] for m in measured) / len(measured)
+                          for name in measured[-1] if all(name in m for m in measured)} if measured else {}
+                row = {**values, "step": step + 1, "loss": loss,
                        "lr": optimizer.param_groups[0]["lr"], "tied": all(g == 0 for g in record["grads"]),
                        "seconds": time.perf_counter() - t0}
                 if getattr(objective, "last_means", None):  # each reward function's mean on the last batch
@@ -289,7 +300,7 @@ def train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, example
                     save_checkpoint(Path(run_dir), optimizer, step + 1, base)
                     saved_step = step + 1
                 ties = sum(r["tied"] for r in history) / len(history)
-                bar.set_postfix(objective=f"{row['objective']:.4f}", ties=f"{ties:.0%}",
+                bar.set_postfix(**{k: f"{v:.4f}" for k, v in values.items()}, loss=f"{loss:.4f}", ties=f"{ties:.0%}",
                                 **({"eval": f"{row['eval']:.4f}"} if "eval" in row else {}))
     finally:
         if log:
