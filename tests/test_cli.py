@@ -402,3 +402,14 @@ def test_normalized_update_defaults_to_its_own_lr(tmp_path, capsys):
         tune("--update", "adam", "--steps", "1", "--output-dir", str(tmp_path / "bad"))
     assert exit_info.value.code == 2
     assert "normalized" in capsys.readouterr().err  # names the accepted values
+
+
+def test_rank_fitness_shaping_is_scale_free_with_its_own_lr(tmp_path, capsys):
+    run = tmp_path / "rank"
+    code = tune("--fitness-shaping", "rank", "--steps", "2", "--batch-size", "2", "--eval-size", "2",
+                "--no-eval-before", "--output-dir", str(run))
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((run / "config.json").read_text())
+    assert (config["optimizer"]["fitness_shaping"], config["lr"]) == ("rank", 1e-4)
+    records = json.loads((run / "trajectory.json").read_text())["optimizer"]["mezo"]["trajectory"]
+    assert all(abs(r["grads"][0]) == 1.0 for r in records)  # +-1, not +-1 / (2 eps) = +-500

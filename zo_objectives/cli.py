@@ -170,7 +170,7 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
         raise UsageError(f"--smoothing applies to metric objectives, not to {config.objective}")
     smoothing = objective.smoothing if metric_objective else None
     form = objective.form if metric_objective and smoothing else None
-    if config.update != "sgd":
+    if config.update != "sgd" or config.fitness_shaping == "rank":
         kind = "scale-free"
     else:  # a hard metric or rewards: the scale of the mean form
         kind = "cross_entropy" if config.objective == CROSS_ENTROPY else form or "mean"

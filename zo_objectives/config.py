@@ -118,7 +118,8 @@ class TuneConfig(CommonConfig):
     steps: int = arg(400, "training steps (on --resume: the total to reach)", above=0, resume=FREE)
     lr: float | None = arg(None, f"default {DEFAULT_LR['cross_entropy']} for cross-entropy and metric objectives "
                                  f"in log form, {DEFAULT_LR['mean']} in mean form, as the hard metric or for --reward, "
-                                 f"{DEFAULT_LR['scale-free']} with --update sign or normalized", above=0)
+                                 f"{DEFAULT_LR['scale-free']} with --update sign or normalized or --fitness-shaping "
+                                 "rank", above=0)
     eps: float | None = arg(None, f"perturbation scale (default {DEFAULT_EPS['fp32']}, {DEFAULT_EPS['bf16']} in bf16, "
                                   "whose rounding swamps smaller loss differences)", above=0, resume=FIXED)
     n_perturbations: int = arg(1, "SPSA estimates averaged per step", above=0, resume=FIXED)
@@ -144,7 +145,8 @@ class TuneConfig(CommonConfig):
                           choices=DIFFERENCES, resume=FIXED)
     update: str = arg("sgd", "sgd, sign, or normalized: g over the running RMS of g (one lr for any loss scale)",
                       choices=UPDATES, resume=FIXED)
-    fitness_shaping: str = arg("none", "rank: replace each step's losses by centered ranks (evolution strategies)",
+    fitness_shaping: str = arg("none", "rank (experimental): replace each step's losses by centered ranks (evolution "
+                                       "strategies); the estimate is then scale-free, in [-1, 1]",
                                choices=SHAPINGS, resume=FIXED)
     momentum: float = arg(0.0, "momentum rebuilt from past seeds (no buffer); needs --momentum-window > 1", at_least=0,
                           resume=FIXED)
