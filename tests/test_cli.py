@@ -413,3 +413,31 @@ def test_rank_fitness_shaping_is_scale_free_with_its_own_lr(tmp_path, capsys):
     assert (config["optimizer"]["fitness_shaping"], config["lr"]) == ("rank", 1e-4)
     records = json.loads((run / "trajectory.json").read_text())["optimizer"]["mezo"]["trajectory"]
     assert all(abs(r["grads"][0]) == 1.0 for r in records)  # +-1, not +-1 / (2 eps) = +-500
+
+
+def test_plugins_listed_in_a_run_folder_are_imported_only_when_named_again(straight_run, tmp_path, capsys):
+    """A run folder (or a --config file) may come from someone else: the plugins its config.json lists are not
+    imported (a planted .py would run) unless named again on the command line or with --trust-plugins."""
+    import shutil
+
+    planted = tmp_path / "planted.py"
+    marker = tmp_path / "planted_ran"
+    planted.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    run = tmp_path / "run"
+    shutil.copytree(straight_run[1], run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "plugin": [str(planted)]}))
+    capsys.readouterr()
+    for command in (lambda *a: eval_main(["--run", str(run), "--eval-size", "2", *a]),
+                    lambda *a: tune("--output-dir", str(run), "--resume", "--steps", "5", *a),
+                    lambda *a: tune("--config", str(run / "config.json"), "--output-dir", str(tmp_path / "b"), *a)):
+        assert command() == 2
+        assert f"names code to import: --plugin {planted}" in capsys.readouterr().err
+        assert not marker.exists()
+    assert eval_main(["--run", str(run), "--eval-size", "2", "--plugin", str(planted)]) == 0  # named again
+    assert marker.exists()
+    marker.unlink()
+    for name in [m for m in sys.modules if m.startswith("zo_source_planted_")]:  # imported again below
+        del sys.modules[name]
+    assert eval_main(["--run", str(run), "--eval-size", "2", "--trust-plugins"]) == 0
+    assert marker.exists()

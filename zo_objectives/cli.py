@@ -38,6 +38,7 @@ from zo_objectives.config import (
     UsageError,
     describe,
     differences,
+    flag,
     read_config,
 )
 from zo_objectives.models import apply_peft, load_model, load_run_weights, select_trainable
@@ -87,9 +88,9 @@ def reward_functions(specs: list[str]) -> list[Callable]:
 
 
 def _task(config: CommonConfig) -> Task:
-    for flag, path in (("--data", config.data), ("--dev-data", config.dev_data)):
+    for name, path in (("--data", config.data), ("--dev-data", config.dev_data)):
         if path and not Path(path).is_file():
-            raise UsageError(f"{flag} {path}: no such file")
+            raise UsageError(f"{name} {path}: no such file")
     if config.data:
         return task_from_file(config.data, name=Path(config.data).stem, template=config.template,
                               label_words=config.label_words, labels=config.labels, label_column=config.label_column,
@@ -321,6 +322,23 @@ def evaluate_run(config: EvalConfig) -> dict:
     return result
 
 
+# Settings that name code to import: a file (a run folder's config.json, --config) may list them, but they are
+# imported only when named again on the command line or with --trust-plugins (importing a module runs it)
+CODE_SETTINGS = ("plugin", "reward")
+
+
+def check_code_named(settings: dict, flagged: set[str], source: str | Path, trust: bool) -> None:
+    """Refuse code (plugins, reward modules) that a file names and the command line does not, unless trusted."""
+    listed = [f"{flag(k)} {v}" for k in CODE_SETTINGS if k not in flagged for v in settings.get(k) or []]
+    if listed and not trust:
+        raise UsageError(f"{source} names code to import: {' '.join(listed)}; importing runs it, so it is imported "
+                         "only when named again on the command line (or with --trust-plugins)")
+
+
+TRUST_HELP = ("import the plugins and reward modules that --config or a run folder's config.json lists (without it "
+              "they must be named again on the command line)")
+
+
 # The settings a zo-eval --run takes from the run's config.json unless given
 RUN_SETTINGS = ("model", "task", "data", "dev_data", "template", "label_words", "labels", "label_column",
                 "answer_column", "plugin", "max_length", "dtype")
@@ -333,11 +351,14 @@ def tune_parser() -> Parser:
     parser.add_argument("--allow-changed-settings", action="store_true",
                         help="--resume with settings that differ from the run's config.json (recorded there)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    parser.add_argument("--trust-plugins", action="store_true", help=TRUST_HELP)
     return parser
 
 
 def eval_parser() -> Parser:
-    return Parser(EvalConfig, "zo-eval", "Evaluate a model, or a zo-tune run, on a task.")
+    parser = Parser(EvalConfig, "zo-eval", "Evaluate a model, or a zo-tune run, on a task.")
+    parser.add_argument("--trust-plugins", action="store_true", help=TRUST_HELP)
+    return parser
 
 
 def _fail(prog: str, err: Exception) -> int:
@@ -349,10 +370,14 @@ def tune_main(argv: list[str] | None = None) -> int:
     parser = tune_parser()
     try:
         args, given = parser.given(argv)
+        if args.config:
+            check_code_named(given, args.flagged, args.config, args.trust_plugins)
         config = TuneConfig(**given)
         if args.resume:  # the run's own settings, overridden by those given
             run_dir = Path(resolve(config)[0].output_dir)
             if (run_dir / "config.json").is_file():  # (not its device: the machine may be another)
+                saved = read_config(TuneConfig, run_dir / "config.json")
+                check_code_named(saved, args.flagged, run_dir / "config.json", args.trust_plugins)
                 config = TuneConfig.load(run_dir / "config.json", **{"device": None, **given})
         tune(config, resume=args.resume, overwrite=args.overwrite,
              allow_changed_settings=args.allow_changed_settings)
@@ -367,9 +392,13 @@ def tune_main(argv: list[str] | None = None) -> int:
 def eval_main(argv: list[str] | None = None) -> int:
     parser = eval_parser()
     try:
-        _, given = parser.given(argv)
+        args, given = parser.given(argv)
+        if args.config:
+            check_code_named(given, args.flagged, args.config, args.trust_plugins)
         if "run" in given:
             tuned = read_config(TuneConfig, Path(given["run"]) / "config.json")
+            check_code_named({k: tuned.get(k) for k in RUN_SETTINGS}, args.flagged, Path(given["run"]) / "config.json",
+                             args.trust_plugins)
             if given.get("model", tuned.get("model")) != tuned.get("model"):
                 raise UsageError(f"--model {given['model']} is not the model of --run {given['run']}: "
                                  f"{tuned.get('model')}")

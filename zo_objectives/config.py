@@ -287,7 +287,7 @@ class Parser(HfArgumentParser):
         preset = {f.name: None if "action" in f.metadata else unset for f in fields(cls)}
         args = self.parse_args(argv, namespace=argparse.Namespace(**preset))
         flags = {k: v for k, v in vars(args).items() if k in preset and v is not unset and v is not None}
-        other = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in preset})
+        other = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in preset}, flagged=set(flags))
         return other, {**(read_config(cls, args.config) if args.config else {}), **flags}
 
 
