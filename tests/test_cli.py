@@ -441,3 +441,48 @@ def test_plugins_listed_in_a_run_folder_are_imported_only_when_named_again(strai
         del sys.modules[name]
     assert eval_main(["--run", str(run), "--eval-size", "2", "--trust-plugins"]) == 0
     assert marker.exists()
+
+
+def test_the_optimized_metric_is_reported_and_metric_adds_others(tmp_path, capsys):
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label\n" + "".join(f"review {i},{i % 2}\n" for i in range(8)))
+    custom = ["--data", str(data), "--dev-data", str(data), "--template", "{text}. It was", "--label-words", " bad",
+              " good", "--steps", "2", "--eval-every", "1", "--batch-size", "4", "--no-eval-before"]
+    assert tune(*custom, "--objective", "f1", "--output-dir", str(tmp_path / "f1")) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "f1" / "eval.json").read_text())["metric"] == "f1"  # was accuracy
+    assert json.loads((tmp_path / "f1" / "config.json").read_text())["metrics"] == ["f1"]
+    assert "dev f1 not measured ->" in capsys.readouterr().err
+    run = tmp_path / "both"
+    assert tune(*custom, "--objective", "f1", "--metric", "accuracy", "f1", "--output-dir", str(run)) == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert result["metric"] == "accuracy" and set(result["after_metrics"]) == {"accuracy", "f1"}
+    assert result["after"] == result["after_metrics"]["accuracy"]
+    assert all(set(r["eval_metrics"]) == {"accuracy", "f1"} for r in rows(run))
+    # zo-eval --run reports the run's metrics
+    capsys.readouterr()
+    assert eval_main(["--run", str(run)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["metric"] == "accuracy" and out["metrics"] == result["after_metrics"]
+    assert tune(*custom, "--metric", "squad_f1", "--output-dir", str(tmp_path / "c")) == 2
+    assert "'squad_f1' cannot score this task's predictions (class indices" in capsys.readouterr().err
+    assert tune(*custom, "--metric", "no_such_metric", "--output-dir", str(tmp_path / "d")) == 2
+    assert "unknown --metric no_such_metric; available: accuracy" in capsys.readouterr().err
+
+
+def test_cb_warns_that_dev_is_training_data_and_heldout_fraction_holds_rows_out(tmp_path, capsys):
+    common = ["--task", "cb", "--steps", "1", "--batch-size", "4", "--no-eval-before"]
+    assert tune(*common, "--output-dir", str(tmp_path / "same")) == 0
+    assert "warning: 32 of the 32 cb dev examples are training examples" in capsys.readouterr().err
+    run = tmp_path / "heldout"
+    assert tune(*common, "--heldout-fraction", "0.25", "--output-dir", str(run)) == 0
+    err = capsys.readouterr().err
+    assert "warning" not in err and "held-out accuracy" in err
+    config, result = (json.loads((run / name).read_text()) for name in ("config.json", "eval.json"))
+    assert (config["train_examples"], config["eval_examples"], result["split"]) == (24, 8, "held-out")
+    from tasks import get_task
+
+    pool = get_task("cb").examples("train", n=32, seed=0)  # the held-out rows: the seeded pool's last quarter
+    trained = {ex["prompt"] for ex in pool[:24]}
+    assert not trained & {ex["prompt"] for ex in pool[24:]}
+    assert tune(*common, "--heldout-fraction", "1", "--output-dir", str(tmp_path / "x")) == 2
+    assert "--heldout-fraction must be < 1" in capsys.readouterr().err

@@ -42,16 +42,21 @@ from zo_objectives.config import (
     read_config,
 )
 from zo_objectives.models import apply_peft, load_model, load_run_weights, select_trainable
-from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, RewardObjective, make_objective
+from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, RewardObjective, check_metric, make_objective
 from zo_objectives.optimizer import MeZO, make_scheduler
 from zo_objectives.plots import plot_run
 from zo_objectives.scoring import predictor_for
-from zo_objectives.train import CHECKPOINT, evaluate_model, save_weights, train, write_json
+from zo_objectives.train import CHECKPOINT, evaluate_metrics, save_weights, train, write_json
 from zo_objectives.train import resume as replay_checkpoint
 
 
 def _fmt(value: float | None) -> str:
     return "not measured" if value is None else f"{value:.4f}"
+
+
+def headline(values: dict[str, float] | None) -> float | None:
+    """The first (headline) metric's value of an evaluation, None when there was none."""
+    return next(iter(values.values())) if values else None
 
 
 def import_source(source: str, flag: str) -> ModuleType:
@@ -125,7 +130,43 @@ def resolve(config: TuneConfig) -> tuple[TuneConfig, Task]:
     if objective not in (REWARD, CROSS_ENTROPY, *list_metrics()):
         raise UsageError(f"unknown objective {objective!r}; available: {', '.join([CROSS_ENTROPY, *list_metrics()])}")
     output_dir = config.output_dir or f"runs/{task.name}-{objective}-s{config.seed}"
-    return replace(config, task=task.name, objective=objective, output_dir=output_dir), task
+    config = replace(config, task=task.name, objective=objective, output_dir=output_dir)
+    return replace(config, metrics=[m.name for m in evaluation_metrics(config, task)]), task
+
+
+def evaluation_metrics(config: CommonConfig, task: Task) -> list[Metric]:
+    """The metrics a run reports on its evaluation set, the headline first: ``--metric``'s, else the metric the
+    run optimizes (its objective, where that is a metric), else the task's (cross-entropy, zo-eval, and --reward
+    runs: reward evaluation plugs in here)."""
+    objective = getattr(config, "objective", None)
+    names = config.metrics or [objective if objective in list_metrics() else task.metric]
+    unknown = [n for n in names if n not in list_metrics()]
+    if unknown:
+        raise UsageError(f"unknown --metric {' '.join(unknown)}; available: {', '.join(list_metrics())}")
+    return [get_metric(n) for n in dict.fromkeys(names)]
+
+
+def split_examples(config: TuneConfig, task: Task) -> tuple[list[dict], list[dict], str]:
+    """The training sample, the evaluation set and its name. With ``heldout_fraction`` the evaluation set is that
+    fraction of the training pool (seeded by ``seed``), never trained on; else the task's dev set, with a
+    warning when it holds training examples (CB's dev set is its training pool)."""
+    if config.heldout_fraction:
+        pool = task.examples("train", n=sys.maxsize, seed=config.seed)
+        held = max(1, round(config.heldout_fraction * len(pool)))
+        if held >= len(pool):
+            raise UsageError(f"--heldout-fraction {config.heldout_fraction} of {task.name}'s {len(pool)} training "
+                             "examples leaves none to train on")
+        evaluation = pool[len(pool) - held:][: config.eval_size]
+        return pool[: min(config.train_size, len(pool) - held)], evaluation, "held-out"
+    train_set = task.examples("train", n=config.train_size, seed=config.seed)
+    dev_set = task.examples("dev", n=config.eval_size)
+    seen = {ex["prompt"] for ex in train_set}
+    overlap = sum(ex["prompt"] in seen for ex in dev_set)
+    if overlap and distributed.rank() == 0:
+        print(f"zo-tune: warning: {overlap} of the {len(dev_set)} {task.name} dev examples are training examples, so "
+              "the dev metric measures training data; --heldout-fraction 0.25 evaluates on examples held out from "
+              "training", file=sys.stderr)
+    return train_set, dev_set, "dev"
 
 
 @dataclass
@@ -136,9 +177,10 @@ class Run:
     model: torch.nn.Module
     predictor: Any
     objective: Any
-    metric: Metric
+    metrics: list[Metric]  # reported on dev_set, the headline first
     train_set: list[dict]
     dev_set: list[dict]
+    split: str  # what dev_set is: "dev" or "held-out"
     facts: dict  # what config.json holds beside the settings
 
 
@@ -177,17 +219,18 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
         kind = "cross_entropy" if config.objective == CROSS_ENTROPY else form or "mean"
     config = replace(config, lr=config.lr or DEFAULT_LR[kind], eps=config.eps or DEFAULT_EPS[config.dtype],
                      smoothing=smoothing)
-    train_set = task.examples("train", n=config.train_size, seed=config.seed)
-    dev_set = task.examples("dev", n=config.eval_size)
+    metrics = evaluation_metrics(config, task)
+    for metric in metrics:  # a metric that cannot score these predictions fails now, not at the first evaluation
+        check_metric(metric, predictor, "hard")
+    train_set, dev_set, split = split_examples(config, task)
     if config.batch_size > len(train_set):
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training examples of "
                          f"{task.name}; use --batch-size {len(train_set)} or less")
-    metric = get_metric(task.metric)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    facts = {"form": form, "support": objective.support if form else None, "metric": metric.name,
+    facts = {"form": form, "support": objective.support if form else None, "metric": metrics[0].name,
              "train_examples": len(train_set), "eval_examples": len(dev_set), "trainable_parameters": trainable,
              "world_size": distributed.world_size()}
-    return Run(config, model, predictor, objective, metric, train_set, dev_set, facts)
+    return Run(config, model, predictor, objective, metrics, train_set, dev_set, split, facts)
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -241,16 +284,17 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
     if main:
         check_run_dir(run_dir, resume, overwrite)
     run = prepare(config, task, _device(config.device))
-    config, model, metric, dev_set = run.config, run.model, run.metric, run.dev_set
+    config, model, metrics, dev_set = run.config, run.model, run.metrics, run.dev_set
+    metric, split = metrics[0], run.split  # the headline metric, and what the evaluation set is
     resumed = check_resume(run_dir, config, allow_changed_settings) if resume and main else []
     params = [p for p in model.parameters() if p.requires_grad]
     objective = distributed.ShardedObjective(run.objective) if world > 1 else run.objective  # batch[rank::world]
 
-    def dev_metric() -> float:
+    def dev_metrics() -> dict[str, float]:
         if world > 1:  # distributed: verify the ranks' weights agree, split the dev set across ranks
             distributed.check_in_sync(params)
-            return distributed.evaluate_model(model, run.predictor, dev_set, metric, config.batch_size)
-        return evaluate_model(model, run.predictor, dev_set, metric, config.batch_size)
+            return evaluate_metrics(model, run.predictor, dev_set, metrics, config.batch_size, distributed.predict_all)
+        return evaluate_metrics(model, run.predictor, dev_set, metrics, config.batch_size)
 
     start, before = 0, None
     if resume:
@@ -258,7 +302,9 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
         optimizer.on_nonfinite = config.on_nonfinite
         for group in optimizer.param_groups:  # the lr of the steps to come (the trajectory keeps each step's)
             group.update(lr=config.lr, initial_lr=config.lr)
-        before = json.loads((run_dir / "eval.json").read_text()).get("before")
+        saved = json.loads((run_dir / "eval.json").read_text())
+        before = saved.get("before_metrics") or ({metric.name: saved["before"]} if saved.get("before") is not None
+                                                 else None)
     else:
         optimizer = MeZO(params, **{name: getattr(config, name) for name in MEZO_SETTINGS})
     scheduler = make_scheduler(optimizer, config.schedule, config.steps, last_step=start)
@@ -271,29 +317,35 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
                                              **({"resumed": resumed} if resumed else {})})
     if not resume:
         if config.eval_before and main:
-            print(f"zo-tune: evaluating {config.model} on {len(dev_set)} {task.name} dev examples before tuning "
+            print(f"zo-tune: evaluating {config.model} on {len(dev_set)} {task.name} {split} examples before tuning "
                   "(--no-eval-before skips it)", file=sys.stderr)
-        before = dev_metric() if config.eval_before else None
+        before = dev_metrics() if config.eval_before else None
         if main:
-            write_json(run_dir / "eval.json", {"metric": metric.name, "examples": len(dev_set), "before": before})
+            write_json(run_dir / "eval.json", {"metric": metric.name, "split": split, "examples": len(dev_set),
+                                               "before": headline(before), "before_metrics": before})
     if main:
         print(f"zo-tune: {task.name}, objective {config.objective}, {run.facts['trainable_parameters']:,} trainable "
-              f"parameters, dev {metric.name} before: {_fmt(before)}", file=sys.stderr)
+              f"parameters, {split} {metric.name} before: {_fmt(headline(before))}", file=sys.stderr)
     t0 = time.perf_counter()
     history = train(model, optimizer, objective, run.train_set, steps=config.steps, batch_size=config.batch_size,
-                    seed=config.seed, start_step=start, evaluate_fn=dev_metric, eval_every=config.eval_every,
+                    seed=config.seed, start_step=start, evaluate_fn=dev_metrics, eval_every=config.eval_every,
                     run_dir=run_dir if main else None, scheduler=scheduler, progress=main and config.progress,
                     checkpoint_every=config.checkpoint_every)
-    after = history[-1]["eval"] if history and "eval" in history[-1] else dev_metric()
+    last = history[-1] if history and "eval" in history[-1] else {}
+    after = last.get("eval_metrics") or ({metric.name: last["eval"]} if last else dev_metrics())
     seconds = time.perf_counter() - t0
     ties = sum(r["tied"] for r in history) / max(1, len(history))
-    summary = {"metric": metric.name, "examples": len(dev_set), "before": before, "after": after,
+    summary = {"metric": metric.name, "split": split, "examples": len(dev_set), "before": headline(before),
+               "after": after[metric.name], "before_metrics": before, "after_metrics": after,
                "steps": config.steps, "train_seconds": seconds, "tied_fraction": ties}
     if main:  # distributed: rank 0 writes the results
         write_json(run_dir / "eval.json", summary)
         save_weights(model, run_dir / "model.safetensors")
         plot_run(run_dir)
-        print(f"zo-tune: dev {metric.name} {_fmt(before)} -> {after:.4f} after {config.steps} steps "
+        others = "".join(f", {name} {_fmt((before or {}).get(name))} -> {value:.4f}" for name, value in after.items()
+                         if name != metric.name)
+        print(f"zo-tune: {split} {metric.name} {_fmt(headline(before))} -> {after[metric.name]:.4f}{others} after "
+              f"{config.steps} steps "
               f"({seconds / 60:.1f} min, {ties:.0%} of steps tied). Run folder: {run_dir} (config.json, "
               f"metrics.jsonl, eval.json, curve.png, {CHECKPOINT}, model.safetensors)", file=sys.stderr)
     return summary
@@ -304,7 +356,7 @@ def evaluate_run(config: EvalConfig) -> dict:
     for plugin in config.plugin:
         import_source(plugin, "--plugin")
     task = _task(config)
-    metric = get_metric(config.metric or task.metric)
+    metrics = evaluation_metrics(config, task)
     device = _device(config.device)
     examples = task.examples(config.split, n=config.eval_size, seed=config.seed)
     if config.shots:
@@ -315,9 +367,12 @@ def evaluate_run(config: EvalConfig) -> dict:
         load_run_weights(model, Path(config.run))
     model.to(device)
     predictor = predictor_for(task, tokenizer, max_length=config.max_length)
-    value = evaluate_model(model, predictor, examples, metric, config.batch_size)
+    for metric in metrics:
+        check_metric(metric, predictor, "hard")
+    values = evaluate_metrics(model, predictor, examples, metrics, config.batch_size)
     result = {"model": config.model, "run": config.run, "task": task.name, "split": config.split,
-              "shots": config.shots, "metric": metric.name, "examples": len(examples), "value": value}
+              "shots": config.shots, "metric": metrics[0].name, "examples": len(examples),
+              "value": values[metrics[0].name], **({"metrics": values} if len(values) > 1 else {})}
     print(json.dumps(result))
     return result
 
@@ -341,7 +396,7 @@ TRUST_HELP = ("import the plugins and reward modules that --config or a run fold
 
 # The settings a zo-eval --run takes from the run's config.json unless given
 RUN_SETTINGS = ("model", "task", "data", "dev_data", "template", "label_words", "labels", "label_column",
-                "answer_column", "plugin", "max_length", "dtype")
+                "answer_column", "plugin", "max_length", "dtype", "metrics")
 
 
 def tune_parser() -> Parser:

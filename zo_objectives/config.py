@@ -49,10 +49,14 @@ class UsageError(ValueError):
 
 
 def arg(default: Any = None, help: str = "", *, choices: tuple | None = None, resume: str = "",
-        at_least: float | None = None, above: float | None = None, repeat: bool = False) -> Any:
+        at_least: float | None = None, above: float | None = None, repeat: bool = False,
+        aliases: tuple[str, ...] = ()) -> Any:
     """A config field: its default, its flag's help, accepted values (``choices``, bounds; floats must be
-    finite), what it may do on resume, and ``repeat`` for a flag that may be given several times."""
+    finite), what it may do on resume, ``repeat`` for a flag that may be given several times, and other
+    spellings of its flag (``aliases``)."""
     meta = {"help": help, "resume": resume, "at_least": at_least, "above": above}
+    if aliases:
+        meta["aliases"] = list(aliases)
     if choices is not None:
         meta["choices"] = choices
     if repeat:
@@ -80,6 +84,9 @@ class CommonConfig:
     plugin: list[str] = arg(help="a module or .py file to import first; it may register metrics or tasks "
                                  "(repeatable)", repeat=True, resume=FREE)
     eval_size: int | None = arg(None, "dev examples to evaluate on (default: all)", above=0, resume=FIXED)
+    metrics: list[str] = arg(help="the metrics to report on the evaluation set, the first the headline (default: the "
+                                  "metric the run optimizes; for cross_entropy, --reward and zo-eval, the task's)",
+                             repeat=True, aliases=("--metric",))
     batch_size: int = arg(16, "examples per step (and per evaluation batch)", above=0)
     max_length: int | None = arg(None, "truncate prompts from the left to this many tokens", above=0)
     seed: int = arg(0, "seeds the training sample (zo-tune: its order and the perturbations; zo-eval: the "
@@ -163,6 +170,10 @@ class TuneConfig(CommonConfig):
                                    "evaluations)", at_least=0, resume=FREE)
     eval_before: bool = arg(True, "evaluate before tuning (--no-eval-before skips it, e.g. when zo-eval already "
                                   "measured it)", resume=FREE)
+    heldout_fraction: float = arg(0.0, "evaluate on this fraction of the training pool, held out from training "
+                                       "(seeded by --seed) instead of the dev set: for tasks whose dev set is their "
+                                       "training data (cb) or a --data file without --dev-data", at_least=0,
+                                  resume=FIXED)
     output_dir: str | None = arg(None, "run folder (default runs/<task>-<objective>-s<seed>)", resume=FREE)
     progress: bool = arg(True, "show a progress bar (--no-progress hides it)", resume=FREE)
 
@@ -180,6 +191,8 @@ class TuneConfig(CommonConfig):
             raise UsageError(f"--reward-weights: {len(self.reward_weights)} weights for {len(self.reward)} --reward")
         if (self.reward_candidates or self.sample_temperature) and not self.reward:
             raise UsageError("--reward-candidates and --sample-temperature apply to --reward runs only")
+        if self.heldout_fraction >= 1:
+            raise UsageError(f"--heldout-fraction must be < 1 (the rest trains), got {self.heldout_fraction}")
         if self.reward_candidates and not self.sample_temperature:
             raise UsageError("--reward-candidates needs --sample-temperature > 0: greedy decoding gives every "
                              "candidate the same text")
@@ -191,7 +204,6 @@ class EvalConfig(CommonConfig):
 
     run: str | None = arg(None, "a zo-tune run folder: evaluate its tuned weights")
     shots: int = arg(0, "in-context demonstrations drawn from the train split", at_least=0)
-    metric: str | None = arg(None, "default: the task's metric")
     split: str = arg("dev", "dev: the standard evaluation set; validation: held out from the training pool",
                      choices=SPLITS)
 

@@ -41,7 +41,8 @@ def plot_run(run_dir: Path, window: int = 25) -> Path:
         evals = [(0, before), *evals]
     if evals:
         axes[1].plot(*zip(*evals), marker="o")
-    axes[1].set(title=f"dev {config['metric']} ({config['eval_examples']} examples)", xlabel="step")
+    split = "held-out" if config.get("heldout_fraction") else "dev"
+    axes[1].set(title=f"{split} {config['metric']} ({config['eval_examples']} examples)", xlabel="step")
     axes[2].plot(steps, rolling_mean([float(r["tied"]) for r in rows], window))
     axes[2].set(title=f"steps whose two losses tie ({window}-step mean)", xlabel="step", ylim=(-0.02, 1.02))
     fig.suptitle(f"{config['model']} on {config['task']}")

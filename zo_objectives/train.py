@@ -80,6 +80,13 @@ def evaluate_model(model: torch.nn.Module, predictor: Any, examples: Sequence[di
     return metric(predict_all(model, predictor, examples, batch_size), references(examples))
 
 
+def evaluate_metrics(model: torch.nn.Module, predictor: Any, examples: Sequence[dict], metrics: Sequence[Metric],
+                     batch_size: int = 16, predict: Callable = predict_all) -> dict[str, float]:
+    """Each metric on ``examples``, by name, from one pass of predictions (``predict``: how they are made)."""
+    predictions, refs = predict(model, predictor, examples, batch_size), references(examples)
+    return {metric.name: metric(predictions, refs) for metric in metrics}
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors by name (tied weights once): what a tuned model adds to its base."""
     seen: set[int] = set()
@@ -242,7 +249,8 @@ def _base_sha256(run_dir: Path, optimizer: MeZO, start_step: int) -> str:
 
 def train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, examples: Sequence[dict], *,
           steps: int, batch_size: int = 16, seed: int = 0, start_step: int = 0,
-          evaluate_fn: Callable[[], float] | None = None, eval_every: int = 0, run_dir: Path | None = None,
+          evaluate_fn: Callable[[], float | dict[str, float]] | None = None, eval_every: int = 0,
+          run_dir: Path | None = None,
           checkpoint_every: int = 1, scheduler: Any = None, progress: bool = True) -> list[dict]:
     """Run MeZO steps ``start_step..steps-1``; log each to ``run_dir/metrics.jsonl`` and checkpoint every
     ``checkpoint_every`` steps (0: only at evaluations), at evaluations and when stopped.
@@ -254,6 +262,8 @@ def train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, example
     of its estimate scored the same (no signal: the weights do not move). SIGTERM stops a run as Ctrl-C does
     (KeyboardInterrupt, after saving the checkpoint). A row is logged before its step is checkpointed, and
     rows past ``start_step`` are dropped first, so metrics.jsonl matches the checkpoint after any kill.
+    ``evaluate_fn`` returns the evaluation metric, or several by name (the first logged as ``"eval"``, all of
+    them as ``"eval_metrics"``).
     """
     if not (isinstance(checkpoint_every, int) and checkpoint_every >= 0):
         raise ValueError(f"checkpoint_every must be an int >= 0 (0: only at evaluations), got {checkpoint_every!r}")
@@ -291,7 +301,11 @@ def train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, example
                     scheduler.step()
                 evaluated = bool(evaluate_fn and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps))
                 if evaluated:
-                    row["eval"] = evaluate_fn()
+                    result = evaluate_fn()
+                    if isinstance(result, dict):
+                        row["eval"], row["eval_metrics"] = next(iter(result.values())), dict(result)
+                    else:
+                        row["eval"] = result
                 if log:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
