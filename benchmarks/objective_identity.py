@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> list[list]:
              f"{args.batch_size}, seed {args.seed}: the same batches and noise in every row, each from the same "
              "weights; steps after the first start from weights each objective moved)")
     publish("objective_identity", "Which objectives are the same objective", title, header, rows, "cpu",
-            args.write, params={"task": args.task, "seed": args.seed, "steps": args.steps}, markdown=False)
+            args.write, params={"task": args.task, "steps": args.steps})
     return rows
 
 

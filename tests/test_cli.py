@@ -486,3 +486,24 @@ def test_cb_warns_that_dev_is_training_data_and_heldout_fraction_holds_rows_out(
     assert not trained & {ex["prompt"] for ex in pool[24:]}
     assert tune(*common, "--heldout-fraction", "1", "--output-dir", str(tmp_path / "x")) == 2
     assert "--heldout-fraction must be < 1" in capsys.readouterr().err
+
+
+def test_chat_template_formats_generation_prompts(tmp_path, capsys, monkeypatch):
+    import zo_objectives.scoring as scoring
+
+    seen = []
+    generate = scoring.GenerationPredictor.generate
+    monkeypatch.setattr(scoring.GenerationPredictor, "generate",
+                        lambda self, model, prompts, **kw: seen.extend(prompts) or generate(self, model, prompts, **kw))
+    run = tmp_path / "chat"
+    assert tune("--task", "squad", "--chat-template", "--steps", "1", "--batch-size", "2", "--eval-size", "2",
+                "--no-eval-before", "--output-dir", str(run)) == 0, capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["chat_template"] is True
+    assert seen and all(p.startswith("<|im_start|>") and p.endswith("<|im_start|>assistant\n") for p in seen)
+
+
+def test_config_of_a_run_folder_asks_for_a_new_output_dir(straight_run, capsys):
+    _, straight = straight_run
+    capsys.readouterr()
+    assert tune_main(["--config", str(straight / "config.json")]) == 2  # as README had it: the folder exists
+    assert "pass --output-dir NEW_FOLDER to rerun its settings there" in capsys.readouterr().err

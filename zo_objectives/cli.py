@@ -45,7 +45,7 @@ from zo_objectives.models import apply_peft, load_model, load_run_weights, selec
 from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, RewardObjective, check_metric, make_objective
 from zo_objectives.optimizer import MeZO, make_scheduler
 from zo_objectives.plots import plot_run
-from zo_objectives.scoring import predictor_for
+from zo_objectives.scoring import chat_formatted, predictor_for
 from zo_objectives.train import CHECKPOINT, evaluate_metrics, save_weights, train, write_json
 from zo_objectives.train import resume as replay_checkpoint
 
@@ -223,6 +223,8 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
     for metric in metrics:  # a metric that cannot score these predictions fails now, not at the first evaluation
         check_metric(metric, predictor, "hard")
     train_set, dev_set, split = split_examples(config, task)
+    if config.chat_template:
+        train_set, dev_set = chat_formatted(train_set, tokenizer), chat_formatted(dev_set, tokenizer)
     if config.batch_size > len(train_set):
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training examples of "
                          f"{task.name}; use --batch-size {len(train_set)} or less")
@@ -366,6 +368,8 @@ def evaluate_run(config: EvalConfig) -> dict:
         model = apply_peft(model, read_config(TuneConfig, Path(config.run) / "config.json").get("peft", "none"))
         load_run_weights(model, Path(config.run))
     model.to(device)
+    if config.chat_template:
+        examples = chat_formatted(examples, tokenizer)
     predictor = predictor_for(task, tokenizer, max_length=config.max_length)
     for metric in metrics:
         check_metric(metric, predictor, "hard")
@@ -396,7 +400,7 @@ TRUST_HELP = ("import the plugins and reward modules that --config or a run fold
 
 # The settings a zo-eval --run takes from the run's config.json unless given
 RUN_SETTINGS = ("model", "task", "data", "dev_data", "template", "label_words", "labels", "label_column",
-                "answer_column", "plugin", "max_length", "dtype", "metrics")
+                "answer_column", "plugin", "max_length", "dtype", "metrics", "chat_template")
 
 
 def tune_parser() -> Parser:
@@ -427,6 +431,12 @@ def tune_main(argv: list[str] | None = None) -> int:
         args, given = parser.given(argv)
         if args.config:
             check_code_named(given, args.flagged, args.config, args.trust_plugins)
+            folder = Path(args.config).resolve().parent
+            if not args.resume and "output_dir" not in args.flagged and given.get("output_dir") and (
+                    Path(given["output_dir"]).resolve() == folder):
+                raise UsageError(f"--config {args.config} is the config of the run in {given['output_dir']}, which it "
+                                 "names as its run folder: pass --output-dir NEW_FOLDER to rerun its settings there "
+                                 "(or --output-dir ... --resume to continue that run)")
         config = TuneConfig(**given)
         if args.resume:  # the run's own settings, overridden by those given
             run_dir = Path(resolve(config)[0].output_dir)

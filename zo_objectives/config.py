@@ -81,6 +81,8 @@ class CommonConfig:
                                    resume=FIXED)
     label_column: str = arg("label", "custom classification task: the column of labels", resume=FIXED)
     answer_column: str | None = arg(None, "custom generation task: the column of gold answers", resume=FIXED)
+    chat_template: bool = arg(False, "put each prompt in the tokenizer's chat template as the user's turn (instruct "
+                                     "models, generation tasks)", resume=FIXED)
     plugin: list[str] = arg(help="a module or .py file to import first; it may register metrics or tasks "
                                  "(repeatable)", repeat=True, resume=FREE)
     eval_size: int | None = arg(None, "dev examples to evaluate on (default: all)", above=0, resume=FIXED)

@@ -310,6 +310,16 @@ class GenerationPredictor(Predictor):
         return float(-(total.sum() / count.sum()))
 
 
+def chat_formatted(examples: Sequence[dict], tokenizer: PreTrainedTokenizerBase) -> list[dict]:
+    """The examples with each prompt put in the tokenizer's chat template as the user's turn, ending where the
+    assistant's answer begins (``add_generation_prompt``): how instruct models expect a question."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no chat template: leave --chat-template off "
+                         "for a base model")
+    return [{**ex, "prompt": tokenizer.apply_chat_template([{"role": "user", "content": ex["prompt"]}], tokenize=False,
+                                                           add_generation_prompt=True)} for ex in examples]
+
+
 def predictor_for(task: Any, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
                   temperature: float = 0.0) -> Predictor:
     """The predictor a task's kind calls for: label words, multiple choice, or generation."""
