@@ -115,7 +115,10 @@ class TuneConfig(CommonConfig):
     """A ``zo-tune`` run. ``None`` means "the default for this task and objective" (written resolved to
     config.json)."""
 
-    objective: str | None = arg(None, "'cross_entropy' or a registered metric; default: the task's metric")
+    objective: str | None = arg(None, "'cross_entropy' or a registered metric (default: the task's). A per-example "
+                                      "metric such as accuracy is optimized in log form: on label-word and "
+                                      "multiple-choice tasks that IS cross-entropy; --metric-form mean optimizes "
+                                      "the expected metric, --smoothing 0 the hard metric")
     reward: list[str] = arg(help="module:function (the module may be a .py file): a TRL-style reward "
                                  "reward(prompts=, completions=, **columns) -> list[float] to maximize on a "
                                  "generation task, instead of --objective (repeatable)", repeat=True)
@@ -135,10 +138,12 @@ class TuneConfig(CommonConfig):
     smoothing: float | None = arg(None, "metric objectives optimize the metric's expectation over each example's "
                                         "options (classes, candidates; for generation the greedy answer and the gold "
                                         "answers) drawn from softmax(log-likelihood / T) (default "
-                                        f"{DEFAULT_SMOOTHING}; 0 = the hard metric)", at_least=0)
+                                        f"{DEFAULT_SMOOTHING}; 0 = the hard metric, which ties on most steps)",
+                                at_least=0)
     metric_form: str = arg("auto", "log: mean log of each example's expected metric (auto for per-example "
-                                   "metrics); mean: the expected metric itself (auto for corpus metrics such as "
-                                   "macro-F1)", choices=FORMS)
+                                   "metrics; for accuracy over label words or choices at smoothing 1 it equals "
+                                   "cross-entropy); mean: the expected metric itself (auto for corpus metrics such "
+                                   "as macro-F1)", choices=FORMS)
     sequence_score: str = arg("sum", "generated answer candidates are scored by their total log-likelihood or its "
                                      "mean per token", choices=SEQUENCE_SCORES)
     metric_support: str = arg("auto", "how the options are weighed: options = softmax over them; model = for "
