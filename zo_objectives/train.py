@@ -258,7 +258,8 @@ def train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, example
     The loss of a step is the mean objective over its perturbed evaluations: what MeZO minimizes, logged as
     ``"loss"`` (lower is better). Beside it each row holds the objective's own values (its ``last_values``),
     by name, in their own units and direction, averaged over the step's evaluations: ``"accuracy"`` the
-    batch's expected accuracy (higher is better), ``"cross_entropy"``, ``"reward"``. A step "ties" when both sides
+    batch's expected accuracy (higher is better), ``"cross_entropy"``, ``"reward"``; under torchrun they are rank
+    0's share of the batch, the loss the whole batch's. A step "ties" when both sides
     of its estimate scored the same (no signal: the weights do not move). SIGTERM stops a run as Ctrl-C does
     (KeyboardInterrupt, after saving the checkpoint). A row is logged before its step is checkpointed, and
     rows past ``start_step`` are dropped first, so metrics.jsonl matches the checkpoint after any kill.
