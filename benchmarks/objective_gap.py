@@ -38,7 +38,7 @@ CONFIGS = {
     "cross_entropy_4x": ["--objective", "cross_entropy", "--lr", "4e-5"],
     "accuracy_hard": ["--objective", "accuracy", "--smoothing", "0", "--lr", "1e-5"],
     "accuracy_mean": ["--objective", "accuracy", "--metric-form", "mean", "--lr", "1e-4"],
-    "accuracy": ["--objective", "accuracy", "--lr", "1e-5"],  # the default: log form at T = 1
+    "accuracy": ["--objective", "accuracy", "--lr", "1e-5"],  # the default: log form at T = 1, = cross-entropy here
     "squad_f1_greedy": ["--objective", "squad_f1", "--smoothing", "0", "--lr", "1e-5"],
     "squad_f1": ["--objective", "squad_f1", "--lr", "1e-5"],  # the default: log form, options weighed by the model
     "squad_f1_options": ["--objective", "squad_f1", "--metric-support", "options", "--lr", "1e-5"],

@@ -140,21 +140,24 @@ def task_from_file(
         value = row[label_column]
         if labels is not None:
             if value not in labels:
-                raise ValueError(f"task {name!r}: label {value!r} not in labels {labels}")
+                raise ValueError(f"task {name!r}: label {value!r} not in labels {labels} (zo-tune: --labels)")
             return labels.index(value)
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             value = int(value)
         if not isinstance(value, int):
-            raise ValueError(f"task {name!r}: label {value!r} is not an int; pass labels=[...] to map it")
+            raise ValueError(f"task {name!r}: label {value!r} is not an int; map the label values to ids in "
+                             "label_words order with labels=[...] (on the command line: --labels VALUE ...)")
         return int(value)
 
     def get_answers(row: dict) -> list[str]:
         value = row[answer_column]
         return [str(a) for a in value] if isinstance(value, (list, tuple)) else [str(value)]
 
-    read("train")  # validate columns now, so mistakes surface when the task is created
-    if dev_path is not None:
-        read("dev")
+    for split in ("train", "dev") if dev_path is not None else ("train",):  # columns and labels checked now,
+        rows = read(split)  # so that mistakes surface when the task is created, not at the first step
+        if kind == "classification":
+            for row in rows:
+                get_label(row)
     return Task(
         name=name, kind=kind, metric=metric, template=lambda row: template.format(**row),
         label_words=list(label_words) if kind == "classification" else None, load_split=load_split,

@@ -44,10 +44,11 @@ from zo_objectives.config import (
     UsageError,
     describe,
     differences,
+    flag,
     read_config,
 )
 from zo_objectives.models import apply_peft, export_run, load_model, load_run_weights, select_trainable
-from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, RewardObjective, make_objective
+from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, RewardObjective, check_metric, make_objective
 from zo_objectives.optimizer import MeZO, make_scheduler
 from zo_objectives.plots import plot_run
 from zo_objectives.runfolder import (
@@ -66,13 +67,25 @@ from zo_objectives.runfolder import (
     read_manifest,
     write_sealed,
 )
-from zo_objectives.scoring import predictor_for
-from zo_objectives.train import Stopped, check_run_folder, evaluate_model, sigterm_as_interrupt, train, trainable_state
+from zo_objectives.scoring import chat_formatted, predictor_for
+from zo_objectives.train import (
+    Stopped,
+    check_run_folder,
+    evaluate_metrics,
+    sigterm_as_interrupt,
+    train,
+    trainable_state,
+)
 from zo_objectives.train import resume as replay_checkpoint
 
 
 def _fmt(value: float | None) -> str:
     return "not measured" if value is None else f"{value:.4f}"
+
+
+def headline(values: dict[str, float] | None) -> float | None:
+    """The first (headline) metric's value of an evaluation, None when there was none."""
+    return next(iter(values.values())) if values else None
 
 
 def import_source(source: str, flag: str) -> ModuleType:
@@ -111,9 +124,9 @@ def reward_functions(specs: list[str]) -> list[Callable]:
 
 
 def _task(config: CommonConfig) -> Task:
-    for flag, path in (("--data", config.data), ("--dev-data", config.dev_data)):
+    for name, path in (("--data", config.data), ("--dev-data", config.dev_data)):
         if path and not Path(path).is_file():
-            raise UsageError(f"{flag} {path}: no such file")
+            raise UsageError(f"{name} {path}: no such file")
     if config.data:
         return task_from_file(config.data, name=Path(config.data).stem, template=config.template,
                               label_words=config.label_words, labels=config.labels, label_column=config.label_column,
@@ -148,7 +161,43 @@ def resolve(config: TuneConfig) -> tuple[TuneConfig, Task]:
     if objective not in (REWARD, CROSS_ENTROPY, *list_metrics()):
         raise UsageError(f"unknown objective {objective!r}; available: {', '.join([CROSS_ENTROPY, *list_metrics()])}")
     output_dir = config.output_dir or f"runs/{task.name}-{objective}-s{config.seed}"
-    return replace(config, task=task.name, objective=objective, output_dir=output_dir), task
+    config = replace(config, task=task.name, objective=objective, output_dir=output_dir)
+    return replace(config, metrics=[m.name for m in evaluation_metrics(config, task)]), task
+
+
+def evaluation_metrics(config: CommonConfig, task: Task) -> list[Metric]:
+    """The metrics a run reports on its evaluation set, the headline first: ``--metric``'s, else the metric the
+    run optimizes (its objective, where that is a metric), else the task's (cross-entropy, zo-eval, and --reward
+    runs: reward evaluation plugs in here)."""
+    objective = getattr(config, "objective", None)
+    names = config.metrics or [objective if objective in list_metrics() else task.metric]
+    unknown = [n for n in names if n not in list_metrics()]
+    if unknown:
+        raise UsageError(f"unknown --metric {' '.join(unknown)}; available: {', '.join(list_metrics())}")
+    return [get_metric(n) for n in dict.fromkeys(names)]
+
+
+def split_examples(config: TuneConfig, task: Task) -> tuple[list[dict], list[dict], str]:
+    """The training sample, the evaluation set and its name. With ``heldout_fraction`` the evaluation set is that
+    fraction of the training pool (seeded by ``seed``), never trained on; else the task's dev set, with a
+    warning when it holds training examples (CB's dev set is its training pool)."""
+    if config.heldout_fraction:
+        pool = task.examples("train", n=sys.maxsize, seed=config.seed)
+        held = max(1, round(config.heldout_fraction * len(pool)))
+        if held >= len(pool):
+            raise UsageError(f"--heldout-fraction {config.heldout_fraction} of {task.name}'s {len(pool)} training "
+                             "examples leaves none to train on")
+        evaluation = pool[len(pool) - held:][: config.eval_size]
+        return pool[: min(config.train_size, len(pool) - held)], evaluation, "held-out"
+    train_set = task.examples("train", n=config.train_size, seed=config.seed)
+    dev_set = task.examples("dev", n=config.eval_size)
+    seen = {ex["prompt"] for ex in train_set}
+    overlap = sum(ex["prompt"] in seen for ex in dev_set)
+    if overlap and distributed.rank() == 0:
+        print(f"zo-tune: warning: {overlap} of the {len(dev_set)} {task.name} dev examples are training examples, so "
+              "the dev metric measures training data; --heldout-fraction 0.25 evaluates on examples held out from "
+              "training", file=sys.stderr)
+    return train_set, dev_set, "dev"
 
 
 @dataclass
@@ -159,9 +208,10 @@ class Run:
     model: torch.nn.Module
     predictor: Any
     objective: Any
-    metric: Metric
+    metrics: list[Metric]  # reported on dev_set, the headline first
     train_set: list[dict]
     dev_set: list[dict]
+    split: str  # what dev_set is: "dev" or "held-out"
     facts: dict  # what config.json holds beside the settings
 
 
@@ -197,23 +247,26 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
         raise UsageError(f"--smoothing applies to metric objectives, not to {config.objective}")
     smoothing = objective.smoothing if metric_objective else None
     form = objective.form if metric_objective and smoothing else None
-    if config.update != "sgd":
+    if config.update != "sgd" or config.fitness_shaping == "rank":
         kind = "scale-free"
     else:  # a hard metric or rewards: the scale of the mean form
         kind = "cross_entropy" if config.objective == CROSS_ENTROPY else form or "mean"
     config = replace(config, lr=config.lr or DEFAULT_LR[kind], eps=config.eps or DEFAULT_EPS[config.dtype],
                      smoothing=smoothing)
-    train_set = task.examples("train", n=config.train_size, seed=config.seed)
-    dev_set = task.examples("dev", n=config.eval_size)
+    metrics = evaluation_metrics(config, task)
+    for metric in metrics:  # a metric that cannot score these predictions fails now, not at the first evaluation
+        check_metric(metric, predictor, "hard")
+    train_set, dev_set, split = split_examples(config, task)
+    if config.chat_template:
+        train_set, dev_set = chat_formatted(train_set, tokenizer), chat_formatted(dev_set, tokenizer)
     if config.batch_size > len(train_set):
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training examples of "
                          f"{task.name}; use --batch-size {len(train_set)} or less")
-    metric = get_metric(task.metric)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    facts = {"form": form, "support": objective.support if form else None, "metric": metric.name,
+    facts = {"form": form, "support": objective.support if form else None, "metric": metrics[0].name,
              "train_examples": len(train_set), "eval_examples": len(dev_set), "trainable_parameters": trainable,
              "world_size": distributed.world_size()}
-    return Run(config, model, predictor, objective, metric, train_set, dev_set, facts)
+    return Run(config, model, predictor, objective, metrics, train_set, dev_set, split, facts)
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -322,16 +375,17 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
         if resume:
             step = check_resume_early(run_dir, config)
     run = prepare(config, task, _device(config.device))
-    config, model, metric, dev_set = run.config, run.model, run.metric, run.dev_set
+    config, model, metrics, dev_set = run.config, run.model, run.metrics, run.dev_set
+    metric, split = metrics[0], run.split  # the headline metric, and what the evaluation set is
     resumed = check_resume(run_dir, config, allow_changed_settings, step) if resume and main else []
     params = [p for p in model.parameters() if p.requires_grad]
     objective = distributed.ShardedObjective(run.objective) if world > 1 else run.objective  # batch[rank::world]
 
-    def dev_metric() -> float:
+    def dev_metrics() -> dict[str, float]:
         if world > 1:  # distributed: verify the ranks' weights agree, split the dev set across ranks
             distributed.check_in_sync(params)
-            return distributed.evaluate_model(model, run.predictor, dev_set, metric, config.batch_size)
-        return evaluate_model(model, run.predictor, dev_set, metric, config.batch_size)
+            return evaluate_metrics(model, run.predictor, dev_set, metrics, config.batch_size, distributed.predict_all)
+        return evaluate_metrics(model, run.predictor, dev_set, metrics, config.batch_size)
 
     start, before = 0, None
     if resume:
@@ -339,7 +393,9 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
         optimizer.on_nonfinite = config.on_nonfinite
         for group in optimizer.param_groups:  # the lr of the steps to come (the trajectory keeps each step's)
             group.update(lr=config.lr, initial_lr=config.lr)
-        before = read_json(run_dir / EVAL).get("before")
+        saved = read_json(run_dir / EVAL)
+        before = saved.get("before_metrics") or ({metric.name: saved["before"]} if saved.get("before") is not None
+                                                 else None)
     else:
         optimizer = MeZO(params, **{name: getattr(config, name) for name in MEZO_SETTINGS})
     scheduler = make_scheduler(optimizer, config.schedule, config.steps, last_step=start)
@@ -355,31 +411,35 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
                                                     **({"resumed": resumed} if resumed else {})}))
     if not resume:
         if config.eval_before and main:
-            print(f"zo-tune: evaluating {config.model} on {len(dev_set)} {task.name} dev examples before tuning "
+            print(f"zo-tune: evaluating {config.model} on {len(dev_set)} {task.name} {split} examples before tuning "
                   "(--no-eval-before skips it)", file=sys.stderr)
-        before = dev_metric() if config.eval_before else None
+        before = dev_metrics() if config.eval_before else None
         if main:
-            write_sealed(run_dir, EVAL, _json_writer({"metric": metric.name, "examples": len(dev_set),
-                                                      "before": before}))
+            write_sealed(run_dir, EVAL, _json_writer({"metric": metric.name, "split": split, "examples": len(dev_set),
+                                                      "before": headline(before), "before_metrics": before}))
     if main:
         print(f"zo-tune: {task.name}, objective {config.objective}, {run.facts['trainable_parameters']:,} trainable "
-              f"parameters, dev {metric.name} before: {_fmt(before)}", file=sys.stderr)
+              f"parameters, {split} {metric.name} before: {_fmt(headline(before))}", file=sys.stderr)
     t0 = time.perf_counter()
     history = train(model, optimizer, objective, run.train_set, steps=config.steps, batch_size=config.batch_size,
-                    seed=config.seed, start_step=start, evaluate_fn=dev_metric, eval_every=config.eval_every,
+                    seed=config.seed, start_step=start, evaluate_fn=dev_metrics, eval_every=config.eval_every,
                     run_dir=run_dir if main else None, scheduler=scheduler, progress=main and config.progress,
                     checkpoint_every=config.checkpoint_every)
-    after = history[-1]["eval"] if history and "eval" in history[-1] else dev_metric()
+    last = history[-1] if history and "eval" in history[-1] else {}
+    after = last.get("eval_metrics") or ({metric.name: last["eval"]} if last else dev_metrics())
     seconds = time.perf_counter() - t0
     ties = sum(r["tied"] for r in history) / max(1, len(history))
-    summary = {"metric": metric.name, "examples": len(dev_set), "before": before, "after": after,
+    summary = {"metric": metric.name, "split": split, "examples": len(dev_set), "before": headline(before),
+               "after": after[metric.name], "before_metrics": before, "after_metrics": after,
                "steps": config.steps, "train_seconds": seconds, "tied_fraction": ties}
     if main:  # distributed: rank 0 writes the results
         write_sealed(run_dir, EVAL, _json_writer(summary))
         write_sealed(run_dir, WEIGHTS, lambda tmp: save_file(trainable_state(model), tmp), step=config.steps)
         plot_run(run_dir)
-        print(f"zo-tune: dev {metric.name} {_fmt(before)} -> {after:.4f} after {config.steps} steps "
-              f"({seconds / 60:.1f} min, {ties:.0%} of steps tied). Run folder: {run_dir} "
+        others = "".join(f", {name} {_fmt((before or {}).get(name))} -> {value:.4f}" for name, value in after.items()
+                         if name != metric.name)
+        print(f"zo-tune: {split} {metric.name} {_fmt(headline(before))} -> {after[metric.name]:.4f}{others} after "
+              f"{config.steps} steps ({seconds / 60:.1f} min, {ties:.0%} of steps tied). Run folder: {run_dir} "
               f"({', '.join(RUN_FILES)})", file=sys.stderr)
     return summary
 
@@ -407,7 +467,7 @@ def evaluate_run(config: EvalConfig) -> dict:
     for plugin in config.plugin:
         import_source(plugin, "--plugin")
     task = _task(config)
-    metric = get_metric(config.metric or task.metric)
+    metrics = evaluation_metrics(config, task)
     device = _device(config.device)
     examples = task.examples(config.split, n=config.eval_size, seed=config.seed)
     if config.shots:
@@ -417,17 +477,39 @@ def evaluate_run(config: EvalConfig) -> dict:
         model = apply_peft(model, read_config(TuneConfig, Path(config.run) / "config.json").get("peft", "none"))
         load_run_weights(model, Path(config.run))
     model.to(device)
+    if config.chat_template:
+        examples = chat_formatted(examples, tokenizer)
     predictor = predictor_for(task, tokenizer, max_length=config.max_length)
-    value = evaluate_model(model, predictor, examples, metric, config.batch_size)
+    for metric in metrics:
+        check_metric(metric, predictor, "hard")
+    values = evaluate_metrics(model, predictor, examples, metrics, config.batch_size)
     result = {"model": config.model, "run": config.run, "task": task.name, "split": config.split,
-              "shots": config.shots, "metric": metric.name, "examples": len(examples), "value": value}
+              "shots": config.shots, "metric": metrics[0].name, "examples": len(examples),
+              "value": values[metrics[0].name], **({"metrics": values} if len(values) > 1 else {})}
     print(json.dumps(result))
     return result
 
 
+# Settings that name code to import: a file (a run folder's config.json, --config) may list them, but they are
+# imported only when named again on the command line or with --trust-plugins (importing a module runs it)
+CODE_SETTINGS = ("plugin", "reward")
+
+
+def check_code_named(settings: dict, flagged: set[str], source: str | Path, trust: bool) -> None:
+    """Refuse code (plugins, reward modules) that a file names and the command line does not, unless trusted."""
+    listed = [f"{flag(k)} {v}" for k in CODE_SETTINGS if k not in flagged for v in settings.get(k) or []]
+    if listed and not trust:
+        raise UsageError(f"{source} names code to import: {' '.join(listed)}; importing runs it, so it is imported "
+                         "only when named again on the command line (or with --trust-plugins)")
+
+
+TRUST_HELP = ("import the plugins and reward modules that --config or a run folder's config.json lists (without it "
+              "they must be named again on the command line)")
+
+
 # The settings a zo-eval --run takes from the run's config.json unless given
 RUN_SETTINGS = ("model", "task", "data", "dev_data", "template", "label_words", "labels", "label_column",
-                "answer_column", "plugin", "max_length", "dtype")
+                "answer_column", "plugin", "max_length", "dtype", "metrics", "chat_template")
 
 
 def tune_parser() -> Parser:
@@ -437,11 +519,14 @@ def tune_parser() -> Parser:
     parser.add_argument("--allow-changed-settings", action="store_true",
                         help="--resume with settings that differ from the run's config.json (recorded there)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    parser.add_argument("--trust-plugins", action="store_true", help=TRUST_HELP)
     return parser
 
 
 def eval_parser() -> Parser:
-    return Parser(EvalConfig, "zo-eval", "Evaluate a model, or a zo-tune run, on a task.")
+    parser = Parser(EvalConfig, "zo-eval", "Evaluate a model, or a zo-tune run, on a task.")
+    parser.add_argument("--trust-plugins", action="store_true", help=TRUST_HELP)
+    return parser
 
 
 def _fail(prog: str, err: Exception) -> int:
@@ -453,10 +538,20 @@ def tune_main(argv: list[str] | None = None) -> int:
     parser = tune_parser()
     try:
         args, given = parser.given(argv)
+        if args.config:
+            check_code_named(given, args.flagged, args.config, args.trust_plugins)
+            folder = Path(args.config).resolve().parent
+            if not args.resume and "output_dir" not in args.flagged and given.get("output_dir") and (
+                    Path(given["output_dir"]).resolve() == folder):
+                raise UsageError(f"--config {args.config} is the config of the run in {given['output_dir']}, which it "
+                                 "names as its run folder: pass --output-dir NEW_FOLDER to rerun its settings there "
+                                 "(or --output-dir ... --resume to continue that run)")
         config = TuneConfig(**given)
         if args.resume:  # the run's own settings, overridden by those given
             run_dir = Path(resolve(config)[0].output_dir)
             if (run_dir / "config.json").is_file():  # (not its device: the machine may be another)
+                saved = read_config(TuneConfig, run_dir / "config.json")
+                check_code_named(saved, args.flagged, run_dir / "config.json", args.trust_plugins)
                 config = TuneConfig.load(run_dir / "config.json", **{"device": None, **given})
         with sigterm_as_interrupt():
             tune(config, resume=args.resume, overwrite=args.overwrite,
@@ -486,10 +581,14 @@ def _os_error(err: OSError) -> str:
 def eval_main(argv: list[str] | None = None) -> int:
     parser = eval_parser()
     try:
-        _, given = parser.given(argv)
+        args, given = parser.given(argv)
+        if args.config:
+            check_code_named(given, args.flagged, args.config, args.trust_plugins)
         if "run" in given:
             check_run_weights(Path(given["run"]))
             tuned = read_config(TuneConfig, Path(given["run"]) / "config.json")
+            check_code_named({k: tuned.get(k) for k in RUN_SETTINGS}, args.flagged, Path(given["run"]) / "config.json",
+                             args.trust_plugins)
             if given.get("model", tuned.get("model")) != tuned.get("model"):
                 raise UsageError(f"--model {given['model']} is not the model of --run {given['run']}: "
                                  f"{tuned.get('model')}")

@@ -316,7 +316,9 @@ class MeZO(Optimizer):
             the running root mean square of the estimates so far, bias-corrected as in Adam: the step length no
             longer depends on the scale of the loss, so one lr suits objectives on different scales).
         fitness_shaping: "none" or "rank" (experimental): replace the 2n losses of a step by their centered
-            ranks (as evolution strategies do), robust to the scale and outliers of a reward; retune lr with it.
+            ranks (as evolution strategies do), robust to the scale and outliers of a reward. The estimate is
+            then the rank difference itself, in [-1, 1], not divided by eps: scale-free like ``update="sign"``,
+            so the lr is the largest step (zo-tune's default for it: 1e-4, as for sign and normalized updates).
         momentum, momentum_window: (experimental) heavy-ball momentum without a buffer: each step also moves by
             momentum**lag times the estimates of the previous ``momentum_window - 1`` steps, regenerated from
             their seeds.
@@ -460,8 +462,9 @@ class MeZO(Optimizer):
             self.num_perturbations_done += len(record["seeds"])
 
     def _projected_grads(self, pairs: list[tuple[float, float]]) -> list[float | None]:
-        """(plus - minus) / (2 eps) per perturbation (eps for forward differences); ranks when shaping."""
-        scale = self.eps if self.difference == "forward" else 2 * self.eps
+        """(plus - minus) / (2 eps) per perturbation (eps for forward differences); when shaping, the difference
+        of the centered ranks (in [-1, 1]: ranks have no scale for eps to divide)."""
+        scale = 1.0 if self.fitness_shaping == "rank" else self.eps if self.difference == "forward" else 2 * self.eps
         for plus, minus in pairs:
             if not (math.isfinite(plus) and math.isfinite(minus)):
                 if self.on_nonfinite == "raise":

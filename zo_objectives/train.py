@@ -76,6 +76,13 @@ def evaluate_model(model: torch.nn.Module, predictor: Any, examples: Sequence[di
     return metric(predict_all(model, predictor, examples, batch_size), references(examples))
 
 
+def evaluate_metrics(model: torch.nn.Module, predictor: Any, examples: Sequence[dict], metrics: Sequence[Metric],
+                     batch_size: int = 16, predict: Callable = predict_all) -> dict[str, float]:
+    """Each metric on ``examples``, by name, from one pass of predictions (``predict``: how they are made)."""
+    predictions, refs = predict(model, predictor, examples, batch_size), references(examples)
+    return {metric.name: metric(predictions, refs) for metric in metrics}
+
+
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trainable tensors by name (tied weights once): what a tuned model adds to its base."""
     seen: set[int] = set()
@@ -342,18 +349,24 @@ def _base_sha256(run_dir: Path, optimizer: MeZO, start_step: int) -> str:
 
 def train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, examples: Sequence[dict], *,
           steps: int, batch_size: int = 16, seed: int = 0, start_step: int | None = None,
-          evaluate_fn: Callable[[], float] | None = None, eval_every: int = 0, run_dir: Path | None = None,
+          evaluate_fn: Callable[[], float | dict[str, float]] | None = None, eval_every: int = 0,
+          run_dir: Path | None = None,
           checkpoint_every: int = 1, scheduler: Any = None, progress: bool = True) -> list[dict]:
     """Run MeZO steps ``start_step..steps-1``; log each to ``run_dir/metrics.jsonl`` and checkpoint every
     ``checkpoint_every`` steps (0: only at evaluations), at evaluations and when stopped.
 
     ``steps`` is the total to reach; ``start_step`` (default: the steps the optimizer has taken, so a second
     call continues where the first ended) must be the optimizer's. The loss of a step is the mean objective
-    over its perturbed evaluations. A step "ties" when both sides of its estimate scored the same (no signal:
-    the weights do not move). SIGTERM stops a run as Ctrl-C does (:class:`Stopped`, a KeyboardInterrupt,
-    after saving the checkpoint). With ``run_dir`` the run holds the folder's lock; a row is logged before its
-    step is checkpointed, and rows past ``start_step`` are dropped first, so metrics.jsonl matches the
-    checkpoint after any kill; a new run (``start_step`` 0) refuses a folder that holds a checkpoint.
+    over its perturbed evaluations: what MeZO minimizes, logged as ``"loss"`` (lower is better). Beside it each
+    row holds the objective's own values (its ``last_values``), by name, in their own units and direction,
+    averaged over the step's evaluations: ``"accuracy"`` the batch's expected accuracy (higher is better),
+    ``"cross_entropy"``, ``"reward"``; under torchrun they are rank 0's share of the batch, the loss the whole
+    batch's. A step "ties" when both sides of its estimate scored the same (no signal: the weights do not move).
+    SIGTERM stops a run as Ctrl-C does (:class:`Stopped`, a KeyboardInterrupt, after saving the checkpoint).
+    With ``run_dir`` the run holds the folder's lock; a row is logged before its step is checkpointed, and rows
+    past ``start_step`` are dropped first, so metrics.jsonl matches the checkpoint after any kill; a new run
+    (``start_step`` 0) refuses a folder that holds a checkpoint. ``evaluate_fn`` returns the evaluation metric,
+    or several by name (the first logged as ``"eval"``, all of them as ``"eval_metrics"``).
     """
     if not (isinstance(checkpoint_every, int) and checkpoint_every >= 0):
         raise ValueError(f"checkpoint_every must be an int >= 0 (0: only at evaluations), got {checkpoint_every!r}")
@@ -389,10 +402,18 @@ def _train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, exampl
             for step in bar:
                 batch = [examples[i] for i in batch_indices(len(examples), batch_size, seed, step)]
                 t0 = time.perf_counter()
-                loss = optimizer.step(lambda b=batch: objective(model, b))
+                measured: list[dict] = []  # each evaluation's last_values
+
+                def closure(b: list[dict] = batch, measured: list[dict] = measured) -> float:
+                    loss = objective(model, b)
+                    measured.append(dict(getattr(objective, "last_values", None) or {}))
+                    return loss
+
+                loss = optimizer.step(closure)
                 record = optimizer.trajectory[-1]
-                sign = -1.0 if getattr(objective, "greater_is_better", False) else 1.0  # log the metric
-                row = {"step": step + 1, "loss": loss, "objective": sign * loss,
+                values = {name: sum(m[name] for m in measured) / len(measured)
+                          for name in measured[-1] if all(name in m for m in measured)} if measured else {}
+                row = {**values, "step": step + 1, "loss": loss,
                        "lr": optimizer.param_groups[0]["lr"], "tied": all(g == 0 for g in record["grads"]),
                        "seconds": time.perf_counter() - t0}
                 if getattr(objective, "last_means", None):  # each reward function's mean on the last batch
@@ -401,7 +422,11 @@ def _train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, exampl
                     scheduler.step()
                 evaluated = bool(evaluate_fn and eval_every and ((step + 1) % eval_every == 0 or step + 1 == steps))
                 if evaluated:
-                    row["eval"] = evaluate_fn()
+                    result = evaluate_fn()
+                    if isinstance(result, dict):
+                        row["eval"], row["eval_metrics"] = next(iter(result.values())), dict(result)
+                    else:
+                        row["eval"] = result
                 if log:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
@@ -410,7 +435,7 @@ def _train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, exampl
                     save_checkpoint(Path(run_dir), optimizer, step + 1, base)
                     saved_step = step + 1
                 ties = sum(r["tied"] for r in history) / len(history)
-                bar.set_postfix(objective=f"{row['objective']:.4f}", ties=f"{ties:.0%}",
+                bar.set_postfix(**{k: f"{v:.4f}" for k, v in values.items()}, loss=f"{loss:.4f}", ties=f"{ties:.0%}",
                                 **({"eval": f"{row['eval']:.4f}"} if "eval" in row else {}))
     finally:
         if log:
