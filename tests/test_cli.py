@@ -497,6 +497,10 @@ def test_cb_warns_that_dev_is_training_data_and_heldout_fraction_holds_rows_out(
     pool = get_task("cb").examples("train", n=32, seed=0)  # the held-out rows: the seeded pool's last quarter
     trained = {ex["prompt"] for ex in pool[:24]}
     assert not trained & {ex["prompt"] for ex in pool[24:]}
+    capsys.readouterr()
+    assert eval_main(["--run", str(run)]) == 0  # zo-eval --run evaluates on the run's held-out rows
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["split"], out["examples"], out["value"]) == ("held-out", 8, result["after"])
     assert tune(*common, "--heldout-fraction", "1", "--output-dir", str(tmp_path / "x")) == 2
     assert "--heldout-fraction must be < 1" in capsys.readouterr().err
 
