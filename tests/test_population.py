@@ -4,10 +4,17 @@ resume, bf16 rounding) and points along the gradient; PopulationObjective scores
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
+import sys
+import time
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import build_small_lm
 
@@ -204,3 +211,138 @@ def test_population_objective_scores_metric_cross_entropy_and_reward(tokenizer, 
         batched = opt.score(lambda m=members, d=data: m(small_lm, d), seeds)
         alone = _materialized_objective(opt, small_lm, objective, data, seeds)
         assert batched == pytest.approx(alone, abs=1e-4), type(objective).__name__
+
+
+CLI = ["--model", "tiny-random", "--task", "sst2", "--train-size", "16", "--batch-size", "4", "--no-progress",
+       "--eval-size", "4", "--no-eval-before", "--population", "4", "--perturbation-rank", "2", "--lr", "1e-3"]
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
+def test_cli_trains_records_reruns_and_resumes_a_population(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from zo_objectives.cli import tune_main
+
+    def tuned(run):
+        return load_file(run / "model.safetensors")
+
+    straight, again, resumed = tmp_path / "straight", tmp_path / "again", tmp_path / "resumed"
+    assert tune_main([*CLI, "--steps", "3", "--output-dir", str(straight)]) == 0, capsys.readouterr().err
+    config = json.loads((straight / "config.json").read_text())
+    assert (config["population"], config["perturbation_rank"]) == (4, 2)
+    assert config["optimizer"]["population"] == 4
+    records = json.loads((straight / "trajectory.json").read_text())["optimizer"]["mezo"]["trajectory"]
+    assert len(records) == 3 and all(len(r["seeds"]) == 2 for r in records)
+    assert tune_main(["--config", str(straight / "config.json"), "--output-dir", str(again)]) == 0
+    assert tune_main([*CLI, "--steps", "2", "--output-dir", str(resumed)]) == 0
+    assert tune_main(["--output-dir", str(resumed), "--resume", "--steps", "3"]) == 0
+    base = tuned(straight)
+    for run in (again, resumed):
+        assert all(torch.equal(base[k], tuned(run)[k]) for k in base), run.name
+    assert tune_main([*CLI, "--population", "3", "--output-dir", str(tmp_path / "odd")]) == 2
+    assert "--population must be even" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:4 of 8 prompts cut from the left")
+def test_cli_population_reward_run(tmp_path, monkeypatch, capsys):
+    from zo_objectives.cli import tune_main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my_rewards.py").write_text("def short(prompts, completions, **kw):\n"
+                                            "    return [1.0 / (1 + len(c)) for c in completions]\n")
+    args = [a for a in CLI if a not in ("sst2",)]
+    args[args.index("--task") + 1:args.index("--task") + 1] = ["squad"]
+    code = tune_main([*args, "--reward", "my_rewards.py:short", "--steps", "1", "--batch-size", "2",
+                      "--sample-temperature", "1.0", "--output-dir", str(tmp_path / "run")])
+    assert code == 0, capsys.readouterr().err
+    row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(row["rewards"]) == {"short"} and not row["tied"]
+
+
+def toy_members(model: torch.nn.Module, batch: list[dict], members: int) -> list[float]:
+    """Cross-entropy of the toy data per member: the batch repeated once per member, rows grouped by member."""
+    x = torch.stack([ex["x"] for ex in batch]).repeat(members, 1)
+    labels = torch.tensor([ex["label"] for ex in batch]).repeat(members)
+    return F.cross_entropy(model(x), labels, reduction="none").view(members, -1).mean(1).tolist()
+
+
+def run_population(model: torch.nn.Module, steps: int = 4, die_at: int | None = None) -> Population:
+    from test_distributed import DATA
+
+    from zo_objectives.train import train
+
+    opt = Population(model.parameters(), lr=0.05, eps=1e-3, population=8, perturbation_rank=2, seed=3)
+
+    def objective(model, batch):
+        if die_at is not None and len(opt.trajectory) == die_at:
+            os._exit(3)  # a rank that dies mid-step, without a word
+        return toy_members(model, batch, opt.members)
+
+    train(model, opt, objective, DATA, steps=steps, batch_size=5, seed=7, progress=False)
+    return opt
+
+
+def _worker(rank: int, port: int, out_dir: str, die: bool) -> None:
+    from test_distributed import WORLD, toy_model
+
+    from zo_objectives import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    distributed.init(backend="gloo")
+    model = toy_model()
+    began = time.monotonic()
+    try:
+        opt = run_population(model, die_at=1 if die and rank == 1 else None)
+        result = {"weights": [p.detach().clone() for p in model.parameters()], "members": opt.members,
+                  "losses": [r["loss"] for r in opt.trajectory]}
+    except RuntimeError as err:
+        result = {"error": str(err), "seconds": time.monotonic() - began}
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _run_ranks(tmp_path, die: bool) -> list[dict]:
+    from test_distributed import WORLD, _free_port
+
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path), die), nprocs=WORLD, join=False,
+                             start_method="fork")
+    deadline = time.monotonic() + 150
+    while True:
+        try:
+            if ctx.join(timeout=1):
+                break
+        except mp.ProcessExitedException:  # the rank made to die
+            if not die:
+                raise
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("population workers did not finish in 150 s")
+        if die and all(not p.is_alive() for p in ctx.processes):
+            break
+    return [torch.load(tmp_path / f"rank{r}.pt") if (tmp_path / f"rank{r}.pt").exists() else None
+            for r in range(WORLD)]
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not dist.is_gloo_available(), reason="needs fork and gloo")
+def test_two_ranks_split_the_members_and_equal_one_process(tmp_path, capfd):
+    from test_distributed import toy_model
+
+    ranks = _run_ranks(tmp_path, die=False)
+    single = toy_model()
+    initial = [p.detach().clone() for p in single.parameters()]
+    opt = run_population(single)
+    assert [r["members"] for r in ranks] == [4, 4] and opt.members == 8
+    assert "bytes sent per rank per step (a gradient all-reduce would send" in capfd.readouterr().err
+    for a, b, c, w0 in zip(ranks[0]["weights"], ranks[1]["weights"], single.parameters(), initial):
+        assert torch.equal(a, b) and torch.equal(a, c.detach()) and not torch.equal(a, w0)
+    assert ranks[0]["losses"] == [r["loss"] for r in opt.trajectory]
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not dist.is_gloo_available(), reason="needs fork and gloo")
+def test_a_dead_rank_stops_the_others_naming_it(tmp_path):
+    ranks = _run_ranks(tmp_path, die=True)
+    assert ranks[1] is None  # it died
+    assert "rank 0: the population's loss exchange failed" in ranks[0]["error"]
+    assert re.search(r"[Rr]ank.{0,3}1", ranks[0]["error"].split("failed", 1)[1]), ranks[0]["error"]
+    assert ranks[0]["seconds"] < 90

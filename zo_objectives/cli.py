@@ -44,6 +44,7 @@ from zo_objectives.models import apply_peft, load_model, load_run_weights, selec
 from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, RewardObjective, make_objective
 from zo_objectives.optimizer import MeZO, make_scheduler
 from zo_objectives.plots import plot_run
+from zo_objectives.population import Population
 from zo_objectives.scoring import predictor_for
 from zo_objectives.train import CHECKPOINT, evaluate_model, save_weights, train, write_json
 from zo_objectives.train import resume as replay_checkpoint
@@ -220,6 +221,7 @@ def check_resume(run_dir: Path, config: TuneConfig, allow_changed_settings: bool
 
 MEZO_SETTINGS = ("lr", "eps", "weight_decay", "n_perturbations", "seed", "noise", "difference", "update",
                  "fitness_shaping", "momentum", "momentum_window", "on_nonfinite")
+POPULATION_SETTINGS = ("lr", "eps", "weight_decay", "seed", "noise", "update", "fitness_shaping", "on_nonfinite")
 
 
 def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
@@ -243,7 +245,8 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
     config, model, metric, dev_set = run.config, run.model, run.metric, run.dev_set
     resumed = check_resume(run_dir, config, allow_changed_settings) if resume and main else []
     params = [p for p in model.parameters() if p.requires_grad]
-    objective = distributed.ShardedObjective(run.objective) if world > 1 else run.objective  # batch[rank::world]
+    # distributed: MeZO splits the batch (batch[rank::world]); a population splits its members instead
+    objective = distributed.ShardedObjective(run.objective) if world > 1 and not config.population else run.objective
 
     def dev_metric() -> float:
         if world > 1:  # distributed: verify the ranks' weights agree, split the dev set across ranks
@@ -258,8 +261,11 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
         for group in optimizer.param_groups:  # the lr of the steps to come (the trajectory keeps each step's)
             group.update(lr=config.lr, initial_lr=config.lr)
         before = json.loads((run_dir / "eval.json").read_text()).get("before")
-    else:
+    elif not config.population:
         optimizer = MeZO(params, **{name: getattr(config, name) for name in MEZO_SETTINGS})
+    else:
+        optimizer = Population(params, population=config.population, perturbation_rank=config.perturbation_rank,
+                               **{name: getattr(config, name) for name in POPULATION_SETTINGS})
     scheduler = make_scheduler(optimizer, config.schedule, config.steps, last_step=start)
     if main:  # every check passed: from here on the run folder is written
         if overwrite and not resume:

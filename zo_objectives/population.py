@@ -190,9 +190,8 @@ class Population(MeZO):
         if closure is None:
             raise ValueError("Population.step needs a closure that returns one loss per member")
         seeds = [mix(self.seed, self.num_perturbations_done + k) for k in range(self.n_perturbations)]
-        per_rank = len(seeds) * 2 // self.members
-        mine = seeds[distributed.rank() * self.members // 2:][: self.members // 2]
-        losses = exchange_losses(self.score(closure, mine), per_rank)
+        mine = seeds[distributed.rank() * self.members // 2:][: self.members // 2]  # this rank's pairs
+        losses = exchange_losses(self.score(closure, mine))
         if not self._reported and distributed.world_size() > 1:
             self._reported = True
             if distributed.is_main():
@@ -249,14 +248,14 @@ class Population(MeZO):
         return {**super().config(), "population": self.population, "perturbation_rank": self.perturbation_rank}
 
 
-def exchange_losses(losses: list[float], per_rank: int) -> list[float]:
+def exchange_losses(losses: list[float]) -> list[float]:
     """Every rank's member losses, in member order, on every rank (one all_gather of float64 numbers; ``losses``
     in one process). A rank that stopped makes the others raise within EXCHANGE_TIMEOUT, naming it."""
     if distributed.world_size() == 1:
         return losses
     device = distributed._device()
     mine = torch.tensor(losses, dtype=torch.float64, device=device)
-    parts = [torch.empty(per_rank, dtype=torch.float64, device=device) for _ in range(distributed.world_size())]
+    parts = [torch.empty(len(losses), dtype=torch.float64, device=device) for _ in range(distributed.world_size())]
     try:
         if dist.get_backend() == "gloo":  # names the ranks that do not answer, instead of waiting forever
             dist.monitored_barrier(timeout=EXCHANGE_TIMEOUT, wait_all_ranks=True)

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from metrics import Metric
 from zo_objectives.objectives import Objective, references
-from zo_objectives.optimizer import MeZO, replay
+from zo_objectives.optimizer import MeZO
+from zo_objectives.population import Population, PopulationObjective, replay
 
 CHECKPOINT = "trajectory.json"
 LOG = "metrics.jsonl"
@@ -250,10 +251,15 @@ def train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, example
     The loss of a step is the mean objective over its perturbed evaluations. A step "ties" when both sides
     of its estimate scored the same (no signal: the weights do not move). SIGTERM stops a run as Ctrl-C does
     (KeyboardInterrupt, after saving the checkpoint). A row is logged before its step is checkpointed, and
-    rows past ``start_step`` are dropped first, so metrics.jsonl matches the checkpoint after any kill.
+    rows past ``start_step`` are dropped first, so metrics.jsonl matches the checkpoint after any kill. With a
+    :class:`~zo_objectives.population.Population` optimizer the objective is wrapped in a PopulationObjective
+    (one loss per member) unless it has no predictor: it must then return one loss per member itself.
     """
     if not (isinstance(checkpoint_every, int) and checkpoint_every >= 0):
         raise ValueError(f"checkpoint_every must be an int >= 0 (0: only at evaluations), got {checkpoint_every!r}")
+    splittable = any(hasattr(objective, f) for f in ("predictor", "generator", "terms"))  # else: per member already
+    if isinstance(optimizer, Population) and splittable and not isinstance(objective, PopulationObjective):
+        objective = PopulationObjective(objective, lambda: optimizer.members)  # one loss per member, one pass
     history: list[dict] = []
     log, base, saved_step = None, "", start_step
     if run_dir:
