@@ -56,11 +56,20 @@ class _Members(_Perturbed):
 
     def _stack(self, index: int, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every local pair's factors in ``p``'s dtype: A (pairs, out, r) and B (pairs, in, r), or z (pairs, n)."""
-        factors = [self.opt._factors(seed, index, p) for seed in self.seeds]
-        a = torch.stack([f[0] for f in factors]).to(p.dtype)
-        if factors[0][1] is None:
-            return a[..., 0], None
-        return a, torch.stack([f[1] for f in factors]).to(p.dtype)
+        (rows, cols), r, noise = self.opt._factor_shape(p), self.opt.perturbation_rank, self.opt.noise
+        n = (rows + cols) * r if cols else rows
+        if noise.kind == "table":  # one gather for all pairs: the values _factors reads, chunk by chunk
+            at = torch.arange(n, device=p.device)
+            offsets = torch.tensor([noise.offsets(seed, index, n) for seed in self.seeds], device=p.device)
+            values = noise._table(p.device, p.dtype)[offsets[:, at // noise.chunk_size] + at % noise.chunk_size]
+        else:
+            values = torch.empty(len(self.seeds), n, device=p.device)
+            for k, seed in enumerate(self.seeds):
+                self.opt._factors(seed, index, p, out=values[k])
+            values = values.to(p.dtype)
+        if not cols:
+            return values, None
+        return values[:, : rows * r].view(-1, rows, r), values[:, rows * r:].view(-1, cols, r)
 
     def _blocks(self, rows: int, module: torch.nn.Module) -> int:
         """Rows per member in a forward of ``rows`` rows."""
@@ -164,11 +173,16 @@ class Population(MeZO):
         self.members = population // world
         self._reported = False
 
-    def _factors(self, seed: int, index: int, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """fp32 (A (out, r), B (in, r)) of a matrix (viewed as (shape[0], rest)); (z (n, 1), None) of a vector."""
-        r = self.perturbation_rank
-        rows, cols = (p.shape[0], p.numel() // p.shape[0]) if p.ndim >= 2 else (p.numel(), 0)
-        values = torch.empty((rows + cols) * r if cols else rows, device=p.device, dtype=torch.float32)
+    def _factor_shape(self, p: torch.Tensor) -> tuple[int, int]:
+        """(rows, columns) of A and B for a matrix (viewed as (shape[0], rest)); (n, 0) for a vector."""
+        return (p.shape[0], p.numel() // p.shape[0]) if p.ndim >= 2 else (p.numel(), 0)
+
+    def _factors(self, seed: int, index: int, p: torch.Tensor,
+                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """fp32 (A (out, r), B (in, r)) of a matrix, (z (n, 1), None) of a vector: views of ``out`` (their values
+        one after the other) when given."""
+        (rows, cols), r = self._factor_shape(p), self.perturbation_rank
+        values = torch.empty((rows + cols) * r if cols else rows, device=p.device) if out is None else out
         for where, z in self.noise.chunks(seed, index, values):
             values[where] = z
         if not cols:
