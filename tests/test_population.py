@@ -346,3 +346,21 @@ def test_a_dead_rank_stops_the_others_naming_it(tmp_path):
     assert "rank 0: the population's loss exchange failed" in ranks[0]["error"]
     assert re.search(r"[Rr]ank.{0,3}1", ranks[0]["error"].split("failed", 1)[1]), ranks[0]["error"]
     assert ranks[0]["seconds"] < 90
+
+
+def test_benchmark_script_runs_on_a_tiny_model(capsys):
+    """A smoke run of benchmarks/population.py (one round, nothing written): every table has its rows."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "population.py"
+    spec = importlib.util.spec_from_file_location("population_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = module.main(["--model", "tiny-random", "--rows", "4", "--seq-len", "8", "--prompt-len", "4",
+                       "--new-tokens", "2", "--populations", "4", "--ranks", "1", "--repeats", "1", "--warmup", "0",
+                       "--budgets", "2", "4", "--trials", "2", "--quality-batch", "2"])
+    assert [row[:3] for row in out["throughput"]["rows"]] == [["forward", "4", "1"], ["generate", "4", "1"]]
+    assert [row[0] for row in out["quality"]["rows"]] == [
+        "MeZO n-SPSA, n = 1", "population N = 2, r = 1", "MeZO n-SPSA, n = 2", "population N = 4, r = 1"]
+    assert all(-1 <= float(row[2]) <= 1 for row in out["quality"]["rows"])

@@ -50,7 +50,6 @@ class _Members(_Perturbed):
     def __init__(self, opt: Population, seeds: Sequence[int]):
         self.opt, self.seeds, self.alpha = opt, list(seeds), opt.eps
         self.targets = {id(p): index for index, p, _ in opt._params()}
-        self.seen: set[int] = set()
         self.swapped: dict[int, tuple[torch.nn.Module, list]] = {}
         self.outputs: dict[int, list[tuple[str, int, torch.Tensor]]] = {}  # id(module) -> perturbed via its output
 
@@ -85,7 +84,6 @@ class _Members(_Perturbed):
             index = self.targets.get(id(p)) if p is not None else None
             if index is None:
                 continue
-            self.seen.add(index)
             if type(module) in (torch.nn.Linear, torch.nn.Embedding) and name in ("weight", "bias"):
                 if isinstance(module, torch.nn.Embedding) and module.max_norm is not None:
                     raise ValueError("population perturbations do not support an Embedding with max_norm")
