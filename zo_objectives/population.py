@@ -52,15 +52,19 @@ class _Members(_Perturbed):
         self.targets = {id(p): index for index, p, _ in opt._params()}
         self.swapped: dict[int, tuple[torch.nn.Module, list]] = {}
         self.outputs: dict[int, list[tuple[str, int, torch.Tensor]]] = {}  # id(module) -> perturbed via its output
+        self.positions: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _stack(self, index: int, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every local pair's factors in ``p``'s dtype: A (pairs, out, r) and B (pairs, in, r), or z (pairs, n)."""
         (rows, cols), r, noise = self.opt._factor_shape(p), self.opt.perturbation_rank, self.opt.noise
         n = (rows + cols) * r if cols else rows
         if noise.kind == "table":  # one gather for all pairs: the values _factors reads, chunk by chunk
-            at = torch.arange(n, device=p.device)
+            if (n, p.device) not in self.positions:  # (chunk, place in it) of each value; tensors share shapes
+                at = torch.arange(n, device=p.device)
+                self.positions[(n, p.device)] = at // noise.chunk_size, at % noise.chunk_size
+            chunk, within = self.positions[(n, p.device)]
             offsets = torch.tensor([noise.offsets(seed, index, n) for seed in self.seeds], device=p.device)
-            values = noise._table(p.device, p.dtype)[offsets[:, at // noise.chunk_size] + at % noise.chunk_size]
+            values = noise._table(p.device, p.dtype)[offsets[:, chunk] + within]
         else:
             values = torch.empty(len(self.seeds), n, device=p.device)
             for k, seed in enumerate(self.seeds):
@@ -127,11 +131,11 @@ class _Members(_Perturbed):
                 ids = x.reshape(pairs, -1)
                 picked = torch.gather(a, 1, ids[..., None].expand(-1, -1, a.shape[-1]))  # (pairs, 2*rows, r)
                 low = (picked.view(pairs, 2, -1, a.shape[-1]) * sign).view(pairs, -1, a.shape[-1])
-                out.add_(torch.bmm(low, b.transpose(1, 2)).view_as(out), alpha=scale)
-            else:  # x @ B_k, signed, @ A_k^T
+                out.view(pairs, -1, out.shape[-1]).baddbmm_(low, b.transpose(1, 2), alpha=scale)
+            else:  # x @ B_k, signed, @ A_k^T, added by the matmul itself (no output-sized temporary)
                 low = torch.bmm(x.reshape(pairs, -1, x.shape[-1]), b)  # (pairs, 2*rows, r)
                 low = (low.view(pairs, 2, -1, low.shape[-1]) * sign).view(pairs, -1, low.shape[-1])
-                out.add_(torch.bmm(low, a.transpose(1, 2)).view_as(out), alpha=scale)
+                out.view(pairs, -1, out.shape[-1]).baddbmm_(low, a.transpose(1, 2), alpha=scale)
         return output
 
 
