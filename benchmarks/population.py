@@ -15,6 +15,8 @@ MeZO n-SPSA scores 2 n B rows, a population of N members N B rows. Mean and stan
     python benchmarks/population.py --part quality --trials 40
     python benchmarks/population.py --model tiny-random --repeats 1  # a smoke run
     python benchmarks/population.py --write                          # store the JSON and BENCHMARKS.md sections
+    python benchmarks/population.py --part throughput --dtype bf16 --suffix _bf16 --write
+    python benchmarks/population.py --part throughput --device cuda --rows 1024 --suffix _cuda --write  # a GPU
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def _time(fn) -> float:
 
 
 def throughput(args: argparse.Namespace) -> list[list]:
-    model, batch = setup(args.model, args.device, args.threads, args.rows, args.seq_len)
+    model, batch = setup(args.model, args.device, args.threads, args.rows, args.seq_len, dtype=args.dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     configs = [(n, r) for n in args.populations for r in args.ranks if args.rows % n == 0]
     gen_ids = batch["input_ids"][:, : args.prompt_len]
@@ -149,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="throughput only")
     parser.add_argument("--populations", type=int, nargs="+", default=[4, 16, 64])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4])
     parser.add_argument("--rows", type=int, default=64, help="rows of one pass: N members x rows/N examples")
@@ -169,14 +172,14 @@ def main(argv: list[str] | None = None) -> dict:
         out["throughput"] = publish(
             f"population_throughput{args.suffix}", f"Population throughput ({args.model})",
             f"One pass over N members x B examples with each member's rank-r perturbation, against the same "
-            f"N*B = {args.rows} rows unperturbed ({args.seq_len} tokens, the last position's logits); sampled "
-            f"generation of {args.new_tokens} tokens after {args.prompt_len}-token prompts, against plain batched "
-            "generate. Ratio: median over rounds of perturbed / plain, timed back to back (goals: forward <= 1.15, "
-            "generation <= 1.2).",
+            f"N*B = {args.rows} rows unperturbed ({args.seq_len} tokens, {args.dtype}, the last position's logits); "
+            f"sampled generation of {args.new_tokens} tokens after {args.prompt_len}-token prompts, against plain "
+            "batched generate. Ratio: median over rounds of perturbed / plain, timed back to back (goals: forward "
+            "<= 1.15, generation <= 1.2).",
             ["pass", "N", "r", "B", "rows", "plain s", "population s", "ratio"], rows, args.device, args.write,
             notes="Timed on a shared machine (other jobs running): the ratios, measured back to back, are the "
                   "result; the seconds are not. Peak memory was not measured here.",
-            params={"model": args.model, "rows": args.rows})
+            params={"model": args.model, "rows": args.rows, "dtype": args.dtype})
     if args.part in ("quality", "all"):
         rows = quality(args)
         out["quality"] = publish(
