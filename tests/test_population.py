@@ -364,3 +364,12 @@ def test_benchmark_script_runs_on_a_tiny_model(capsys):
     assert [row[0] for row in out["quality"]["rows"]] == [
         "MeZO n-SPSA, n = 1", "population N = 2, r = 1", "MeZO n-SPSA, n = 2", "population N = 4, r = 1"]
     assert all(-1 <= float(row[2]) <= 1 for row in out["quality"]["rows"])
+
+
+def test_a_layer_norm_is_refused_with_a_message_and_left_as_it_was():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    opt = Population(model.parameters(), population=2)
+    before = weights(model)
+    with pytest.raises(ValueError, match="LayerNorm.weight .* freeze it"):
+        opt.step(lambda: model(torch.ones(2, 4)).sum(-1))
+    assert same(weights(model), before) and isinstance(model[1].weight, torch.nn.Parameter)

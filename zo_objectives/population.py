@@ -39,6 +39,8 @@ from zo_objectives.objectives import Objective
 from zo_objectives.optimizer import HALF, MeZO, _Perturbed, mix, round_stochastic, signals_deferred
 from zo_objectives.optimizer import replay as replay_mezo
 
+# modules whose functional form checks the weight's shape: a weight per row of input cannot stand in for theirs
+SHAPE_CHECKED = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm, torch.nn.modules.batchnorm._NormBase)
 EXCHANGE_TIMEOUT = timedelta(seconds=60)  # a rank that stops answering stops the others within this
 
 
@@ -92,7 +94,8 @@ class _Members(_Perturbed):
                 if isinstance(module, torch.nn.Embedding) and module.max_norm is not None:
                     raise ValueError("population perturbations do not support an Embedding with max_norm")
                 outputs.append((name, index, p))
-            elif p.ndim == 1 and args and isinstance(args[0], torch.Tensor) and args[0].ndim >= 1:
+            elif (p.ndim == 1 and args and isinstance(args[0], torch.Tensor) and args[0].ndim >= 1
+                  and not isinstance(module, SHAPE_CHECKED)):
                 swaps.append((name, index, p))
             else:
                 raise ValueError(f"population perturbations cover Linear and Embedding weights and 1-D weights that "
