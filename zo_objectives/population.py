@@ -119,7 +119,7 @@ class _Members(_Perturbed):
         if swapped is not None:
             module._parameters.update(swapped[1])
         outputs = self.outputs.pop(id(module), None)
-        if not outputs:
+        if not outputs or output is None:  # None: the module's forward raised
             return None
         pairs, x = len(self.seeds), args[0]
         self._blocks(x.shape[0], module)
