@@ -13,6 +13,7 @@ MeZO n-SPSA scores 2 n B rows, a population of N members N B rows. Mean and stan
 
     python benchmarks/population.py                                  # both, SmolLM2-135M throughput
     python benchmarks/population.py --part quality --trials 40
+    python benchmarks/population.py --part memory --rows 16 --seq-len 64   # peak RSS against inference
     python benchmarks/population.py --model tiny-random --repeats 1  # a smoke run
     python benchmarks/population.py --write                          # store the JSON and BENCHMARKS.md sections
     python benchmarks/population.py --part throughput --dtype bf16 --suffix _bf16 --write
@@ -147,7 +148,7 @@ def quality(args: argparse.Namespace) -> list[list]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("throughput", "quality", "all"), default="all")
+    parser.add_argument("--part", choices=("throughput", "quality", "memory", "all"), default="all")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
@@ -180,6 +181,18 @@ def main(argv: list[str] | None = None) -> dict:
             notes="Timed on a shared machine (other jobs running): the ratios, measured back to back, are the "
                   "result; the seconds are not. Peak memory was not measured here.",
             params={"model": args.model, "rows": args.rows, "dtype": args.dtype})
+    if args.part in ("memory", "all"):  # benchmarks/memory.py's workers: each configuration in its own process
+        import memory
+
+        results = memory.measure(args.model, args.device, args.threads, args.rows, args.seq_len,
+                                 ["inference", "population"], steps=2, dtype=args.dtype)
+        header, table = memory.rows(results)
+        out["memory"] = publish(
+            f"population_memory{args.suffix}", f"Population memory ({args.model})",
+            f"Peak RSS of a population step (2 members x {args.rows // 2} examples, rank 1) against inference on "
+            f"the same {args.rows} rows x {args.seq_len} tokens ({args.dtype}), each in its own process "
+            "(benchmarks/memory.py's workers; goal <= 1.05).", header, table, args.device, args.write,
+            params={"model": args.model, "rows": args.rows})
     if args.part in ("quality", "all"):
         rows = quality(args)
         out["quality"] = publish(
