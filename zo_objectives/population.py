@@ -41,6 +41,7 @@ from zo_objectives.optimizer import replay as replay_mezo
 
 # modules whose functional form checks the weight's shape: a weight per row of input cannot stand in for theirs
 SHAPE_CHECKED = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm, torch.nn.modules.batchnorm._NormBase)
+CACHE_SHARE = 0.02  # factors kept between the forwards of one scoring, as a share of the trainable values
 EXCHANGE_TIMEOUT = timedelta(seconds=60)  # a rank that stops answering stops the others within this
 
 
@@ -55,9 +56,15 @@ class _Members(_Perturbed):
         self.swapped: dict[int, tuple[torch.nn.Module, list]] = {}
         self.outputs: dict[int, list[tuple[str, int, torch.Tensor]]] = {}  # id(module) -> perturbed via its output
         self.positions: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Factors kept for the next forward (each decoding step of generate runs every module again), up to
+        # CACHE_SHARE of the trainable values: beyond that they are regenerated, so memory stays near inference's
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.room = CACHE_SHARE * sum(p.numel() for _, p, _ in opt._params())
 
     def _stack(self, index: int, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every local pair's factors in ``p``'s dtype: A (pairs, out, r) and B (pairs, in, r), or z (pairs, n)."""
+        if index in self.cache:
+            return self.cache[index]
         (rows, cols), r, noise = self.opt._factor_shape(p), self.opt.perturbation_rank, self.opt.noise
         n = (rows + cols) * r if cols else rows
         if noise.kind == "table":  # one gather for all pairs: the values _factors reads, chunk by chunk
@@ -72,9 +79,12 @@ class _Members(_Perturbed):
             for k, seed in enumerate(self.seeds):
                 self.opt._factors(seed, index, p, out=values[k])
             values = values.to(p.dtype)
-        if not cols:
-            return values, None
-        return values[:, : rows * r].view(-1, rows, r), values[:, rows * r:].view(-1, cols, r)
+        factors = (values, None) if not cols else (values[:, : rows * r].view(-1, rows, r),
+                                                   values[:, rows * r:].view(-1, cols, r))
+        if values.numel() <= self.room:
+            self.room -= values.numel()
+            self.cache[index] = factors
+        return factors
 
     def _blocks(self, rows: int, module: torch.nn.Module) -> int:
         """Rows per member in a forward of ``rows`` rows."""
