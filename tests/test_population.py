@@ -231,7 +231,7 @@ def test_cli_trains_records_reruns_and_resumes_a_population(tmp_path, capsys):
     config = json.loads((straight / "config.json").read_text())
     assert (config["population"], config["perturbation_rank"]) == (4, 2)
     assert config["optimizer"]["population"] == 4
-    records = json.loads((straight / "trajectory.json").read_text())["optimizer"]["mezo"]["trajectory"]
+    records = [json.loads(line) for line in (straight / "trajectory.jsonl").read_text().splitlines()]
     assert len(records) == 3 and all(len(r["seeds"]) == 2 for r in records)
     assert tune_main(["--config", str(straight / "config.json"), "--output-dir", str(again)]) == 0
     assert tune_main([*CLI, "--steps", "2", "--output-dir", str(resumed)]) == 0
@@ -306,20 +306,14 @@ def _run_ranks(tmp_path, die: bool) -> list[dict]:
 
     ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path), die), nprocs=WORLD, join=False,
                              start_method="fork")
-    deadline = time.monotonic() + 150
-    while True:
-        try:
-            if ctx.join(timeout=1):
-                break
-        except mp.ProcessExitedException:  # the rank made to die
-            if not die:
-                raise
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("population workers did not finish in 150 s")
-        if die and all(not p.is_alive() for p in ctx.processes):
-            break
+    deadline = time.monotonic() + 150  # each process waited on alone: ctx.join would end rank 0 once rank 1 died
+    for p in ctx.processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+    if any(p.is_alive() for p in ctx.processes):
+        for p in ctx.processes:
+            p.kill()
+        pytest.fail("population workers did not finish in 150 s")
+    assert [p.exitcode for p in ctx.processes] == ([0, 3] if die else [0, 0])
     return [torch.load(tmp_path / f"rank{r}.pt") if (tmp_path / f"rank{r}.pt").exists() else None
             for r in range(WORLD)]
 
