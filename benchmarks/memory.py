@@ -41,6 +41,7 @@ CONFIGS = {
     "mezo-gaussian": "our MeZO (gaussian noise)",
     "mezo-frozen-embeddings": "our MeZO, input embedding and LM head frozen (diagnostic)",
     "mezo-lora": "our MeZO on LoRA r=8 (q, v) only",
+    "population": "a population step: one antithetic pair, each member on half the batch, rank 1",
     "reference": "reference MeZO step",
     "adamw": "backprop + AdamW (train mode, full-logits cross-entropy)",
     "lora": "backprop + AdamW on LoRA r=8 (q, v) only, as adamw (the MeZO paper's LoRA setting)",
@@ -106,6 +107,15 @@ def run_steps(name: str, model: torch.nn.Module, batch: dict, steps: int) -> Non
         opt = MeZO(params, lr=1e-6, eps=1e-3, noise="gaussian" if name == "mezo-gaussian" else "table")
         for _ in range(steps):
             opt.step(closure)
+    elif name == "population":  # the same rows as inference: 2 members, each on half of the batch
+        from zo_objectives.population import Population
+
+        opt = Population(params, lr=1e-6, eps=1e-3, population=2)
+        labels = batch["labels"]
+        for _ in range(steps):
+            opt.step(lambda: torch.nn.functional.cross_entropy(
+                forward(model, batch, keep=1)[:, -1, batch["label_ids"]].float(), labels, reduction="none")
+                .view(2, -1).mean(1))
     elif name == "reference":
         for seed in range(steps):
             reference_step(model, closure, lr=1e-6, eps=1e-3, seed=seed)

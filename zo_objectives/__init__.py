@@ -43,7 +43,8 @@ from zo_objectives.objectives import (  # noqa: E402 (after the check, which nam
     WeightedSum,
     make_objective,
 )
-from zo_objectives.optimizer import MeZO, make_scheduler, replay  # noqa: E402
+from zo_objectives.optimizer import MeZO, make_scheduler  # noqa: E402
+from zo_objectives.population import Population, PopulationObjective, replay  # noqa: E402 (replays MeZO too)
 from zo_objectives.scoring import (  # noqa: E402
     ChoicePredictor,
     GenerationPredictor,
@@ -81,6 +82,8 @@ __all__ = [
     "MeZO",
     "MetricObjective",
     "Objective",
+    "Population",
+    "PopulationObjective",
     "RewardError",
     "RewardObjective",
     "WeightedSum",

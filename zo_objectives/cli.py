@@ -51,6 +51,7 @@ from zo_objectives.models import apply_peft, export_run, load_model, load_run_we
 from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, RewardObjective, check_metric, make_objective
 from zo_objectives.optimizer import MeZO, make_scheduler
 from zo_objectives.plots import plot_run
+from zo_objectives.population import Population
 from zo_objectives.runfolder import (
     CHECKPOINT,
     CONFIG,
@@ -343,6 +344,7 @@ def stop_message(run_dir: Path, signum: int) -> str:
 
 MEZO_SETTINGS = ("lr", "eps", "weight_decay", "n_perturbations", "seed", "noise", "difference", "update",
                  "fitness_shaping", "momentum", "momentum_window", "on_nonfinite")
+POPULATION_SETTINGS = ("lr", "eps", "weight_decay", "seed", "noise", "update", "fitness_shaping", "on_nonfinite")
 
 
 def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
@@ -385,7 +387,8 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
     metric, split = metrics[0], run.split  # the headline metric, and what the evaluation set is
     resumed = check_resume(run_dir, config, allow_changed_settings, step) if resume and main else []
     params = [p for p in model.parameters() if p.requires_grad]
-    objective = distributed.ShardedObjective(run.objective) if world > 1 else run.objective  # batch[rank::world]
+    # distributed: MeZO splits the batch (batch[rank::world]); a population splits its members instead
+    objective = distributed.ShardedObjective(run.objective) if world > 1 and not config.population else run.objective
 
     def dev_metrics() -> dict[str, float]:
         if world > 1:  # distributed: verify the ranks' weights agree, split the dev set across ranks
@@ -402,8 +405,11 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
         saved = read_json(run_dir / EVAL)
         before = saved.get("before_metrics") or ({metric.name: saved["before"]} if saved.get("before") is not None
                                                  else None)
-    else:
+    elif not config.population:
         optimizer = MeZO(params, **{name: getattr(config, name) for name in MEZO_SETTINGS})
+    else:
+        optimizer = Population(params, population=config.population, perturbation_rank=config.perturbation_rank,
+                               **{name: getattr(config, name) for name in POPULATION_SETTINGS})
     scheduler = make_scheduler(optimizer, config.schedule, config.steps, last_step=start)
     if main:  # every check passed: from here on the run folder is written
         if not claimed:  # a new folder: claimed as it is created

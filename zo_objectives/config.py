@@ -141,6 +141,10 @@ class TuneConfig(CommonConfig):
     eps: float | None = arg(None, f"perturbation scale (default {DEFAULT_EPS['fp32']}, {DEFAULT_EPS['bf16']} in bf16, "
                                   "whose rounding swamps smaller loss differences)", above=0, resume=FIXED)
     n_perturbations: int = arg(1, "SPSA estimates averaged per step", above=0, resume=FIXED)
+    population: int = arg(0, "members per step of the population estimator (an even number: antithetic pairs, "
+                             "all scored in one batched pass; docs/mezo.md); 0: MeZO", at_least=0, resume=FIXED)
+    perturbation_rank: int = arg(1, "rank of each population member's perturbation of a matrix", above=0,
+                                 resume=FIXED)
     smoothing: float | None = arg(None, "metric objectives optimize the metric's expectation over each example's "
                                         "options (classes, candidates; for generation the greedy answer and the gold "
                                         "answers) drawn from softmax(log-likelihood / T) (default "
@@ -191,6 +195,11 @@ class TuneConfig(CommonConfig):
         if self.momentum >= 1 or (self.momentum > 0) != (self.momentum_window > 1):
             raise UsageError(f"--momentum must be in [0, 1) with --momentum-window > 1 (or both 0), got "
                              f"{self.momentum}, {self.momentum_window}")
+        if self.population % 2:
+            raise UsageError(f"--population must be even (antithetic pairs) or 0 (MeZO), got {self.population}")
+        if self.population and (self.n_perturbations != 1 or self.momentum or self.difference != "central"):
+            raise UsageError("--population replaces --n-perturbations, --momentum and --difference forward: "
+                             "leave them at their defaults")
         if self.reward and self.objective not in (None, REWARD):
             raise UsageError("--reward and --objective exclude each other: the rewards are the objective")
         for spec in self.reward:

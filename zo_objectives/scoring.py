@@ -68,6 +68,18 @@ class Predictor:
         self.group_size = group_size
         self._warned_cut = False
 
+    members = 1  # a population's batch holds its examples once per member (zo_objectives.population)
+
+    def _groups(self, lengths: list[int], keep: list[bool] | None = None) -> list[list[int]]:
+        """The rows of each model call: up to ``group_size`` examples, sorted by length (those ``keep`` marks).
+
+        With ``members`` > 1 the rows are ``members`` copies of the examples, one after another, and each call
+        holds every member's copy of its examples, grouped by member, as a population's forward hooks expect."""
+        n = len(lengths) // self.members
+        order = sorted((i for i in range(n) if keep is None or keep[i]), key=lambda i: lengths[i])
+        return [[m * n + i for m in range(self.members) for i in order[start:start + self.group_size]]
+                for start in range(0, len(order), self.group_size)]
+
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
@@ -101,10 +113,8 @@ class Predictor:
         The sequences run sorted by length in groups of ``group_size``, each padded to its own longest, so a
         batch of mixed lengths computes far fewer padding positions than padded to its single longest."""
         device = next(model.parameters()).device
-        order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
         out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
-        for start in range(0, len(order), self.group_size):
-            group = order[start:start + self.group_size]
+        for group in self._groups([len(s) for s in sequences]):
             ids, mask, positions = left_pad([sequences[i] for i in group], self.pad_id)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                            position_ids=positions.to(device), use_cache=False, logits_to_keep=keep).logits
@@ -158,9 +168,7 @@ class Predictor:
         if any(not c for cands in conts for c in cands):
             raise ValueError("an answer candidate or target is empty; every continuation needs a token")
         prompt_ids = [self._tokens(p) for p in prompts]
-        order = sorted((i for i in range(len(prompts)) if conts[i]), key=lambda i: len(prompt_ids[i]))
-        for start in range(0, len(order), self.group_size):
-            group = order[start:start + self.group_size]
+        for group in self._groups([len(p) for p in prompt_ids], [bool(c) for c in conts]):
             longest = max(len(c) for i in group for c in conts[i])
             if longest >= limit:
                 raise ValueError(f"a continuation of {longest} tokens leaves no room for its prompt "

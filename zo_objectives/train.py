@@ -30,7 +30,8 @@ from tqdm.auto import tqdm
 
 from metrics import Metric
 from zo_objectives.objectives import Objective, references
-from zo_objectives.optimizer import MeZO, replay
+from zo_objectives.optimizer import MeZO
+from zo_objectives.population import Population, PopulationObjective, replay  # replay: MeZO's and populations'
 from zo_objectives.runfolder import (
     CHECKPOINT,
     CONFIG,
@@ -367,10 +368,15 @@ def train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, example
     With ``run_dir`` the run holds the folder's lock; a row is logged before its step is checkpointed, and rows
     past ``start_step`` are dropped first, so metrics.jsonl matches the checkpoint after any kill; a new run
     (``start_step`` 0) refuses a folder that holds a checkpoint. ``evaluate_fn`` returns the evaluation metric,
-    or several by name (the first logged as ``"eval"``, all of them as ``"eval_metrics"``).
+    or several by name (the first logged as ``"eval"``, all of them as ``"eval_metrics"``). With a
+    :class:`~zo_objectives.population.Population` optimizer the objective is wrapped in a PopulationObjective
+    (one loss per member) unless it has no predictor: it must then return one loss per member itself.
     """
     if not (isinstance(checkpoint_every, int) and checkpoint_every >= 0):
         raise ValueError(f"checkpoint_every must be an int >= 0 (0: only at evaluations), got {checkpoint_every!r}")
+    splittable = any(hasattr(objective, f) for f in ("predictor", "generator", "terms"))  # else: per member already
+    if isinstance(optimizer, Population) and splittable and not isinstance(objective, PopulationObjective):
+        objective = PopulationObjective(objective, lambda: optimizer.members)  # one loss per member, one pass
     start_step = len(optimizer.trajectory) if start_step is None else start_step
     if len(optimizer.trajectory) != start_step:
         raise ValueError(f"start_step {start_step} does not match the optimizer's {len(optimizer.trajectory)} "
