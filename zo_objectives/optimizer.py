@@ -516,6 +516,13 @@ class MeZO(Optimizer):
                 "difference": self.difference, "update": self.update, "fitness_shaping": self.fitness_shaping,
                 "momentum": self.momentum, "momentum_window": self.momentum_window, **self.noise.config()}
 
+    @classmethod
+    def from_config(cls, params: Iterable, config: dict) -> MeZO:
+        """An optimizer over ``params`` with the settings of :meth:`config` (as a state_dict holds them)."""
+        keys = ("eps", "n_perturbations", "seed", "difference", "update", "fitness_shaping", "momentum",
+                "momentum_window", "noise", "table_size", "chunk_size")
+        return cls(params, **{k: config[k] for k in keys})
+
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["mezo"] = {**self.config(), "num_perturbations_done": self.num_perturbations_done,
@@ -545,22 +552,20 @@ def _describe(params: Iterable[torch.Tensor]) -> list[list]:
     return [[str(p.dtype).removeprefix("torch."), list(p.shape)] for p in params]
 
 
-def replay(params: Iterable, state: dict, steps: int | None = None) -> MeZO:
+def replay(params: Iterable, state: dict, steps: int | None = None, *, estimator: type[MeZO] | None = None) -> MeZO:
     """Rebuild tuned weights in place from the base weights and a ``MeZO.state_dict()``.
 
     ``params`` must be the same parameters (same order, same groups) the optimizer was built with, holding
     the base weights: their count, dtypes and shapes (and, when the state carries ``base_sha256``, the
     weights' checksum) are checked first, and a mismatch is a ValueError with the weights untouched. Returns
-    an optimizer positioned after the replayed steps, ready to continue training.
+    an optimizer positioned after the replayed steps, ready to continue training. ``estimator``: the optimizer
+    class the state is of (default MeZO; ``zo_objectives.population.replay`` picks it from the state).
     """
     if not (isinstance(state, dict) and "mezo" in state):
         raise TypeError("replay needs a MeZO.state_dict() (a dict with a 'mezo' entry: the settings and the "
                         f"trajectory), got {type(state).__name__}")
     mezo = state["mezo"]
-    keys = ("eps", "n_perturbations", "seed", "difference", "update", "fitness_shaping", "momentum", "momentum_window")
-    config = {k: mezo[k] for k in keys}
-    opt = MeZO(params, noise=mezo["noise"], table_size=mezo["table_size"],
-               chunk_size=mezo["chunk_size"], **config)
+    opt = (estimator or MeZO).from_config(params, mezo)
     given = [p for group in opt.param_groups for p in group["params"]]
     described = mezo.get("params") or []  # [dtype, shape] of each (a state_dict() of an older version: none)
     count = len(described) or sum(len(g["params"]) for g in state.get("param_groups", []))

@@ -276,6 +276,12 @@ class Population(MeZO):
     def config(self) -> dict:
         return {**super().config(), "population": self.population, "perturbation_rank": self.perturbation_rank}
 
+    @classmethod
+    def from_config(cls, params: Iterable, config: dict) -> Population:
+        keys = ("eps", "population", "perturbation_rank", "seed", "update", "fitness_shaping", "noise", "table_size",
+                "chunk_size")
+        return cls(params, **{k: config[k] for k in keys})
+
 
 def exchange_losses(losses: list[float]) -> list[float]:
     """Every rank's member losses, in member order, on every rank (one all_gather of float64 numbers; ``losses``
@@ -309,18 +315,8 @@ def allreduce_bytes(opt: Population) -> int:
 
 def replay(params: Iterable, state: dict, steps: int | None = None) -> MeZO:
     """Rebuild tuned weights from a ``Population`` or ``MeZO`` ``state_dict()`` (see optimizer.replay)."""
-    if not (isinstance(state, dict) and "population" in state.get("mezo", {})):
-        return replay_mezo(params, state, steps)
-    saved = state["mezo"]
-    keys = ("eps", "population", "perturbation_rank", "seed", "update", "fitness_shaping", "noise", "table_size",
-            "chunk_size")
-    opt = Population(params, **{k: saved[k] for k in keys})
-    if "param_groups" in state:
-        for group, kept in zip(opt.param_groups, state["param_groups"]):
-            group.update({k: v for k, v in kept.items() if k != "params"})
-    for record in saved["trajectory"][:steps]:
-        opt.replay_record(record)
-    return opt
+    population = isinstance(state, dict) and "population" in state.get("mezo", {})
+    return replay_mezo(params, state, steps, estimator=Population if population else MeZO)
 
 
 class _Shared:
