@@ -27,7 +27,6 @@ from metrics import Metric, get_metric, list_metrics
 from tasks import Task, get_task, task_from_file, with_demonstrations
 from zo_objectives import distributed
 from zo_objectives.config import (
-    DEFAULT_DTYPE,
     DEFAULT_EPS,
     DEFAULT_LR,
     REWARD,
@@ -40,7 +39,15 @@ from zo_objectives.config import (
     differences,
     read_config,
 )
-from zo_objectives.models import apply_peft, load_model, load_run_weights, select_trainable
+from zo_objectives.models import (
+    apply_peft,
+    auto_dtype,
+    cpu_has_bf16,
+    cpu_name,
+    load_model,
+    load_run_weights,
+    select_trainable,
+)
 from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, RewardObjective, make_objective
 from zo_objectives.optimizer import MeZO, make_scheduler
 from zo_objectives.plots import plot_run
@@ -98,8 +105,15 @@ def _task(config: CommonConfig) -> Task:
 
 
 def _dtype(name: str, device: torch.device) -> str:
-    """The dtype a run uses: ``auto`` resolves by device type (``DEFAULT_DTYPE``)."""
-    return DEFAULT_DTYPE[device.type] if name == "auto" else name
+    """The dtype a run uses: ``auto`` resolves by the device (``models.auto_dtype``)."""
+    return auto_dtype(device) if name == "auto" else name
+
+
+def hardware(device: torch.device) -> dict:
+    """What config.json records of the machine: the device, its model name, and (CPU) native bf16 arithmetic."""
+    if device.type == "cuda":
+        return {"device": "cuda", "name": torch.cuda.get_device_name(device)}
+    return {"device": device.type, "name": cpu_name(), "native_bf16": cpu_has_bf16()}
 
 
 def _device(name: str | None) -> torch.device:
@@ -185,7 +199,7 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     facts = {"form": form, "support": objective.support if form else None, "metric": metric.name,
              "train_examples": len(train_set), "eval_examples": len(dev_set), "trainable_parameters": trainable,
-             "world_size": distributed.world_size()}
+             "world_size": distributed.world_size(), "hardware": hardware(device)}
     return Run(config, model, predictor, objective, metric, train_set, dev_set, facts)
 
 
@@ -240,16 +254,22 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
     if main:
         check_run_dir(run_dir, resume, overwrite)
     run = prepare(config, task, _device(config.device))
+    if main and config.dtype == "auto":
+        machine = run.facts["hardware"]
+        native = machine.get("native_bf16")
+        bf16 = "" if native is None else f", {'' if native else 'no '}native bf16 arithmetic"
+        print(f"zo-tune: --dtype auto: {run.config.dtype} on {machine['device']} ({machine['name']}{bf16})",
+              file=sys.stderr)
     config, model, metric, dev_set = run.config, run.model, run.metric, run.dev_set
     resumed = check_resume(run_dir, config, allow_changed_settings) if resume and main else []
     params = [p for p in model.parameters() if p.requires_grad]
     objective = distributed.ShardedObjective(run.objective) if world > 1 else run.objective  # batch[rank::world]
 
-    def dev_metric() -> float:
+    def dev_metric(progress: bool = False) -> float:
         if world > 1:  # distributed: verify the ranks' weights agree, split the dev set across ranks
             distributed.check_in_sync(params)
             return distributed.evaluate_model(model, run.predictor, dev_set, metric, config.batch_size)
-        return evaluate_model(model, run.predictor, dev_set, metric, config.batch_size)
+        return evaluate_model(model, run.predictor, dev_set, metric, config.batch_size, progress=progress)
 
     start, before = 0, None
     if resume:
@@ -272,7 +292,7 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
         if config.eval_before and main:
             print(f"zo-tune: evaluating {config.model} on {len(dev_set)} {task.name} dev examples before tuning "
                   "(--no-eval-before skips it)", file=sys.stderr)
-        before = dev_metric() if config.eval_before else None
+        before = dev_metric(progress=main and config.progress) if config.eval_before else None
         if main:
             write_json(run_dir / "eval.json", {"metric": metric.name, "examples": len(dev_set), "before": before})
     if main:
