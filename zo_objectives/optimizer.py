@@ -79,7 +79,15 @@ class Noise:
         return self._tables[key]
 
     def _offset(self, length: int, *key: int) -> int:
-        return mix(*key) % (self.table_size - length + 1)
+        """Where a slice of ``length`` values for ``key`` starts in the table; memoized (a step's perturbations and
+        update read the same offsets, and ``mix`` is Python arithmetic), the memo bounded."""
+        memo = self.__dict__.setdefault("_offsets", {})
+        offset = memo.get((length, key))
+        if offset is None:
+            if len(memo) >= 1 << 16:
+                memo.clear()
+            offset = memo[(length, key)] = mix(*key) % (self.table_size - length + 1)
+        return offset
 
     def _wide_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The table rounded to ``dtype``, held in fp32, for a half-precision update on the CPU: adding it to the
@@ -182,80 +190,173 @@ def _normal_no_grad():
         yield
 
 
+def _by_output_kind(module: torch.nn.Module, name: str, p: torch.Tensor) -> bool:
+    """Whether a weight may be perturbed through its module's output (table noise; see :class:`_Perturbed`)."""
+    return name == "weight" and (type(module) is torch.nn.Embedding or (
+        type(module) is torch.nn.Linear and p.numel() >= _Perturbed.BY_OUTPUT))
+
+
+class _Layout:
+    """What the hooks need to know of each module, found once per step (on a module's first forward, for it and
+    every module under it) instead of at every forward. A group is the trainable tensors under one entry of a
+    ``ModuleList`` (a decoder layer): at that entry's forward they are perturbed with one multi-tensor add and
+    swapped in, and at its return swapped back, so the modules inside need no work of their own and at most one
+    layer's perturbed copy exists at a time. Modules with nothing to do map to None: their hooks return at once.
+    """
+
+    def __init__(self, opt: MeZO):
+        self.params = {index: p for index, p, _ in opt._params()}
+        self.targets = {id(p): index for index, p in self.params.items()}
+        self.flats = {index: p.detach().view(-1) for index, p in self.params.items()}
+        self.table = opt.noise.kind == "table"
+        # id(module) -> None, or (own: its (name, index, tensor) that its own hook perturbs, group: the (module,
+        # name, index, tensor, by-output kind) of a group it is the entry of, dropout: whether it is a dropout)
+        self.modules: dict[int, tuple | None] = {}
+        self.held: list[torch.nn.Module] = []  # keeps every module found alive, so that no id is reused in a step
+
+    def find(self, module: torch.nn.Module) -> tuple | None:
+        if id(module) not in self.modules:
+            self._walk(module)
+        return self.modules[id(module)]
+
+    def _slots(self, module: torch.nn.Module) -> list[tuple[str, int, torch.Tensor]]:
+        return [(name, self.targets[id(p)], p) for name, p in module._parameters.items()
+                if p is not None and id(p) in self.targets]
+
+    def _walk(self, root: torch.nn.Module) -> None:
+        groups: dict[int, tuple] = {}
+        grouped: set[int] = set()  # modules under a group's entry (not groups themselves)
+        for module in root.modules():
+            if id(module) in self.modules:
+                continue
+            if isinstance(module, torch.nn.ModuleList) and id(module) not in grouped:
+                for entry in module:
+                    subs = list(entry.modules())
+                    grouped.update(id(sub) for sub in subs)
+                    groups[id(entry)] = tuple((sub, name, index, p, self.table and _by_output_kind(sub, name, p))
+                                              for sub in subs for name, index, p in self._slots(sub))
+            # under a group, a module's own hook only decides for weights that may go through its output
+            own = tuple((name, index, p) for name, index, p in self._slots(module)
+                        if id(module) not in grouped or (self.table and _by_output_kind(module, name, p)))
+            group = groups.get(id(module), ())
+            dropout = isinstance(module, torch.nn.modules.dropout._DropoutNd)
+            self.modules[id(module)] = (own, group, dropout) if own or group or dropout else None
+            self.held.append(module)
+
+
 class _Perturbed:
     """While active, every module forward sees its trainable weights as ``w + scale * eps * z``, through
     process-wide module hooks; the stored weights are never written.
 
-    Usually the module's weight is swapped for a temporary perturbed copy. With table noise, two large weights are
+    Usually a weight is swapped for a temporary perturbed copy while its module runs: for the weights of a
+    decoder layer, all at once at the layer's entry (one multi-tensor add, the same values as one add per
+    weight), dropped when the layer returns (see :class:`_Layout`). With table noise, two large weights are
     perturbed through their output instead, so that no copy of them is made: an embedding's output gets
-    ``eps * z`` of the rows it looked up (the same values, bitwise), and a linear layer applied to at most
-    ``SMALL_INPUT`` rows (an LM head under ``logits_to_keep``) gets ``eps * x @ z.T``, by blocks of rows."""
+    ``eps * z`` of the rows it looked up (the same values, bitwise), and a linear layer of at least
+    ``BY_OUTPUT`` values applied to at most ``SMALL_INPUT`` rows (an LM head under ``logits_to_keep``) gets
+    ``eps * x @ z.T``, by blocks of rows. ``layout``: the step's, shared by its closure calls (new when None)."""
 
     SMALL_INPUT = 64  # rows of input under which x @ z.T (a matmul that small) is cheaper than copying the weight
+    BY_OUTPUT = 1 << 16  # values under which a weight's copy costs less than the extra kernels of x @ z.T
     GATHER = 1 << 18  # values of z gathered at a time for an embedding's output: bounds the index buffers
 
-    def __init__(self, opt: MeZO, seed: int, scale: float):
+    def __init__(self, opt: MeZO, seed: int, scale: float, layout: _Layout | None = None):
         self.opt, self.seed, self.alpha = opt, seed, scale * opt.eps
-        self.targets = {id(p): index for index, p, _ in opt._params()}
+        self.layout = layout or _Layout(opt)
+        self.targets = self.layout.targets
         self.seen: set[int] = set()
-        self.swapped: dict[int, tuple[torch.nn.Module, list]] = {}  # id(module) -> (module, [(name, original)])
+        self.swapped: dict[int, list] = {}  # id(module) -> [(module, name, original)] it swapped
         self.through_output: dict[int, tuple[int, torch.Tensor]] = {}  # id(module) -> (index, weight)
 
-    def _perturb(self, index: int, p: torch.Tensor) -> torch.Tensor:
-        flat, noise = p.detach().view(-1), self.opt.noise
-        chunks = noise.chunks(self.seed, index, flat)
-        if 0 < flat.numel() <= noise.chunk_size:  # one chunk: a single kernel
-            out = torch.add(flat, next(chunks)[1], alpha=self.alpha)
-        else:
-            out = torch.empty_like(flat)
-            for where, z in chunks:
-                torch.add(flat[where], z, alpha=self.alpha, out=out[where])
-        return torch.nn.Parameter(out.view_as(p), requires_grad=p.requires_grad)
+    def _z(self, index: int, flat: torch.Tensor) -> torch.Tensor:
+        """z of a tensor of one chunk (what ``Noise.chunks`` yields)."""
+        noise = self.opt.noise
+        if noise.kind == "table":
+            offset = noise._offset(flat.numel(), self.seed, index, 0)
+            return noise._table(flat.device, flat.dtype)[offset:offset + flat.numel()]
+        return next(noise.chunks(self.seed, index, flat))[1]
 
-    def _by_output(self, module: torch.nn.Module, name: str, args) -> bool:
-        if name != "weight" or self.opt.noise.kind != "table" or not args:
+    def _copies(self, indices: list[int]) -> dict[int, torch.nn.Parameter]:
+        """Perturbed copies of the tensors ``indices``: those of one chunk with one multi-tensor add.
+
+        Each a normal (not inference-mode) Parameter like the original: torch picks matmul kernels by it. As a
+        plain or inference tensor, SmolLM2's tied lm_head took a batched matmul over an 8x expanded copy of its
+        weight (1.1 s instead of 9 ms in bf16). The contexts are entered only when needed: they cost as much as
+        the kernel launch of a small layer's perturbation."""
+        flats, params, chunk = self.layout.flats, self.layout.params, self.opt.noise.chunk_size
+        one = [i for i in indices if 0 < flats[i].numel() <= chunk]
+        out: dict[int, torch.Tensor] = {}
+        needed = torch.is_inference_mode_enabled() or torch.is_grad_enabled()
+        with _normal_no_grad() if needed else nullcontext():
+            if len(one) > 1:
+                out.update(zip(one, torch._foreach_add([flats[i] for i in one], [self._z(i, flats[i]) for i in one],
+                                                       alpha=self.alpha)))
+            for i in indices:
+                if i not in out:
+                    out[i] = self._perturb(i)
+            return {i: torch.nn.Parameter(t.view_as(params[i]), requires_grad=params[i].requires_grad)
+                    for i, t in out.items()}
+
+    def _perturb(self, index: int) -> torch.Tensor:
+        flat = self.layout.flats[index]
+        if 0 < flat.numel() <= self.opt.noise.chunk_size:  # one chunk: a single kernel
+            return torch.add(flat, self._z(index, flat), alpha=self.alpha)
+        out = torch.empty_like(flat)
+        for where, z in self.opt.noise.chunks(self.seed, index, flat):
+            torch.add(flat[where], z, alpha=self.alpha, out=out[where])
+        return out
+
+    def _by_output(self, module: torch.nn.Module, name: str, args, weight: torch.Tensor) -> bool:
+        if not (self.layout.table and args and _by_output_kind(module, name, weight)):
             return False
         if type(module) is torch.nn.Embedding:
             return module.max_norm is None  # max_norm renormalizes the looked-up rows of the weight itself
-        if type(module) is torch.nn.Linear and isinstance(args[0], torch.Tensor):
-            return args[0].numel() // max(1, args[0].shape[-1]) <= self.SMALL_INPUT
-        return False
+        return isinstance(args[0], torch.Tensor) and args[0].numel() // max(1, args[0].shape[-1]) <= self.SMALL_INPUT
+
+    def _swap(self, module: torch.nn.Module, slots: list[tuple[torch.nn.Module, str, int, torch.Tensor]]) -> None:
+        """Swap perturbed copies in for ``slots`` (module, name, index, tensor) until ``module`` returns."""
+        self.swapped.setdefault(id(module), []).extend((sub, name, p) for sub, name, _, p in slots)
+        copies = self._copies(list(dict.fromkeys(index for _, _, index, _ in slots)))
+        for sub, name, index, _ in slots:
+            sub._parameters[name] = copies[index]
+        self.seen.update(copies)
 
     def _pre(self, module: torch.nn.Module, args) -> None:
-        swaps = []
-        for name, p in module._parameters.items():
-            index = self.targets.get(id(p)) if p is not None else None
-            if index is None:
-                continue
-            self.seen.add(index)
-            if self._by_output(module, name, args):
+        info = self.layout.find(module)
+        if info is None:
+            return
+        own, group, dropout = info
+        slots = []
+        if group:  # a layer's entry: all its weights at once, but those its modules may perturb through their output
+            small = bool(args) and isinstance(args[0], torch.Tensor) and args[0].ndim > 0 and (
+                args[0].numel() // max(1, args[0].shape[-1]) <= self.SMALL_INPUT)
+            slots += [(sub, name, index, p) for sub, name, index, p, by_output in group
+                      if sub._parameters.get(name) is p and not (by_output and small)]
+        for name, index, p in own:
+            if module._parameters.get(name) is not p:
+                continue  # swapped by its layer
+            if self._by_output(module, name, args, p):
+                self.seen.add(index)
                 self.through_output[id(module)] = (index, p)
             else:
-                swaps.append((name, index, p))
-        if swaps:
-            self.swapped[id(module)] = (module, [(name, p) for name, _, p in swaps])
-            # A normal (not inference-mode) Parameter like the original: torch picks matmul kernels by it. As a
-            # plain or inference tensor, SmolLM2's tied lm_head took a batched matmul over an 8x expanded copy of
-            # its weight (1.1 s instead of 9 ms in bf16). The contexts are entered only when needed: they cost
-            # as much as the kernel launch of a small layer's perturbation
-            needed = torch.is_inference_mode_enabled() or torch.is_grad_enabled()
-            with _normal_no_grad() if needed else nullcontext():
-                for name, index, p in swaps:
-                    module._parameters[name] = self._perturb(index, p)
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+                slots.append((module, name, index, p))
+        if slots:
+            self._swap(module, slots)
+        if dropout and module.training and module.p > 0:
             if not self.opt._warned_training:
                 self.opt._warned_training = True
                 warnings.warn("MeZO: dropout is active (the model is in training mode): it makes the two losses of "
                               "an estimate differ. Call model.eval() first", stacklevel=2)
 
     def _post(self, module: torch.nn.Module, args, output):
-        swapped = self.swapped.pop(id(module), None)
-        if swapped is not None:
-            module._parameters.update(swapped[1])
+        if self.layout.modules.get(id(module)) is None:
+            return None
+        for sub, name, p in self.swapped.pop(id(module), ()):
+            sub._parameters[name] = p
         if id(module) not in self.through_output:
             return None
         index, p = self.through_output.pop(id(module))
-        flat, noise, width = p.detach().view(-1), self.opt.noise, p.shape[1]
+        flat, noise, width = self.layout.flats[index], self.opt.noise, p.shape[1]
         offsets = noise.offsets(self.seed, index, flat.numel())
         if isinstance(module, torch.nn.Embedding):  # output[i] = w[ids[i]]: add z of that row
             ids, out, rows = args[0].reshape(-1), output.view(-1, width), max(1, self.GATHER // width)
@@ -285,8 +386,9 @@ class _Perturbed:
     def __exit__(self, *exc) -> None:
         for handle in self.handles:
             handle.remove()
-        for module, originals in self.swapped.values():  # modules whose forward raised before its hook ran
-            module._parameters.update(originals)
+        for originals in self.swapped.values():  # modules whose forward raised before its hook ran
+            for module, name, p in originals:
+                module._parameters[name] = p
         self.swapped.clear()
 
 
@@ -373,12 +475,14 @@ class MeZO(Optimizer):
                     yield index, p, group
                 index += 1
 
-    def _score(self, closure: Callable[[], float], seed: int, scale: float | None) -> float:
-        """The closure's loss, with the weights perturbed by scale*eps*z inside every forward (none if None)."""
+    def _score(self, closure: Callable[[], float], seed: int, scale: float | None,
+               layout: _Layout | None = None) -> float:
+        """The closure's loss, with the weights perturbed by scale*eps*z inside every forward (none if None);
+        ``layout``: the step's (see :class:`_Layout`)."""
         with torch.no_grad():
             if scale is None:
                 return float(closure())
-            with _Perturbed(self, seed, scale) as perturbed:
+            with _Perturbed(self, seed, scale, layout) as perturbed:
                 loss = float(closure())
         missed = len(perturbed.targets) - len(perturbed.seen)
         if perturbed.seen and missed and not self._warned_unused:
@@ -399,13 +503,14 @@ class MeZO(Optimizer):
         n = self.n_perturbations
         seeds = [mix(self.seed, self.num_perturbations_done + k) for k in range(n)]
         pairs: list[tuple[float, float]] = []
+        layout = _Layout(self)
         for seed in seeds:
             if self.difference == "forward":
                 minus = self._score(closure, seed, None)
-                plus = self._score(closure, seed, 1.0)
+                plus = self._score(closure, seed, 1.0, layout)
             else:
-                plus = self._score(closure, seed, 1.0)
-                minus = self._score(closure, seed, -1.0)
+                plus = self._score(closure, seed, 1.0, layout)
+                minus = self._score(closure, seed, -1.0, layout)
             pairs.append((plus, minus))
         grads = self._projected_grads(pairs)
         record = {"seeds": seeds, "grads": grads, "loss": sum(map(sum, pairs)) / (2 * n),
