@@ -196,6 +196,18 @@ def _by_output_kind(module: torch.nn.Module, name: str, p: torch.Tensor) -> bool
         type(module) is torch.nn.Linear and p.numel() >= _Perturbed.BY_OUTPUT))
 
 
+class _Flats(dict):
+    """index -> the flat view of a tensor, made on first use."""
+
+    def __init__(self, params: dict[int, torch.Tensor]):
+        super().__init__()
+        self.params = params
+
+    def __missing__(self, index: int) -> torch.Tensor:
+        flat = self[index] = self.params[index].detach().view(-1)
+        return flat
+
+
 class _Layout:
     """What the hooks need to know of each module, found once per step (on a module's first forward, for it and
     every module under it) instead of at every forward. A group is the trainable tensors under one entry of a
@@ -207,8 +219,9 @@ class _Layout:
     def __init__(self, opt: MeZO):
         self.params = {index: p for index, p, _ in opt._params()}
         self.targets = {id(p): index for index, p in self.params.items()}
-        self.flats = {index: p.detach().view(-1) for index, p in self.params.items()}
+        self.flats = _Flats(self.params)
         self.table = opt.noise.kind == "table"
+        self.z: dict[tuple[int, int], torch.Tensor] = {}  # (seed, index) -> z of a one-chunk tensor: a table view
         # id(module) -> None, or (own: its (name, index, tensor) that its own hook perturbs, group: the (module,
         # name, index, tensor, by-output kind) of a group it is the entry of, dropout: whether it is a dropout)
         self.modules: dict[int, tuple | None] = {}
@@ -269,12 +282,15 @@ class _Perturbed:
         self.through_output: dict[int, tuple[int, torch.Tensor]] = {}  # id(module) -> (index, weight)
 
     def _z(self, index: int, flat: torch.Tensor) -> torch.Tensor:
-        """z of a tensor of one chunk (what ``Noise.chunks`` yields)."""
-        noise = self.opt.noise
-        if noise.kind == "table":
+        """z of a tensor of one chunk (what ``Noise.chunks`` yields); table slices kept for the step's other pass."""
+        noise, key = self.opt.noise, (self.seed, index)
+        if noise.kind != "table":
+            return next(noise.chunks(self.seed, index, flat))[1]
+        z = self.layout.z.get(key)
+        if z is None:
             offset = noise._offset(flat.numel(), self.seed, index, 0)
-            return noise._table(flat.device, flat.dtype)[offset:offset + flat.numel()]
-        return next(noise.chunks(self.seed, index, flat))[1]
+            z = self.layout.z[key] = noise._table(flat.device, flat.dtype)[offset:offset + flat.numel()]
+        return z
 
     def _copies(self, indices: list[int]) -> dict[int, torch.nn.Parameter]:
         """Perturbed copies of the tensors ``indices``: those of one chunk with one multi-tensor add.
@@ -534,6 +550,7 @@ class MeZO(Optimizer):
         precision (fp32 for half-precision weights, then stochastically rounded); then the record is kept."""
         terms = self._terms(record)
         buffers: dict[torch.device, torch.Tensor] = {}  # one fp32 chunk per device for half-precision weights
+        batches: dict[tuple, list[tuple[int, torch.Tensor]]] = {}  # (device, lr, wd) -> one-chunk tensors
         with signals_deferred():
             for index, p, group in self._params():
                 lr = group["lr"]
@@ -541,6 +558,9 @@ class MeZO(Optimizer):
                 if not lr or not (terms or wd):
                     continue  # nothing moves: the weights stay bitwise as they are
                 flat, half = p.detach().view(-1), p.dtype in HALF
+                if not half and self.noise.kind == "table" and 0 < flat.numel() <= self.noise.chunk_size:
+                    batches.setdefault((flat.device, lr, wd), []).append((index, flat))
+                    continue
                 if half and p.device not in buffers:
                     size = min(self.noise.chunk_size, max(q.numel() for _, q, _ in self._params()))
                     buffers[p.device] = torch.empty(size, device=p.device, dtype=torch.float32)
@@ -561,6 +581,15 @@ class MeZO(Optimizer):
                     if half:
                         bits = self.noise.rounding_bits(record["seeds"][0], index, k, acc.numel(), acc.device)
                         round_stochastic(acc, bits, out=flat[where])
+            # small tensors (z a view of the table): each operation above over all of them at once, in the same
+            # order per tensor, so the same values
+            for (_, lr, wd), items in batches.items():
+                flats = [flat for _, flat in items]
+                if wd:
+                    torch._foreach_mul_(flats, 1.0 - lr * wd)
+                for seed, coeff in terms:
+                    zs = [next(self.noise.chunks(seed, index, flat))[1] for index, flat in items]
+                    torch._foreach_add_(flats, zs, alpha=-lr * coeff)
             self.trajectory.append(record)
             self.num_perturbations_done += len(record["seeds"])
 
