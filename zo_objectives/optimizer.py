@@ -27,6 +27,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch.optim import Optimizer
 
+from zo_objectives import fused
+
 MASK64 = (1 << 64) - 1
 NOISE_KINDS = ("table", "gaussian", "rademacher")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -164,6 +166,16 @@ def round_stochastic(value: torch.Tensor, bits: torch.Tensor, out: torch.Tensor)
     spacing = torch.ldexp(torch.ones_like(value), exponent.sub_(1).clamp_(min=-14).sub_(10))
     value.div_(spacing).add_(bits.bitwise_right_shift(3).to(value.dtype).mul_(2.0**-13)).floor_().mul_(spacing)
     return out.copy_(value)
+
+
+def _eager_update(weight: torch.Tensor, z: torch.Tensor, bits: torch.Tensor, decay: float, alpha: float) -> None:
+    """One chunk of a half-precision update with one term, as ``MeZO._apply`` computes it (what the fused kernel
+    is checked against): widen, decay (a factor of exactly 1 changes nothing), add alpha * z, round."""
+    acc = weight.float()
+    if decay != 1.0:
+        acc.mul_(decay)
+    acc.add_(z, alpha=alpha)
+    round_stochastic(acc, bits, out=weight)
 
 
 @contextmanager
@@ -571,6 +583,11 @@ class MeZO(Optimizer):
                 for k, where in enumerate(slice(s, s + self.noise.chunk_size)
                                           for s in range(0, flat.numel(), self.noise.chunk_size)):
                     zs = [next(stream)[1] for stream in streams]
+                    if half and len(zs) == 1 and flat.is_cuda:  # one kernel in place of five, the same values
+                        bits = self.noise.rounding_bits(record["seeds"][0], index, k, zs[0].numel(), flat.device)
+                        if fused.update(flat[where], zs[0], bits, 1.0 - lr * wd if wd else 1.0, -lr * terms[0][1],
+                                        _eager_update):
+                            continue
                     acc = flat[where]
                     if half:
                         acc = buffers[p.device][:acc.numel()].copy_(acc)
