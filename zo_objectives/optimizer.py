@@ -224,9 +224,9 @@ class _Layout:
     """What the hooks need to know of each module, found once per step (on a module's first forward, for it and
     every module under it) instead of at every forward. A group is the trainable tensors under one entry of a
     ``ModuleList`` (a decoder layer): at that entry's forward they are perturbed with one multi-tensor add and
-    swapped in, and at its return swapped back, so the modules inside need no work of their own and at most one
-    layer's perturbed copy exists at a time. Modules with nothing to do map to None: their hooks return at once.
-    """
+    swapped in, and at its return swapped back, so the modules inside find their weights perturbed already and
+    at most one layer's perturbed copy exists at a time. Modules with nothing to do map to None: their hooks
+    return at once."""
 
     def __init__(self, opt: MeZO):
         self.params = {index: p for index, p, _ in opt._params()}
@@ -245,28 +245,39 @@ class _Layout:
         return self.modules[id(module)]
 
     def _slots(self, module: torch.nn.Module) -> list[tuple[str, int, torch.Tensor]]:
+        if not module._parameters:
+            return []
         return [(name, self.targets[id(p)], p) for name, p in module._parameters.items()
                 if p is not None and id(p) in self.targets]
 
-    def _walk(self, root: torch.nn.Module) -> None:
-        groups: dict[int, tuple] = {}
-        grouped: set[int] = set()  # modules under a group's entry (not groups themselves)
-        for module in root.modules():
-            if id(module) in self.modules:
+    def _walk(self, module: torch.nn.Module, group: list | None = None) -> None:
+        """Record ``module`` and those under it; ``group``: the slots of the group it is under, filled here."""
+        if id(module) in self.modules:
+            return
+        slots = self._slots(module)
+        if group is not None:  # the module's own hook then finds its weights swapped by the group, unless it
+            # runs outside the group's forward too (a module shared), or they go through its output
+            group += [(module, name, index, p, self.table and _by_output_kind(module, name, p))
+                      for name, index, p in slots]
+        self.modules[id(module)] = None  # set before the children: a module met again is not walked again
+        self.held.append(module)
+        entries: dict[int, list] = {}
+        for child in module._modules.values():
+            if child is None:
                 continue
-            if isinstance(module, torch.nn.ModuleList) and id(module) not in grouped:
-                for entry in module:
-                    subs = list(entry.modules())
-                    grouped.update(id(sub) for sub in subs)
-                    groups[id(entry)] = tuple((sub, name, index, p, self.table and _by_output_kind(sub, name, p))
-                                              for sub in subs for name, index, p in self._slots(sub))
-            # under a group, a module's own hook only decides for weights that may go through its output
-            own = tuple((name, index, p) for name, index, p in self._slots(module)
-                        if id(module) not in grouped or (self.table and _by_output_kind(module, name, p)))
-            group = groups.get(id(module), ())
-            dropout = isinstance(module, torch.nn.modules.dropout._DropoutNd)
-            self.modules[id(module)] = (own, group, dropout) if own or group or dropout else None
-            self.held.append(module)
+            if group is None and isinstance(module, torch.nn.ModuleList):  # each entry is a group
+                entries[id(child)] = []
+                self._walk(child, entries[id(child)])
+            else:
+                self._walk(child, group)
+        for child in module._modules.values():
+            if child is not None and id(child) in entries:
+                own, _, dropout = self.modules[id(child)] or ((), (), False)
+                if own or entries[id(child)] or dropout:
+                    self.modules[id(child)] = (own, tuple(entries[id(child)]), dropout)
+        dropout = isinstance(module, torch.nn.modules.dropout._DropoutNd)
+        if slots or dropout:
+            self.modules[id(module)] = (tuple(slots), (), dropout)
 
 
 class _Perturbed:
