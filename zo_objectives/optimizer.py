@@ -234,6 +234,8 @@ class _Layout:
         self.flats = _Flats(self.params)
         self.table = opt.noise.kind == "table"
         self.z: dict[tuple[int, int], torch.Tensor] = {}  # (seed, index) -> z of a one-chunk tensor: a table view
+        self.batches: dict[tuple, tuple] = {}  # indices perturbed together -> what _Perturbed._copies needs
+        self.zs: dict[tuple, list[torch.Tensor]] = {}  # (seed, indices) -> their z, shaped (table noise)
         # id(module) -> None, or (own: its (name, index, tensor) that its own hook perturbs, group: the (module,
         # name, index, tensor, by-output kind) of a group it is the entry of, dropout: whether it is a dropout)
         self.modules: dict[int, tuple | None] = {}
@@ -322,19 +324,24 @@ class _Perturbed:
         plain or inference tensor, SmolLM2's tied lm_head took a batched matmul over an 8x expanded copy of its
         weight (1.1 s instead of 9 ms in bf16). The contexts are entered only when needed: they cost as much as
         the kernel launch of a small layer's perturbation."""
-        flats, params, chunk = self.layout.flats, self.layout.params, self.opt.noise.chunk_size
-        one = [i for i in indices if 0 < flats[i].numel() <= chunk]
-        out: dict[int, torch.Tensor] = {}
+        layout, key = self.layout, tuple(indices)
+        batch = layout.batches.get(key)
+        if batch is None:  # the tensors of one chunk (and their shaped weights), and the others
+            one = [i for i in indices if 0 < layout.flats[i].numel() <= self.opt.noise.chunk_size]
+            batch = layout.batches[key] = (one, [layout.params[i].detach() for i in one],
+                                           [i for i in indices if i not in set(one)])
+        one, weights, rest = batch
+        zs = layout.zs.get((self.seed, key))
+        if zs is None:
+            zs = [self._z(i, layout.flats[i]).view_as(layout.params[i]) for i in one]
+            if layout.table:  # views of the table: kept for the step's other pass
+                layout.zs[(self.seed, key)] = zs
         needed = torch.is_inference_mode_enabled() or torch.is_grad_enabled()
         with _normal_no_grad() if needed else nullcontext():
-            if len(one) > 1:
-                out.update(zip(one, torch._foreach_add([flats[i] for i in one], [self._z(i, flats[i]) for i in one],
-                                                       alpha=self.alpha)))
-            for i in indices:
-                if i not in out:
-                    out[i] = self._perturb(i)
-            return {i: torch.nn.Parameter(t.view_as(params[i]), requires_grad=params[i].requires_grad)
-                    for i, t in out.items()}
+            out = dict(zip(one, torch._foreach_add(weights, zs, alpha=self.alpha))) if one else {}
+            for i in rest:
+                out[i] = self._perturb(i).view_as(layout.params[i])
+            return {i: torch.nn.Parameter(t, requires_grad=layout.params[i].requires_grad) for i, t in out.items()}
 
     def _perturb(self, index: int) -> torch.Tensor:
         flat = self.layout.flats[index]
