@@ -398,12 +398,7 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
         if resume:
             step = check_resume_early(run_dir, config)
     run = prepare(config, task, _device(config.device))
-    if main and config.dtype == "auto":
-        machine = run.facts["hardware"]
-        native = machine.get("native_bf16")
-        bf16 = "" if native is None else f", {'' if native else 'no '}native bf16 arithmetic"
-        print(f"zo-tune: --dtype auto: {run.config.dtype} on {machine['device']} ({machine['name']}{bf16})",
-              file=sys.stderr)
+    auto = config.dtype == "auto"
     config, model, metrics, dev_set = run.config, run.model, run.metrics, run.dev_set
     metric, split = metrics[0], run.split  # the headline metric, and what the evaluation set is
     resumed = check_resume(run_dir, config, allow_changed_settings, step) if resume and main else []
@@ -439,6 +434,12 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
             new_manifest(run_dir)
         write_sealed(run_dir, CONFIG, _json_writer({**asdict(config), **run.facts, "optimizer": optimizer.config(),
                                                     **({"resumed": resumed} if resumed else {})}))
+    if main and auto:  # every check passed: say what --dtype auto chose here
+        machine = run.facts["hardware"]
+        native = machine.get("native_bf16")
+        bf16 = "" if native is None else f", {'' if native else 'no '}native bf16 arithmetic"
+        print(f"zo-tune: --dtype auto: {config.dtype} on {machine['device']} ({machine['name']}{bf16})",
+              file=sys.stderr)
     if not resume:
         if config.eval_before and main:
             print(f"zo-tune: evaluating {config.model} on {len(dev_set)} {task.name} {split} examples before tuning "
