@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
 import re
 import shlex
 import sys
@@ -38,6 +37,9 @@ RANDOM_LLAMAS = {
                        num_key_value_heads=40, vocab_size=32000, tie_word_embeddings=False),
     "random-33b": dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
                        num_key_value_heads=52, vocab_size=32000, tie_word_embeddings=False),
+    # a Llama whose compute is negligible at 1 x 8 tokens: step_speed.py --proxy, for the GPU's launch-bound regime
+    "random-proxy": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=8, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=256, tie_word_embeddings=False),
 }
 
 
@@ -91,25 +93,18 @@ def label_word_loss(model: torch.nn.Module, batch: dict) -> float:
     return float(torch.nn.functional.cross_entropy(logits[:, batch["label_ids"]], batch["labels"]))
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def this_environment(device: str) -> dict:
     """Where and how this invocation runs: command, date, hardware, library versions, threads."""
     import transformers
 
     command = "python " + " ".join(shlex.quote(a) for a in [_relative(sys.argv[0]), *sys.argv[1:]])
+    from zo_objectives.models import cpu_has_bf16, cpu_name
+
     gpu = device.startswith("cuda") and torch.cuda.is_available()
     return {"command": command, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "device": "cuda" if gpu else "cpu",
-            "hardware": torch.cuda.get_device_name(torch.device(device)) if gpu else cpu_model(),
+            "hardware": torch.cuda.get_device_name(torch.device(device)) if gpu else cpu_name(),
+            **({} if gpu else {"native_bf16": cpu_has_bf16()}),
             "cores": os.cpu_count(), "torch": torch.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads()}
 

@@ -10,6 +10,13 @@ default table noise; the reference is about 2.2). A step is two forwards with pe
     python benchmarks/step_speed.py                      # SmolLM2-135M, 5 repeats
     python benchmarks/step_speed.py --model tiny-random --repeats 1
     python benchmarks/step_speed.py --write              # update the step_speed section of BENCHMARKS.md
+    python benchmarks/step_speed.py --proxy --write      # the launch-bound proxy: step_speed_proxy.json
+
+``--proxy`` stands in on the CPU for a GPU's launch-bound regime, where a forward pass takes milliseconds and
+what a step adds over it is fixed costs per tensor (Python, kernel launches): on a Llama whose compute is
+negligible (hidden size 64, 8 layers, 1 x 8 tokens, one thread) it reports the time a step adds over its two
+forward passes per trainable tensor, for our step and the reference's in the same run (goal: ours at most a
+quarter of the reference's).
 """
 
 from __future__ import annotations
@@ -124,6 +131,43 @@ def rows(configs: dict[str, tuple[str, Callable]], times: dict[str, list[float]]
 
 
 HEADER = ["configuration", "median s", "min s", "step / (2 x forward)"]
+PROXY_HEADER = ["configuration", "median ms", "added over 2 closure calls, us per tensor", "ours / reference"]
+
+
+def proxy(repeats: int, warmup: int, dtype: str, write: bool) -> list[list]:
+    """The launch-bound proxy: per trainable tensor, the time a step adds over its two forward passes."""
+    model, batch = setup("random-proxy", "cpu", 1, 1, 8, dtype=dtype)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = MeZO(params, lr=LR, eps=EPS)
+    seeds = iter(range(1 << 30))
+
+    def closure() -> float:
+        return label_word_loss(model, batch)
+
+    configs = {"closure (forward pass and loss)": ("forward", closure),
+               "MeZO step (table noise)": ("step", lambda: opt.step(closure)),
+               "reference MeZO step": ("step", lambda: reference_step(model, closure, LR, EPS, next(seeds)))}
+    times = measure(configs, repeats, "cpu", warmup, log=None)
+    fwd = statistics.median(times["closure (forward pass and loss)"])
+    added = {name: (statistics.median(t) - 2 * fwd) / len(params) for name, t in times.items()}
+    reference = added["reference MeZO step"]
+    table = [["closure (forward pass and loss)", f"{fwd * 1e3:.3f}", "-", "-"]]
+    table += [[name, f"{statistics.median(times[name]) * 1e3:.3f}", f"{added[name] * 1e6:.1f}",
+               f"{added[name] / reference:.3f}"] for name, (kind, _) in configs.items() if kind == "step"]
+    title = (f"Launch-bound proxy: a random Llama of hidden size 64, 8 layers ({len(params)} trainable tensors, "
+             f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters), batch 1 x 8 tokens, {dtype}, one CPU "
+             f"thread; median of {repeats} interleaved repeats after {warmup} warm-up round(s).")
+    notes = ("\"added\" = (step - 2 x closure) / trainable tensors, the closure being the step's forward pass and "
+             "loss: the fixed cost per tensor that dominates a step on a GPU, where a forward pass takes "
+             "milliseconds. Goal: ours at most a quarter of the reference's (four passes over the weights, each "
+             "drawing z per tensor).")
+    section = "step_speed_proxy" + ("" if dtype == "fp32" else f"_{dtype}")
+    publish(section, f"Step speed, launch-bound proxy{'' if dtype == 'fp32' else ', ' + dtype}", title,
+            PROXY_HEADER, table, "cpu", write, notes=notes,
+            params={"model": "random-proxy", "batch_size": 1, "seq_len": 8, "dtype": dtype, "tensors": len(params),
+                    "repeats": repeats, "us_per_tensor": {k: added[k] * 1e6 for k in added if k in
+                                                          ("MeZO step (table noise)", "reference MeZO step")}})
+    return table
 
 
 def main(argv: list[str] | None = None) -> list[list]:
@@ -142,7 +186,13 @@ def main(argv: list[str] | None = None) -> list[list]:
     parser.add_argument("--quick", action="store_true", help="smoke check: 1 repeat, no warm-up, no weights-only "
                         "rows (numbers not for reporting)")
     parser.add_argument("--write", action="store_true", help="update the step_speed section of BENCHMARKS.md")
+    parser.add_argument("--proxy", action="store_true", help="the launch-bound proxy (a tiny Llama at 1 x 8 tokens, "
+                        "one thread; --repeats 300 by default): time added per trainable tensor, ours and the "
+                        "reference's")
     args = parser.parse_args(argv)
+    if args.proxy:
+        repeats = args.repeats if "--repeats" in (argv if argv is not None else sys.argv) else 300
+        return proxy(repeats, max(args.warmup, 5), args.dtype, args.write)
     if args.quick:
         args.repeats, args.warmup, args.no_overhead = 1, 0, True
     model, batch = setup(args.model, args.device, args.threads, args.batch_size, args.seq_len, dtype=args.dtype)

@@ -8,6 +8,17 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cpu_without_native_bf16():
+    """``--dtype auto`` picks fp32 on the CPU in every test, as on a CPU without native bf16 arithmetic, so that a
+    test that sets no dtype means the same on every machine; the tests of that choice patch it again."""
+    from zo_objectives import models
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(models, "_cpu_has_bf16_here", lambda: False)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     """The SmolLM2 tokenizer (left padding, a pad token), as ``load_model("tiny-random")`` returns it."""

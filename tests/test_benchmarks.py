@@ -56,6 +56,17 @@ def test_step_speed_runs(no_write, capsys):
     assert not no_write.exists()
 
 
+def test_step_speed_proxy_writes_ours_and_the_reference_per_tensor(no_write):
+    table = load("step_speed").main(["--proxy", "--repeats", "2", "--warmup", "0", "--write"])
+    assert [row[0] for row in table] == ["closure (forward pass and loss)", "MeZO step (table noise)",
+                                         "reference MeZO step"]
+    assert table[2][3] == "1.000" and float(table[1][3]) == pytest.approx(float(table[1][2]) / float(table[2][2]),
+                                                                          abs=2e-3)
+    result = json.loads((no_write.parent / "results" / "step_speed_proxy.json").read_text())
+    assert result["params"]["tensors"] == 75 and result["environment"]["native_bf16"] in (True, False)
+    assert result["environment"]["hardware"] and "step_speed_proxy:begin" in no_write.read_text()
+
+
 def test_memory_runs(no_write):
     memory = load("memory")
     names = [name for name in memory.CONFIGS if name != "inference"]  # inference runs in the subprocess below

@@ -188,6 +188,63 @@ def test_reward_run_logs_each_reward_per_step(tmp_path, monkeypatch, capsys):
         "reward", [0.5, 1.0], 1e-4, "squad_f1")
 
 
+def test_native_bf16_is_read_from_the_cpu_flags_or_probed(monkeypatch):
+    from zo_objectives import models
+
+    assert models.cpu_has_bf16("fpu sse2 avx2 avx512f avx512bw avx512_bf16 avx512_vnni")
+    assert models.cpu_has_bf16("fpu sse2 avx2 amx_bf16 amx_tile")
+    assert not models.cpu_has_bf16("fpu sse2 avx2 avx512f avx512_vnni avx512_fp16")  # no bf16 arithmetic
+    assert not models.cpu_has_bf16("")
+    monkeypatch.setattr(models, "_cpuinfo", lambda field: "fpu avx512_bf16" if field == "flags" else None)
+    monkeypatch.setattr(models, "_bf16_matmul_is_fast", lambda: pytest.fail("probed although the flags tell"))
+    assert models._detect_bf16()
+    for fast in (True, False):  # no flags line (not Linux, not x86): the probe decides
+        monkeypatch.setattr(models, "_cpuinfo", lambda field: None)
+        monkeypatch.setattr(models, "_bf16_matmul_is_fast", lambda fast=fast: fast)
+        assert models._detect_bf16() is fast
+    for native, dtype in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(models, "_cpu_has_bf16_here", lambda native=native: native)
+        assert models.auto_dtype("cpu") == dtype and models.auto_dtype("cuda") == "bf16"
+
+
+def test_dtype_auto_picks_bf16_on_a_cpu_with_bf16_and_says_so(tmp_path, monkeypatch, capsys):
+    from zo_objectives import models
+
+    monkeypatch.setattr(models, "_cpu_has_bf16_here", lambda: True)
+    run = tmp_path / "auto"
+    assert tune("--steps", "1", "--eval-every", "0", "--eval-size", "4", "--output-dir", str(run)) == 0
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["dtype"], saved["eps"]) == ("bf16", 3e-3)
+    assert saved["hardware"] == {"device": "cpu", "name": models.cpu_name(), "native_bf16": True}
+    assert {t.dtype for t in load_file(run / "model.safetensors").values()} == {torch.bfloat16}
+    err = capsys.readouterr().err
+    assert err.count("--dtype auto: bf16 on cpu") == 1 and "native bf16 arithmetic)" in err
+    assert "evaluating:" not in err  # --no-progress: no bar over the first evaluation either
+
+
+def test_the_first_evaluation_shows_a_bar_over_the_dev_batches(tmp_path, monkeypatch, capsys):
+    from zo_objectives import cli
+
+    train = importlib.import_module("zo_objectives.train")  # the module (the package exports the function)
+
+    class Constant:
+        def predict(self, model, batch):
+            return [0] * len(batch)
+
+    examples = [{"prompt": str(i), "label": 0} for i in range(5)]
+    assert train.evaluate_model(None, Constant(), examples, metrics.get_metric("accuracy"), 2, progress=True) == 1.0
+    err = capsys.readouterr().err
+    assert "evaluating:" in err and "0/3 " in err  # a bar over the 3 batches
+    train.evaluate_model(None, Constant(), examples, metrics.get_metric("accuracy"), 2)
+    assert "evaluating" not in capsys.readouterr().err
+    shown, real = [], cli.predict_all  # zo-tune: a bar over the evaluation before tuning only (with progress)
+    monkeypatch.setattr(cli, "predict_all", lambda *a, progress=False, **k: shown.append(progress) or real(*a, **k))
+    for progress in (True, False):
+        tune_run(TuneConfig(model="tiny-random", task="sst2", train_size=8, batch_size=4, steps=1, eval_every=0,
+                            eval_size=4, progress=progress, output_dir=str(tmp_path / str(progress))))
+    assert shown == [True, False, False, False]
+
+
 def test_dtype_and_checkpoint_interval_reach_the_run(tmp_path, monkeypatch):
     saved_at = []
     train_module = importlib.import_module("zo_objectives.train")  # the module (the package exports the function)

@@ -253,3 +253,27 @@ def test_large_weights_are_perturbed_through_their_output_without_a_copy(dtype):
     torch.testing.assert_close(small.double(), expected, atol=tolerance, rtol=0)
     assert torch.equal(large, torch.nn.functional.linear(many, perturbed(1, head.weight)))
     assert embedding.weight is opt.param_groups[0]["params"][0]  # nothing left swapped
+
+
+@pytest.mark.parametrize("noise", ["table", "gaussian"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_a_layers_weights_perturbed_at_once_are_one_add_per_weight(dtype, noise):
+    """A decoder layer's weights are perturbed together at its entry (one multi-tensor add): the forward sees
+    bitwise what it sees with every weight replaced by ``w + alpha * z`` made by one add per weight, chunk by chunk
+    (a chunk smaller than some weights here), and the model's own weights are back afterwards."""
+    from zo_objectives.optimizer import _Perturbed
+
+    model = lm(DTYPES[dtype])
+    opt = MeZO(model.parameters(), lr=1e-3, eps=1e-2, table_size=TABLE, chunk_size=1 << 11, noise=noise)
+    before = snapshot(model)
+    with torch.no_grad(), _Perturbed(opt, 7, -1.0) as perturbed:
+        got = model(input_ids=IDS).logits
+    assert perturbed.seen == set(range(len(before))) and bitwise(snapshot(model), before)
+    copy = lm(DTYPES[dtype])
+    with torch.no_grad():
+        for index, p in enumerate(copy.parameters()):
+            flat = p.view(-1)
+            for where, z in opt.noise.chunks(7, index, flat):
+                flat[where] = torch.add(flat[where], z, alpha=-1e-2)
+        expected = copy(input_ids=IDS).logits
+    assert torch.equal(got, expected)

@@ -9,6 +9,7 @@ settings) prints one line naming the problem and the accepted values, and exits 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -32,7 +33,6 @@ from metrics import Metric, get_metric, list_metrics
 from tasks import Task, get_task, task_from_file, with_demonstrations
 from zo_objectives import distributed
 from zo_objectives.config import (
-    DEFAULT_DTYPE,
     DEFAULT_EPS,
     DEFAULT_LR,
     REWARD,
@@ -47,7 +47,16 @@ from zo_objectives.config import (
     flag,
     read_config,
 )
-from zo_objectives.models import apply_peft, export_run, load_model, load_run_weights, select_trainable
+from zo_objectives.models import (
+    apply_peft,
+    auto_dtype,
+    cpu_has_bf16,
+    cpu_name,
+    export_run,
+    load_model,
+    load_run_weights,
+    select_trainable,
+)
 from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, RewardObjective, check_metric, make_objective
 from zo_objectives.optimizer import MeZO, make_scheduler
 from zo_objectives.plots import plot_run
@@ -73,6 +82,7 @@ from zo_objectives.train import (
     Stopped,
     check_run_folder,
     evaluate_metrics,
+    predict_all,
     sigterm_as_interrupt,
     train,
     trainable_state,
@@ -136,8 +146,15 @@ def _task(config: CommonConfig) -> Task:
 
 
 def _dtype(name: str, device: torch.device) -> str:
-    """The dtype a run uses: ``auto`` resolves by device type (``DEFAULT_DTYPE``)."""
-    return DEFAULT_DTYPE[device.type] if name == "auto" else name
+    """The dtype a run uses: ``auto`` resolves by the device (``models.auto_dtype``)."""
+    return auto_dtype(device) if name == "auto" else name
+
+
+def hardware(device: torch.device) -> dict:
+    """What config.json records of the machine: the device, its model name, and (CPU) native bf16 arithmetic."""
+    if device.type == "cuda":
+        return {"device": "cuda", "name": torch.cuda.get_device_name(device)}
+    return {"device": device.type, "name": cpu_name(), "native_bf16": cpu_has_bf16()}
 
 
 def _device(name: str | None) -> torch.device:
@@ -272,7 +289,7 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     facts = {"form": form, "support": objective.support if form else None, "metric": metrics[0].name,
              "train_examples": len(train_set), "eval_examples": len(dev_set), "trainable_parameters": trainable,
-             "world_size": distributed.world_size()}
+             "world_size": distributed.world_size(), "hardware": hardware(device)}
     return Run(config, model, predictor, objective, metrics, train_set, dev_set, split, facts)
 
 
@@ -383,6 +400,7 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
         if resume:
             step = check_resume_early(run_dir, config)
     run = prepare(config, task, _device(config.device))
+    auto = config.dtype == "auto"
     config, model, metrics, dev_set = run.config, run.model, run.metrics, run.dev_set
     metric, split = metrics[0], run.split  # the headline metric, and what the evaluation set is
     resumed = check_resume(run_dir, config, allow_changed_settings, step) if resume and main else []
@@ -390,11 +408,12 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
     # distributed: MeZO splits the batch (batch[rank::world]); a population splits its members instead
     objective = distributed.ShardedObjective(run.objective) if world > 1 and not config.population else run.objective
 
-    def dev_metrics() -> dict[str, float]:
+    def dev_metrics(progress: bool = False) -> dict[str, float]:
         if world > 1:  # distributed: verify the ranks' weights agree, split the dev set across ranks
             distributed.check_in_sync(params)
             return evaluate_metrics(model, run.predictor, dev_set, metrics, config.batch_size, distributed.predict_all)
-        return evaluate_metrics(model, run.predictor, dev_set, metrics, config.batch_size)
+        return evaluate_metrics(model, run.predictor, dev_set, metrics, config.batch_size,
+                                functools.partial(predict_all, progress=progress))  # progress: a bar on stderr
 
     start, before = 0, None
     if resume:
@@ -421,11 +440,17 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
             new_manifest(run_dir)
         write_sealed(run_dir, CONFIG, _json_writer({**asdict(config), **run.facts, "optimizer": optimizer.config(),
                                                     **({"resumed": resumed} if resumed else {})}))
+    if main and auto:  # every check passed: say what --dtype auto chose here
+        machine = run.facts["hardware"]
+        native = machine.get("native_bf16")
+        bf16 = "" if native is None else f", {'' if native else 'no '}native bf16 arithmetic"
+        print(f"zo-tune: --dtype auto: {config.dtype} on {machine['device']} ({machine['name']}{bf16})",
+              file=sys.stderr)
     if not resume:
         if config.eval_before and main:
             print(f"zo-tune: evaluating {config.model} on {len(dev_set)} {task.name} {split} examples before tuning "
                   "(--no-eval-before skips it)", file=sys.stderr)
-        before = dev_metrics() if config.eval_before else None
+        before = dev_metrics(progress=main and config.progress) if config.eval_before else None
         if main:
             write_sealed(run_dir, EVAL, _json_writer({"metric": metric.name, "split": split, "examples": len(dev_set),
                                                       "before": headline(before), "before_metrics": before}))

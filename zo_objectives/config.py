@@ -30,9 +30,10 @@ from zo_objectives.optimizer import DIFFERENCES, NOISE_KINDS, NONFINITE_POLICIES
 # sign and normalized updates move ~lr * z per step whatever the loss: 1e-4 is about the median step of the
 # default SST-2 run (cross-entropy at 1e-5: 7.8e-5)
 DEFAULT_LR = {"cross_entropy": 1e-5, "log": 1e-5, "mean": 1e-4, "scale-free": 1e-4}
-# --dtype auto: bf16 on GPUs; fp32 on CPUs, where bf16 matched its accuracy (BENCHMARKS.md "Half precision") but
-# not every CPU has bf16 arithmetic
-DEFAULT_DTYPE = {"cpu": "fp32", "cuda": "bf16"}
+# --dtype auto (models.auto_dtype): bf16 on GPUs, and on CPUs with native bf16 arithmetic, where bf16 (eps 3e-3)
+# matched fp32's accuracy at two thirds of the time (BENCHMARKS.md "Half precision"); fp32 on other CPUs, where a
+# bf16 forward pass takes about six times fp32's
+AUTO_DTYPE = "bf16 on a GPU and on a CPU with native bf16 arithmetic (AVX512-BF16 or AMX), else fp32"
 # eps per dtype: a bf16 forward pass rounds the loss difference of +-1e-3 perturbations enough that the estimate
 # keeps 0.83 correlation with fp32's; at 3e-3 it keeps 0.99 (benchmarks/eps_fidelity.py, docs/half_precision.md)
 DEFAULT_EPS = {"fp32": 1e-3, "fp16": 1e-3, "bf16": 3e-3}
@@ -98,7 +99,7 @@ class CommonConfig:
     seed: int = arg(0, "seeds the training sample (zo-tune: its order and the perturbations; zo-eval: the "
                        "demonstrations)", resume=FIXED)
     device: str | None = arg(None, "cpu, cuda, cuda:1, ... (default: cuda when available)", resume=FREE)
-    dtype: str = arg("auto", f"weights' dtype; auto: {DEFAULT_DTYPE}", choices=("auto", *DTYPES), resume=FIXED)
+    dtype: str = arg("auto", f"weights' dtype; auto: {AUTO_DTYPE}", choices=("auto", *DTYPES), resume=FIXED)
 
     @classmethod
     def load(cls, path: str | Path, **changes: Any) -> Any:
@@ -274,7 +275,7 @@ def check(config: Any) -> None:
 
 # Facts about a run that config.json holds beside its settings (ignored when it is read back as settings)
 DERIVED = ("form", "support", "metric", "train_examples", "eval_examples", "trainable_parameters", "world_size",
-           "optimizer", "resumed")
+           "optimizer", "resumed", "hardware")
 
 
 def settings(cls: type, values: dict, source: str) -> dict:

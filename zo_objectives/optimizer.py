@@ -27,6 +27,8 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch.optim import Optimizer
 
+from zo_objectives import fused
+
 MASK64 = (1 << 64) - 1
 NOISE_KINDS = ("table", "gaussian", "rademacher")
 NONFINITE_POLICIES = ("raise", "skip")
@@ -79,7 +81,15 @@ class Noise:
         return self._tables[key]
 
     def _offset(self, length: int, *key: int) -> int:
-        return mix(*key) % (self.table_size - length + 1)
+        """Where a slice of ``length`` values for ``key`` starts in the table; memoized (a step's perturbations and
+        update read the same offsets, and ``mix`` is Python arithmetic), the memo bounded."""
+        memo = self.__dict__.setdefault("_offsets", {})
+        offset = memo.get((length, key))
+        if offset is None:
+            if len(memo) >= 1 << 16:
+                memo.clear()
+            offset = memo[(length, key)] = mix(*key) % (self.table_size - length + 1)
+        return offset
 
     def _wide_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         """The table rounded to ``dtype``, held in fp32, for a half-precision update on the CPU: adding it to the
@@ -158,6 +168,16 @@ def round_stochastic(value: torch.Tensor, bits: torch.Tensor, out: torch.Tensor)
     return out.copy_(value)
 
 
+def _eager_update(weight: torch.Tensor, z: torch.Tensor, bits: torch.Tensor, decay: float, alpha: float) -> None:
+    """One chunk of a half-precision update with one term, as ``MeZO._apply`` computes it (what the fused kernel
+    is checked against): widen, decay (a factor of exactly 1 changes nothing), add alpha * z, round."""
+    acc = weight.float()
+    if decay != 1.0:
+        acc.mul_(decay)
+    acc.add_(z, alpha=alpha)
+    round_stochastic(acc, bits, out=weight)
+
+
 @contextmanager
 def signals_deferred():
     """Hold SIGINT and SIGTERM until the block ends (main thread only), so an update is never half applied."""
@@ -182,80 +202,207 @@ def _normal_no_grad():
         yield
 
 
+def _by_output_kind(module: torch.nn.Module, name: str, p: torch.Tensor) -> bool:
+    """Whether a weight may be perturbed through its module's output (table noise; see :class:`_Perturbed`)."""
+    return name == "weight" and (type(module) is torch.nn.Embedding or (
+        type(module) is torch.nn.Linear and p.numel() >= _Perturbed.BY_OUTPUT))
+
+
+class _Flats(dict):
+    """index -> the flat view of a tensor, made on first use."""
+
+    def __init__(self, params: dict[int, torch.Tensor]):
+        super().__init__()
+        self.params = params
+
+    def __missing__(self, index: int) -> torch.Tensor:
+        flat = self[index] = self.params[index].detach().view(-1)
+        return flat
+
+
+class _Layout:
+    """What the hooks need to know of each module, found once per step (on a module's first forward, for it and
+    every module under it) instead of at every forward. A group is the trainable tensors under one entry of a
+    ``ModuleList`` (a decoder layer): at that entry's forward they are perturbed with one multi-tensor add and
+    swapped in, and at its return swapped back, so the modules inside find their weights perturbed already and
+    at most one layer's perturbed copy exists at a time. Modules with nothing to do map to None: their hooks
+    return at once."""
+
+    def __init__(self, opt: MeZO):
+        self.params = {index: p for index, p, _ in opt._params()}
+        self.targets = {id(p): index for index, p in self.params.items()}
+        self.flats = _Flats(self.params)
+        self.table = opt.noise.kind == "table"
+        self.z: dict[tuple[int, int], torch.Tensor] = {}  # (seed, index) -> z of a one-chunk tensor: a table view
+        self.batches: dict[tuple, tuple] = {}  # indices perturbed together -> what _Perturbed._copies needs
+        self.zs: dict[tuple, list[torch.Tensor]] = {}  # (seed, indices) -> their z, shaped (table noise)
+        # id(module) -> None, or (own: its (name, index, tensor) that its own hook perturbs, group: the (module,
+        # name, index, tensor, by-output kind) of a group it is the entry of, dropout: whether it is a dropout)
+        self.modules: dict[int, tuple | None] = {}
+        self.held: list[torch.nn.Module] = []  # keeps every module found alive, so that no id is reused in a step
+
+    def find(self, module: torch.nn.Module) -> tuple | None:
+        if id(module) not in self.modules:
+            self._walk(module)
+        return self.modules[id(module)]
+
+    def _slots(self, module: torch.nn.Module) -> list[tuple[str, int, torch.Tensor]]:
+        if not module._parameters:
+            return []
+        return [(name, self.targets[id(p)], p) for name, p in module._parameters.items()
+                if p is not None and id(p) in self.targets]
+
+    def _walk(self, module: torch.nn.Module, group: list | None = None) -> None:
+        """Record ``module`` and those under it; ``group``: the slots of the group it is under, filled here."""
+        if id(module) in self.modules:
+            return
+        slots = self._slots(module)
+        if group is not None:  # the module's own hook then finds its weights swapped by the group, unless it
+            # runs outside the group's forward too (a module shared), or they go through its output
+            group += [(module, name, index, p, self.table and _by_output_kind(module, name, p))
+                      for name, index, p in slots]
+        self.modules[id(module)] = None  # set before the children: a module met again is not walked again
+        self.held.append(module)
+        entries: dict[int, list] = {}
+        for child in module._modules.values():
+            if child is None:
+                continue
+            if group is None and isinstance(module, torch.nn.ModuleList):  # each entry is a group
+                entries[id(child)] = []
+                self._walk(child, entries[id(child)])
+            else:
+                self._walk(child, group)
+        for child in module._modules.values():
+            if child is not None and id(child) in entries:
+                own, _, dropout = self.modules[id(child)] or ((), (), False)
+                if own or entries[id(child)] or dropout:
+                    self.modules[id(child)] = (own, tuple(entries[id(child)]), dropout)
+        dropout = isinstance(module, torch.nn.modules.dropout._DropoutNd)
+        if slots or dropout:
+            self.modules[id(module)] = (tuple(slots), (), dropout)
+
+
 class _Perturbed:
     """While active, every module forward sees its trainable weights as ``w + scale * eps * z``, through
     process-wide module hooks; the stored weights are never written.
 
-    Usually the module's weight is swapped for a temporary perturbed copy. With table noise, two large weights are
+    Usually a weight is swapped for a temporary perturbed copy while its module runs: for the weights of a
+    decoder layer, all at once at the layer's entry (one multi-tensor add, the same values as one add per
+    weight), dropped when the layer returns (see :class:`_Layout`). With table noise, two large weights are
     perturbed through their output instead, so that no copy of them is made: an embedding's output gets
-    ``eps * z`` of the rows it looked up (the same values, bitwise), and a linear layer applied to at most
-    ``SMALL_INPUT`` rows (an LM head under ``logits_to_keep``) gets ``eps * x @ z.T``, by blocks of rows."""
+    ``eps * z`` of the rows it looked up (the same values, bitwise), and a linear layer of at least
+    ``BY_OUTPUT`` values applied to at most ``SMALL_INPUT`` rows (an LM head under ``logits_to_keep``) gets
+    ``eps * x @ z.T``, by blocks of rows. ``layout``: the step's, shared by its closure calls (new when None)."""
 
     SMALL_INPUT = 64  # rows of input under which x @ z.T (a matmul that small) is cheaper than copying the weight
+    BY_OUTPUT = 1 << 16  # values under which a weight's copy costs less than the extra kernels of x @ z.T
     GATHER = 1 << 18  # values of z gathered at a time for an embedding's output: bounds the index buffers
 
-    def __init__(self, opt: MeZO, seed: int, scale: float):
+    def __init__(self, opt: MeZO, seed: int, scale: float, layout: _Layout | None = None):
         self.opt, self.seed, self.alpha = opt, seed, scale * opt.eps
-        self.targets = {id(p): index for index, p, _ in opt._params()}
+        self.layout = layout or _Layout(opt)
+        self.targets = self.layout.targets
         self.seen: set[int] = set()
-        self.swapped: dict[int, tuple[torch.nn.Module, list]] = {}  # id(module) -> (module, [(name, original)])
+        self.swapped: dict[int, list] = {}  # id(module) -> [(module, name, original)] it swapped
         self.through_output: dict[int, tuple[int, torch.Tensor]] = {}  # id(module) -> (index, weight)
 
-    def _perturb(self, index: int, p: torch.Tensor) -> torch.Tensor:
-        flat, noise = p.detach().view(-1), self.opt.noise
-        chunks = noise.chunks(self.seed, index, flat)
-        if 0 < flat.numel() <= noise.chunk_size:  # one chunk: a single kernel
-            out = torch.add(flat, next(chunks)[1], alpha=self.alpha)
-        else:
-            out = torch.empty_like(flat)
-            for where, z in chunks:
-                torch.add(flat[where], z, alpha=self.alpha, out=out[where])
-        return torch.nn.Parameter(out.view_as(p), requires_grad=p.requires_grad)
+    def _z(self, index: int, flat: torch.Tensor) -> torch.Tensor:
+        """z of a tensor of one chunk (what ``Noise.chunks`` yields); table slices kept for the step's other pass."""
+        noise, key = self.opt.noise, (self.seed, index)
+        if noise.kind != "table":
+            return next(noise.chunks(self.seed, index, flat))[1]
+        z = self.layout.z.get(key)
+        if z is None:
+            offset = noise._offset(flat.numel(), self.seed, index, 0)
+            z = self.layout.z[key] = noise._table(flat.device, flat.dtype)[offset:offset + flat.numel()]
+        return z
 
-    def _by_output(self, module: torch.nn.Module, name: str, args) -> bool:
-        if name != "weight" or self.opt.noise.kind != "table" or not args:
+    def _copies(self, indices: list[int]) -> dict[int, torch.nn.Parameter]:
+        """Perturbed copies of the tensors ``indices``: those of one chunk with one multi-tensor add.
+
+        Each a normal (not inference-mode) Parameter like the original: torch picks matmul kernels by it. As a
+        plain or inference tensor, SmolLM2's tied lm_head took a batched matmul over an 8x expanded copy of its
+        weight (1.1 s instead of 9 ms in bf16). The contexts are entered only when needed: they cost as much as
+        the kernel launch of a small layer's perturbation."""
+        layout, key = self.layout, tuple(indices)
+        batch = layout.batches.get(key)
+        if batch is None:  # the tensors of one chunk (and their shaped weights), and the others
+            one = [i for i in indices if 0 < layout.flats[i].numel() <= self.opt.noise.chunk_size]
+            batch = layout.batches[key] = (one, [layout.params[i].detach() for i in one],
+                                           [i for i in indices if i not in set(one)])
+        one, weights, rest = batch
+        zs = layout.zs.get((self.seed, key))
+        if zs is None:
+            zs = [self._z(i, layout.flats[i]).view_as(layout.params[i]) for i in one]
+            if layout.table:  # views of the table: kept for the step's other pass
+                layout.zs[(self.seed, key)] = zs
+        needed = torch.is_inference_mode_enabled() or torch.is_grad_enabled()
+        with _normal_no_grad() if needed else nullcontext():
+            out = dict(zip(one, torch._foreach_add(weights, zs, alpha=self.alpha))) if one else {}
+            for i in rest:
+                out[i] = self._perturb(i).view_as(layout.params[i])
+            return {i: torch.nn.Parameter(t, requires_grad=layout.params[i].requires_grad) for i, t in out.items()}
+
+    def _perturb(self, index: int) -> torch.Tensor:
+        flat = self.layout.flats[index]
+        if 0 < flat.numel() <= self.opt.noise.chunk_size:  # one chunk: a single kernel
+            return torch.add(flat, self._z(index, flat), alpha=self.alpha)
+        out = torch.empty_like(flat)
+        for where, z in self.opt.noise.chunks(self.seed, index, flat):
+            torch.add(flat[where], z, alpha=self.alpha, out=out[where])
+        return out
+
+    def _by_output(self, module: torch.nn.Module, name: str, args, weight: torch.Tensor) -> bool:
+        if not (self.layout.table and args and _by_output_kind(module, name, weight)):
             return False
         if type(module) is torch.nn.Embedding:
             return module.max_norm is None  # max_norm renormalizes the looked-up rows of the weight itself
-        if type(module) is torch.nn.Linear and isinstance(args[0], torch.Tensor):
-            return args[0].numel() // max(1, args[0].shape[-1]) <= self.SMALL_INPUT
-        return False
+        return isinstance(args[0], torch.Tensor) and args[0].numel() // max(1, args[0].shape[-1]) <= self.SMALL_INPUT
+
+    def _swap(self, module: torch.nn.Module, slots: list[tuple[torch.nn.Module, str, int, torch.Tensor]]) -> None:
+        """Swap perturbed copies in for ``slots`` (module, name, index, tensor) until ``module`` returns."""
+        self.swapped.setdefault(id(module), []).extend((sub, name, p) for sub, name, _, p in slots)
+        copies = self._copies(list(dict.fromkeys(index for _, _, index, _ in slots)))
+        for sub, name, index, _ in slots:
+            sub._parameters[name] = copies[index]
+        self.seen.update(copies)
 
     def _pre(self, module: torch.nn.Module, args) -> None:
-        swaps = []
-        for name, p in module._parameters.items():
-            index = self.targets.get(id(p)) if p is not None else None
-            if index is None:
-                continue
-            self.seen.add(index)
-            if self._by_output(module, name, args):
+        info = self.layout.find(module)
+        if info is None:
+            return
+        own, group, dropout = info
+        slots = []
+        if group:  # a layer's entry: all its weights at once, but those its modules may perturb through their output
+            small = bool(args) and isinstance(args[0], torch.Tensor) and args[0].ndim > 0 and (
+                args[0].numel() // max(1, args[0].shape[-1]) <= self.SMALL_INPUT)
+            slots += [(sub, name, index, p) for sub, name, index, p, by_output in group
+                      if sub._parameters.get(name) is p and not (by_output and small)]
+        for name, index, p in own:
+            if module._parameters.get(name) is not p:
+                continue  # swapped by its layer
+            if self._by_output(module, name, args, p):
+                self.seen.add(index)
                 self.through_output[id(module)] = (index, p)
             else:
-                swaps.append((name, index, p))
-        if swaps:
-            self.swapped[id(module)] = (module, [(name, p) for name, _, p in swaps])
-            # A normal (not inference-mode) Parameter like the original: torch picks matmul kernels by it. As a
-            # plain or inference tensor, SmolLM2's tied lm_head took a batched matmul over an 8x expanded copy of
-            # its weight (1.1 s instead of 9 ms in bf16). The contexts are entered only when needed: they cost
-            # as much as the kernel launch of a small layer's perturbation
-            needed = torch.is_inference_mode_enabled() or torch.is_grad_enabled()
-            with _normal_no_grad() if needed else nullcontext():
-                for name, index, p in swaps:
-                    module._parameters[name] = self._perturb(index, p)
-        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+                slots.append((module, name, index, p))
+        if slots:
+            self._swap(module, slots)
+        if dropout and module.training and module.p > 0:
             if not self.opt._warned_training:
                 self.opt._warned_training = True
                 warnings.warn("MeZO: dropout is active (the model is in training mode): it makes the two losses of "
                               "an estimate differ. Call model.eval() first", stacklevel=2)
 
     def _post(self, module: torch.nn.Module, args, output):
-        swapped = self.swapped.pop(id(module), None)
-        if swapped is not None:
-            module._parameters.update(swapped[1])
+        if self.layout.modules.get(id(module)) is None:
+            return None
+        for sub, name, p in self.swapped.pop(id(module), ()):
+            sub._parameters[name] = p
         if id(module) not in self.through_output:
             return None
         index, p = self.through_output.pop(id(module))
-        flat, noise, width = p.detach().view(-1), self.opt.noise, p.shape[1]
+        flat, noise, width = self.layout.flats[index], self.opt.noise, p.shape[1]
         offsets = noise.offsets(self.seed, index, flat.numel())
         if isinstance(module, torch.nn.Embedding):  # output[i] = w[ids[i]]: add z of that row
             ids, out, rows = args[0].reshape(-1), output.view(-1, width), max(1, self.GATHER // width)
@@ -285,8 +432,9 @@ class _Perturbed:
     def __exit__(self, *exc) -> None:
         for handle in self.handles:
             handle.remove()
-        for module, originals in self.swapped.values():  # modules whose forward raised before its hook ran
-            module._parameters.update(originals)
+        for originals in self.swapped.values():  # modules whose forward raised before its hook ran
+            for module, name, p in originals:
+                module._parameters[name] = p
         self.swapped.clear()
 
 
@@ -375,12 +523,14 @@ class MeZO(Optimizer):
                     yield index, p, group
                 index += 1
 
-    def _score(self, closure: Callable[[], float], seed: int, scale: float | None) -> float:
-        """The closure's loss, with the weights perturbed by scale*eps*z inside every forward (none if None)."""
+    def _score(self, closure: Callable[[], float], seed: int, scale: float | None,
+               layout: _Layout | None = None) -> float:
+        """The closure's loss, with the weights perturbed by scale*eps*z inside every forward (none if None);
+        ``layout``: the step's (see :class:`_Layout`)."""
         with torch.no_grad():
             if scale is None:
                 return float(closure())
-            with _Perturbed(self, seed, scale) as perturbed:
+            with _Perturbed(self, seed, scale, layout) as perturbed:
                 loss = float(closure())
         missed = len(perturbed.targets) - len(perturbed.seen)
         if perturbed.seen and missed and not self._warned_unused:
@@ -401,13 +551,14 @@ class MeZO(Optimizer):
         n = self.n_perturbations
         seeds = [mix(self.seed, self.num_perturbations_done + k) for k in range(n)]
         pairs: list[tuple[float, float]] = []
+        layout = _Layout(self)
         for seed in seeds:
             if self.difference == "forward":
                 minus = self._score(closure, seed, None)
-                plus = self._score(closure, seed, 1.0)
+                plus = self._score(closure, seed, 1.0, layout)
             else:
-                plus = self._score(closure, seed, 1.0)
-                minus = self._score(closure, seed, -1.0)
+                plus = self._score(closure, seed, 1.0, layout)
+                minus = self._score(closure, seed, -1.0, layout)
             pairs.append((plus, minus))
         grads = self._projected_grads(pairs)
         record = {"seeds": seeds, "grads": grads, "loss": sum(map(sum, pairs)) / (2 * n),
@@ -431,6 +582,7 @@ class MeZO(Optimizer):
         precision (fp32 for half-precision weights, then stochastically rounded); then the record is kept."""
         terms = self._terms(record)
         buffers: dict[torch.device, torch.Tensor] = {}  # one fp32 chunk per device for half-precision weights
+        batches: dict[tuple, list[tuple[int, torch.Tensor]]] = {}  # (device, lr, wd) -> one-chunk tensors
         with signals_deferred():
             for index, p, group in self._params():
                 lr = group["lr"]
@@ -438,6 +590,9 @@ class MeZO(Optimizer):
                 if not lr or not (terms or wd):
                     continue  # nothing moves: the weights stay bitwise as they are
                 flat, half = p.detach().view(-1), p.dtype in HALF
+                if not half and self.noise.kind == "table" and 0 < flat.numel() <= self.noise.chunk_size:
+                    batches.setdefault((flat.device, lr, wd), []).append((index, flat))
+                    continue
                 if half and p.device not in buffers:
                     size = min(self.noise.chunk_size, max(q.numel() for _, q, _ in self._params()))
                     buffers[p.device] = torch.empty(size, device=p.device, dtype=torch.float32)
@@ -448,6 +603,11 @@ class MeZO(Optimizer):
                 for k, where in enumerate(slice(s, s + self.noise.chunk_size)
                                           for s in range(0, flat.numel(), self.noise.chunk_size)):
                     zs = [next(stream)[1] for stream in streams]
+                    if half and len(zs) == 1 and flat.is_cuda:  # one kernel in place of five, the same values
+                        bits = self.noise.rounding_bits(record["seeds"][0], index, k, zs[0].numel(), flat.device)
+                        if fused.update(flat[where], zs[0], bits, 1.0 - lr * wd if wd else 1.0, -lr * terms[0][1],
+                                        _eager_update):
+                            continue
                     acc = flat[where]
                     if half:
                         acc = buffers[p.device][:acc.numel()].copy_(acc)
@@ -458,6 +618,15 @@ class MeZO(Optimizer):
                     if half:
                         bits = self.noise.rounding_bits(record["seeds"][0], index, k, acc.numel(), acc.device)
                         round_stochastic(acc, bits, out=flat[where])
+            # small tensors (z a view of the table): each operation above over all of them at once, in the same
+            # order per tensor, so the same values
+            for (_, lr, wd), items in batches.items():
+                flats = [flat for _, flat in items]
+                if wd:
+                    torch._foreach_mul_(flats, 1.0 - lr * wd)
+                for seed, coeff in terms:
+                    zs = [next(self.noise.chunks(seed, index, flat))[1] for index, flat in items]
+                    torch._foreach_add_(flats, zs, alpha=-lr * coeff)
             self.trajectory.append(record)
             self.num_perturbations_done += len(record["seeds"])
 

@@ -63,18 +63,20 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     return out
 
 
-def predict_all(model: torch.nn.Module, predictor: Any, examples: Sequence[dict], batch_size: int = 16) -> list:
-    """Predictions for every example, in batches."""
+def predict_all(model: torch.nn.Module, predictor: Any, examples: Sequence[dict], batch_size: int = 16,
+                progress: bool = False) -> list:
+    """Predictions for every example, in batches (``progress``: a bar over the batches on stderr)."""
     preds: list = []
-    for i in range(0, len(examples), batch_size):
+    starts = range(0, len(examples), batch_size)
+    for i in tqdm(starts, desc="evaluating", unit="batch", disable=not progress, dynamic_ncols=True, leave=False):
         preds += predictor.predict(model, examples[i:i + batch_size])
     return preds
 
 
 def evaluate_model(model: torch.nn.Module, predictor: Any, examples: Sequence[dict], metric: Metric,
-             batch_size: int = 16) -> float:
-    """The metric on ``examples`` (predictions batched, no perturbation)."""
-    return metric(predict_all(model, predictor, examples, batch_size), references(examples))
+                   batch_size: int = 16, progress: bool = False) -> float:
+    """The metric on ``examples`` (predictions batched, no perturbation; ``progress``: a bar on stderr)."""
+    return metric(predict_all(model, predictor, examples, batch_size, progress), references(examples))
 
 
 def evaluate_metrics(model: torch.nn.Module, predictor: Any, examples: Sequence[dict], metrics: Sequence[Metric],
