@@ -216,3 +216,64 @@ def test_candidates_train_toward_the_rewarded_text_and_need_sampling():
         RewardObjective(EchoGenerator(), [is_good], candidates=2)
     with pytest.raises(ValueError, match=">= 0"):
         RewardObjective(SamplingGenerator(), [is_good], candidates=-1)
+
+
+class StepSampler(SamplingGenerator):
+    """Samples a new text each call from the torch RNG, which ``GenerationPredictor`` seeds per step."""
+
+    def generate(self, model, prompts, strip=True):
+        from zo_objectives.scoring import sampling_seed
+
+        self.calls += 1
+        gen = torch.Generator().manual_seed(sampling_seed(prompts))
+        return [self.texts[int(i)] for i in torch.randint(0, len(self.texts), (len(prompts),), generator=gen)]
+
+
+def test_candidates_are_drawn_and_rewarded_again_at_every_step_of_a_repeated_batch():
+    seen = []
+
+    def is_good(prompts, completions, **columns):
+        seen.append(list(completions))
+        return [float(c == "good") for c in completions]
+
+    generator, model = StepSampler(), OneWeight()
+    optimizer = MeZO(model.parameters(), lr=0.0, eps=0.01, n_perturbations=2, seed=3)
+    objective = RewardObjective(generator, [is_good], candidates=3)
+    for _ in range(5):  # the same batch every step: an epoch of one batch
+        optimizer.step(lambda: objective(model, BATCH))
+        # the candidates scored this step are those sampled (and rewarded) this step
+        assert [c for row in objective._cache[1] for c in row] == [
+            c for c in dict.fromkeys(seen[-1][:3]) if c] + [c for c in dict.fromkeys(seen[-1][3:]) if c]
+    assert generator.calls == len(seen) == 5  # once per step, shared by its 4 perturbed evaluations
+    assert len({tuple(s) for s in seen}) > 1  # the steps drew different samples
+    again = MeZO(OneWeight().parameters(), lr=0.0, eps=0.01, n_perturbations=2, seed=3)
+    replayed = RewardObjective(StepSampler(), [is_good], candidates=3)
+    first = []
+    for _ in range(5):
+        again.step(lambda: replayed(model, BATCH))
+        first.append([c for row in replayed._cache[1] for c in row])
+    assert first[-1] == [c for row in objective._cache[1] for c in row]  # a pure function of (seed, step, prompts)
+
+
+def test_sampling_is_seeded_by_seed_step_and_prompts_on_a_real_model():
+    from zo_objectives import GenerationPredictor, load_model
+
+    model, tokenizer = load_model("tiny-random")
+    generator = GenerationPredictor(tokenizer, max_new_tokens=6, temperature=1.0)
+    prompts = ["Question: 1 + 2 =", "Question: 3 + 4 ="]
+    outside = generator.generate(model, prompts)
+    assert generator.generate(model, prompts) == outside  # outside a step: fixed by the prompts
+    draws = {}
+
+    def closure(optimizer):
+        draws.setdefault(len(optimizer.trajectory), []).append(tuple(generator.generate(model, prompts)))
+        return 0.0
+
+    for seed in (0, 1):
+        optimizer = MeZO(model.parameters(), lr=0.0, eps=1e-3, seed=seed)
+        for _ in range(3):
+            optimizer.step(lambda o=optimizer: closure(o))
+        for step in range(3):
+            plus, minus = draws.pop(step)
+            draws[seed, step] = plus
+    assert len(set(draws.values())) == 6  # every (seed, step) draws its own samples

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from metrics import Metric, get_metric, list_metrics
+from zo_objectives.optimizer import current_step
 from zo_objectives.scoring import Batch, prompts_seed
 
 CROSS_ENTROPY = "cross_entropy"
@@ -231,11 +232,13 @@ class RewardObjective(Objective):
     completions=..., **columns)`` where ``columns`` holds every other field of the batch's examples (one list
     per field), and must return one number per completion (Python or numpy numbers). After each batch scored,
     ``last_means`` maps each reward function's name to its mean (unweighted) over the completions rewarded.
-    Sampling (``generator.temperature > 0``) is seeded by the prompts, so both sides of an SPSA estimate
-    compare the same random draws.
+    Sampling (``generator.temperature > 0``) is seeded by the prompts and, inside a MeZO step, by the
+    optimizer's seed and the step (``GenerationPredictor``), so both sides of an SPSA estimate compare the
+    same random draws and every step draws new ones.
 
-    With ``candidates = k > 0`` each prompt gets k sampled completions, generated and rewarded once per batch
-    (the first time it is seen); the loss is minus the mean over prompts of their expected reward when a
+    With ``candidates = k > 0`` each prompt gets k sampled completions, generated and rewarded once per step
+    and batch (the first time the step sees it: a batch repeated in a later step or epoch gets fresh ones,
+    sampled by the weights of then); the loss is minus the mean over prompts of their expected reward when a
     completion is drawn from softmax(log-likelihood) over the distinct ones. One completion's text moves
     with the weights in jumps, so its reward ties on many steps; this expectation moves smoothly, and a
     costly reward (a test run, a judge) is called once per step instead of twice.
@@ -270,7 +273,7 @@ class RewardObjective(Objective):
         names = [callable_name(fn) for fn in self.rewards]  # a repeated name gets its position appended
         self._names = [n if names.count(n) == 1 else f"{n}_{k}" for k, n in enumerate(names)]
         self.last_means: dict[str, float] = {}
-        self._cache: tuple[int, list[list[str]], list[list[float]]] | None = None
+        self._cache: tuple[tuple, list[list[str]], list[list[float]]] | None = None
 
     def scores(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> list[float]:
         """The weighted sum of the rewards for each completion (and each reward's mean in ``last_means``)."""
@@ -313,7 +316,7 @@ class RewardObjective(Objective):
     def expected(self, model: torch.nn.Module, batch: Batch) -> list[float]:
         """Each prompt's expected reward over its sampled candidates (see ``candidates``)."""
         prompts = [ex["prompt"] for ex in batch]
-        key = prompts_seed(prompts)
+        key = (current_step(), prompts_seed(prompts))  # outside a MeZO step: kept while the batch repeats
         if self._cache is None or self._cache[0] != key:
             repeated_prompts, raw, columns = self.generate(
                 model, [ex for ex in batch for _ in range(self.candidates)], strip=False)
