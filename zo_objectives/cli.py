@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from metrics import Metric, get_metric, list_metrics
+from metrics.rewards import get_reward, list_rewards
 from tasks import Task, get_task, task_from_file, with_demonstrations
 from zo_objectives import distributed
 from zo_objectives.config import (
@@ -41,7 +42,13 @@ from zo_objectives.config import (
     read_config,
 )
 from zo_objectives.models import apply_peft, load_model, load_run_weights, select_trainable
-from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, RewardObjective, make_objective
+from zo_objectives.objectives import (
+    CROSS_ENTROPY,
+    MetricObjective,
+    RewardObjective,
+    make_objective,
+    reward_columns,
+)
 from zo_objectives.optimizer import MeZO, make_scheduler
 from zo_objectives.plots import plot_run
 from zo_objectives.scoring import predictor_for
@@ -75,9 +82,13 @@ def import_source(source: str, flag: str) -> ModuleType:
 
 
 def reward_functions(specs: list[str]) -> list[Callable]:
-    """The reward functions named ``module:function`` (or ``file.py:function``)."""
+    """The reward functions named ``module:function`` (or ``file.py:function``), or ready ones by name
+    (``metrics.rewards``)."""
     out = []
     for spec in specs:
+        if spec in list_rewards():
+            out.append(get_reward(spec))
+            continue
         source, _, name = spec.rpartition(":")
         fn = getattr(import_source(source, "--reward"), name, None)
         if not callable(fn):
@@ -91,9 +102,11 @@ def _task(config: CommonConfig) -> Task:
         if path and not Path(path).is_file():
             raise UsageError(f"{flag} {path}: no such file")
     if config.data:
+        rewards = bool(getattr(config, "reward", None))  # a file of prompts for rewards: generation, answers optional
         return task_from_file(config.data, name=Path(config.data).stem, template=config.template,
                               label_words=config.label_words, labels=config.labels, label_column=config.label_column,
-                              answer_column=config.answer_column, dev_path=config.dev_data)
+                              answer_column=config.answer_column, dev_path=config.dev_data,
+                              kind="generation" if rewards else None)
     return get_task(config.task)
 
 
@@ -125,6 +138,10 @@ def resolve(config: TuneConfig) -> tuple[TuneConfig, Task]:
         raise UsageError(f"unknown objective {objective!r}; available: {', '.join([CROSS_ENTROPY, *list_metrics()])}")
     output_dir = config.output_dir or f"runs/{task.name}-{objective}-s{config.seed}"
     return replace(config, task=task.name, objective=objective, output_dir=output_dir), task
+
+
+def _reward_run_metric(predictions: list, references: list) -> float:
+    raise TypeError("a reward run is evaluated by RewardObjective.evaluate (its rewards need prompts and columns)")
 
 
 @dataclass
@@ -160,7 +177,7 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
         objective = RewardObjective(generator, reward_functions(config.reward), config.reward_weights,
                                     candidates=config.reward_candidates)
         ex = task.examples("train", n=1, seed=config.seed)[0]  # a reward that fails fails now, on a gold answer
-        objective.scores([ex["prompt"]], [ex["target"].strip()], {k: [v] for k, v in ex.items() if k != "prompt"})
+        objective.scores([ex["prompt"]], [ex["target"].strip()], reward_columns([ex]))
     else:
         objective = make_objective(config.objective, predictor, smoothing=config.smoothing, samples=config.samples,
                                    form=config.metric_form, sequence_score=config.sequence_score,
@@ -181,7 +198,8 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
     if config.batch_size > len(train_set):
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training examples of "
                          f"{task.name}; use --batch-size {len(train_set)} or less")
-    metric = get_metric(task.metric)
+    # a reward run is evaluated by its weighted reward (greedy completions), not by the task's metric
+    metric = Metric(REWARD, _reward_run_metric) if config.reward else get_metric(task.metric)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     facts = {"form": form, "support": objective.support if form else None, "metric": metric.name,
              "train_examples": len(train_set), "eval_examples": len(dev_set), "trainable_parameters": trainable,
@@ -245,7 +263,13 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
     params = [p for p in model.parameters() if p.requires_grad]
     objective = distributed.ShardedObjective(run.objective) if world > 1 else run.objective  # batch[rank::world]
 
+    held_out_rewards: dict[str, float] = {}  # reward runs: each reward's mean at the last evaluation
+
     def dev_metric() -> float:
+        if isinstance(run.objective, RewardObjective):  # the weighted reward of greedy completions
+            value, means = run.objective.evaluate(model, dev_set, run.predictor, config.batch_size)
+            held_out_rewards.update(means)
+            return value
         if world > 1:  # distributed: verify the ranks' weights agree, split the dev set across ranks
             distributed.check_in_sync(params)
             return distributed.evaluate_model(model, run.predictor, dev_set, metric, config.batch_size)
@@ -287,7 +311,8 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
     seconds = time.perf_counter() - t0
     ties = sum(r["tied"] for r in history) / max(1, len(history))
     summary = {"metric": metric.name, "examples": len(dev_set), "before": before, "after": after,
-               "steps": config.steps, "train_seconds": seconds, "tied_fraction": ties}
+               "steps": config.steps, "train_seconds": seconds, "tied_fraction": ties,
+               **({"rewards": dict(held_out_rewards)} if held_out_rewards else {})}
     if main:  # distributed: rank 0 writes the results
         write_json(run_dir / "eval.json", summary)
         save_weights(model, run_dir / "model.safetensors")

@@ -224,6 +224,14 @@ def callable_name(fn: Any) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
+def reward_columns(batch: Batch) -> dict[str, list]:
+    """The columns a reward function gets: every field of the examples but the prompt, and the fields of their
+    raw data row (``"raw"``: a data file's own columns) that the example does not have under the same name."""
+    fields = [{**ex.get("raw", {}), **ex} if isinstance(ex.get("raw"), Mapping) else ex for ex in batch]
+    passed = [k for k in fields[0] if k not in ("prompt", "prompts", "completion", "completions")]
+    return {k: [f.get(k) for f in fields] for k in passed}
+
+
 @dataclass
 class RewardObjective(Objective):
     """Generate completions and score them with TRL-style reward functions; the loss is -(weighted mean reward).
@@ -306,8 +314,7 @@ class RewardObjective(Objective):
         and the batch's other fields as columns."""
         prompts = [ex["prompt"] for ex in batch]
         completions = self.generator.generate(model, prompts, strip=strip)
-        columns = {k: [ex.get(k) for ex in batch] for k in batch[0] if k not in ("prompt", "completion")}
-        return prompts, completions, columns
+        return prompts, completions, reward_columns(batch)
 
     def rewards_for(self, model: torch.nn.Module, batch: Batch) -> list[float]:
         """Generate a completion per example and return its combined reward."""
@@ -333,6 +340,20 @@ class RewardObjective(Objective):
     def __call__(self, model: torch.nn.Module, batch: Batch) -> float:
         rewards = self.expected(model, batch) if self.candidates else self.rewards_for(model, batch)
         return -sum(rewards) / len(rewards)
+
+    def evaluate(self, model: torch.nn.Module, examples: Batch, generator: Any = None,
+                 batch_size: int = 16) -> tuple[float, dict[str, float]]:
+        """The weighted reward of ``generator``'s completions (default: this objective's; pass a greedy one for
+        held-out figures) averaged over ``examples``, and each reward's own mean, in batches."""
+        generator = generator or self.generator
+        total, sums = 0.0, dict.fromkeys(self._names, 0.0)
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start:start + batch_size]
+            prompts = [ex["prompt"] for ex in batch]
+            total += sum(self.scores(prompts, generator.generate(model, prompts), reward_columns(batch)))
+            for name, mean in self.last_means.items():
+                sums[name] += mean * len(batch)
+        return total / len(examples), {name: value / len(examples) for name, value in sums.items()}
 
 
 def example_io(predictor: Any) -> tuple[list, list] | None:

@@ -1,4 +1,5 @@
-"""``curve.png`` for a run folder: the training objective, the dev metric and the tie rate against steps."""
+"""``curve.png`` for a run folder: the training objective (and each reward's mean), the dev metric and the tie rate
+against steps."""
 
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ def plot_run(run_dir: Path, window: int = 25) -> Path:
     form = "mean log of expected" if config.get("form") == "log" else "expected"
     t = config.get("smoothing", config.get("temperature"))  # (config.json before the rename: "temperature")
     smoothing = f" ({form}, T = {t:g})" if t else ""
+    names = list(dict.fromkeys(k for r in rows for k in r.get("rewards", {})))  # reward runs: each reward's mean
+    for name in names:
+        axes[0].plot(steps, rolling_mean([r.get("rewards", {}).get(name, float("nan")) for r in rows], window),
+                     lw=1.2, ls="--", label=f"{name} (batch mean)")
+    if names:
+        axes[0].legend(fontsize=7)
     axes[0].set(title=f"training objective: {config['objective']}{smoothing}", xlabel="step")
     evals = [(r["step"], r["eval"]) for r in rows if "eval" in r]
     before = json.loads((run_dir / "eval.json").read_text()).get("before") if (run_dir / "eval.json").exists() else None
