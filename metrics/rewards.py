@@ -23,7 +23,7 @@ NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 DEFAULT_TOLERANCE = 1e-6  # relative, with the same absolute floor: a number equal up to rounding
 DEFAULT_MAX_WORDS = 8
 DEFAULT_PATTERN = r"Answer: -?\d+"
-FORMAT_CREDIT = 0.1  # answer_check's reward for an answer in the right format with the wrong number
+FORMAT_CREDIT = 0.1  # answer_check's reward for a wrong answer in the right format
 
 
 def _golds(n: int, answer: Sequence | None, answers: Sequence | None) -> list[list[str]]:
@@ -121,21 +121,22 @@ def length_limit(prompts: list[str], completions: list[str], max_words: Sequence
     return [float(0 < len(c.split()) <= int(k)) for c, k in zip(completions, limits)]
 
 
-ANSWER_LINE = re.compile(r"Answer: (-?\d+)\.?")
+INTEGER_ALONE = re.compile(r"(-?\d+)\.?")
 
 
 def answer_check(prompts: list[str], completions: list[str], answer: Sequence | None = None,
                  answers: Sequence | None = None, **columns) -> list[float]:
-    """A checker for a strict answer format: 1.0 for exactly "Answer: <integer>" with the gold integer,
-    ``FORMAT_CREDIT`` (0.1) for that format with another integer, 0.0 otherwise (a sentence around it too).
+    """A checker with a strict answer format, the answer alone: 1.0 for a completion that is just the gold
+    integer (a final period allowed), ``FORMAT_CREDIT`` (0.1) for another integer alone, 0.0 for anything else
+    (an equation, a sentence, even around the right number).
 
-    >>> answer_check([""] * 4, ["Answer: 12", "Answer: 13", "12", "The answer is 12"], answer=["12"] * 4)
+    >>> answer_check([""] * 4, ["12", "13.", "5 + 7 = 12", "The answer is 12"], answer=["12"] * 4)
     [1.0, 0.1, 0.0, 0.0]
     """
     golds = _golds(len(completions), answer, answers)
     out = []
     for text, gs in zip(completions, golds):
-        match = ANSWER_LINE.fullmatch(text.strip())
+        match = INTEGER_ALONE.fullmatch(text.strip())
         out.append(0.0 if match is None else 1.0 if match.group(1) in {g.strip() for g in gs} else FORMAT_CREDIT)
     return out
 

@@ -198,6 +198,15 @@ def topic_seen(prompts, completions, topic, level, **columns):
 '''
 
 
+def test_a_reward_task_tunes_on_its_checker_by_default(tmp_path, capsys):
+    run = tmp_path / "arith"
+    assert tune("--task", "arith", "--steps", "1", "--batch-size", "4", "--eval-size", "4", "--output-dir",
+                str(run)) == 0, capsys.readouterr().err
+    config = json.loads((run / "config.json").read_text())
+    assert (config["reward"], config["objective"], config["metric"]) == (["answer_check"], "reward", "reward")
+    assert set(json.loads((run / "eval.json").read_text())["rewards"]) == {"answer_check"}
+
+
 def test_reward_run_on_a_jsonl_of_prompts(tmp_path, monkeypatch, capsys):
     """zo-tune --data prompts.jsonl --reward NAME --reward mod:fn: the file's columns reach the rewards, each
     reward's mean is logged per step, the held-out figure is the weighted reward of greedy completions."""

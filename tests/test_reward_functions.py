@@ -62,5 +62,5 @@ def test_number_close_tolerance_and_formats():
 def test_format_length_and_checker_edges():
     assert format_match([""] * 2, ["  Answer: -4 ", "Answer: 4 and more"]) == [1.0, 0.0]
     assert length_limit([""] * 2, ["a b c", "a b c"], max_words=[3, 2]) == [1.0, 0.0]
-    assert answer_check([""] * 3, ["Answer: -5.", "Answer:-5", "Answer: 5"], answer=["-5"] * 3) == [1.0, 0.0, 0.1]
+    assert answer_check([""] * 4, [" -5. ", "- 5", "5", "-5\n6"], answer=["-5"] * 4) == [1.0, 0.0, 0.1, 0.0]
     assert all(isinstance(v, float) and math.isfinite(v) for v in token_f1([""], [""], answer=["a"]))

@@ -133,6 +133,8 @@ def resolve(config: TuneConfig) -> tuple[TuneConfig, Task]:
     for plugin in config.plugin:
         import_source(plugin, "--plugin")
     task = _task(config)
+    if task.reward and not config.reward and config.objective is None:  # a task scored by a checker: its reward
+        config = replace(config, reward=[task.reward])
     objective = REWARD if config.reward else config.objective or task.metric
     if objective not in (REWARD, CROSS_ENTROPY, *list_metrics()):
         raise UsageError(f"unknown objective {objective!r}; available: {', '.join([CROSS_ENTROPY, *list_metrics()])}")
