@@ -352,19 +352,21 @@ def test_reward_comparison_cells_budget_and_choice_on_training_prompts(no_write,
         rc.main([*small, "--cell", cell])
     cells = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "cells").glob("*.json")}
     assert cells["best_of_4_0_0"]["scored_completions"] == 12  # 4 per held-out prompt
-    es = cells["mezo_es_0.0003_0"]
+    low, high = rc.GRIDS["mezo_es"][0], rc.GRIDS["mezo_es"][-1]
+    es = cells[f"mezo_es_{low:g}_0"]
     assert (es["steps"], es["scored_completions"]) == (4, 16)  # 2 x batch per step, within the budget
     assert es["peak_rss_mib"] > 0 and 0 <= es["after"] <= 1
     # the grid is chosen by the reward on training prompts, whatever the held-out reward says
-    for lr, train_after, after in ((1e-4, 0.2, 0.9), (3e-4, 0.5, 0.1), (1e-3, 0.1, 0.8)):
+    for lr, train_after, after in ((low, 0.5, 0.1), (high, 0.2, 0.9)):
         path = tmp_path / "cells" / f"mezo_es_{lr:g}_0.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "train_after": train_after, "after": after}))
-    assert rc.chosen_lr(tmp_path / "cells", "mezo_es") == 3e-4
+    assert rc.chosen_lr(tmp_path / "cells", "mezo_es") == low
     assert rc.chosen_lr(tmp_path / "cells", "mezo_expected") is None  # its grid has not run
     rc.main([*small, "--write"])
     stored = json.loads((no_write.parent / "results" / "reward_comparison_arith.json").read_text())
     rows = {r[0]: r for r in stored["rows"]}
     es_row = rows["MeZO, evolution-strategy form (each perturbed model decodes greedily)"]
-    assert es_row[2] == "0.100 (1 seed)" and es_row[3].startswith("0.0003 of")
+    assert es_row[2] == "0.100 (1 seed)" and es_row[3].startswith(f"{low:g} of")
+    assert es_row[1] == "0.000 (1 seed)"  # before: the untuned greedy cell
     assert "oracle" in next(k for k in rows if k.startswith("best of 4"))
     assert "## Reward comparison (arith)" in no_write.read_text()
