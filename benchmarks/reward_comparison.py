@@ -194,11 +194,12 @@ def grid_cells(task: str, only: list[str] | None) -> list[str]:
     return [f"{m}:{lr:g}:0" for m in methods if not only or m in only for lr in GRIDS[m]]
 
 
-def chosen_lr(folder: Path, method: str) -> float | None:
-    """The grid's lr with the best reward on training prompts (seed 0), once the whole grid has run."""
+def chosen_lr(folder: Path, method: str, partial: bool = False) -> float | None:
+    """The grid's lr with the best reward on training prompts (seed 0), once the whole grid has run (with
+    ``partial``, among the grid's cells that have)."""
     done = [json.loads(cell_path(folder, f"{method}:{lr:g}:0").read_text()) for lr in GRIDS[method]
             if cell_path(folder, f"{method}:{lr:g}:0").exists()]
-    if len(done) < len(GRIDS[method]):
+    if not done or (len(done) < len(GRIDS[method]) and not partial):
         return None
     return max(done, key=lambda r: r["train_after"])["lr"]
 
@@ -244,18 +245,17 @@ def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
         mine = [c for c in cells if c["method"] == method]
         if not mine:
             continue
-        lr = chosen_lr(folder, method) if method in GRIDS else None
+        lr = chosen_lr(folder, method, partial=True) if method in GRIDS else None
         if method in GRIDS:
-            grid = {f"{c['lr']:g}": round(c["train_after"], 4) for c in mine if c["seed"] == 0}
-            mine = [c for c in mine if lr is not None and c["lr"] == lr]
-            if not mine:
-                rows.append([label, "-", "-", "grid unfinished: " + json.dumps(grid), "-", "-", "-", "-"])
-                continue
+            mine = [c for c in mine if c["lr"] == lr]
+            ran = sorted({c["lr"] for c in cells if c["method"] == method and c["seed"] == 0})
         befores = [c["after"] for c in cells if c["method"] == "greedy"] * bool(method in GRIDS)
         afters = [c["after"] for c in mine]
         data[method] = {"lr": lr, "after": afters, "before": befores, "seeds": [c["seed"] for c in mine]}
-        rows.append([label, spread(befores) if befores else "-", spread(afters),
-                     f"{lr:g} of {', '.join(f'{x:g}' for x in GRIDS[method])}" if lr is not None else "-",
+        rows.append([label, f"{befores[0]:.3f}" if befores else "-",
+                     f"{afters[0]:.3f} (greedy: deterministic)" if method == "greedy" else spread(afters),
+                     "-" if lr is None else f"{lr:g} of {', '.join(f'{x:g}' for x in GRIDS[method])}" + (
+                         "" if len(ran) == len(GRIDS[method]) else f" (only {', '.join(f'{x:g}' for x in ran)} ran)"),
                      round(statistics.mean(c["scored_completions"] for c in mine)),
                      f"{statistics.mean(c.get('tune_seconds', c['seconds']) for c in mine) / 60:.1f} min",
                      f"{max(c['peak_rss_mib'] for c in mine):.0f} MiB", len(mine)])
