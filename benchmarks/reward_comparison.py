@@ -258,9 +258,11 @@ def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
                          "" if len(ran) == len(GRIDS[method]) else f" (only {', '.join(f'{x:g}' for x in ran)} ran)"),
                      round(statistics.mean(c["scored_completions"] for c in mine)),
                      f"{statistics.mean(c.get('tune_seconds', c['seconds']) for c in mine) / 60:.1f} min",
-                     f"{max(c['peak_rss_mib'] for c in mine):.0f} MiB", len(mine)])
+                     f"{max(c['peak_rss_mib'] for c in mine):.0f} MiB",
+                     f"{statistics.mean(c['tied_fraction'] for c in mine):.0%}" if "tied_fraction" in mine[0] else "-",
+                     len(mine)])
     header = ["method", "held-out reward before", "held-out reward after (greedy)", "lr (chosen on training prompts)",
-              "scored completions", "time (tuning; shared CPU)", "peak RSS", "runs"]
+              "scored completions", "time (tuning; shared CPU)", "peak RSS", "MeZO steps tied", "runs"]
     return header, rows, data
 
 
