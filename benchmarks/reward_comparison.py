@@ -287,7 +287,10 @@ def main(argv: list[str] | None = None) -> None:
              "is deterministic). Each tuned method's lr was chosen by the greedy reward on "
              f"{args.train_eval} training prompts after tuning with seed 0. Best-of-n needs the reward at inference "
              "(an oracle) and n completions per prompt. Times and memory come from a CPU shared with other jobs: "
-             "they compare only roughly; the equal-wall-time budget was not run.")
+             "they compare only roughly; the equal-wall-time budget was not run. The cells ran as "
+             f"`python benchmarks/reward_comparison.py --task {args.task} --run` (resumable: one JSON per cell under "
+             f"benchmarks/results/reward_comparison/{args.task}/, seed 0 grid cells included); rows with fewer runs "
+             "or grid points than the others stopped for time.")
     publish(f"reward_comparison_{args.task}", f"Reward comparison ({args.task})",
             f"{args.model} on {args.task}, reward {TASKS[args.task]['reward']}, {args.completions} scored completions "
             "per tuned run.", header, rows, "cpu", args.write, notes=notes,
