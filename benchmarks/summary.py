@@ -61,6 +61,11 @@ ROWS: list[tuple[str, str, list[tuple[str, dict[str, str], str]]]] = [
      [("memory_random-1.1b_bf16", {"config": "mezo"}, "peak / inference peak"),
       ("memory_random-1.1b_bf16", {"config": "lora"}, "peak / inference peak"),
       ("memory_random-1.1b_bf16", {"config": "adamw"}, "peak / inference peak")]),
+    ("Arithmetic checker reward (no gold answer), 64 held-out prompts, 384 scored completions",
+     "untuned / MeZO, ES form / TRL GRPO / best of 4 (oracle)",
+     [("reward_comparison_arith", {"method": method}, "held-out reward after (greedy)") for method in (
+         "untuned, greedy", "MeZO, evolution-strategy form (each perturbed model decodes greedily)",
+         "TRL GRPOTrainer", "best of 4 samples (oracle: picked by the reward)")]),
     ("32.5B Llama shape, bf16, 16 x 256 tokens, one H100 80 GB", "MeZO: peak GiB / x inference's",
      [("large_model_cuda", {}, "MeZO peak GiB"), ("large_model_cuda", {}, "MeZO / inference")]),
     ("Largest shape one 80 GiB GPU tunes at 16 x 256 (projected)", "MeZO / backprop + LoRA / AdamW, fp32 states",

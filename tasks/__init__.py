@@ -6,7 +6,7 @@
 >>> val = task.examples("validation", n=500, seed=0)   # disjoint from that train sample
 >>> dev = task.examples("dev")                          # the standard dev set, file order
 
-Built-ins: sst2, rte, boolq, copa, cb, squad (data shipped in ``tasks/data``, see PROVENANCE.md there).
+Built-ins: sst2, rte, boolq, copa, cb, squad, arith (data shipped in ``tasks/data``, see PROVENANCE.md there).
 SQuAD's dev set holds two slices on disjoint articles, ``SQUAD_DEV_SLICES``: "choose" (dev 0-499, where defaults
 are chosen) and "confirm" (dev 500-999, where they are confirmed).
 User tasks: ``register_task(task_from_file("my.csv", name="mine", template="{text} It was", ...))``.

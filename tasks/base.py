@@ -38,6 +38,7 @@ class Task:
     max_new_tokens: int = 16  # generation only
     get_label: Callable[[dict], int] | None = None  # default: int(row["label"])
     get_answers: Callable[[dict], list[str]] | None = None  # default: list(row["answers"])
+    reward: str | None = None  # generation tasks scored by a checker: its name in metrics.rewards (zo-tune's default)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

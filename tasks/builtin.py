@@ -1,4 +1,4 @@
-"""Built-in tasks (sst2, rte, boolq, copa, cb, squad) with MeZO's OPT prompts.
+"""Built-in tasks (sst2, rte, boolq, copa, cb, squad) with MeZO's OPT prompts, and arith (a reward task).
 
 Local data ships in ``tasks/data`` (see ``tasks/data/PROVENANCE.md``); ``source="hub"`` loads the same
 tasks with ``datasets.load_dataset`` for users with a network. Both map to the same raw fields.
@@ -191,6 +191,10 @@ def _copa_prompt(row: dict) -> str:
     return f"{premise} {'because' if row['question'] == 'cause' else 'so'}"
 
 
+def _arith_local(split: str) -> list[dict]:
+    return read_jsonl(DATA_DIR / "arith" / ("train.jsonl" if split == "train" else "dev.jsonl"))
+
+
 BUILTIN_TASKS = [
     Task(
         name="sst2", kind="classification", metric="accuracy",
@@ -220,6 +224,13 @@ BUILTIN_TASKS = [
         name="squad", kind="generation", metric="squad_f1",
         template=lambda r: f"Title: {r['title']}\nContext: {r['context']}\nQuestion: {r['question']}\nAnswer:",
         label_words=None, load_split=_loader(_squad_local, _squad_hub), max_new_tokens=16,
+    ),
+    # One-digit sums and differences with no gold completion: a checker scores the answer alone (answer_check,
+    # reading the "answer" column); made by tasks/data/arith/make_arith.py, train and dev disjoint
+    Task(
+        name="arith", kind="generation", metric="exact_match", template=lambda r: f"Question: What is "
+        f"{r['question']}?\nAnswer:", label_words=None, load_split=_arith_local, max_new_tokens=8,
+        get_answers=lambda r: [], reward="answer_check",
     ),
 ]
 

@@ -105,7 +105,8 @@ def task_from_file(
     ``template`` is a format string over the columns, e.g. ``"{text} It was"``. Classification (the default
     when ``label_words`` is given): int labels index ``label_words``; other labels (e.g. strings) are mapped
     through ``labels``, the label values in ``label_words`` order. Generation (the default when
-    ``answer_column`` is given): the column holds a gold answer string or a list of them. Without
+    ``answer_column`` is given): the column holds a gold answer string or a list of them; ``kind="generation"``
+    without it is a file of prompts for reward functions (no gold answers; every column reaches them). Without
     ``dev_path`` the dev split is the training file itself (with a warning).
     """
     kind = kind or ("generation" if answer_column else "classification")
@@ -113,14 +114,15 @@ def task_from_file(
         raise ValueError(f"task_from_file supports kind 'classification' or 'generation', not {kind!r}")
     if kind == "classification" and not label_words:
         raise ValueError("classification tasks need label_words, e.g. [' terrible', ' great']")
-    if kind == "generation" and not answer_column:
-        raise ValueError("generation tasks need answer_column")
     if labels is not None and label_words and len(labels) != len(label_words):
         raise ValueError(f"labels {labels} and label_words {label_words} must have the same length")
     metric = metric or ("squad_f1" if kind == "generation" else "accuracy")
 
     needed = {f: "used by the template" for f in template_fields(template)}
-    needed.update({answer_column: "answer_column"} if kind == "generation" else {label_column: "label_column"})
+    if kind == "classification":
+        needed[label_column] = "label_column"
+    elif answer_column:
+        needed[answer_column] = "answer_column"
     paths = {"train": Path(path), "dev": Path(dev_path) if dev_path else Path(path)}
 
     @cache
@@ -150,6 +152,8 @@ def task_from_file(
         return int(value)
 
     def get_answers(row: dict) -> list[str]:
+        if answer_column is None:
+            return []
         value = row[answer_column]
         return [str(a) for a in value] if isinstance(value, (list, tuple)) else [str(value)]
 

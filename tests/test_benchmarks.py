@@ -353,3 +353,31 @@ def test_half_precision_table_pairs_settings_by_seed(no_write, tmp_path):
     rows = {(r[0], r[1]): r[3] for r in load("half_precision").main(["--runs", *runs])["rows"]}
     assert rows["fp32", "mean"] == "69.00" and rows["bf16, eps 0.003", "mean"] == "69.00"
     assert rows["bf16, eps 0.003 - fp32", "mean"] == "0.00" and rows["bf16, eps 0.003 - fp32", "sd"] == "1.41"
+
+
+def test_reward_comparison_cells_budget_and_choice_on_training_prompts(no_write, tmp_path):
+    rc = load("reward_comparison")
+    small = ["--model", "tiny-random", "--held-out", "3", "--train-eval", "2", "--completions", "16", "--batch-size",
+             "2", "--max-new-tokens", "3", "--out", str(tmp_path / "cells")]
+    for cell in ["greedy:0:0", "best_of_4:0:0", *(f"mezo_es:{lr:g}:0" for lr in rc.GRIDS["mezo_es"])]:
+        rc.main([*small, "--cell", cell])
+    cells = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "cells").glob("*.json")}
+    assert cells["best_of_4_0_0"]["scored_completions"] == 12  # 4 per held-out prompt
+    low, high = rc.GRIDS["mezo_es"][0], rc.GRIDS["mezo_es"][-1]
+    es = cells[f"mezo_es_{low:g}_0"]
+    assert (es["steps"], es["scored_completions"]) == (4, 16)  # 2 x batch per step, within the budget
+    assert es["peak_rss_mib"] > 0 and 0 <= es["after"] <= 1
+    # the grid is chosen by the reward on training prompts, whatever the held-out reward says
+    for lr, train_after, after in ((low, 0.5, 0.1), (high, 0.2, 0.9)):
+        path = tmp_path / "cells" / f"mezo_es_{lr:g}_0.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "train_after": train_after, "after": after}))
+    assert rc.chosen_lr(tmp_path / "cells", "mezo_es") == low
+    assert rc.chosen_lr(tmp_path / "cells", "mezo_expected") is None  # its grid has not run
+    rc.main([*small, "--write"])
+    stored = json.loads((no_write.parent / "results" / "reward_comparison_arith.json").read_text())
+    rows = {r[0]: r for r in stored["rows"]}
+    es_row = rows["MeZO, evolution-strategy form (each perturbed model decodes greedily)"]
+    assert es_row[2] == "0.100 (1 seed)" and es_row[3].startswith(f"{low:g} of")
+    assert es_row[1] == "0.000"  # before: the untuned greedy cell
+    assert "oracle" in next(k for k in rows if k.startswith("best of 4"))
+    assert "## Reward comparison (arith)" in no_write.read_text()

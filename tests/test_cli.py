@@ -185,7 +185,62 @@ def test_reward_run_logs_each_reward_per_step(tmp_path, monkeypatch, capsys):
     assert all(0 <= v <= 1 for r in log for v in r["rewards"].values())
     config = json.loads((run / "config.json").read_text())
     assert (config["objective"], config["reward_weights"], config["lr"], config["metric"]) == (
-        "reward", [0.5, 1.0], 1e-4, "squad_f1")
+        "reward", [0.5, 1.0], 1e-4, "reward")  # evaluated by its rewards, not the task's metric (issue 25)
+    summary = json.loads((run / "eval.json").read_text())
+    assert summary["metric"] == "reward" and set(summary["rewards"]) == {"short", "overlap"}
+    assert summary["after"] == pytest.approx(0.5 * summary["rewards"]["short"] + summary["rewards"]["overlap"])
+
+
+TOPIC_REWARD = '''
+import json
+
+
+def topic_seen(prompts, completions, topic, level, **columns):
+    with open("columns.jsonl", "a") as f:
+        f.write(json.dumps({"prompts": prompts, "topic": topic, "level": level}) + "\\n")
+    return [float(t in c) + 0.1 * lv for c, t, lv in zip(completions, topic, level)]
+'''
+
+
+def test_a_reward_task_tunes_on_its_checker_by_default(tmp_path, capsys):
+    run = tmp_path / "arith"
+    assert tune("--task", "arith", "--steps", "1", "--batch-size", "4", "--eval-size", "4", "--output-dir",
+                str(run)) == 0, capsys.readouterr().err
+    config = json.loads((run / "config.json").read_text())
+    assert (config["reward"], config["objective"], config["metric"]) == (["answer_check"], "reward", "reward")
+    assert set(json.loads((run / "eval.json").read_text())["rewards"]) == {"answer_check"}
+
+
+def test_reward_run_on_a_jsonl_of_prompts(tmp_path, monkeypatch, capsys):
+    """zo-tune --data prompts.jsonl --reward NAME --reward mod:fn: the file's columns reach the rewards, each
+    reward's mean is logged per step, the held-out figure is the weighted reward of greedy completions."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "topics.py").write_text(TOPIC_REWARD)
+    lines = [{"prompt": f"Say {w}:", "answer": w, "topic": w[:2], "level": i % 3}
+             for i, w in enumerate(["cat", "dog", "sun", "sea", "red", "blue", "one", "two"])]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (tmp_path / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines[:4]))
+    run = tmp_path / "run"
+    code = tune("--data", "prompts.jsonl", "--dev-data", "held.jsonl", "--reward", "exact_answer", "--reward",
+                "topics.py:topic_seen", "--reward-weights", "1", "0.5", "--steps", "3", "--batch-size", "4",
+                "--eval-every", "2", "--output-dir", str(run))
+    assert code == 0, capsys.readouterr().err
+    assert "dev reward before" in capsys.readouterr().err
+    log = rows(run)
+    assert [("eval" in r) for r in log] == [False, True, True]  # at --eval-every and at the end
+    assert all(set(r["rewards"]) == {"exact_answer", "topic_seen"} for r in log)
+    seen = [json.loads(line) for line in (tmp_path / "columns.jsonl").read_text().splitlines()]
+    by_prompt = {r["prompt"]: r for r in lines}
+    for call in seen:  # every call got the file's own columns, row by row
+        assert call["topic"] == [by_prompt[p]["topic"] for p in call["prompts"]]
+        assert call["level"] == [by_prompt[p]["level"] for p in call["prompts"]]
+    summary = json.loads((run / "eval.json").read_text())
+    assert summary["metric"] == "reward" and summary["examples"] == 4
+    means = summary["rewards"]
+    assert summary["after"] == pytest.approx(means["exact_answer"] + 0.5 * means["topic_seen"])
+    assert summary["rewards"]["topic_seen"] >= 0.1 * (0 + 1 + 2 + 0) / 4  # the level column's credit at least
+    assert (run / "curve.png").stat().st_size > 0
+    assert json.loads((run / "config.json").read_text())["template"] == "{prompt}"  # the default for --reward
 
 
 def test_native_bf16_is_read_from_the_cpu_flags_or_probed(monkeypatch):
@@ -354,7 +409,7 @@ def test_plugin_registers_a_metric_objective(tmp_path, monkeypatch, capsys):
     (["--template", "{text}"], "--template describes a custom data file: it needs --data"),
     (["--data", "no_such_file.csv", "--template", "{text}"], "--data no_such_file.csv: no such file"),
     (["--config", "no_such_config.json"], "cannot read config no_such_config.json"),
-    (["--reward", "no_colon"], "expected module:function"),
+    (["--reward", "no_colon"], "expected module:function, path/to/file.py:function or a ready reward: answer_check"),
     (["--task", "squad", "--reward", "no_such_reward_module:fn"], "no_such_reward_module"),
     (["--task", "squad", "--reward", "os:no_such_function"], "no function 'no_such_function'"),
     (["--task", "squad", "--reward", "os:getcwd"], "reward 'getcwd' raised TypeError"),

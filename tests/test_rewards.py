@@ -127,38 +127,35 @@ def test_reward_trains_a_toy_policy():
 
 def test_reward_example_rewards():
     from examples import reward_tuning as ex
+    from metrics.rewards import token_f1
 
-    results = doctest.testmod(ex)  # the examples in the reward functions' docstrings
-    assert results.attempted >= 4 and results.failed == 0
-
-    assert ex.short_answer([], ["Paris", "", "one two three four five six seven"]) == [1.0, 0.0, 0.0]
-    passage = "The Eiffel Tower, in Paris, opened in 1889 and is one two three four five six seven metres tall."
-    texts = ["Paris", "the Eiffel Tower.", "", "The answer is:", "Pari", "one two three four five six seven"]
-    assert ex.short_span([], texts, context=[passage] * len(texts)) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0]
-    f1 = ex.answer_f1([], ["the Eiffel Tower", "nothing"], answers=[["Eiffel Tower"], ["Paris"]])
-    assert f1 == [1.0, 0.0]
+    results = doctest.testmod(ex)  # the example in its reward function's docstring
+    assert results.attempted >= 1 and results.failed == 0
+    texts = ["Paris", "", "one two three four five six seven", "a b c d e f"]
+    assert ex.short_answer([], texts) == [1.0, 0.0, 0.0, 1.0]
+    assert ex.answer_f1 is token_f1
+    assert ex.answer_f1([], ["the Eiffel Tower", "nothing"], answers=[["Eiffel Tower"], ["Paris"]]) == [1.0, 0.0]
 
 
-@pytest.mark.parametrize(("short", "weight"), [("length", "0.5"), ("span", "0")])
-def test_reward_example_smoke_run(monkeypatch, capsys, short, weight):
+@pytest.mark.parametrize("form", ["es", "expected"])
+def test_reward_example_smoke_run(capsys, form):
     from examples import reward_tuning as ex
+    from metrics.rewards import answer_check
+    from zo_objectives.objectives import reward_columns
 
-    monkeypatch.setattr("sys.argv", ["reward_tuning.py", "--model", "tiny-random", "--steps", "1", "--held-out", "2",
-                                     "--batch-size", "2", "--max-new-tokens", "2", "--short", short, "--short-weight",
-                                     weight])
-    ex.main()
+    results = ex.main(["--model", "tiny-random", "--steps", "1", "--held-out", "2", "--batch-size", "2",
+                       "--max-new-tokens", "2", "--form", form, "--candidates", "2"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[1] for line in lines] == [ex.SHORT_REWARDS[short].__name__, "answer_f1"]
-    # the "before" figures are the untuned model's mean rewards, computed here again one reward at a time
+    assert [line.split()[1] for line in lines] == ["answer_check:", "weighted:"]
+    # the "before" figure is the untuned model's reward of its greedy completions, computed here again
     model, tokenizer = ex.load_model("tiny-random")
-    held_out = ex.prompts_from_squad(tokenizer, 2, offset=400)
-    completions = ex.GenerationPredictor(tokenizer, max_new_tokens=2, stop=["\n"]).generate(
-        model, [e["prompt"] for e in held_out])
-    columns = {"context": [e["context"] for e in held_out], "answers": [e["answers"] for e in held_out]}
-    for line, fn in zip(lines, [ex.SHORT_REWARDS[short], ex.answer_f1]):
-        before, after = map(float, re.search(r": (\S+) -> (\S+) after 1 steps$", line).groups())
-        assert before == pytest.approx(sum(fn([], completions, **columns)) / 2, abs=5e-4)
-        assert 0.0 <= after <= 1.0
+    held_out = ex.get_task("arith").examples("dev", n=2)
+    completions = ex.GenerationPredictor(tokenizer, max_new_tokens=2).generate(model, [e["prompt"] for e in held_out])
+    values = answer_check([], completions, **{k: v for k, v in reward_columns(held_out).items() if k == "answer"})
+    before, after = results["answer_check"]
+    assert before == pytest.approx(sum(values) / 2) and results["weighted"] == (before, after)
+    assert 0.0 <= after <= 1.0
+    assert re.fullmatch(r"held-out answer_check: \S+ -> \S+ after 1 steps", lines[0])
 
 
 class SamplingGenerator:
@@ -216,3 +213,64 @@ def test_candidates_train_toward_the_rewarded_text_and_need_sampling():
         RewardObjective(EchoGenerator(), [is_good], candidates=2)
     with pytest.raises(ValueError, match=">= 0"):
         RewardObjective(SamplingGenerator(), [is_good], candidates=-1)
+
+
+class StepSampler(SamplingGenerator):
+    """Samples a new text each call from the torch RNG, which ``GenerationPredictor`` seeds per step."""
+
+    def generate(self, model, prompts, strip=True):
+        from zo_objectives.scoring import sampling_seed
+
+        self.calls += 1
+        gen = torch.Generator().manual_seed(sampling_seed(prompts))
+        return [self.texts[int(i)] for i in torch.randint(0, len(self.texts), (len(prompts),), generator=gen)]
+
+
+def test_candidates_are_drawn_and_rewarded_again_at_every_step_of_a_repeated_batch():
+    seen = []
+
+    def is_good(prompts, completions, **columns):
+        seen.append(list(completions))
+        return [float(c == "good") for c in completions]
+
+    generator, model = StepSampler(), OneWeight()
+    optimizer = MeZO(model.parameters(), lr=0.0, eps=0.01, n_perturbations=2, seed=3)
+    objective = RewardObjective(generator, [is_good], candidates=3)
+    for _ in range(5):  # the same batch every step: an epoch of one batch
+        optimizer.step(lambda: objective(model, BATCH))
+        # the candidates scored this step are those sampled (and rewarded) this step
+        assert [c for row in objective._cache[1] for c in row] == [
+            c for c in dict.fromkeys(seen[-1][:3]) if c] + [c for c in dict.fromkeys(seen[-1][3:]) if c]
+    assert generator.calls == len(seen) == 5  # once per step, shared by its 4 perturbed evaluations
+    assert len({tuple(s) for s in seen}) > 1  # the steps drew different samples
+    again = MeZO(OneWeight().parameters(), lr=0.0, eps=0.01, n_perturbations=2, seed=3)
+    replayed = RewardObjective(StepSampler(), [is_good], candidates=3)
+    first = []
+    for _ in range(5):
+        again.step(lambda: replayed(model, BATCH))
+        first.append([c for row in replayed._cache[1] for c in row])
+    assert first[-1] == [c for row in objective._cache[1] for c in row]  # a pure function of (seed, step, prompts)
+
+
+def test_sampling_is_seeded_by_seed_step_and_prompts_on_a_real_model():
+    from zo_objectives import GenerationPredictor, load_model
+
+    model, tokenizer = load_model("tiny-random")
+    generator = GenerationPredictor(tokenizer, max_new_tokens=6, temperature=1.0)
+    prompts = ["Question: 1 + 2 =", "Question: 3 + 4 ="]
+    outside = generator.generate(model, prompts)
+    assert generator.generate(model, prompts) == outside  # outside a step: fixed by the prompts
+    draws = {}
+
+    def closure(optimizer):
+        draws.setdefault(len(optimizer.trajectory), []).append(tuple(generator.generate(model, prompts)))
+        return 0.0
+
+    for seed in (0, 1):
+        optimizer = MeZO(model.parameters(), lr=0.0, eps=1e-3, seed=seed)
+        for _ in range(3):
+            optimizer.step(lambda o=optimizer: closure(o))
+        for step in range(3):
+            plus, minus = draws.pop(step)
+            draws[seed, step] = plus
+    assert len(set(draws.values())) == 6  # every (seed, step) draws its own samples

@@ -222,3 +222,26 @@ def test_label_column_names_another_column(tmp_path):
     assert [e["label"] for e in task.examples("dev")] == [1, 0]
 
 
+
+
+def test_arith_is_a_reward_task_with_disjoint_fixed_splits():
+    import importlib.util
+
+    from metrics.rewards import answer_check, get_reward
+
+    task = get_task("arith")
+    assert task.kind == "generation" and get_reward(task.reward) is answer_check
+    train, dev = task.examples("train"), task.examples("dev")
+    assert (len(train), len(dev)) == (98, 64)
+    assert {e["raw"]["question"] for e in train}.isdisjoint(e["raw"]["question"] for e in dev)
+    ex = dev[0]
+    assert ex["prompt"] == f"Question: What is {ex['raw']['question']}?\nAnswer:"
+    assert ex["answers"] == [] and ex["target"] == ""  # no gold completion: only the checker
+    assert answer_check([""] * len(dev), [e["raw"]["answer"] for e in dev], answer=[e["raw"]["answer"] for e in dev]) \
+        == [1.0] * len(dev)
+    assert all(int(e["raw"]["answer"]) == eval(e["raw"]["question"]) for e in train + dev)
+    spec = importlib.util.spec_from_file_location("make_arith", tasks.DATA_DIR / "arith" / "make_arith.py")
+    make = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make)
+    rows = make.problems()  # the shipped files are what the script makes
+    assert task.load_split("train") == rows[:98] and task.load_split("dev") == rows[98:]

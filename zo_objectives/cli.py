@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 from metrics import Metric, get_metric, list_metrics
+from metrics.rewards import get_reward, list_rewards
 from tasks import Task, get_task, task_from_file, with_demonstrations
 from zo_objectives import distributed
 from zo_objectives.config import (
@@ -57,7 +58,14 @@ from zo_objectives.models import (
     load_run_weights,
     select_trainable,
 )
-from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, RewardObjective, check_metric, make_objective
+from zo_objectives.objectives import (
+    CROSS_ENTROPY,
+    MetricObjective,
+    RewardObjective,
+    check_metric,
+    make_objective,
+    reward_columns,
+)
 from zo_objectives.optimizer import MeZO, make_scheduler
 from zo_objectives.plots import plot_run
 from zo_objectives.population import Population
@@ -123,9 +131,13 @@ def import_source(source: str, flag: str) -> ModuleType:
 
 
 def reward_functions(specs: list[str]) -> list[Callable]:
-    """The reward functions named ``module:function`` (or ``file.py:function``)."""
+    """The reward functions named ``module:function`` (or ``file.py:function``), or ready ones by name
+    (``metrics.rewards``)."""
     out = []
     for spec in specs:
+        if spec in list_rewards():
+            out.append(get_reward(spec))
+            continue
         source, _, name = spec.rpartition(":")
         fn = getattr(import_source(source, "--reward"), name, None)
         if not callable(fn):
@@ -139,9 +151,11 @@ def _task(config: CommonConfig) -> Task:
         if path and not Path(path).is_file():
             raise UsageError(f"{name} {path}: no such file")
     if config.data:
+        rewards = bool(getattr(config, "reward", None))  # a file of prompts for rewards: generation, answers optional
         return task_from_file(config.data, name=Path(config.data).stem, template=config.template,
                               label_words=config.label_words, labels=config.labels, label_column=config.label_column,
-                              answer_column=config.answer_column, dev_path=config.dev_data)
+                              answer_column=config.answer_column, dev_path=config.dev_data,
+                              kind="generation" if rewards else None)
     return get_task(config.task)
 
 
@@ -175,6 +189,8 @@ def resolve(config: TuneConfig) -> tuple[TuneConfig, Task]:
     for plugin in config.plugin:
         import_source(plugin, "--plugin")
     task = _task(config)
+    if task.reward and not config.reward and config.objective is None:  # a task scored by a checker: its reward
+        config = replace(config, reward=[task.reward])
     objective = REWARD if config.reward else config.objective or task.metric
     if objective not in (REWARD, CROSS_ENTROPY, *list_metrics()):
         raise UsageError(f"unknown objective {objective!r}; available: {', '.join([CROSS_ENTROPY, *list_metrics()])}")
@@ -185,14 +201,15 @@ def resolve(config: TuneConfig) -> tuple[TuneConfig, Task]:
 
 def evaluation_metrics(config: CommonConfig, task: Task) -> list[Metric]:
     """The metrics a run reports on its evaluation set, the headline first: ``--metric``'s, else the metric the
-    run optimizes (its objective, where that is a metric), else the task's (cross-entropy, zo-eval, and --reward
-    runs: reward evaluation plugs in here)."""
+    run optimizes (its objective, where that is a metric; for --reward runs "reward", the weighted reward of greedy
+    completions), else the task's (cross-entropy, zo-eval)."""
     objective = getattr(config, "objective", None)
-    names = config.metrics or [objective if objective in list_metrics() else task.metric]
-    unknown = [n for n in names if n not in list_metrics()]
+    names = config.metrics or [objective if objective in (*list_metrics(), REWARD) else task.metric]
+    unknown = [n for n in names if n not in list_metrics() and not (n == REWARD and objective == REWARD)]
     if unknown:
-        raise UsageError(f"unknown --metric {' '.join(unknown)}; available: {', '.join(list_metrics())}")
-    return [get_metric(n) for n in dict.fromkeys(names)]
+        available = [*list_metrics(), *([REWARD] if objective == REWARD else [])]
+        raise UsageError(f"unknown --metric {' '.join(unknown)}; available: {', '.join(available)}")
+    return [Metric(REWARD, _reward_run_metric) if n == REWARD else get_metric(n) for n in dict.fromkeys(names)]
 
 
 def heldout_split(task: Task, fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -222,6 +239,10 @@ def split_examples(config: TuneConfig, task: Task) -> tuple[list[dict], list[dic
               "the dev metric measures training data; --heldout-fraction 0.25 evaluates on examples held out from "
               "training", file=sys.stderr)
     return train_set, dev_set, "dev"
+
+
+def _reward_run_metric(predictions: list, references: list) -> float:
+    raise TypeError("a reward run is evaluated by RewardObjective.evaluate (its rewards need prompts and columns)")
 
 
 @dataclass
@@ -258,8 +279,7 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
         objective = RewardObjective(generator, reward_functions(config.reward), config.reward_weights,
                                     candidates=config.reward_candidates)
         ex = task.examples("train", n=1, seed=config.seed)[0]  # a reward that fails fails now, on a gold answer
-        score = objective.scores([ex["prompt"]], [ex["target"].strip()],
-                                 {k: [v] for k, v in ex.items() if k != "prompt"})[0]
+        score = objective.scores([ex["prompt"]], [ex["target"].strip()], reward_columns([ex]))[0]
         if not math.isfinite(score):
             raise UsageError(f"--reward gives {score} on a gold answer: rewards must be finite numbers")
     else:
@@ -408,12 +428,24 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
     # distributed: MeZO splits the batch (batch[rank::world]); a population splits its members instead
     objective = distributed.ShardedObjective(run.objective) if world > 1 and not config.population else run.objective
 
+    held_out_rewards: dict[str, float] = {}  # reward runs: each reward's mean at the last evaluation
+
     def dev_metrics(progress: bool = False) -> dict[str, float]:
+        values: dict[str, float] = {}
+        if any(m.name == REWARD for m in metrics):  # the weighted reward of greedy completions
+            values[REWARD], means = run.objective.evaluate(model, dev_set, run.predictor, config.batch_size)
+            held_out_rewards.update(means)
+        others = [m for m in metrics if m.name != REWARD]
+        if not others:
+            return values
         if world > 1:  # distributed: verify the ranks' weights agree, split the dev set across ranks
             distributed.check_in_sync(params)
-            return evaluate_metrics(model, run.predictor, dev_set, metrics, config.batch_size, distributed.predict_all)
-        return evaluate_metrics(model, run.predictor, dev_set, metrics, config.batch_size,
-                                functools.partial(predict_all, progress=progress))  # progress: a bar on stderr
+            values.update(evaluate_metrics(model, run.predictor, dev_set, others, config.batch_size,
+                                           distributed.predict_all))
+        else:
+            values.update(evaluate_metrics(model, run.predictor, dev_set, others, config.batch_size,
+                                           functools.partial(predict_all, progress=progress)))  # a bar on stderr
+        return {m.name: values[m.name] for m in metrics}
 
     start, before = 0, None
     if resume:
@@ -468,7 +500,8 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
     ties = sum(r["tied"] for r in history) / max(1, len(history))
     summary = {"metric": metric.name, "split": split, "examples": len(dev_set), "before": headline(before),
                "after": after[metric.name], "before_metrics": before, "after_metrics": after,
-               "steps": config.steps, "train_seconds": seconds, "tied_fraction": ties}
+               "steps": config.steps, "train_seconds": seconds, "tied_fraction": ties,
+               **({"rewards": dict(held_out_rewards)} if held_out_rewards else {})}
     if main:  # distributed: rank 0 writes the results
         write_sealed(run_dir, EVAL, _json_writer(summary))
         write_sealed(run_dir, WEIGHTS, lambda tmp: save_file(trainable_state(model), tmp), step=config.steps)

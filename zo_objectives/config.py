@@ -20,6 +20,7 @@ from typing import Any
 
 from transformers import HfArgumentParser
 
+from metrics.rewards import list_rewards
 from tasks import list_tasks
 from zo_objectives.models import DEFAULT_MODEL, DTYPES, PEFT_KINDS
 from zo_objectives.objectives import DEFAULT_SMOOTHING, FORMS, SEQUENCE_SCORES, SUPPORTS
@@ -126,9 +127,10 @@ class TuneConfig(CommonConfig):
                                       "metric such as accuracy is optimized in log form: on label-word and "
                                       "multiple-choice tasks that IS cross-entropy; --metric-form mean optimizes "
                                       "the expected metric, --smoothing 0 the hard metric")
-    reward: list[str] = arg(help="module:function (the module may be a .py file): a TRL-style reward "
-                                 "reward(prompts=, completions=, **columns) -> list[float] to maximize on a "
-                                 "generation task, instead of --objective (repeatable)", repeat=True)
+    reward: list[str] = arg(help="a TRL-style reward reward(prompts=, completions=, **columns) -> list[float] to "
+                                 "maximize on a generation task, instead of --objective (repeatable): module:function "
+                                 "(the module may be a .py file) or a ready one: " + ", ".join(list_rewards()),
+                            repeat=True)
     reward_weights: list[float] | None = arg(None, "one weight per --reward (default: 1 each)")
     reward_candidates: int = arg(0, "sampled completions rewarded per prompt: optimizes their expected reward "
                                     "(needs --sample-temperature > 0; 0: one completion)", at_least=0)
@@ -192,6 +194,8 @@ class TuneConfig(CommonConfig):
     progress: bool = arg(True, "show a progress bar (--no-progress hides it)", resume=FREE)
 
     def __post_init__(self) -> None:
+        if self.reward and self.data and self.template is None:
+            self.template = "{prompt}"  # a file of prompts for rewards: its "prompt" column as it is
         super().__post_init__()
         if self.momentum >= 1 or (self.momentum > 0) != (self.momentum_window > 1):
             raise UsageError(f"--momentum must be in [0, 1) with --momentum-window > 1 (or both 0), got "
@@ -204,8 +208,9 @@ class TuneConfig(CommonConfig):
         if self.reward and self.objective not in (None, REWARD):
             raise UsageError("--reward and --objective exclude each other: the rewards are the objective")
         for spec in self.reward:
-            if spec.count(":") < 1 or not all(spec.rpartition(":")[::2]):
-                raise UsageError(f"--reward {spec!r}: expected module:function or path/to/file.py:function")
+            if spec not in list_rewards() and (spec.count(":") < 1 or not all(spec.rpartition(":")[::2])):
+                raise UsageError(f"--reward {spec!r}: expected module:function, path/to/file.py:function or a ready "
+                                 f"reward: {', '.join(list_rewards())}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
             raise UsageError(f"--reward-weights: {len(self.reward_weights)} weights for {len(self.reward)} --reward")
         if (self.reward_candidates or self.sample_temperature) and not self.reward:

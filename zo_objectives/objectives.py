@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from metrics import Metric, MetricError, get_metric, list_metrics
+from zo_objectives.optimizer import current_step
 from zo_objectives.scoring import Batch, prompts_seed
 
 CROSS_ENTROPY = "cross_entropy"
@@ -277,6 +278,14 @@ def callable_name(fn: Any) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
+def reward_columns(batch: Batch) -> dict[str, list]:
+    """The columns a reward function gets: every field of the examples but the prompt, and the fields of their
+    raw data row (``"raw"``: a data file's own columns) that the example does not have under the same name."""
+    fields = [{**ex.get("raw", {}), **ex} if isinstance(ex.get("raw"), Mapping) else ex for ex in batch]
+    passed = [k for k in fields[0] if k not in ("prompt", "prompts", "completion", "completions")]
+    return {k: [f.get(k) for f in fields] for k in passed}
+
+
 @dataclass
 class RewardObjective(Objective):
     """Generate completions and score them with TRL-style reward functions; the loss is -(weighted mean reward).
@@ -285,11 +294,13 @@ class RewardObjective(Objective):
     completions=..., **columns)`` where ``columns`` holds every other field of the batch's examples (one list
     per field), and must return one number per completion (Python or numpy numbers). After each batch scored,
     ``last_means`` maps each reward function's name to its mean (unweighted) over the completions rewarded.
-    Sampling (``generator.temperature > 0``) is seeded by the prompts, so both sides of an SPSA estimate
-    compare the same random draws.
+    Sampling (``generator.temperature > 0``) is seeded by the prompts and, inside a MeZO step, by the
+    optimizer's seed and the step (``GenerationPredictor``), so both sides of an SPSA estimate compare the
+    same random draws and every step draws new ones.
 
-    With ``candidates = k > 0`` each prompt gets k sampled completions, generated and rewarded once per batch
-    (the first time it is seen); the loss is minus the mean over prompts of their expected reward when a
+    With ``candidates = k > 0`` each prompt gets k sampled completions, generated and rewarded once per step
+    and batch (the first time the step sees it: a batch repeated in a later step or epoch gets fresh ones,
+    sampled by the weights of then); the loss is minus the mean over prompts of their expected reward when a
     completion is drawn from softmax(log-likelihood) over the distinct ones. One completion's text moves
     with the weights in jumps, so its reward ties on many steps; this expectation moves smoothly, and a
     costly reward (a test run, a judge) is called once per step instead of twice.
@@ -325,7 +336,7 @@ class RewardObjective(Objective):
         self._names = [n if names.count(n) == 1 else f"{n}_{k}" for k, n in enumerate(names)]
         self.last_means: dict[str, float] = {}
         self.last_values: dict[str, float] = {}
-        self._cache: tuple[int, list[list[str]], list[list[float]]] | None = None
+        self._cache: tuple[tuple, list[list[str]], list[list[float]]] | None = None
 
     def scores(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> list[float]:
         """The weighted sum of the rewards for each completion (and each reward's mean in ``last_means``)."""
@@ -358,8 +369,7 @@ class RewardObjective(Objective):
         and the batch's other fields as columns."""
         prompts = [ex["prompt"] for ex in batch]
         completions = self.generator.generate(model, prompts, strip=strip)
-        columns = {k: [ex.get(k) for ex in batch] for k in batch[0] if k not in ("prompt", "completion")}
-        return prompts, completions, columns
+        return prompts, completions, reward_columns(batch)
 
     def rewards_for(self, model: torch.nn.Module, batch: Batch) -> list[float]:
         """Generate a completion per example and return its combined reward."""
@@ -368,7 +378,7 @@ class RewardObjective(Objective):
     def expected(self, model: torch.nn.Module, batch: Batch) -> list[float]:
         """Each prompt's expected reward over its sampled candidates (see ``candidates``)."""
         prompts = [ex["prompt"] for ex in batch]
-        key = prompts_seed(prompts)
+        key = (current_step(), prompts_seed(prompts))  # outside a MeZO step: kept while the batch repeats
         if self._cache is None or self._cache[0] != key:
             repeated_prompts, raw, columns = self.generate(
                 model, [ex for ex in batch for _ in range(self.candidates)], strip=False)
@@ -386,6 +396,20 @@ class RewardObjective(Objective):
         rewards = self.expected(model, batch) if self.candidates else self.rewards_for(model, batch)
         self.last_values = {self.name: sum(rewards) / len(rewards)}  # the (expected) weighted reward
         return -self.last_values[self.name]
+
+    def evaluate(self, model: torch.nn.Module, examples: Batch, generator: Any = None,
+                 batch_size: int = 16) -> tuple[float, dict[str, float]]:
+        """The weighted reward of ``generator``'s completions (default: this objective's; pass a greedy one for
+        held-out figures) averaged over ``examples``, and each reward's own mean, in batches."""
+        generator = generator or self.generator
+        total, sums = 0.0, dict.fromkeys(self._names, 0.0)
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start:start + batch_size]
+            prompts = [ex["prompt"] for ex in batch]
+            total += sum(self.scores(prompts, generator.generate(model, prompts), reward_columns(batch)))
+            for name, mean in self.last_means.items():
+                sums[name] += mean * len(batch)
+        return total / len(examples), {name: value / len(examples) for name, value in sums.items()}
 
 
 def example_io(predictor: Any) -> tuple[list, list] | None:

@@ -23,6 +23,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
+from contextvars import ContextVar
 
 import torch
 from torch.optim import Optimizer
@@ -49,6 +50,16 @@ def mix(*values: int) -> int:
         h = (h ^ (h >> 27)) * 0x94D049BB133111EB & MASK64
         h ^= h >> 31
     return h >> 1
+
+
+_STEP: ContextVar[tuple[int, int] | None] = ContextVar("zo_objectives_step", default=None)
+
+
+def current_step() -> tuple[int, int] | None:
+    """(seed, index) of the MeZO step whose closure is running, None outside one. An objective keys by it what it
+    keeps for one step (a reward's sampled candidates), and sampling draws new numbers each step; the index is
+    the number of steps before (a resumed run replays its trajectory, so it counts on where it stopped)."""
+    return _STEP.get()
 
 
 class Noise:
@@ -552,14 +563,18 @@ class MeZO(Optimizer):
         seeds = [mix(self.seed, self.num_perturbations_done + k) for k in range(n)]
         pairs: list[tuple[float, float]] = []
         layout = _Layout(self)
-        for seed in seeds:
-            if self.difference == "forward":
-                minus = self._score(closure, seed, None)
-                plus = self._score(closure, seed, 1.0, layout)
-            else:
-                plus = self._score(closure, seed, 1.0, layout)
-                minus = self._score(closure, seed, -1.0, layout)
-            pairs.append((plus, minus))
+        token = _STEP.set((self.seed, len(self.trajectory)))
+        try:
+            for seed in seeds:
+                if self.difference == "forward":
+                    minus = self._score(closure, seed, None)
+                    plus = self._score(closure, seed, 1.0, layout)
+                else:
+                    plus = self._score(closure, seed, 1.0, layout)
+                    minus = self._score(closure, seed, -1.0, layout)
+                pairs.append((plus, minus))
+        finally:
+            _STEP.reset(token)
         grads = self._projected_grads(pairs)
         record = {"seeds": seeds, "grads": grads, "loss": sum(map(sum, pairs)) / (2 * n),
                   "lrs": [g["lr"] for g in self.param_groups]}

@@ -1,4 +1,5 @@
-"""``curve.png`` for a run folder: the training objective, the dev metric and the tie rate against steps."""
+"""``curve.png`` for a run folder: the training objective (and each reward's mean), the dev metric and the tie rate
+against steps."""
 
 from __future__ import annotations
 
@@ -34,6 +35,12 @@ def plot_run(run_dir: Path, window: int = 25) -> Path:
     form = f" (optimized in {config['form']} form)" if config.get("form") else ""
     title = (f"expected {name} at T = {t:g} (training batch){form}" if t and key == name
              else f"training {name}" if key == name else f"training loss ({name})")
+    rewards = list(dict.fromkeys(k for r in rows for k in r.get("rewards", {})))  # reward runs: each reward's mean
+    for reward in rewards:
+        axes[0].plot(steps, rolling_mean([r.get("rewards", {}).get(reward, float("nan")) for r in rows], window),
+                     lw=1.2, ls="--", label=f"{reward} (batch mean)")
+    if rewards:
+        axes[0].legend(fontsize=7)
     axes[0].set(title=title, xlabel="step")
     evals = [(r["step"], r["eval"]) for r in rows if "eval" in r]
     before = json.loads((run_dir / "eval.json").read_text()).get("before") if (run_dir / "eval.json").exists() else None

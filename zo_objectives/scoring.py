@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from zo_objectives.optimizer import current_step, mix
+
 if TYPE_CHECKING:  # type hints only: importing transformers' tokenizers is not needed to score
     from transformers import PreTrainedTokenizerBase
 
@@ -28,6 +30,13 @@ Batch = Sequence[dict]
 def prompts_seed(prompts: Sequence[str], salt: int = 0) -> int:
     """A seed fixed by a batch's prompts: both sides of an SPSA estimate draw the same random numbers."""
     return zlib.crc32("\x00".join(prompts).encode(), salt)
+
+
+def sampling_seed(prompts: Sequence[str], salt: int = 0) -> int:
+    """The seed of sampled completions: fixed by the prompts and ``salt``, and inside a MeZO step by the
+    optimizer's seed and the step's index too (:func:`zo_objectives.optimizer.current_step`)."""
+    step = current_step()
+    return prompts_seed(prompts, salt if step is None else mix(*step, salt) & 0xFFFFFFFF)
 
 
 def context_length(model: torch.nn.Module, default: int = 2048) -> int:
@@ -270,8 +279,10 @@ class ChoicePredictor(ClassScores):
 
 
 class GenerationPredictor(Predictor):
-    """Greedy generation, or sampling at ``temperature`` seeded by the prompts (and ``sample_seed``), so that
-    both sides of an SPSA estimate see the same random numbers; the text is cut at the first stop string."""
+    """Greedy generation, or sampling at ``temperature`` seeded by the prompts and ``sample_seed`` (and, inside a
+    MeZO step, by the optimizer's seed and the step's index), so that both sides of an SPSA estimate see the same
+    random numbers and each step (each epoch over repeated prompts) new ones; the text is cut at the first stop
+    string."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 16,
                  stop: Sequence[str] = ("\n",), max_length: int | None = None,
@@ -296,7 +307,7 @@ class GenerationPredictor(Predictor):
         sampling = {"do_sample": True, "temperature": self.temperature, "top_k": 0} if self.temperature else {
             "do_sample": False}
         with torch.inference_mode(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(prompts_seed(prompts, self.sample_seed))
+            torch.manual_seed(sampling_seed(prompts, self.sample_seed))
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
                                  stop_strings=self.stop or None, tokenizer=self.tokenizer, **sampling)

@@ -1,0 +1,303 @@
+"""Reward tuning side by side: untuned greedy, best-of-n, MeZO (expected reward over candidates; evolution-strategy
+form), TRL's GRPOTrainer and, where gold answers exist, cross-entropy MeZO; same model, prompts and reward.
+
+Every row is measured the same way: the weighted reward of greedy completions on the task's held-out prompts
+(``RewardObjective.evaluate``). Budgets are equal numbers of scored completions (``--completions``): MeZO's
+evolution-strategy form scores 2 x batch per step (each perturbed model decodes its own, greedy: with
+``n_perturbations`` pairs this is an ES estimate), the expected reward ``candidates`` x batch, GRPO
+``num_generations`` x prompts per step. Each method's learning rate is chosen over a grid of the same size by the
+reward on training prompts (never the held-out ones), with seed 0; the chosen one then runs seeds 1 and 2.
+
+Each cell runs in its own subprocess (its peak RSS is the run's memory) and writes one JSON under
+``benchmarks/results/reward_comparison/<task>/``; a finished cell is not run again, so the command resumes:
+
+    python benchmarks/reward_comparison.py --task arith --run     # all cells, then the table
+    python benchmarks/reward_comparison.py --task arith --write   # the table from the cells that finished
+
+Best-of-n picks each prompt's best sample by the reward itself: an oracle that needs the reward at inference
+time (and n completions per prompt), not a tuned model. GRPO needs ``pip install trl`` (the ``bench`` extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS, publish  # noqa: E402
+
+CELLS_DIR = RESULTS / "reward_comparison"
+SEEDS = (0, 1, 2)
+GRIDS = {  # one grid size for every tuned method
+    "mezo_es": (3e-4, 1e-3),  # normalized updates: the lr is the step length, whatever the reward's scale
+    "mezo_expected": (3e-4, 1e-3),
+    "grpo": (1e-5, 4e-5),  # Adam
+    "mezo_ce": (1e-6, 1e-5),  # plain SGD on cross-entropy (MeZO's range)
+}
+TASKS = {  # reward, gold answers (for cross-entropy), held-out prompts
+    "arith": {"reward": "answer_check", "gold": False},
+    "squad": {"reward": "token_f1", "gold": True},
+}
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="arith", choices=sorted(TASKS))
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--held-out", type=int, default=64, help="held-out prompts (the task's dev split, in order)")
+    p.add_argument("--train-eval", type=int, default=32, help="training prompts the grid is chosen on")
+    p.add_argument("--completions", type=int, default=384, help="scored completions each tuned run may use")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per MeZO evolution-strategy step")
+    p.add_argument("--candidates", type=int, default=4, help="sampled completions per prompt (expected reward, "
+                                                             "GRPO's num_generations)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
+    p.add_argument("--cell", help="run one cell (method:lr:seed) and write its JSON")
+    p.add_argument("--run", action="store_true", help="run every cell not yet done, then tabulate")
+    p.add_argument("--only", nargs="*", help="with --run: only these methods")
+    p.add_argument("--write", action="store_true", help="store the table in BENCHMARKS.md and its JSON")
+    p.add_argument("--out", default=None, help="cells folder (default benchmarks/results/reward_comparison/<task>)")
+    return p.parse_args(argv)
+
+
+# -- one cell ------------------------------------------------------------------------------------------------
+def setup(args: argparse.Namespace):
+    import torch
+
+    from metrics.rewards import get_reward
+    from tasks import get_task
+    from zo_objectives import GenerationPredictor, RewardObjective, load_model
+
+    torch.set_num_threads(1)
+    task = get_task(args.task)
+    model, tokenizer = load_model(args.model)
+    tokens = args.max_new_tokens or task.max_new_tokens
+    greedy = GenerationPredictor(tokenizer, max_new_tokens=tokens)
+    train = task.examples("train", n=args.completions, seed=0)
+    held_out = task.examples("dev", n=args.held_out)
+    reward = get_reward(TASKS[args.task]["reward"])
+    scorer = RewardObjective(greedy, [reward])
+    return task, model, tokenizer, greedy, train, held_out, reward, scorer, tokens
+
+
+def best_of_n(model, tokenizer, scorer, examples, n: int, seed: int, tokens: int, batch: int = 4) -> float:
+    """Mean over prompts of the best reward among n sampled completions (temperature 1, seeded)."""
+    from zo_objectives import GenerationPredictor
+    from zo_objectives.objectives import reward_columns
+
+    sampler = GenerationPredictor(tokenizer, max_new_tokens=tokens, temperature=1.0, sample_seed=seed)
+    best = []
+    for start in range(0, len(examples), batch):
+        chunk = [ex for ex in examples[start:start + batch] for _ in range(n)]
+        prompts = [ex["prompt"] for ex in chunk]
+        values = scorer.scores(prompts, sampler.generate(model, prompts), reward_columns(chunk))
+        best += [max(values[i:i + n]) for i in range(0, len(values), n)]
+    return sum(best) / len(best)
+
+
+def tune_mezo(method: str, lr: float, seed: int, args, model, tokenizer, greedy, train, reward) -> dict:
+    from zo_objectives import CrossEntropy, GenerationPredictor, MeZO, RewardObjective
+    from zo_objectives import train as run_steps
+
+    if method == "mezo_es":  # each perturbed model decodes its own completions, greedy
+        objective, batch, per_step = RewardObjective(greedy, [reward]), args.batch_size, 2 * args.batch_size
+        update = "normalized"
+    elif method == "mezo_expected":
+        sampler = GenerationPredictor(tokenizer, max_new_tokens=greedy.max_new_tokens, temperature=1.0,
+                                      sample_seed=seed)
+        batch = max(1, 2 * args.batch_size // args.candidates)
+        objective, per_step = RewardObjective(sampler, [reward], candidates=args.candidates), batch * args.candidates
+        update = "normalized"
+    else:  # cross-entropy on the gold answers: no completion is generated or scored while tuning
+        objective, batch, per_step, update = CrossEntropy(greedy), args.batch_size, 2 * args.batch_size, "sgd"
+    steps = max(1, args.completions // per_step)
+    optimizer = MeZO([p for p in model.parameters() if p.requires_grad], lr=lr, eps=1e-3, seed=seed, update=update)
+    history = run_steps(model, optimizer, objective, train, steps=steps, batch_size=batch, seed=seed, progress=False)
+    return {"steps": steps, "batch": batch, "update": update, "scored_completions": 0 if method == "mezo_ce" else
+            steps * per_step, "tied_fraction": sum(r["tied"] for r in history) / len(history)}
+
+
+def tune_grpo(lr: float, seed: int, args, model, tokenizer, greedy, train, reward) -> dict:
+    """TRL's GRPOTrainer on the same prompts and reward (completions cut at the stop string, as ours are)."""
+    import tempfile
+
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    def cut(completions: list[str]) -> list[str]:
+        return [greedy._cut(c) for c in completions]
+
+    def trl_reward(prompts, completions, **columns):
+        return reward(prompts, cut(completions), **columns)
+
+    trl_reward.__name__ = reward.__name__
+    rows = [{"prompt": ex["prompt"], **{k: v for k, v in ex["raw"].items() if k != "prompt"},
+             **({"answers": ex["answers"]} if ex["answers"] else {})} for ex in train]
+    prompts_per_step = max(1, 2 * args.batch_size // args.candidates)
+    steps = max(1, args.completions // (prompts_per_step * args.candidates))
+    with tempfile.TemporaryDirectory() as out:
+        config = GRPOConfig(output_dir=out, learning_rate=lr, per_device_train_batch_size=prompts_per_step *
+                            args.candidates, num_generations=args.candidates,
+                            max_completion_length=greedy.max_new_tokens, max_steps=steps, seed=seed, use_cpu=True,
+                            bf16=False, report_to="none", logging_steps=1, save_strategy="no", temperature=1.0,
+                            disable_tqdm=True, dataloader_num_workers=0)
+        trainer = GRPOTrainer(model=model, reward_funcs=[trl_reward], args=config,
+                              train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+        trainer.train()
+    model.eval()
+    return {"steps": steps, "prompts_per_step": prompts_per_step, "scored_completions": steps * prompts_per_step *
+            args.candidates, "beta": config.beta}
+
+
+def run_cell(args: argparse.Namespace) -> dict:
+    method, lr, seed = args.cell.split(":")
+    lr, seed = float(lr), int(seed)
+    t0 = time.perf_counter()
+    task, model, tokenizer, greedy, train, held_out, reward, scorer, tokens = setup(args)
+    train_eval = train[: args.train_eval]
+    out = {"method": method, "lr": lr, "seed": seed, "task": args.task, "model": args.model,
+           "held_out_prompts": len(held_out), "reward": reward.__name__}
+    if method == "greedy":
+        out.update(after=scorer.evaluate(model, held_out, greedy)[0], train_after=scorer.evaluate(model, train_eval)[0],
+                   scored_completions=len(held_out))
+    elif method.startswith("best_of_"):
+        n = int(method.rsplit("_", 1)[1])
+        out.update(after=best_of_n(model, tokenizer, scorer, held_out, n, seed, tokens),
+                   scored_completions=n * len(held_out))
+    else:
+        tuned = time.perf_counter()  # (before tuning: the greedy cell, the same untuned model)
+        if method == "grpo":
+            out.update(tune_grpo(lr, seed, args, model, tokenizer, greedy, train, reward))
+        else:
+            out.update(tune_mezo(method, lr, seed, args, model, tokenizer, greedy, train, reward))
+        out["tune_seconds"] = time.perf_counter() - tuned
+        out["train_after"] = scorer.evaluate(model, train_eval, greedy)[0]
+        out["after"] = scorer.evaluate(model, held_out, greedy)[0]
+    out["seconds"] = time.perf_counter() - t0
+    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return out
+
+
+# -- all cells -----------------------------------------------------------------------------------------------
+def cell_path(folder: Path, cell: str) -> Path:
+    return folder / (cell.replace(":", "_") + ".json")
+
+
+def grid_cells(task: str, only: list[str] | None) -> list[str]:
+    methods = [m for m in GRIDS if m != "mezo_ce" or TASKS[task]["gold"]]
+    return [f"{m}:{lr:g}:0" for m in methods if not only or m in only for lr in GRIDS[m]]
+
+
+def chosen_lr(folder: Path, method: str, partial: bool = False) -> float | None:
+    """The grid's lr with the best reward on training prompts (seed 0), once the whole grid has run (with
+    ``partial``, among the grid's cells that have)."""
+    done = [json.loads(cell_path(folder, f"{method}:{lr:g}:0").read_text()) for lr in GRIDS[method]
+            if cell_path(folder, f"{method}:{lr:g}:0").exists()]
+    if not done or (len(done) < len(GRIDS[method]) and not partial):
+        return None
+    return max(done, key=lambda r: r["train_after"])["lr"]
+
+
+def run_all(args: argparse.Namespace, folder: Path, argv: list[str]) -> None:
+    base = [a for a in argv if a not in ("--run", "--write")]
+    if "--only" in base:
+        base = base[: base.index("--only")]
+    methods = [m for m in GRIDS if (not args.only or m in args.only) and (m != "mezo_ce" or TASKS[args.task]["gold"])]
+    wanted = [m for m in ("greedy", "best_of_4", "best_of_16") if not args.only or m in args.only]
+    queue = ["greedy:0:0"] * ("greedy" in wanted)
+    for method in methods:  # its grid, then (a marker) its other seeds at the chosen lr
+        queue += [c for c in grid_cells(args.task, [method])] + [method]
+    queue += [f"{m}:0:{s}" for m in wanted if m != "greedy" for s in SEEDS]  # the costly best-of-16 last
+    for item in queue:
+        cells = [item] if ":" in item else [f"{item}:{chosen_lr(folder, item):g}:{s}" for s in SEEDS[1:]
+                                            if chosen_lr(folder, item) is not None]
+        for cell in cells:
+            path = cell_path(folder, cell)
+            if path.exists():
+                continue
+            print(f"reward_comparison: {cell}", flush=True)
+            done = subprocess.run([sys.executable, __file__, *base, "--cell", cell], check=False)
+            if done.returncode:
+                print(f"reward_comparison: {cell} failed ({done.returncode})", flush=True)
+
+
+def spread(values: list[float]) -> str:
+    mean = statistics.mean(values)
+    return f"{mean:.3f}" + (f" ± {statistics.stdev(values):.3f} ({len(values)} seeds)" if len(values) > 1 else
+                            " (1 seed)")
+
+
+def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
+    cells = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    rows, data = [], {}
+    names = {"greedy": "untuned, greedy", "best_of_4": "best of 4 samples (oracle: picked by the reward)",
+             "best_of_16": "best of 16 samples (oracle: picked by the reward)",
+             "mezo_es": "MeZO, evolution-strategy form (each perturbed model decodes greedily)",
+             "mezo_expected": "MeZO, expected reward over 4 sampled candidates", "grpo": "TRL GRPOTrainer",
+             "mezo_ce": "MeZO, cross-entropy on the gold answers"}
+    for method, label in names.items():
+        mine = [c for c in cells if c["method"] == method]
+        if not mine:
+            continue
+        lr = chosen_lr(folder, method, partial=True) if method in GRIDS else None
+        if method in GRIDS:
+            mine = [c for c in mine if c["lr"] == lr]
+            ran = sorted({c["lr"] for c in cells if c["method"] == method and c["seed"] == 0})
+        befores = [c["after"] for c in cells if c["method"] == "greedy"] * bool(method in GRIDS)
+        afters = [c["after"] for c in mine]
+        data[method] = {"lr": lr, "after": afters, "before": befores, "seeds": [c["seed"] for c in mine]}
+        rows.append([label, f"{befores[0]:.3f}" if befores else "-",
+                     f"{afters[0]:.3f} (greedy: deterministic)" if method == "greedy" else spread(afters),
+                     "-" if lr is None else f"{lr:g} of {', '.join(f'{x:g}' for x in GRIDS[method])}" + (
+                         "" if len(ran) == len(GRIDS[method]) else f" (only {', '.join(f'{x:g}' for x in ran)} ran)"),
+                     round(statistics.mean(c["scored_completions"] for c in mine)),
+                     f"{statistics.mean(c.get('tune_seconds', c['seconds']) for c in mine) / 60:.1f} min",
+                     f"{max(c['peak_rss_mib'] for c in mine):.0f} MiB",
+                     f"{statistics.mean(c['tied_fraction'] for c in mine):.0%}" if "tied_fraction" in mine[0] else "-",
+                     len(mine)])
+    header = ["method", "held-out reward before", "held-out reward after (greedy)", "lr (chosen on training prompts)",
+              "scored completions", "time (tuning; shared CPU)", "peak RSS", "MeZO steps tied", "runs"]
+    return header, rows, data
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    folder = Path(args.out) if args.out else CELLS_DIR / args.task
+    if args.cell:
+        folder.mkdir(parents=True, exist_ok=True)
+        result = run_cell(args)
+        path = cell_path(folder, args.cell)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=1) + "\n")
+        tmp.replace(path)
+        print(json.dumps(result))
+        return
+    if args.run:
+        run_all(args, folder, argv)
+    header, rows, data = table(folder, args.task)
+    notes = ("Held-out figures are the weighted reward of greedy completions on the task's first "
+             f"{args.held_out} dev prompts; spreads are the standard deviation over seeds 0-2 (the untuned greedy row "
+             "is deterministic). Each tuned method's lr was chosen by the greedy reward on "
+             f"{args.train_eval} training prompts after tuning with seed 0. Best-of-n needs the reward at inference "
+             "(an oracle) and n completions per prompt. Times and memory come from a CPU shared with other jobs: "
+             "they compare only roughly; the equal-wall-time budget was not run. The cells ran as "
+             f"`python benchmarks/reward_comparison.py --task {args.task} --run` (resumable: one JSON per cell under "
+             f"benchmarks/results/reward_comparison/{args.task}/, seed 0 grid cells included); rows with fewer runs "
+             "or grid points than the others stopped for time.")
+    publish(f"reward_comparison_{args.task}", f"Reward comparison ({args.task})",
+            f"{args.model} on {args.task}, reward {TASKS[args.task]['reward']}, {args.completions} scored completions "
+            "per tuned run.", header, rows, "cpu", args.write, notes=notes,
+            params={"task": args.task, "cells": str(folder.relative_to(RESULTS.parent.parent)) if folder.is_relative_to(
+                RESULTS.parent.parent) else str(folder), "data": data, "completions": args.completions,
+                    "held_out": args.held_out})
+
+
+if __name__ == "__main__":
+    main()
