@@ -446,6 +446,26 @@ def test_generation_options_are_greedy_and_gold_answers_scored_by_likelihood():
         make_objective("squad_f1", predictor, sequence_score="max")
 
 
+def test_generated_options_are_generated_again_at_each_step_of_a_repeated_batch():
+    """Both sides of an estimate score the same greedy answers; the next step (the same batch in a later epoch)
+    gets the model's new ones, not the ones cached by the prompts (issue 25)."""
+    from zo_objectives.optimizer import MeZO
+
+    model = Scale()
+    model.w = torch.nn.Parameter(torch.zeros(1))
+    model.greedy, model.table = {"q1": "Paris"}, {"Paris": 0.0, "Lyon": 0.0, "Rome": 0.0}
+    batch = [{"prompt": "q1", "answers": ["Rome"]}]
+    predictor = CandidatePredictor()
+    obj = make_objective("squad_f1", predictor, support="options")
+    optimizer = MeZO(model.parameters(), lr=0.0, eps=1e-3, seed=0)
+    optimizer.step(lambda: obj(model, batch))
+    assert predictor.generated == 1 and obj._candidates[1] == [["Paris", "Rome"]]
+    model.greedy = {"q1": "Lyon"}  # the model has moved
+    optimizer.step(lambda: obj(model, batch))
+    assert predictor.generated == 2  # once per step, shared by its two evaluations
+    assert obj._candidates[1] == [["Lyon", "Rome"]]
+
+
 def test_generated_options_are_scored_as_generated_and_targets_with_their_leading_space():
     model = Scale()
     model.greedy = {"q1": " Paris\t", "q2": " the city of Rome", "q3": " "}

@@ -33,7 +33,7 @@ import torch
 
 from metrics import Metric, MetricError, get_metric, list_metrics
 from zo_objectives.optimizer import current_step
-from zo_objectives.scoring import Batch, prompts_seed
+from zo_objectives.scoring import Batch, prompts_seed, sampling_seed
 
 CROSS_ENTROPY = "cross_entropy"
 DEFAULT_SMOOTHING = 1.0  # metric objectives on predictors with scores optimize the expected metric (docs/objectives.md)
@@ -172,12 +172,12 @@ class MetricObjective(Objective):
 
         For generation the options are the greedy completion and the gold targets (each answer as the model
         continues the prompt, with its leading space), generated the first time a batch is seen and kept
-        while it is evaluated again, so both sides of an SPSA estimate score the same texts."""
+        while it is evaluated again in the same step, so both sides of an SPSA estimate score the same texts."""
         if hasattr(self.predictor, "scores"):
             scores = self.predictor.scores(model, batch)
             return [list(range(scores.shape[1]))] * len(batch), scores
         prompts = [ex["prompt"] for ex in batch]
-        key = prompts_seed(prompts)
+        key = sampling_seed(prompts)  # new each MeZO step: a batch seen again later gets the model's new answers
         if self._candidates is None or self._candidates[0] != key:
             greedy = self.predictor.generate(model, prompts, strip=False)
             self._candidates = key, [distinct([g, *ex.get("targets", ex.get("answers", []))])
@@ -205,7 +205,7 @@ class MetricObjective(Objective):
                 return float(torch.where(logs.isneginf(), math.log(LOG_FLOOR), logs).mean())
             return float(expected.mean())
         probs = logw.exp().nan_to_num(0.0)  # an example with no option: all 0
-        gen = torch.Generator().manual_seed(prompts_seed([ex["prompt"] for ex in batch]))
+        gen = torch.Generator().manual_seed(sampling_seed([ex["prompt"] for ex in batch]))  # the same for both sides
         uniform = torch.rand((self.samples, *probs.shape), generator=gen).clamp_(1e-12, 1 - 1e-7)
         draws = (probs.log() - (-uniform.log()).log()).argmax(-1).tolist()
         value = sum(self.metric([opts[d] for opts, d in zip(texts, draw)], refs) for draw in draws) / self.samples
