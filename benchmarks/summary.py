@@ -37,9 +37,6 @@ ROWS: list[tuple[str, str, list[tuple[str, dict[str, str], str]]]] = [
       ("objective_gap_squad", {"objective": "cross_entropy_4x"}, "sd"),
       ("objective_gap_squad", {"objective": "squad_f1"}, "mean"),
       ("objective_gap_squad", {"objective": "squad_f1"}, "sd")]),
-    ("SQuAD gap, F1 objective minus cross-entropy, old two-article dev file",
-     "on its dev 0-499 / on its dev 500-999 (held out from every choice)",
-     [("heldout_gap_squad", {"seed": "mean"}, "gap"), ("heldout_gap_squad", {"seed": "mean"}, "gap#2")]),
     ("SST-2, the `make run` protocol, mean (sd) over seeds", "MeZO on accuracy (log form: cross-entropy) in fp32 / "
      "bf16 at eps 1e-3 / bf16 at "
      "eps 3e-3 (its default)",
@@ -68,11 +65,6 @@ ROWS: list[tuple[str, str, list[tuple[str, dict[str, str], str]]]] = [
          "TRL GRPOTrainer", "best of 4 samples (oracle: picked by the reward)")]),
     ("32.5B Llama shape, bf16, 16 x 256 tokens, one H100 80 GB", "MeZO: peak GiB / x inference's",
      [("large_model_cuda", {}, "MeZO peak GiB"), ("large_model_cuda", {}, "MeZO / inference")]),
-    ("Largest shape one 80 GiB GPU tunes at 16 x 256 (projected)", "MeZO / backprop + LoRA / AdamW, fp32 states",
-     [("scaling", {"method": "MeZO"}, "largest OPT shape in 80 GiB at 16 x 256"),
-      ("scaling", {"method": "backprop + LoRA (AdamW)"}, "largest OPT shape in 80 GiB at 16 x 256"),
-      ("scaling", {"method": "backprop + AdamW, fp32 states (measured + 4 B/param)"},
-       "largest OPT shape in 80 GiB at 16 x 256")]),
 ]
 
 
