@@ -151,7 +151,7 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
         select_trainable(model, config.trainable)
     except re.error as err:
         raise UsageError(f"--trainable {config.trainable!r} is not a regular expression: {err}") from err
-    predictor = predictor_for(task, tokenizer, max_length=config.max_length)
+    predictor = predictor_for(task, tokenizer, max_length=config.max_length, model=model)
     if config.reward:
         generator = predictor_for(task, tokenizer, max_length=config.max_length,
                                   temperature=config.sample_temperature)
@@ -313,7 +313,7 @@ def evaluate_run(config: EvalConfig) -> dict:
         model = apply_peft(model, read_config(TuneConfig, Path(config.run) / "config.json").get("peft", "none"))
         load_run_weights(model, Path(config.run))
     model.to(device)
-    predictor = predictor_for(task, tokenizer, max_length=config.max_length)
+    predictor = predictor_for(task, tokenizer, max_length=config.max_length, model=model)
     value = evaluate_model(model, predictor, examples, metric, config.batch_size)
     result = {"model": config.model, "run": config.run, "task": task.name, "split": config.split,
               "shots": config.shots, "metric": metric.name, "examples": len(examples), "value": value}
