@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS, ROOT, markdown_table, publish  # noqa: E402
+from memory import current_rss_kib, page_in, release_freed, reset_peak  # noqa: E402
 
 CELLS = RESULTS / "seed_table"  # one JSON per finished cell
 RUNS = ROOT / "runs" / "seed_table"  # MeZO run folders (checkpoints, weights) and each cell's log; not committed
@@ -92,6 +93,23 @@ def _shown(path: Path) -> str:
 
 
 # -- the methods ----------------------------------------------------------------------------------------------
+LOADED: dict[str, float] = {}  # the RSS once the model is loaded, from which the cell's peak is measured
+
+
+def measured(load_model):
+    """``load_model`` that, once the model is resident, resets the RSS high-water mark (as benchmarks/memory.py
+    does): a cell's peak is then its method's, not the fp32 file's read while loading a bf16 model."""
+
+    def load_then_reset(*args, **kwargs):
+        model, tokenizer = load_model(*args, **kwargs)
+        page_in(model)
+        release_freed()
+        LOADED["rss_kib"], LOADED["peak_reset"] = current_rss_kib(), reset_peak()
+        return model, tokenizer
+
+    return load_then_reset
+
+
 def load(task: str, dtype: str = "bf16"):
     """(task, model, tokenizer, predictor, metric, train examples, dev examples) of a cell."""
     import seed_tasks  # noqa: F401  (registers cb_split)
@@ -102,7 +120,7 @@ def load(task: str, dtype: str = "bf16"):
     from zo_objectives.scoring import predictor_for
 
     spec = get_task(TASKS[task])
-    model, tokenizer = load_model(MODEL, dtype=dtype)
+    model, tokenizer = measured(load_model)(MODEL, dtype=dtype)
     return (spec, model, tokenizer, predictor_for(spec, tokenizer, model=model), get_metric(spec.metric),
             spec.examples("train", n=TRAIN, seed=0), spec.examples("dev", n=DEV[task]))
 
@@ -256,8 +274,11 @@ def curve(run: Path) -> dict:
 
 def run_cell(task: str, method: str) -> dict:
     """Run one cell in this process; write and return its result."""
+    from zo_objectives import cli
+
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     os.chdir(ROOT)  # the plugin and run folders are named from the repository root
+    cli.load_model = measured(cli.load_model)  # zo-eval and zo-tune cells load through it
     t0 = time.perf_counter()
     if method in ("zero-shot", "icl"):
         result = evaluate(task, SHOTS if method == "icl" else 0)
@@ -271,6 +292,7 @@ def run_cell(task: str, method: str) -> dict:
 
     result.update(task=task, method=method, command=cell_command(task, method), wall_s=time.perf_counter() - t0,
                   peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  loaded_rss_mib=LOADED.get("rss_kib", 0) / 1024, peak_reset=LOADED.get("peak_reset", False),
                   train_examples=len(get_task(TASKS[task]).examples("train", n=TRAIN, seed=0)),
                   date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     CELLS.mkdir(parents=True, exist_ok=True)
@@ -408,7 +430,8 @@ def table(write: bool) -> dict:
         f"learning: {SHOTS} demonstrations from the training examples (`zo-eval --shots {SHOTS}`). Linear probing: "
         "scikit-learn's LogisticRegression (standardized features) on the last layer's hidden state at the last "
         "prompt token (multiple choice: at the last token of prompt + candidate, the best-scoring candidate "
-        "predicted). Peak RSS is each cell's whole process (`ru_maxrss`: model, data, Python), wall time under "
+        "predicted). Peak RSS is each cell's process from the moment its model is loaded (`ru_maxrss` after "
+        "resetting the high-water mark, as benchmarks/memory.py measures: model, states, activations), wall time under "
         "contention (several jobs on 2 cores: not a speed result). "
         f"Backprop / MeZO peak memory (full parameters): {', '.join(ratios) or 'not measured yet'}. The slope "
         "column is the dev metric's change per 100 steps over the last quarter of each MeZO run (near 0: at a "
