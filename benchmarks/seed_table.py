@@ -304,34 +304,52 @@ def run_cell(task: str, method: str) -> dict:
 
 # -- the driver -----------------------------------------------------------------------------------------------
 def queue() -> list[tuple[str, str]]:
-    """Missing cells, cheapest first: the evaluations of the classification and choice tasks, then their
-    training rows task by task, SQuAD (generation, the longest prompts) last."""
+    """Missing cells, cheapest first: the tasks with short prompts (their evaluations, then SST-2's and COPA's
+    training rows), then the longer ones, SQuAD (generation, the longest prompts) last."""
     cheap = ("zero-shot", "icl", "linear-probe")
-    short, rest = ["cb", "copa", "sst2"], ["rte", "boolq"]
-    order = [(t, m) for t in short + rest for m in cheap] + [(t, m) for t in short for m in METHODS if m not in cheap]
-    order += [("squad", "zero-shot")] + [(t, m) for t in rest for m in METHODS if m not in cheap]
-    order += [("squad", m) for m in METHODS if m != "zero-shot"]
+    order = [(t, m) for t in ("cb", "copa", "sst2", "rte") for m in cheap]
+    order += [(t, m) for t in ("sst2", "copa") for m in METHODS if m not in cheap]
+    order += [("squad", "zero-shot")] + [("boolq", m) for m in cheap]
+    order += [(t, m) for t in ("cb", "rte", "boolq", "squad") for m in METHODS if m not in cheap]
+    order += [("squad", "icl")]
     return [(t, m) for t, m in order if (t, m) not in SKIP and not cell_path(t, m).exists()]
 
 
+def live_cells() -> set[tuple[str, str]]:
+    """Cells whose process (named in RUNS/logs/<task>__<method>.pid by the driver that started it) still runs."""
+    live = set()
+    for path in (RUNS / "logs").glob("*.pid"):
+        try:
+            os.kill(int(path.read_text()), 0)
+            live.add(tuple(path.stem.split("__")))
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)
+    return live
+
+
 def drive(workers: int, tasks: list[str]) -> None:
-    """Run the missing cells of ``tasks``, at most ``workers`` processes at a time, each logging to RUNS/logs."""
+    """Run the missing cells of ``tasks``, at most ``workers`` processes at a time, each logging to RUNS/logs.
+    Cells another driver still runs (a driver stopped and restarted) count toward ``workers`` and are left to it."""
+    (RUNS / "logs").mkdir(parents=True, exist_ok=True)
     pending = [c for c in queue() if c[0] in tasks]
     running: list[tuple[subprocess.Popen, str]] = []
-    (RUNS / "logs").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    while pending or running:
-        while pending and len(running) < workers:
+    while pending or running or live_cells():
+        others = live_cells() - {tuple(name.split("/")) for _, name in running}
+        pending = [c for c in pending if c not in others and not cell_path(*c).exists()]
+        while pending and len(running) + len(others) < workers:
             task, method = pending.pop(0)
             log = open(RUNS / "logs" / f"{task}__{method}.log", "a")
             proc = subprocess.Popen([sys.executable, __file__, "--cell", f"{task}/{method}"], cwd=ROOT, env=env,
                                     stdout=log, stderr=subprocess.STDOUT)
+            (RUNS / "logs" / f"{task}__{method}.pid").write_text(str(proc.pid))
             print(f"{time.strftime('%H:%M:%S')} started {task}/{method} (pid {proc.pid})", flush=True)
             running.append((proc, f"{task}/{method}"))
         time.sleep(5)
         for proc, name in [r for r in running if r[0].poll() is not None]:
             running.remove((proc, name))
+            (RUNS / "logs" / f"{name.replace('/', '__')}.pid").unlink(missing_ok=True)
             print(f"{time.strftime('%H:%M:%S')} {name} exited {proc.returncode}", flush=True)
 
 
