@@ -1,12 +1,13 @@
 """The objective gap on dev examples no choice was made on: re-evaluates saved ``objective_gap.py`` runs.
 
 ``objective_gap.py`` evaluates on the first ``--eval-size`` dev examples, the same ones the defaults were
-compared on. This script evaluates the tuned weights of the same run folders on dev examples ``[--start,
---end)`` instead (a slice after the first), and tabulates, seed by seed, two configurations and their gap on
-each slice and on both together. The untuned model is evaluated on the held-out slice too. Each result is
-stored next to the weights (``heldout_<start>_<end>.json``), so an interrupted invocation picks up what is
-done. ``--jobs`` evaluations run at a time, each in its own process with ``--threads`` threads; ``--write``
-updates the ``heldout_gap_<task>`` section of BENCHMARKS.md.
+compared on (for SQuAD, ``--eval-size 500``: the "choose" slice of ``tasks.SQUAD_DEV_SLICES``). This script
+evaluates the tuned weights of the same run folders on dev examples ``[--start, --end)`` instead (by default
+SQuAD's "confirm" slice, dev 500-999, on articles the choose slice does not hold), and tabulates, seed by seed,
+two configurations and their gap on each slice and on both together. The untuned model is evaluated on the
+held-out slice too. Each result is stored next to the weights (``heldout_<start>_<end>.json``), so an interrupted
+invocation picks up what is done. ``--jobs`` evaluations run at a time, each in its own process with
+``--threads`` threads; ``--write`` updates the ``heldout_gap_<task>`` section of BENCHMARKS.md.
 
     python benchmarks/heldout_gap.py --task squad --runs runs/gap runs/gap_s1 --jobs 2 --threads 1 --write
 """
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import publish  # noqa: E402
 
 from metrics import get_metric  # noqa: E402
-from tasks import get_task  # noqa: E402
+from tasks import SQUAD_DEV_SLICES, get_task  # noqa: E402
 from zo_objectives.models import load_model, load_run_weights  # noqa: E402
 from zo_objectives.scoring import predictor_for  # noqa: E402
 from zo_objectives.train import evaluate_model, write_json  # noqa: E402
@@ -77,8 +78,9 @@ def main(argv: list[str] | None = None) -> list[list]:
     parser.add_argument("--runs", nargs="+", required=True, help="objective_gap.py --output folders, one per seed")
     parser.add_argument("--configs", default="cross_entropy_4x,squad_f1",
                         help="two configuration names: the reference, then the metric objective")
-    parser.add_argument("--start", type=int, default=500)
-    parser.add_argument("--end", type=int, default=1000)
+    parser.add_argument("--start", type=int, default=SQUAD_DEV_SLICES["confirm"][0],
+                        help="first held-out dev example (default: SQuAD's confirm slice)")
+    parser.add_argument("--end", type=int, default=SQUAD_DEV_SLICES["confirm"][1])
     parser.add_argument("--model", default="smollm2-135m", help="the untuned model (for the untuned row)")
     parser.add_argument("--jobs", type=int, default=1, help="evaluations at a time, one process each")
     parser.add_argument("--threads", type=int, default=None, help="threads per evaluation")

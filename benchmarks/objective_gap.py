@@ -38,7 +38,7 @@ CONFIGS = {
     "cross_entropy_4x": ["--objective", "cross_entropy", "--lr", "4e-5"],
     "accuracy_hard": ["--objective", "accuracy", "--smoothing", "0", "--lr", "1e-5"],
     "accuracy_mean": ["--objective", "accuracy", "--metric-form", "mean", "--lr", "1e-4"],
-    "accuracy": ["--objective", "accuracy", "--lr", "1e-5"],  # the default: log form at T = 1
+    "accuracy": ["--objective", "accuracy", "--lr", "1e-5"],  # the default: log form at T = 1, = cross-entropy here
     "squad_f1_greedy": ["--objective", "squad_f1", "--smoothing", "0", "--lr", "1e-5"],
     "squad_f1": ["--objective", "squad_f1", "--lr", "1e-5"],  # the default: log form, options weighed by the model
     "squad_f1_options": ["--objective", "squad_f1", "--metric-support", "options", "--lr", "1e-5"],
@@ -72,7 +72,11 @@ def step_length(folder: Path) -> float | None:
     path = folder / "trajectory.json"
     if not path.exists():
         return None
-    records = json.loads(path.read_text())["optimizer"]["mezo"]["trajectory"]
+    if (folder / "trajectory.jsonl").exists():  # the records, one per line (the head holds their count)
+        count = json.loads(path.read_text())["records"]["count"]
+        records = [json.loads(line) for line in (folder / "trajectory.jsonl").read_text().splitlines()[:count]]
+    else:  # a run folder written before checkpoints were appended
+        records = json.loads(path.read_text())["optimizer"]["mezo"]["trajectory"]
     lengths = [abs(r["lrs"][0] * g) for r in records for g in r["grads"] if g is not None]
     return statistics.median(lengths) if lengths else None
 

@@ -52,18 +52,28 @@ class Metric:
 _REGISTRY: dict[str, Metric] = {}
 
 
+def callable_name(fn: object) -> str:
+    return f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+
+
 def register_metric(name: str, fn: MetricFn | None = None, *, greater_is_better: bool = True,
-                    per_example: bool = False):
+                    per_example: bool = False, overwrite: bool = False):
     """Register ``fn`` under ``name``; without ``fn`` it returns a decorator.
 
     ``per_example=True`` declares that the metric is the mean over examples of a per-example score (as
-    accuracy is, and macro-F1 is not): smoothed objectives then compute its expectation exactly.
+    accuracy is, and macro-F1 is not): smoothed objectives then compute its expectation exactly. A name
+    already registered to another metric (``accuracy``, say) is refused unless ``overwrite=True``, as
+    ``register_task`` does: a plugin cannot silently change what a built-in name optimizes.
     """
 
     def add(f: MetricFn) -> MetricFn:
         if not callable(f):
             raise TypeError(f"metric {name!r} must be callable, got {type(f).__name__}")
-        _REGISTRY[name] = Metric(name, f, greater_is_better, per_example)
+        metric = Metric(name, f, greater_is_better, per_example)
+        if _REGISTRY.get(name, metric) != metric and not overwrite:
+            raise ValueError(f"metric {name!r} is already registered (to {callable_name(_REGISTRY[name].fn)}); "
+                             "choose another name, or pass overwrite=True to replace it")
+        _REGISTRY[name] = metric
         return f
 
     return add if fn is None else add(fn)

@@ -7,6 +7,8 @@
 >>> dev = task.examples("dev")                          # the standard dev set, file order
 
 Built-ins: sst2, rte, boolq, copa, cb, squad (data shipped in ``tasks/data``, see PROVENANCE.md there).
+SQuAD's dev set holds two slices on disjoint articles, ``SQUAD_DEV_SLICES``: "choose" (dev 0-499, where defaults
+are chosen) and "confirm" (dev 500-999, where they are confirmed).
 User tasks: ``register_task(task_from_file("my.csv", name="mine", template="{text} It was", ...))``.
 """
 
@@ -21,7 +23,7 @@ from tasks.base import (
     register_task,
     with_demonstrations,
 )
-from tasks.builtin import BUILTIN_TASKS, DATA_DIR, flatten_squad
+from tasks.builtin import BUILTIN_TASKS, DATA_DIR, SQUAD_DEV_SLICES, flatten_squad
 from tasks.custom import task_from_file
 
 __all__ = [
@@ -31,6 +33,7 @@ __all__ = [
     "KINDS",
     "SOURCES",
     "SPLITS",
+    "SQUAD_DEV_SLICES",
     "Task",
     "flatten_squad",
     "get_task",

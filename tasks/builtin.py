@@ -16,6 +16,10 @@ from tasks.base import Task, check_source, register_task
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
+# The shipped SQuAD dev file: 1,000 questions over 24 articles, in two slices on disjoint article sets (12 each,
+# about 42 questions per article): dev[0:500] for choosing defaults, dev[500:1000] for confirming them
+SQUAD_DEV_SLICES = {"choose": (0, 500), "confirm": (500, 1000)}
+
 RTE_LABELS = ["entailment", "not_entailment"]
 CB_LABELS = ["entailment", "contradiction", "neutral"]
 

@@ -54,13 +54,28 @@ def read_table(path: str | Path) -> list[dict]:
 
 
 def template_fields(template: str) -> list[str]:
-    """Top-level field names used by a format string, e.g. ``"{text} It was"`` -> ``["text"]``."""
+    """Column names used by a format string, e.g. ``"{text} It was"`` -> ``["text"]``. A ValueError naming
+    ``--template`` for a string Python cannot format, a template with no column, a positional field, an
+    attribute or item access (``{text.upper}`` would put a method's address in every prompt) or an unknown
+    conversion."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:
+        raise ValueError(f"--template {template!r} is not a valid format string: {err} (write {{{{ and }}}} for "
+                         "literal braces)") from None
     names = []
-    for _, field, _, _ in string.Formatter().parse(template):
-        if field is not None:
-            if field == "" or field.isdigit():
-                raise ValueError(f"template {template!r} must use named fields like {{text}}, not {{{field}}}")
-            names.append(field.split(".")[0].split("[")[0])
+    for _, field, _, conversion in parsed:
+        if field is None:
+            continue
+        if not field.isidentifier():
+            raise ValueError(f"--template {template!r} must use named fields like {{text}}, not {{{field}}} "
+                             "(no positions, attributes or items)")
+        if conversion not in (None, "r", "s", "a"):
+            raise ValueError(f"--template {template!r}: unknown conversion !{conversion} in {{{field}}}; accepted: "
+                             "!r, !s, !a")
+        names.append(field)
+    if not names:
+        raise ValueError(f"--template {template!r} uses no column: name one in braces, e.g. '{{text}} It was'")
     return names
 
 
@@ -125,21 +140,24 @@ def task_from_file(
         value = row[label_column]
         if labels is not None:
             if value not in labels:
-                raise ValueError(f"task {name!r}: label {value!r} not in labels {labels}")
+                raise ValueError(f"task {name!r}: label {value!r} not in labels {labels} (zo-tune: --labels)")
             return labels.index(value)
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             value = int(value)
         if not isinstance(value, int):
-            raise ValueError(f"task {name!r}: label {value!r} is not an int; pass labels=[...] to map it")
+            raise ValueError(f"task {name!r}: label {value!r} is not an int; map the label values to ids in "
+                             "label_words order with labels=[...] (on the command line: --labels VALUE ...)")
         return int(value)
 
     def get_answers(row: dict) -> list[str]:
         value = row[answer_column]
         return [str(a) for a in value] if isinstance(value, (list, tuple)) else [str(value)]
 
-    read("train")  # validate columns now, so mistakes surface when the task is created
-    if dev_path is not None:
-        read("dev")
+    for split in ("train", "dev") if dev_path is not None else ("train",):  # columns and labels checked now,
+        rows = read(split)  # so that mistakes surface when the task is created, not at the first step
+        if kind == "classification":
+            for row in rows:
+                get_label(row)
     return Task(
         name=name, kind=kind, metric=metric, template=lambda row: template.format(**row),
         label_words=list(label_words) if kind == "classification" else None, load_split=load_split,

@@ -19,6 +19,7 @@ from zo_objectives.cli import tune as tune_run
 from zo_objectives.config import TuneConfig, UsageError
 from zo_objectives.models import DTYPES, PEFT_KINDS, load_model, tiny_random_model
 from zo_objectives.optimizer import UPDATES
+from zo_objectives.train import load_checkpoint
 
 # make_scheduler(last_step=...) on --resume steps the scheduler before any optimizer step, by design
 pytestmark = [pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`"),
@@ -51,7 +52,8 @@ def test_tune_writes_the_run_folder(straight_run):
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     log = rows(run)
     assert [r["step"] for r in log] == [1, 2, 3, 4]
-    assert all("loss" in r and "objective" in r for r in log)
+    # the loss minimized (log form: -mean log expected accuracy > 0) and the batch's expected accuracy
+    assert all(r["loss"] > 0 and 0 < r["accuracy"] < 1 and "objective" not in r for r in log)
     assert [("eval" in r) for r in log] == [False, True, False, True]
     config = json.loads((run / "config.json").read_text())
     assert config["task"] == "sst2" and config["objective"] == "accuracy" and config["steps"] == 4
@@ -59,7 +61,7 @@ def test_tune_writes_the_run_folder(straight_run):
     result = json.loads((run / "eval.json").read_text())
     assert result["metric"] == "accuracy" and result["examples"] == 16 and result["steps"] == 4
     assert 0 <= result["before"] <= 1 and result["after"] == log[-1]["eval"]
-    checkpoint = json.loads((run / "trajectory.json").read_text())
+    checkpoint = load_checkpoint(run)
     assert checkpoint["step"] == 4 and len(checkpoint["optimizer"]["mezo"]["trajectory"]) == 4
     assert (run / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert load_file(run / "model.safetensors")
@@ -200,7 +202,11 @@ def test_dtype_and_checkpoint_interval_reach_the_run(tmp_path, monkeypatch):
 
 
 INF_REWARD = '''
-def infinite(prompts, completions, **columns):
+def infinite(prompts, completions, answers, **columns):  # finite on a gold answer: passes the up-front check
+    return [1.0 if c in golds else float("inf") for c, golds in zip(completions, answers)]
+
+
+def always_infinite(prompts, completions, **columns):
     return [float("inf")] * len(completions)
 '''
 
@@ -212,12 +218,17 @@ def test_reward_file_and_on_nonfinite(tmp_path, monkeypatch, capsys):
     args = ["--task", "squad", "--reward", "./inf_reward.py:infinite", "--steps", "1", "--batch-size", "2",
             "--eval-size", "2", "--no-eval-before"]
     assert tune(*args, "--on-nonfinite", "skip", "--output-dir", "skip") == 0, capsys.readouterr().err
-    trajectory = json.loads((tmp_path / "skip" / "trajectory.json").read_text())["optimizer"]["mezo"]["trajectory"]
+    trajectory = load_checkpoint(tmp_path / "skip")["optimizer"]["mezo"]["trajectory"]
     assert trajectory[0]["grads"] == [None]  # skipped: the weights did not move
     capsys.readouterr()
     assert tune(*args, "--output-dir", "raise") == 1  # --on-nonfinite raise, the default: the run stops
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error: non-finite loss" in err and "--on-nonfinite skip" in err
+    args[3] = "./inf_reward.py:always_infinite"  # inf on the gold answer too: refused before any file is written
+    assert tune(*args, "--on-nonfinite", "skip", "--output-dir", "refused") == 2
+    err = capsys.readouterr().err
+    assert "--reward gives inf on a gold answer" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "refused").exists()
 
 
 def test_label_column_names_the_labels_of_a_data_file(tmp_path, capsys):
@@ -394,10 +405,115 @@ def test_normalized_update_defaults_to_its_own_lr(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     config = json.loads((run / "config.json").read_text())
     assert (config["optimizer"]["update"], config["lr"]) == ("normalized", 1e-4)
-    records = json.loads((run / "trajectory.json").read_text())["optimizer"]["mezo"]["trajectory"]
+    records = load_checkpoint(run)["optimizer"]["mezo"]["trajectory"]
     assert [r["second_moment"][1] for r in records] == [1, 2]
     assert abs(records[0]["grads"][0]) == pytest.approx(1.0)  # the first estimate is its own RMS
     with pytest.raises(SystemExit) as exit_info:
         tune("--update", "adam", "--steps", "1", "--output-dir", str(tmp_path / "bad"))
     assert exit_info.value.code == 2
     assert "normalized" in capsys.readouterr().err  # names the accepted values
+
+
+def test_rank_fitness_shaping_is_scale_free_with_its_own_lr(tmp_path, capsys):
+    run = tmp_path / "rank"
+    code = tune("--fitness-shaping", "rank", "--steps", "2", "--batch-size", "2", "--eval-size", "2",
+                "--no-eval-before", "--output-dir", str(run))
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((run / "config.json").read_text())
+    assert (config["optimizer"]["fitness_shaping"], config["lr"]) == ("rank", 1e-4)
+    records = json.loads((run / "trajectory.json").read_text())["optimizer"]["mezo"]["trajectory"]
+    assert all(abs(r["grads"][0]) == 1.0 for r in records)  # +-1, not +-1 / (2 eps) = +-500
+
+
+def test_plugins_listed_in_a_run_folder_are_imported_only_when_named_again(straight_run, tmp_path, capsys):
+    """A run folder (or a --config file) may come from someone else: the plugins its config.json lists are not
+    imported (a planted .py would run) unless named again on the command line or with --trust-plugins."""
+    import shutil
+
+    planted = tmp_path / "planted.py"
+    marker = tmp_path / "planted_ran"
+    planted.write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    run = tmp_path / "run"
+    shutil.copytree(straight_run[1], run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "plugin": [str(planted)]}))
+    capsys.readouterr()
+    for command in (lambda *a: eval_main(["--run", str(run), "--eval-size", "2", *a]),
+                    lambda *a: tune("--output-dir", str(run), "--resume", "--steps", "5", *a),
+                    lambda *a: tune("--config", str(run / "config.json"), "--output-dir", str(tmp_path / "b"), *a)):
+        assert command() == 2
+        assert f"names code to import: --plugin {planted}" in capsys.readouterr().err
+        assert not marker.exists()
+    assert eval_main(["--run", str(run), "--eval-size", "2", "--plugin", str(planted)]) == 0  # named again
+    assert marker.exists()
+    marker.unlink()
+    for name in [m for m in sys.modules if m.startswith("zo_source_planted_")]:  # imported again below
+        del sys.modules[name]
+    assert eval_main(["--run", str(run), "--eval-size", "2", "--trust-plugins"]) == 0
+    assert marker.exists()
+
+
+def test_the_optimized_metric_is_reported_and_metric_adds_others(tmp_path, capsys):
+    data = tmp_path / "reviews.csv"
+    data.write_text("text,label\n" + "".join(f"review {i},{i % 2}\n" for i in range(8)))
+    custom = ["--data", str(data), "--dev-data", str(data), "--template", "{text}. It was", "--label-words", " bad",
+              " good", "--steps", "2", "--eval-every", "1", "--batch-size", "4", "--no-eval-before"]
+    assert tune(*custom, "--objective", "f1", "--output-dir", str(tmp_path / "f1")) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "f1" / "eval.json").read_text())["metric"] == "f1"  # was accuracy
+    assert json.loads((tmp_path / "f1" / "config.json").read_text())["metrics"] == ["f1"]
+    assert "dev f1 not measured ->" in capsys.readouterr().err
+    run = tmp_path / "both"
+    assert tune(*custom, "--objective", "f1", "--metric", "accuracy", "f1", "--output-dir", str(run)) == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert result["metric"] == "accuracy" and set(result["after_metrics"]) == {"accuracy", "f1"}
+    assert result["after"] == result["after_metrics"]["accuracy"]
+    assert all(set(r["eval_metrics"]) == {"accuracy", "f1"} for r in rows(run))
+    # zo-eval --run reports the run's metrics
+    capsys.readouterr()
+    assert eval_main(["--run", str(run)]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["metric"] == "accuracy" and out["metrics"] == result["after_metrics"]
+    assert tune(*custom, "--metric", "squad_f1", "--output-dir", str(tmp_path / "c")) == 2
+    assert "'squad_f1' cannot score this task's predictions (class indices" in capsys.readouterr().err
+    assert tune(*custom, "--metric", "no_such_metric", "--output-dir", str(tmp_path / "d")) == 2
+    assert "unknown --metric no_such_metric; available: accuracy" in capsys.readouterr().err
+
+
+def test_cb_warns_that_dev_is_training_data_and_heldout_fraction_holds_rows_out(tmp_path, capsys):
+    common = ["--task", "cb", "--steps", "1", "--batch-size", "4", "--no-eval-before"]
+    assert tune(*common, "--output-dir", str(tmp_path / "same")) == 0
+    assert "warning: 32 of the 32 cb dev examples are training examples" in capsys.readouterr().err
+    run = tmp_path / "heldout"
+    assert tune(*common, "--heldout-fraction", "0.25", "--output-dir", str(run)) == 0
+    err = capsys.readouterr().err
+    assert "warning" not in err and "held-out accuracy" in err
+    config, result = (json.loads((run / name).read_text()) for name in ("config.json", "eval.json"))
+    assert (config["train_examples"], config["eval_examples"], result["split"]) == (24, 8, "held-out")
+    from tasks import get_task
+
+    pool = get_task("cb").examples("train", n=32, seed=0)  # the held-out rows: the seeded pool's last quarter
+    trained = {ex["prompt"] for ex in pool[:24]}
+    assert not trained & {ex["prompt"] for ex in pool[24:]}
+    assert tune(*common, "--heldout-fraction", "1", "--output-dir", str(tmp_path / "x")) == 2
+    assert "--heldout-fraction must be < 1" in capsys.readouterr().err
+
+
+def test_chat_template_formats_generation_prompts(tmp_path, capsys, monkeypatch):
+    import zo_objectives.scoring as scoring
+
+    seen = []
+    generate = scoring.GenerationPredictor.generate
+    monkeypatch.setattr(scoring.GenerationPredictor, "generate",
+                        lambda self, model, prompts, **kw: seen.extend(prompts) or generate(self, model, prompts, **kw))
+    run = tmp_path / "chat"
+    assert tune("--task", "squad", "--chat-template", "--steps", "1", "--batch-size", "2", "--eval-size", "2",
+                "--no-eval-before", "--output-dir", str(run)) == 0, capsys.readouterr().err
+    assert json.loads((run / "config.json").read_text())["chat_template"] is True
+    assert seen and all(p.startswith("<|im_start|>") and p.endswith("<|im_start|>assistant\n") for p in seen)
+
+
+def test_config_of_a_run_folder_asks_for_a_new_output_dir(straight_run, capsys):
+    _, straight = straight_run
+    capsys.readouterr()
+    assert tune_main(["--config", str(straight / "config.json")]) == 2  # as README had it: the folder exists
+    assert "pass --output-dir NEW_FOLDER to rerun its settings there" in capsys.readouterr().err

@@ -328,3 +328,15 @@ def test_register_metric_rejects_non_callable(clean_registry):
         register_metric("bad", 3)
     assert "bad" not in list_metrics()
 
+
+
+def test_register_metric_refuses_to_replace_a_registered_name(clean_registry):
+    def always_one(predictions, references):
+        return 1.0
+
+    with pytest.raises(ValueError, match="metric 'accuracy' is already registered.*overwrite=True"):
+        register_metric("accuracy", always_one)
+    assert get_metric("accuracy").fn is accuracy  # the built-in is kept
+    register_metric("accuracy", accuracy, per_example=True)  # registering the same metric again is harmless
+    register_metric("accuracy", always_one, overwrite=True)
+    assert get_metric("accuracy").fn is always_one

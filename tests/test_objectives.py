@@ -497,3 +497,86 @@ def test_support_rejects_bad_values(kwargs, needle):
         make_objective("squad_f1", CandidatePredictor(), **kwargs)
     with pytest.raises(ValueError, match="generation task"):
         make_objective("accuracy", ScorePredictor(), support="model")
+
+
+# --- what each objective is, and what it logs ------------------------------------------------------------------
+def test_accuracy_in_log_form_is_cross_entropy_on_label_words(tokenizer, small_lm):
+    """The default ``accuracy`` objective on a label-word task is cross-entropy under another name: the same loss
+    to float rounding, so the same SPSA estimates; the mean form is another objective."""
+    from zo_objectives.scoring import LabelWordPredictor
+
+    predictor = LabelWordPredictor(tokenizer, [" bad", " good"])
+    batch = [{"prompt": f"Review {i}: it was", "label": i % 2} for i in range(6)]
+    ce, log_acc = CrossEntropy(predictor)(small_lm, batch), make_objective("accuracy", predictor)(small_lm, batch)
+    assert log_acc == pytest.approx(ce, abs=1e-6)
+    mean_acc = make_objective("accuracy", predictor, form="mean")
+    gold = predictor.scores(small_lm, batch).softmax(-1)[range(6), [ex["label"] for ex in batch]]
+    assert -mean_acc(small_lm, batch) == pytest.approx(float(gold.mean()), abs=1e-6)  # the expected accuracy
+    # what each logs: its own value by name, in its own direction
+    assert mean_acc.last_values == {"accuracy": pytest.approx(-mean_acc(small_lm, batch))}
+    log_obj = make_objective("accuracy", predictor)
+    log_obj(small_lm, batch)
+    assert log_obj.last_values["accuracy"] == pytest.approx(mean_acc.last_values["accuracy"])  # expected accuracy
+
+
+def test_last_values_are_each_objectives_own_value_and_weighted_sum_keeps_the_terms():
+    acc = make_objective("accuracy", FixedPredictor())
+    ce = make_objective(CROSS_ENTROPY, FixedPredictor())
+    both = WeightedSum([(0.5, acc), (2.0, ce)])
+    both(MODEL, BATCH)
+    assert both.last_values == {"accuracy": 0.75, "cross_entropy": 1.25}  # accuracy, not its negative
+    twice = WeightedSum([(1.0, acc), (1.0, make_objective("accuracy", FixedPredictor()))])
+    twice(MODEL, BATCH)
+    assert twice.last_values == {"accuracy": 0.75, "accuracy_1": 0.75}
+
+
+def test_scikit_learn_metrics_are_called_in_their_own_order():
+    from functools import partial
+
+    from sklearn.metrics import mean_absolute_error, precision_score, recall_score
+
+    batch = [{"prompt": str(i), "pred": p, "label": y} for i, (p, y) in enumerate([(1, 1), (1, 0), (1, 0), (0, 1)])]
+    # predictions [1, 1, 1, 0], references [1, 0, 0, 1]: recall 1/2, precision 1/3
+    assert -make_objective(recall_score, FixedPredictor())(MODEL, batch) == pytest.approx(1 / 2)
+    assert -make_objective(precision_score, FixedPredictor())(MODEL, batch) == pytest.approx(1 / 3)
+    assert -make_objective(partial(recall_score, pos_label=0), FixedPredictor())(MODEL, batch) == pytest.approx(0.0)
+    error = make_objective(mean_absolute_error, FixedPredictor())  # *_error and *_loss are minimized
+    assert not error.greater_is_better and error(MODEL, batch) == pytest.approx(3 / 4)
+    assert make_objective(recall_score, FixedPredictor()).name == "recall_score"
+
+
+def test_log_form_refuses_a_metric_that_gives_a_perfect_prediction_nothing(clean_registry):
+    register_metric("neg_abs_error", lambda p, r: -sum(abs(a - b) for a, b in zip(p, r)) / len(p), per_example=True)
+    with pytest.raises(ValueError, match=r"perfect prediction 0.*--metric-form mean"):
+        make_objective("neg_abs_error", ScorePredictor())
+    assert make_objective("neg_abs_error", ScorePredictor(), form="mean").form == "mean"
+
+
+def test_log_form_refuses_negative_and_all_zero_values_on_the_first_batch():
+    def shifted(predictions, references):  # perfect predictions score 1, the others -1
+        return sum(1.0 if p == r else -1.0 for p, r in zip(predictions, references)) / len(predictions)
+
+    obj = make_objective(shifted, ScorePredictor(), per_example=True)  # builds: a perfect prediction scores 1
+    with pytest.raises(MetricError, match=r"gave -1 for an option.*--metric-form mean"):
+        obj(MODEL, scored_batch())
+
+    def class_zero_recall(predictions, references):  # builds (0 against 0 scores 1), but scores only class 0
+        return sum(p == r == 0 for p, r in zip(predictions, references)) / len(predictions)
+
+    no_class_zero = [{**ex, "label": 1 + ex["label"] % 2} for ex in scored_batch()]
+    with pytest.raises(MetricError, match="scored 0 on every option.*constant"):
+        make_objective(class_zero_recall, ScorePredictor(), per_example=True)(MODEL, no_class_zero)
+
+
+def test_a_registered_metric_of_another_kind_is_refused_when_built():
+    with pytest.raises(ValueError, match=r"'squad_f1' cannot score this task's predictions \(class indices"):
+        make_objective("squad_f1", ScorePredictor())
+    with pytest.raises(ValueError, match=r"'accuracy' cannot score this task's predictions \(generated texts"):
+        make_objective("accuracy", CandidatePredictor())
+    with pytest.raises(ValueError, match="'squad_f1' cannot score"):
+        make_objective("squad_f1", ScorePredictor(), smoothing=0)
+
+
+def test_compute_object_without_key_says_what_key_is():
+    with pytest.raises(ValueError, match=r"ComputeMetric has \.compute\(\): pass key= naming the result"):
+        make_objective(ComputeMetric(), ScorePredictor())

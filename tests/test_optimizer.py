@@ -681,8 +681,12 @@ def test_rank_fitness_shaping_uses_centered_ranks():
     ranked = sorted(seen)
     assert len(set(seen)) == len(seen)
     utility = {v: ranked.index(v) / (len(seen) - 1) - 0.5 for v in seen}
-    expected = [(utility[seen[2 * i]] - utility[seen[2 * i + 1]]) / (2 * eps) for i in range(k)]
+    expected = [utility[seen[2 * i]] - utility[seen[2 * i + 1]] for i in range(k)]  # scale-free: not over 2 eps
     assert opt.trajectory[-1]["grads"] == pytest.approx(expected)
+    # one perturbation: the estimate is +-1 whatever eps (it was +-1 / (2 eps) = +-500 at eps 1e-3)
+    single = make_opt([x], lr=0.01, eps=1e-3, fitness_shaping="rank", seed=2)
+    single.step(closure)
+    assert [abs(g) for g in single.trajectory[-1]["grads"]] == [1.0]
 
 
 def test_rank_fitness_shaping_is_invariant_to_monotone_transforms():

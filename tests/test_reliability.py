@@ -10,6 +10,7 @@ import multiprocessing
 import os
 import re
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 
 from zo_objectives import models
 from zo_objectives.optimizer import MeZO
+from zo_objectives.runfolder import RECORDS as RECORDS_FILE
 from zo_objectives.train import CHECKPOINT, LOG, resume, save_checkpoint, train, weights_sha256
 
 train_mod = importlib.import_module("zo_objectives.train")  # the package exports the function train
@@ -316,9 +318,10 @@ HYPOTHESIS = settings(max_examples=40, deadline=None, suppress_health_check=[Hea
 @given(trajectory=trajectories())
 def test_checkpoint_round_trip(tmp_path, trajectory):
     n, records = trajectory
-    tuned = write_checkpoint(tmp_path, records, n)
+    run = Path(tempfile.mkdtemp(dir=tmp_path))  # a new folder for each example
+    tuned = write_checkpoint(run, records, n)
     params = base_params()
-    opt, step = resume(tmp_path, params)
+    opt, step = resume(run, params)
     assert step == len(records) and len(opt.trajectory) == step
     assert json.dumps(opt.trajectory) == json.dumps(records)
     assert all(torch.equal(a, b) for a, b in zip(params, tuned))  # bitwise the weights it was saved with
@@ -328,9 +331,11 @@ def test_checkpoint_round_trip(tmp_path, trajectory):
 @given(trajectory=trajectories(), pick=st.integers(0, 10**6), delete=st.booleans())
 def test_any_single_field_corruption_is_refused(tmp_path, trajectory, pick, delete):
     n, records = trajectory
-    write_checkpoint(tmp_path, records, n)
-    path = tmp_path / CHECKPOINT
-    saved = json.loads(path.read_text())
+    run = Path(tempfile.mkdtemp(dir=tmp_path))
+    write_checkpoint(run, records, n)
+    path = run / CHECKPOINT
+    saved = {"head": json.loads(path.read_text()),  # the head and each record of trajectory.jsonl
+             "records": [json.loads(line) for line in (run / RECORDS_FILE).read_text().splitlines()]}
     where, value = list(leaves(saved))[pick % len(list(leaves(saved)))]
     parent = saved
     for key in where[:-1]:
@@ -341,19 +346,31 @@ def test_any_single_field_corruption_is_refused(tmp_path, trajectory, pick, dele
         new = changed(value)
         assume(not (isinstance(new, float) and (new == value or not math.isfinite(new))))
         parent[where[-1]] = new
-    path.write_text(json.dumps(saved, indent=1))
+    path.write_text(json.dumps(saved["head"], indent=1))
+    (run / RECORDS_FILE).write_text("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in saved["records"]))
     with pytest.raises(ValueError, match=f"cannot resume: {re.escape(str(path))} "):
-        resume(tmp_path, base_params())
+        resume(run, base_params())
 
 
 def edit(path: Path, change, rehash: bool = False) -> None:
-    """Change a saved checkpoint; ``rehash`` recomputes its checksum (a consistent but bad checkpoint)."""
-    saved = json.loads(path.read_text())
+    """Change a saved checkpoint, seen as one document (the head with the records in its optimizer state);
+    ``rehash`` recomputes its checksums (a consistent but bad checkpoint)."""
+    head = json.loads(path.read_text())
+    lines = (path.parent / RECORDS_FILE).read_text().splitlines(keepends=True)
+    saved = {**head, "optimizer": {**head["optimizer"], "mezo": {**head["optimizer"]["mezo"],
+                                                                 "trajectory": [json.loads(x) for x in lines]}}}
     change(saved)
+    lines = [train_mod._canonical(r) + "\n" for r in saved["optimizer"]["mezo"]["trajectory"]]
     if rehash:
-        body = train_mod._canonical({"step": saved["step"], "optimizer": saved["optimizer"]})
+        previous = train_mod._chain("", lines[:-1])
+        saved["records"].update(bytes=len("".join(lines).encode()), sha256=train_mod._chain(previous, lines[-1:]),
+                                previous=previous)
+    del saved["optimizer"]["mezo"]["trajectory"]
+    if rehash:
+        body = train_mod._canonical({k: saved[k] for k in ("step", "optimizer", "records")})
         saved["integrity"]["sha256"] = train_mod._sha256(body)
     path.write_text(json.dumps(saved))
+    (path.parent / RECORDS_FILE).write_text("".join(lines))
 
 
 RECORDS = [{"seeds": [11 + i], "grads": [0.5 - i], "lrs": [1e-3], "loss": 1.0} for i in range(4)]
@@ -397,6 +414,6 @@ def test_replay_to_non_finite_weights_is_refused(tmp_path):
         resume(tmp_path, [torch.full((64,), 3e38).requires_grad_()])
     opt = MeZO(params, noise="gaussian")  # a record no replay survives, saved without replaying it
     opt.trajectory.append({"seeds": [1], "grads": [1e30], "lrs": [1e10], "loss": 0.0})
-    save_checkpoint(tmp_path, opt, 1, weights_sha256([torch.full((64,), 3e38)]))
+    save_checkpoint(tmp_path / "other", opt, 1, weights_sha256([torch.full((64,), 3e38)]))
     with pytest.raises(ValueError, match="does not replay"):  # a step beyond float32's range
-        resume(tmp_path, [torch.full((64,), 3e38).requires_grad_()])
+        resume(tmp_path / "other", [torch.full((64,), 3e38).requires_grad_()])

@@ -282,3 +282,34 @@ def test_candidate_scores_are_continuation_logprobs_padded_with_minus_inf(tokeni
     mean = gen.candidate_scores(small_lm, prompts, candidates, length_normalize=True)
     lyon = tokenizer.encode(" the city of Lyon", add_special_tokens=False)
     assert mean[0, 1] == pytest.approx(float(scores[0, 1]) / len(lyon), rel=1e-4)
+
+
+def test_tokenizer_without_a_pad_token_pads_with_eos(tokenizer, small_lm):
+    """Many causal LMs ship no pad token: padding falls back to end-of-sequence (masked out), same scores."""
+    import copy
+
+    bare = copy.deepcopy(tokenizer)
+    bare.pad_token = None
+    assert bare.pad_token_id is None and bare.eos_token_id is not None
+    for make in (lambda tok: LabelWordPredictor(tok, WORDS), lambda tok: ChoicePredictor(tok)):
+        batch = [{**ex, "candidates": WORDS} for ex in BATCH]
+        assert torch.allclose(make(bare).scores(small_lm, batch), make(tokenizer).scores(small_lm, batch), atol=1e-5)
+    assert (GenerationPredictor(bare, max_new_tokens=4).generate(small_lm, PROMPTS)
+            == GenerationPredictor(tokenizer, max_new_tokens=4).generate(small_lm, PROMPTS))
+
+
+def test_chat_formatted_puts_prompts_in_the_chat_template(tokenizer):
+    import copy
+
+    from zo_objectives.scoring import chat_formatted
+
+    examples = [{"prompt": "Question: who? Answer:", "answers": ["me"]}]
+    (chat,) = chat_formatted(examples, tokenizer)
+    assert tokenizer.chat_template and chat["answers"] == ["me"] and examples[0]["prompt"] == "Question: who? Answer:"
+    assert chat["prompt"] == tokenizer.apply_chat_template([{"role": "user", "content": "Question: who? Answer:"}],
+                                                           tokenize=False, add_generation_prompt=True)
+    assert chat["prompt"].index("Question: who? Answer:") < chat["prompt"].rindex("assistant")  # the answer follows
+    bare = copy.deepcopy(tokenizer)
+    bare.chat_template = None
+    with pytest.raises(ValueError, match="has no chat template"):
+        chat_formatted(examples, bare)

@@ -1,4 +1,5 @@
-"""Command line: ``zo-tune`` (tune a model on a task's objective) and ``zo-eval`` (evaluate a model or run).
+"""Command line: ``zo-tune`` (tune a model on a task's objective), ``zo-eval`` (evaluate a model or run) and
+``zo-export`` (write a run's tuned model as a Hugging Face folder).
 
 Both take their flags from the dataclasses of ``zo_objectives.config``; ``tune(TuneConfig(...))`` is the same
 run from Python. Everything is checked before the run folder is touched: bad input (unknown model, task,
@@ -11,17 +12,21 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
 from metrics import Metric, get_metric, list_metrics
 from tasks import Task, get_task, task_from_file, with_demonstrations
@@ -33,24 +38,54 @@ from zo_objectives.config import (
     REWARD,
     CommonConfig,
     EvalConfig,
+    ExportConfig,
     Parser,
     TuneConfig,
     UsageError,
     describe,
     differences,
+    flag,
     read_config,
 )
-from zo_objectives.models import apply_peft, load_model, load_run_weights, select_trainable
-from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, RewardObjective, make_objective
+from zo_objectives.models import apply_peft, export_run, load_model, load_run_weights, select_trainable
+from zo_objectives.objectives import CROSS_ENTROPY, MetricObjective, RewardObjective, check_metric, make_objective
 from zo_objectives.optimizer import MeZO, make_scheduler
 from zo_objectives.plots import plot_run
-from zo_objectives.scoring import predictor_for
-from zo_objectives.train import CHECKPOINT, evaluate_model, save_weights, train, write_json
+from zo_objectives.runfolder import (
+    CHECKPOINT,
+    CONFIG,
+    EVAL,
+    RUN_FILES,
+    WEIGHTS,
+    check_sealed,
+    clean,
+    holds_files,
+    left_before_first_checkpoint,
+    lock,
+    new_manifest,
+    read_json,
+    read_manifest,
+    write_sealed,
+)
+from zo_objectives.scoring import chat_formatted, predictor_for
+from zo_objectives.train import (
+    Stopped,
+    check_run_folder,
+    evaluate_metrics,
+    sigterm_as_interrupt,
+    train,
+    trainable_state,
+)
 from zo_objectives.train import resume as replay_checkpoint
 
 
 def _fmt(value: float | None) -> str:
     return "not measured" if value is None else f"{value:.4f}"
+
+
+def headline(values: dict[str, float] | None) -> float | None:
+    """The first (headline) metric's value of an evaluation, None when there was none."""
+    return next(iter(values.values())) if values else None
 
 
 def import_source(source: str, flag: str) -> ModuleType:
@@ -70,8 +105,10 @@ def import_source(source: str, flag: str) -> ModuleType:
         if str(Path.cwd()) not in sys.path:
             sys.path.insert(0, str(Path.cwd()))
         return importlib.import_module(source)
-    except (ImportError, SyntaxError) as err:
-        raise UsageError(f"cannot import {flag} {source!r}: {err}") from err
+    except UsageError:
+        raise
+    except Exception as err:  # a module that raises as it is imported: ImportError, SyntaxError or its own
+        raise UsageError(f"cannot import {flag} {source!r}: {type(err).__name__}: {err}") from err
 
 
 def reward_functions(specs: list[str]) -> list[Callable]:
@@ -87,9 +124,9 @@ def reward_functions(specs: list[str]) -> list[Callable]:
 
 
 def _task(config: CommonConfig) -> Task:
-    for flag, path in (("--data", config.data), ("--dev-data", config.dev_data)):
+    for name, path in (("--data", config.data), ("--dev-data", config.dev_data)):
         if path and not Path(path).is_file():
-            raise UsageError(f"{flag} {path}: no such file")
+            raise UsageError(f"{name} {path}: no such file")
     if config.data:
         return task_from_file(config.data, name=Path(config.data).stem, template=config.template,
                               label_words=config.label_words, labels=config.labels, label_column=config.label_column,
@@ -124,7 +161,43 @@ def resolve(config: TuneConfig) -> tuple[TuneConfig, Task]:
     if objective not in (REWARD, CROSS_ENTROPY, *list_metrics()):
         raise UsageError(f"unknown objective {objective!r}; available: {', '.join([CROSS_ENTROPY, *list_metrics()])}")
     output_dir = config.output_dir or f"runs/{task.name}-{objective}-s{config.seed}"
-    return replace(config, task=task.name, objective=objective, output_dir=output_dir), task
+    config = replace(config, task=task.name, objective=objective, output_dir=output_dir)
+    return replace(config, metrics=[m.name for m in evaluation_metrics(config, task)]), task
+
+
+def evaluation_metrics(config: CommonConfig, task: Task) -> list[Metric]:
+    """The metrics a run reports on its evaluation set, the headline first: ``--metric``'s, else the metric the
+    run optimizes (its objective, where that is a metric), else the task's (cross-entropy, zo-eval, and --reward
+    runs: reward evaluation plugs in here)."""
+    objective = getattr(config, "objective", None)
+    names = config.metrics or [objective if objective in list_metrics() else task.metric]
+    unknown = [n for n in names if n not in list_metrics()]
+    if unknown:
+        raise UsageError(f"unknown --metric {' '.join(unknown)}; available: {', '.join(list_metrics())}")
+    return [get_metric(n) for n in dict.fromkeys(names)]
+
+
+def split_examples(config: TuneConfig, task: Task) -> tuple[list[dict], list[dict], str]:
+    """The training sample, the evaluation set and its name. With ``heldout_fraction`` the evaluation set is that
+    fraction of the training pool (seeded by ``seed``), never trained on; else the task's dev set, with a
+    warning when it holds training examples (CB's dev set is its training pool)."""
+    if config.heldout_fraction:
+        pool = task.examples("train", n=sys.maxsize, seed=config.seed)
+        held = max(1, round(config.heldout_fraction * len(pool)))
+        if held >= len(pool):
+            raise UsageError(f"--heldout-fraction {config.heldout_fraction} of {task.name}'s {len(pool)} training "
+                             "examples leaves none to train on")
+        evaluation = pool[len(pool) - held:][: config.eval_size]
+        return pool[: min(config.train_size, len(pool) - held)], evaluation, "held-out"
+    train_set = task.examples("train", n=config.train_size, seed=config.seed)
+    dev_set = task.examples("dev", n=config.eval_size)
+    seen = {ex["prompt"] for ex in train_set}
+    overlap = sum(ex["prompt"] in seen for ex in dev_set)
+    if overlap and distributed.rank() == 0:
+        print(f"zo-tune: warning: {overlap} of the {len(dev_set)} {task.name} dev examples are training examples, so "
+              "the dev metric measures training data; --heldout-fraction 0.25 evaluates on examples held out from "
+              "training", file=sys.stderr)
+    return train_set, dev_set, "dev"
 
 
 @dataclass
@@ -135,9 +208,10 @@ class Run:
     model: torch.nn.Module
     predictor: Any
     objective: Any
-    metric: Metric
+    metrics: list[Metric]  # reported on dev_set, the headline first
     train_set: list[dict]
     dev_set: list[dict]
+    split: str  # what dev_set is: "dev" or "held-out"
     facts: dict  # what config.json holds beside the settings
 
 
@@ -160,7 +234,10 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
         objective = RewardObjective(generator, reward_functions(config.reward), config.reward_weights,
                                     candidates=config.reward_candidates)
         ex = task.examples("train", n=1, seed=config.seed)[0]  # a reward that fails fails now, on a gold answer
-        objective.scores([ex["prompt"]], [ex["target"].strip()], {k: [v] for k, v in ex.items() if k != "prompt"})
+        score = objective.scores([ex["prompt"]], [ex["target"].strip()],
+                                 {k: [v] for k, v in ex.items() if k != "prompt"})[0]
+        if not math.isfinite(score):
+            raise UsageError(f"--reward gives {score} on a gold answer: rewards must be finite numbers")
     else:
         objective = make_objective(config.objective, predictor, smoothing=config.smoothing, samples=config.samples,
                                    form=config.metric_form, sequence_score=config.sequence_score,
@@ -170,52 +247,92 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
         raise UsageError(f"--smoothing applies to metric objectives, not to {config.objective}")
     smoothing = objective.smoothing if metric_objective else None
     form = objective.form if metric_objective and smoothing else None
-    if config.update != "sgd":
+    if config.update != "sgd" or config.fitness_shaping == "rank":
         kind = "scale-free"
     else:  # a hard metric or rewards: the scale of the mean form
         kind = "cross_entropy" if config.objective == CROSS_ENTROPY else form or "mean"
     config = replace(config, lr=config.lr or DEFAULT_LR[kind], eps=config.eps or DEFAULT_EPS[config.dtype],
                      smoothing=smoothing)
-    train_set = task.examples("train", n=config.train_size, seed=config.seed)
-    dev_set = task.examples("dev", n=config.eval_size)
+    metrics = evaluation_metrics(config, task)
+    for metric in metrics:  # a metric that cannot score these predictions fails now, not at the first evaluation
+        check_metric(metric, predictor, "hard")
+    train_set, dev_set, split = split_examples(config, task)
+    if config.chat_template:
+        train_set, dev_set = chat_formatted(train_set, tokenizer), chat_formatted(dev_set, tokenizer)
     if config.batch_size > len(train_set):
         raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(train_set)} training examples of "
                          f"{task.name}; use --batch-size {len(train_set)} or less")
-    metric = get_metric(task.metric)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    facts = {"form": form, "support": objective.support if form else None, "metric": metric.name,
+    facts = {"form": form, "support": objective.support if form else None, "metric": metrics[0].name,
              "train_examples": len(train_set), "eval_examples": len(dev_set), "trainable_parameters": trainable,
              "world_size": distributed.world_size()}
-    return Run(config, model, predictor, objective, metric, train_set, dev_set, facts)
+    return Run(config, model, predictor, objective, metrics, train_set, dev_set, split, facts)
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a run folder that is a file, exists without --resume or --overwrite, or has nothing to resume."""
+    """Refuse a run folder that is a file, holds a run without --resume or --overwrite, or has nothing to
+    resume. A folder left by a run that stopped before its first checkpoint may be reused as it is."""
     for path in (run_dir, *run_dir.parents):
         if path.exists() and not path.is_dir():
             raise UsageError(f"--output-dir {run_dir}: {path} is a file, not a folder")
     if resume:
-        for name in (CHECKPOINT, "config.json", "eval.json"):
+        for name in (CHECKPOINT, CONFIG, EVAL):
             if not (run_dir / name).is_file():
                 raise UsageError(f"--resume: no {name} in {run_dir}")
-    elif run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+    elif holds_files(run_dir) and not overwrite and not left_before_first_checkpoint(run_dir):
         raise UsageError(f"run folder {run_dir} exists; pass --resume to continue it, --overwrite to replace it, "
                          "or another --output-dir")
 
 
-def check_resume(run_dir: Path, config: TuneConfig, allow_changed_settings: bool) -> list[dict]:
+def check_resume_early(run_dir: Path, config: TuneConfig) -> int:
+    """What a resume can check before loading the model: the folder's files belong together
+    (:func:`check_run_folder`), ``--steps`` is not below the checkpoint's step and the settings that may never
+    change did not (but those ``prepare`` resolves). Return the checkpoint's step."""
+    try:
+        step = check_run_folder(run_dir)
+    except ValueError as err:
+        raise UsageError(f"--resume: {err}") from None
+    if config.steps < step:
+        raise UsageError(f"--steps {config.steps} is below the step of the checkpoint in {run_dir} ({step}): --steps "
+                         f"is the total to reach; pass --steps {step} or more")
+    _, fixed = differences(read_config(TuneConfig, run_dir / CONFIG), config)
+    fixed = {k: v for k, v in fixed.items() if k not in ("dtype", "eps")}  # "auto" and None resolve later
+    if fixed:
+        raise UsageError(f"--resume: {describe(fixed)}: cannot change on a resume of {run_dir} (the checkpoint "
+                         "replays the run with its settings); use another --output-dir")
+    return step
+
+
+def check_resume(run_dir: Path, config: TuneConfig, allow_changed_settings: bool, step: int) -> list[dict]:
     """Refuse settings that differ from the run's config.json unless they may; return the run's record of
     changed settings ("resumed" in config.json), with this resume's changes added."""
-    saved = json.loads((run_dir / "config.json").read_text())
-    allowed, fixed = differences(read_config(TuneConfig, run_dir / "config.json"), config)
+    saved = read_json(run_dir / CONFIG)
+    allowed, fixed = differences(read_config(TuneConfig, run_dir / CONFIG), config)
     if fixed:
         raise UsageError(f"--resume: {describe(fixed)}: cannot change on a resume of {run_dir} (the checkpoint "
                          "replays the run with its settings); use another --output-dir")
     if allowed and not allow_changed_settings:
-        raise UsageError(f"--resume: settings differ from {run_dir / 'config.json'}: {describe(allowed)}; pass "
+        raise UsageError(f"--resume: settings differ from {run_dir / CONFIG}: {describe(allowed)}; pass "
                          "--allow-changed-settings to continue with the new ones")
-    step = json.loads((run_dir / CHECKPOINT).read_text())["step"]
     return saved.get("resumed", []) + ([{"step": step, "changed": allowed}] if allowed else [])
+
+
+def claim(run_dir: Path, resume: bool, overwrite: bool, held: ExitStack) -> None:
+    """Take the run folder's lock (held until ``held`` closes), then check it again: another run may have
+    written it since the first check."""
+    held.enter_context(lock(run_dir))
+    check_run_dir(run_dir, resume, overwrite)
+
+
+def stop_message(run_dir: Path, signum: int) -> str:
+    """One line for a run stopped by a signal: where, what was saved, how to go on."""
+    name = signal.Signals(signum).name
+    try:
+        step = read_json(run_dir / CHECKPOINT)["step"]
+    except (ValueError, TypeError, KeyError):
+        return f"stopped by {name} before the first checkpoint: nothing to resume; run the command again"
+    return (f"stopped by {name} at step {step}; checkpoint saved in {run_dir / CHECKPOINT}; continue with: "
+            f"zo-tune --output-dir {run_dir} --resume")
 
 
 MEZO_SETTINGS = ("lr", "eps", "weight_decay", "n_perturbations", "seed", "noise", "difference", "update",
@@ -230,26 +347,45 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
     ``steps`` (to extend it) and the other settings marked free in TuneConfig may differ, those marked fixed
     (the model's, the data's, the optimizer's) may not, and any other difference needs
     ``allow_changed_settings`` (config.json then records it under "resumed"). ``overwrite`` replaces an
-    existing run folder.
+    existing run folder: every file a run writes is removed before anything is written. The run holds the
+    folder's lock from its checks to its end; a stop by SIGINT or SIGTERM raises :class:`Stopped` saying
+    where the run stopped and how to continue it.
     """
     rank, world = distributed.init()  # distributed: (0, 1) unless torchrun set WORLD_SIZE > 1
     main = rank == 0  # distributed: only rank 0 checks and writes the run folder, prints, shows progress
     distributed.quiet()  # distributed: silences warnings on ranks other than 0
     config, task = resolve(config)
     run_dir = Path(config.output_dir)
+    with ExitStack() as held:
+        try:
+            return _tune(config, task, run_dir, main, world, held, resume, overwrite, allow_changed_settings)
+        except KeyboardInterrupt as err:
+            signum = getattr(err, "signum", signal.SIGINT)
+            raise Stopped(stop_message(run_dir, signum), signum) from None
+
+
+def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int, held: ExitStack, resume: bool,
+          overwrite: bool, allow_changed_settings: bool) -> dict:
+    step, claimed = 0, False
     if main:
         check_run_dir(run_dir, resume, overwrite)
+        if run_dir.is_dir():
+            claim(run_dir, resume, overwrite, held)
+            claimed = True
+        if resume:
+            step = check_resume_early(run_dir, config)
     run = prepare(config, task, _device(config.device))
-    config, model, metric, dev_set = run.config, run.model, run.metric, run.dev_set
-    resumed = check_resume(run_dir, config, allow_changed_settings) if resume and main else []
+    config, model, metrics, dev_set = run.config, run.model, run.metrics, run.dev_set
+    metric, split = metrics[0], run.split  # the headline metric, and what the evaluation set is
+    resumed = check_resume(run_dir, config, allow_changed_settings, step) if resume and main else []
     params = [p for p in model.parameters() if p.requires_grad]
     objective = distributed.ShardedObjective(run.objective) if world > 1 else run.objective  # batch[rank::world]
 
-    def dev_metric() -> float:
+    def dev_metrics() -> dict[str, float]:
         if world > 1:  # distributed: verify the ranks' weights agree, split the dev set across ranks
             distributed.check_in_sync(params)
-            return distributed.evaluate_model(model, run.predictor, dev_set, metric, config.batch_size)
-        return evaluate_model(model, run.predictor, dev_set, metric, config.batch_size)
+            return evaluate_metrics(model, run.predictor, dev_set, metrics, config.batch_size, distributed.predict_all)
+        return evaluate_metrics(model, run.predictor, dev_set, metrics, config.batch_size)
 
     start, before = 0, None
     if resume:
@@ -257,45 +393,73 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
         optimizer.on_nonfinite = config.on_nonfinite
         for group in optimizer.param_groups:  # the lr of the steps to come (the trajectory keeps each step's)
             group.update(lr=config.lr, initial_lr=config.lr)
-        before = json.loads((run_dir / "eval.json").read_text()).get("before")
+        saved = read_json(run_dir / EVAL)
+        before = saved.get("before_metrics") or ({metric.name: saved["before"]} if saved.get("before") is not None
+                                                 else None)
     else:
         optimizer = MeZO(params, **{name: getattr(config, name) for name in MEZO_SETTINGS})
     scheduler = make_scheduler(optimizer, config.schedule, config.steps, last_step=start)
     if main:  # every check passed: from here on the run folder is written
-        if overwrite and not resume:
-            for stale in ("metrics.jsonl", CHECKPOINT, "eval.json"):
-                (run_dir / stale).unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", {**asdict(config), **run.facts, "optimizer": optimizer.config(),
-                                             **({"resumed": resumed} if resumed else {})})
+        if not claimed:  # a new folder: claimed as it is created
+            claim(run_dir, resume, overwrite, held)
+        if not (resume or overwrite) and left_before_first_checkpoint(run_dir):
+            print(f"zo-tune: reusing {run_dir}: the run there stopped before its first checkpoint", file=sys.stderr)
+        clean(run_dir, everything=not resume)  # temporaries a kill left; for a new run every earlier file
+        if not resume:
+            new_manifest(run_dir)
+        write_sealed(run_dir, CONFIG, _json_writer({**asdict(config), **run.facts, "optimizer": optimizer.config(),
+                                                    **({"resumed": resumed} if resumed else {})}))
     if not resume:
         if config.eval_before and main:
-            print(f"zo-tune: evaluating {config.model} on {len(dev_set)} {task.name} dev examples before tuning "
+            print(f"zo-tune: evaluating {config.model} on {len(dev_set)} {task.name} {split} examples before tuning "
                   "(--no-eval-before skips it)", file=sys.stderr)
-        before = dev_metric() if config.eval_before else None
+        before = dev_metrics() if config.eval_before else None
         if main:
-            write_json(run_dir / "eval.json", {"metric": metric.name, "examples": len(dev_set), "before": before})
+            write_sealed(run_dir, EVAL, _json_writer({"metric": metric.name, "split": split, "examples": len(dev_set),
+                                                      "before": headline(before), "before_metrics": before}))
     if main:
         print(f"zo-tune: {task.name}, objective {config.objective}, {run.facts['trainable_parameters']:,} trainable "
-              f"parameters, dev {metric.name} before: {_fmt(before)}", file=sys.stderr)
+              f"parameters, {split} {metric.name} before: {_fmt(headline(before))}", file=sys.stderr)
     t0 = time.perf_counter()
     history = train(model, optimizer, objective, run.train_set, steps=config.steps, batch_size=config.batch_size,
-                    seed=config.seed, start_step=start, evaluate_fn=dev_metric, eval_every=config.eval_every,
+                    seed=config.seed, start_step=start, evaluate_fn=dev_metrics, eval_every=config.eval_every,
                     run_dir=run_dir if main else None, scheduler=scheduler, progress=main and config.progress,
                     checkpoint_every=config.checkpoint_every)
-    after = history[-1]["eval"] if history and "eval" in history[-1] else dev_metric()
+    last = history[-1] if history and "eval" in history[-1] else {}
+    after = last.get("eval_metrics") or ({metric.name: last["eval"]} if last else dev_metrics())
     seconds = time.perf_counter() - t0
     ties = sum(r["tied"] for r in history) / max(1, len(history))
-    summary = {"metric": metric.name, "examples": len(dev_set), "before": before, "after": after,
+    summary = {"metric": metric.name, "split": split, "examples": len(dev_set), "before": headline(before),
+               "after": after[metric.name], "before_metrics": before, "after_metrics": after,
                "steps": config.steps, "train_seconds": seconds, "tied_fraction": ties}
     if main:  # distributed: rank 0 writes the results
-        write_json(run_dir / "eval.json", summary)
-        save_weights(model, run_dir / "model.safetensors")
+        write_sealed(run_dir, EVAL, _json_writer(summary))
+        write_sealed(run_dir, WEIGHTS, lambda tmp: save_file(trainable_state(model), tmp), step=config.steps)
         plot_run(run_dir)
-        print(f"zo-tune: dev {metric.name} {_fmt(before)} -> {after:.4f} after {config.steps} steps "
-              f"({seconds / 60:.1f} min, {ties:.0%} of steps tied). Run folder: {run_dir} (config.json, "
-              f"metrics.jsonl, eval.json, curve.png, {CHECKPOINT}, model.safetensors)", file=sys.stderr)
+        others = "".join(f", {name} {_fmt((before or {}).get(name))} -> {value:.4f}" for name, value in after.items()
+                         if name != metric.name)
+        print(f"zo-tune: {split} {metric.name} {_fmt(headline(before))} -> {after[metric.name]:.4f}{others} after "
+              f"{config.steps} steps ({seconds / 60:.1f} min, {ties:.0%} of steps tied). Run folder: {run_dir} "
+              f"({', '.join(RUN_FILES)})", file=sys.stderr)
     return summary
+
+
+def _json_writer(data: Any) -> Callable[[str], None]:
+    return lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1))
+
+
+def check_run_weights(run_dir: Path) -> None:
+    """Refuse a run folder whose weights or settings are not the ones its run wrote, or whose weights are of
+    an earlier step than its checkpoint (a resumed run that has not finished)."""
+    manifest = read_manifest(run_dir)
+    check_sealed(run_dir, CONFIG, manifest)
+    if not (run_dir / WEIGHTS).exists():
+        raise ValueError(f"no {WEIGHTS} in {run_dir}: is it a finished zo-tune run folder?")
+    weights = check_sealed(run_dir, WEIGHTS, manifest)
+    step = read_json(run_dir / CHECKPOINT).get("step") if (run_dir / CHECKPOINT).exists() else None
+    if step is not None and step != weights.get("step"):
+        raise ValueError(f"{run_dir / WEIGHTS} holds the weights of step {weights.get('step')} but the run's "
+                         f"checkpoint is at step {step}: finish it with zo-tune --output-dir {run_dir} --resume")
 
 
 def evaluate_run(config: EvalConfig) -> dict:
@@ -303,7 +467,7 @@ def evaluate_run(config: EvalConfig) -> dict:
     for plugin in config.plugin:
         import_source(plugin, "--plugin")
     task = _task(config)
-    metric = get_metric(config.metric or task.metric)
+    metrics = evaluation_metrics(config, task)
     device = _device(config.device)
     examples = task.examples(config.split, n=config.eval_size, seed=config.seed)
     if config.shots:
@@ -313,17 +477,39 @@ def evaluate_run(config: EvalConfig) -> dict:
         model = apply_peft(model, read_config(TuneConfig, Path(config.run) / "config.json").get("peft", "none"))
         load_run_weights(model, Path(config.run))
     model.to(device)
+    if config.chat_template:
+        examples = chat_formatted(examples, tokenizer)
     predictor = predictor_for(task, tokenizer, max_length=config.max_length, model=model)
-    value = evaluate_model(model, predictor, examples, metric, config.batch_size)
+    for metric in metrics:
+        check_metric(metric, predictor, "hard")
+    values = evaluate_metrics(model, predictor, examples, metrics, config.batch_size)
     result = {"model": config.model, "run": config.run, "task": task.name, "split": config.split,
-              "shots": config.shots, "metric": metric.name, "examples": len(examples), "value": value}
+              "shots": config.shots, "metric": metrics[0].name, "examples": len(examples),
+              "value": values[metrics[0].name], **({"metrics": values} if len(values) > 1 else {})}
     print(json.dumps(result))
     return result
 
 
+# Settings that name code to import: a file (a run folder's config.json, --config) may list them, but they are
+# imported only when named again on the command line or with --trust-plugins (importing a module runs it)
+CODE_SETTINGS = ("plugin", "reward")
+
+
+def check_code_named(settings: dict, flagged: set[str], source: str | Path, trust: bool) -> None:
+    """Refuse code (plugins, reward modules) that a file names and the command line does not, unless trusted."""
+    listed = [f"{flag(k)} {v}" for k in CODE_SETTINGS if k not in flagged for v in settings.get(k) or []]
+    if listed and not trust:
+        raise UsageError(f"{source} names code to import: {' '.join(listed)}; importing runs it, so it is imported "
+                         "only when named again on the command line (or with --trust-plugins)")
+
+
+TRUST_HELP = ("import the plugins and reward modules that --config or a run folder's config.json lists (without it "
+              "they must be named again on the command line)")
+
+
 # The settings a zo-eval --run takes from the run's config.json unless given
 RUN_SETTINGS = ("model", "task", "data", "dev_data", "template", "label_words", "labels", "label_column",
-                "answer_column", "plugin", "max_length", "dtype")
+                "answer_column", "plugin", "max_length", "dtype", "metrics", "chat_template")
 
 
 def tune_parser() -> Parser:
@@ -333,11 +519,14 @@ def tune_parser() -> Parser:
     parser.add_argument("--allow-changed-settings", action="store_true",
                         help="--resume with settings that differ from the run's config.json (recorded there)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    parser.add_argument("--trust-plugins", action="store_true", help=TRUST_HELP)
     return parser
 
 
 def eval_parser() -> Parser:
-    return Parser(EvalConfig, "zo-eval", "Evaluate a model, or a zo-tune run, on a task.")
+    parser = Parser(EvalConfig, "zo-eval", "Evaluate a model, or a zo-tune run, on a task.")
+    parser.add_argument("--trust-plugins", action="store_true", help=TRUST_HELP)
+    return parser
 
 
 def _fail(prog: str, err: Exception) -> int:
@@ -349,27 +538,57 @@ def tune_main(argv: list[str] | None = None) -> int:
     parser = tune_parser()
     try:
         args, given = parser.given(argv)
+        if args.config:
+            check_code_named(given, args.flagged, args.config, args.trust_plugins)
+            folder = Path(args.config).resolve().parent
+            if not args.resume and "output_dir" not in args.flagged and given.get("output_dir") and (
+                    Path(given["output_dir"]).resolve() == folder):
+                raise UsageError(f"--config {args.config} is the config of the run in {given['output_dir']}, which it "
+                                 "names as its run folder: pass --output-dir NEW_FOLDER to rerun its settings there "
+                                 "(or --output-dir ... --resume to continue that run)")
         config = TuneConfig(**given)
         if args.resume:  # the run's own settings, overridden by those given
             run_dir = Path(resolve(config)[0].output_dir)
             if (run_dir / "config.json").is_file():  # (not its device: the machine may be another)
+                saved = read_config(TuneConfig, run_dir / "config.json")
+                check_code_named(saved, args.flagged, run_dir / "config.json", args.trust_plugins)
                 config = TuneConfig.load(run_dir / "config.json", **{"device": None, **given})
-        tune(config, resume=args.resume, overwrite=args.overwrite,
-             allow_changed_settings=args.allow_changed_settings)
+        with sigterm_as_interrupt():
+            tune(config, resume=args.resume, overwrite=args.overwrite,
+                 allow_changed_settings=args.allow_changed_settings)
     except (ValueError, FileNotFoundError) as err:  # UsageError and the library's own input errors
         return _fail(parser.prog, err)
     except FloatingPointError as err:  # a NaN/inf loss: not bad input, the run stops (its checkpoint kept)
         print(f"{parser.prog}: error: {err} (--on-nonfinite skip skips them)", file=sys.stderr)
         return 1
+    except OSError as err:  # a full disk, a read-only folder: the files written so far are whole
+        print(f"{parser.prog}: error: {_os_error(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Stopped): one line, the conventional exit status
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"{parser.prog}: {err if isinstance(err, Stopped) else 'stopped by ' + signal.Signals(signum).name}",
+              file=sys.stderr)
+        return 128 + signum
     return 0
+
+
+def _os_error(err: OSError) -> str:
+    """``cannot write PATH: No space left on device`` (the checkpoint, written atomically, stays whole)."""
+    where = f" {err.filename}" if err.filename else ""
+    return f"cannot write{where}: {err.strerror or err} (the checkpoint stays as last saved; --resume continues it)"
 
 
 def eval_main(argv: list[str] | None = None) -> int:
     parser = eval_parser()
     try:
-        _, given = parser.given(argv)
+        args, given = parser.given(argv)
+        if args.config:
+            check_code_named(given, args.flagged, args.config, args.trust_plugins)
         if "run" in given:
+            check_run_weights(Path(given["run"]))
             tuned = read_config(TuneConfig, Path(given["run"]) / "config.json")
+            check_code_named({k: tuned.get(k) for k in RUN_SETTINGS}, args.flagged, Path(given["run"]) / "config.json",
+                             args.trust_plugins)
             if given.get("model", tuned.get("model")) != tuned.get("model"):
                 raise UsageError(f"--model {given['model']} is not the model of --run {given['run']}: "
                                  f"{tuned.get('model')}")
@@ -377,6 +596,25 @@ def eval_main(argv: list[str] | None = None) -> int:
         evaluate_run(EvalConfig(**given))
     except (ValueError, FileNotFoundError) as err:
         return _fail(parser.prog, err)
+    return 0
+
+
+def export_parser() -> Parser:
+    parser = Parser(ExportConfig, "zo-export", "Write a zo-tune run's tuned model as a Hugging Face folder: a full "
+                                               "model, or a PEFT adapter for --peft lora/prefix runs.")
+    parser.add_argument("run_dir", help="a finished zo-tune run folder")
+    parser.add_argument("out_dir", help="the folder to write (new or empty)")
+    return parser
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    parser = export_parser()
+    try:
+        args, given = parser.given(argv)
+        out = export_run(args.run_dir, args.out_dir, merge=ExportConfig(**given).merge)
+    except (ValueError, FileNotFoundError) as err:
+        return _fail(parser.prog, err)
+    print(f"zo-export: wrote {out}", file=sys.stderr)
     return 0
 
 

@@ -49,10 +49,14 @@ class UsageError(ValueError):
 
 
 def arg(default: Any = None, help: str = "", *, choices: tuple | None = None, resume: str = "",
-        at_least: float | None = None, above: float | None = None, repeat: bool = False) -> Any:
+        at_least: float | None = None, above: float | None = None, repeat: bool = False,
+        aliases: tuple[str, ...] = ()) -> Any:
     """A config field: its default, its flag's help, accepted values (``choices``, bounds; floats must be
-    finite), what it may do on resume, and ``repeat`` for a flag that may be given several times."""
+    finite), what it may do on resume, ``repeat`` for a flag that may be given several times, and other
+    spellings of its flag (``aliases``)."""
     meta = {"help": help, "resume": resume, "at_least": at_least, "above": above}
+    if aliases:
+        meta["aliases"] = list(aliases)
     if choices is not None:
         meta["choices"] = choices
     if repeat:
@@ -77,9 +81,14 @@ class CommonConfig:
                                    resume=FIXED)
     label_column: str = arg("label", "custom classification task: the column of labels", resume=FIXED)
     answer_column: str | None = arg(None, "custom generation task: the column of gold answers", resume=FIXED)
+    chat_template: bool = arg(False, "put each prompt in the tokenizer's chat template as the user's turn (instruct "
+                                     "models, generation tasks)", resume=FIXED)
     plugin: list[str] = arg(help="a module or .py file to import first; it may register metrics or tasks "
                                  "(repeatable)", repeat=True, resume=FREE)
     eval_size: int | None = arg(None, "dev examples to evaluate on (default: all)", above=0, resume=FIXED)
+    metrics: list[str] = arg(help="the metrics to report on the evaluation set, the first the headline (default: the "
+                                  "metric the run optimizes; for cross_entropy, --reward and zo-eval, the task's)",
+                             repeat=True, aliases=("--metric",))
     batch_size: int = arg(16, "examples per step (and per evaluation batch)", above=0)
     max_length: int | None = arg(None, "truncate prompts from the left to this many tokens", above=0)
     seed: int = arg(0, "seeds the training sample (zo-tune: its order and the perturbations; zo-eval: the "
@@ -106,7 +115,10 @@ class TuneConfig(CommonConfig):
     """A ``zo-tune`` run. ``None`` means "the default for this task and objective" (written resolved to
     config.json)."""
 
-    objective: str | None = arg(None, "'cross_entropy' or a registered metric; default: the task's metric")
+    objective: str | None = arg(None, "'cross_entropy' or a registered metric (default: the task's). A per-example "
+                                      "metric such as accuracy is optimized in log form: on label-word and "
+                                      "multiple-choice tasks that IS cross-entropy; --metric-form mean optimizes "
+                                      "the expected metric, --smoothing 0 the hard metric")
     reward: list[str] = arg(help="module:function (the module may be a .py file): a TRL-style reward "
                                  "reward(prompts=, completions=, **columns) -> list[float] to maximize on a "
                                  "generation task, instead of --objective (repeatable)", repeat=True)
@@ -118,17 +130,20 @@ class TuneConfig(CommonConfig):
     steps: int = arg(400, "training steps (on --resume: the total to reach)", above=0, resume=FREE)
     lr: float | None = arg(None, f"default {DEFAULT_LR['cross_entropy']} for cross-entropy and metric objectives "
                                  f"in log form, {DEFAULT_LR['mean']} in mean form, as the hard metric or for --reward, "
-                                 f"{DEFAULT_LR['scale-free']} with --update sign or normalized", above=0)
+                                 f"{DEFAULT_LR['scale-free']} with --update sign or normalized or --fitness-shaping "
+                                 "rank", above=0)
     eps: float | None = arg(None, f"perturbation scale (default {DEFAULT_EPS['fp32']}, {DEFAULT_EPS['bf16']} in bf16, "
                                   "whose rounding swamps smaller loss differences)", above=0, resume=FIXED)
     n_perturbations: int = arg(1, "SPSA estimates averaged per step", above=0, resume=FIXED)
     smoothing: float | None = arg(None, "metric objectives optimize the metric's expectation over each example's "
                                         "options (classes, candidates; for generation the greedy answer and the gold "
                                         "answers) drawn from softmax(log-likelihood / T) (default "
-                                        f"{DEFAULT_SMOOTHING}; 0 = the hard metric)", at_least=0)
+                                        f"{DEFAULT_SMOOTHING}; 0 = the hard metric, which ties on most steps)",
+                                at_least=0)
     metric_form: str = arg("auto", "log: mean log of each example's expected metric (auto for per-example "
-                                   "metrics); mean: the expected metric itself (auto for corpus metrics such as "
-                                   "macro-F1)", choices=FORMS)
+                                   "metrics; for accuracy over label words or choices at smoothing 1 it equals "
+                                   "cross-entropy); mean: the expected metric itself (auto for corpus metrics such "
+                                   "as macro-F1)", choices=FORMS)
     sequence_score: str = arg("sum", "generated answer candidates are scored by their total log-likelihood or its "
                                      "mean per token", choices=SEQUENCE_SCORES)
     metric_support: str = arg("auto", "how the options are weighed: options = softmax over them; model = for "
@@ -144,7 +159,8 @@ class TuneConfig(CommonConfig):
                           choices=DIFFERENCES, resume=FIXED)
     update: str = arg("sgd", "sgd, sign, or normalized: g over the running RMS of g (one lr for any loss scale)",
                       choices=UPDATES, resume=FIXED)
-    fitness_shaping: str = arg("none", "rank: replace each step's losses by centered ranks (evolution strategies)",
+    fitness_shaping: str = arg("none", "rank (experimental): replace each step's losses by centered ranks (evolution "
+                                       "strategies); the estimate is then scale-free, in [-1, 1]",
                                choices=SHAPINGS, resume=FIXED)
     momentum: float = arg(0.0, "momentum rebuilt from past seeds (no buffer); needs --momentum-window > 1", at_least=0,
                           resume=FIXED)
@@ -161,6 +177,10 @@ class TuneConfig(CommonConfig):
                                    "evaluations)", at_least=0, resume=FREE)
     eval_before: bool = arg(True, "evaluate before tuning (--no-eval-before skips it, e.g. when zo-eval already "
                                   "measured it)", resume=FREE)
+    heldout_fraction: float = arg(0.0, "evaluate on this fraction of the training pool, held out from training "
+                                       "(seeded by --seed) instead of the dev set: for tasks whose dev set is their "
+                                       "training data (cb) or a --data file without --dev-data", at_least=0,
+                                  resume=FIXED)
     output_dir: str | None = arg(None, "run folder (default runs/<task>-<objective>-s<seed>)", resume=FREE)
     progress: bool = arg(True, "show a progress bar (--no-progress hides it)", resume=FREE)
 
@@ -178,6 +198,8 @@ class TuneConfig(CommonConfig):
             raise UsageError(f"--reward-weights: {len(self.reward_weights)} weights for {len(self.reward)} --reward")
         if (self.reward_candidates or self.sample_temperature) and not self.reward:
             raise UsageError("--reward-candidates and --sample-temperature apply to --reward runs only")
+        if self.heldout_fraction >= 1:
+            raise UsageError(f"--heldout-fraction must be < 1 (the rest trains), got {self.heldout_fraction}")
         if self.reward_candidates and not self.sample_temperature:
             raise UsageError("--reward-candidates needs --sample-temperature > 0: greedy decoding gives every "
                              "candidate the same text")
@@ -189,9 +211,18 @@ class EvalConfig(CommonConfig):
 
     run: str | None = arg(None, "a zo-tune run folder: evaluate its tuned weights")
     shots: int = arg(0, "in-context demonstrations drawn from the train split", at_least=0)
-    metric: str | None = arg(None, "default: the task's metric")
     split: str = arg("dev", "dev: the standard evaluation set; validation: held out from the training pool",
                      choices=SPLITS)
+
+
+@dataclass
+class ExportConfig:
+    """A ``zo-export`` export (the run folder and output folder are its two positional arguments)."""
+
+    merge: bool = arg(False, "LoRA runs: merge the adapter into the weights and write a full model folder")
+
+    def __post_init__(self) -> None:
+        check(self)
 
 
 def flag(name: str) -> str:
@@ -285,7 +316,7 @@ class Parser(HfArgumentParser):
         preset = {f.name: None if "action" in f.metadata else unset for f in fields(cls)}
         args = self.parse_args(argv, namespace=argparse.Namespace(**preset))
         flags = {k: v for k, v in vars(args).items() if k in preset and v is not unset and v is not None}
-        other = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in preset})
+        other = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in preset}, flagged=set(flags))
         return other, {**(read_config(cls, args.config) if args.config else {}), **flags}
 
 

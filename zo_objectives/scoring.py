@@ -72,6 +72,15 @@ class Predictor:
     def _tokens(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    @property
+    def pad_id(self) -> int:
+        """The id padding positions hold: the pad token, else end-of-sequence (many causal LMs define no pad
+        token), else 0. Padded positions are masked out, so any id in the vocabulary serves."""
+        for token_id in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if token_id is not None:
+                return int(token_id)
+        return 0
+
     def _fit(self, prompts: list[list[int]], room: int) -> list[list[int]]:
         """Each prompt's last ``room`` tokens; the first time prompts are cut, a warning says by how much."""
         longest = max(map(len, prompts), default=0)
@@ -97,7 +106,7 @@ class Predictor:
         out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
         for start in range(0, len(order), self.group_size):
             group = order[start:start + self.group_size]
-            ids, mask, positions = left_pad([sequences[i] for i in group], self.tokenizer.pad_token_id)
+            ids, mask, positions = left_pad([sequences[i] for i in group], self.pad_id)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                            position_ids=positions.to(device), use_cache=False, logits_to_keep=keep).logits
             for row, i in enumerate(group):
@@ -158,12 +167,12 @@ class Predictor:
                 raise ValueError(f"a continuation of {longest} tokens leaves no room for its prompt "
                                  f"in the model's {limit}-token context")
             ids, mask, positions = left_pad(self._fit([prompt_ids[i] for i in group], limit - longest),
-                                            self.tokenizer.pad_token_id)
+                                            self.pad_id)
             flat = [(row, col) for row, i in enumerate(group) for col in range(len(conts[i]))]
             rows = torch.tensor([row for row, _ in flat])
             tokens = [conts[group[row]][col] for row, col in flat]
             width = max(len(t) for t in tokens)
-            cont_ids = torch.full((len(flat), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            cont_ids = torch.full((len(flat), width), self.pad_id, dtype=torch.long)
             cont_mask = torch.zeros((len(flat), width), dtype=torch.long)
             for k, t in enumerate(tokens):
                 cont_ids[k, : len(t)], cont_mask[k, : len(t)] = torch.tensor(t), 1
@@ -333,14 +342,14 @@ class GenerationPredictor(Predictor):
         if room < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} leaves no room for a prompt in the "
                              f"{self._limit(model)}-token limit")
-        ids, mask, _ = left_pad(self._fit([self._tokens(p) for p in prompts], room), self.tokenizer.pad_token_id)
+        ids, mask, _ = left_pad(self._fit([self._tokens(p) for p in prompts], room), self.pad_id)
         device = next(model.parameters()).device
         sampling = {"do_sample": True, "temperature": self.temperature, "top_k": 0} if self.temperature else {
             "do_sample": False}
         with torch.inference_mode(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(prompts_seed(prompts, self.sample_seed))
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                                 max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
                                  stop_strings=self.stop or None, tokenizer=self.tokenizer, **sampling)
         texts = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         return [self._cut(t, strip) for t in texts]
@@ -358,6 +367,16 @@ class GenerationPredictor(Predictor):
         total, count = self.continuation_logprobs(model, [ex["prompt"] for ex in batch],
                                                   [ex["target"] for ex in batch])
         return float(-(total.sum() / count.sum()))
+
+
+def chat_formatted(examples: Sequence[dict], tokenizer: PreTrainedTokenizerBase) -> list[dict]:
+    """The examples with each prompt put in the tokenizer's chat template as the user's turn, ending where the
+    assistant's answer begins (``add_generation_prompt``): how instruct models expect a question."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no chat template: leave --chat-template off "
+                         "for a base model")
+    return [{**ex, "prompt": tokenizer.apply_chat_template([{"role": "user", "content": ex["prompt"]}], tokenize=False,
+                                                           add_generation_prompt=True)} for ex in examples]
 
 
 def predictor_for(task: Any, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,

@@ -1,7 +1,7 @@
 """Rebuild the shipped data subsets from the source files (see PROVENANCE.md).
 
 Usage: python tasks/data/make_subsets.py /work/shared/data
-Rows are copied unchanged: text lines are copied byte-for-byte, SQuAD JSON is truncated and re-serialised.
+Rows are copied unchanged: text lines are copied byte-for-byte, SQuAD JSON is subset and re-serialised.
 """
 
 import json
@@ -12,6 +12,7 @@ from pathlib import Path
 
 SRC = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/data")
 DST = Path(__file__).resolve().parent
+SQUAD_SLICE = 500  # questions in each of the SQuAD dev slices (choose: dev 0-499, confirm: dev 500-999)
 
 
 def lines(path: Path) -> list[str]:
@@ -50,8 +51,40 @@ def squad_first(src: str, dst: str, n_questions: int) -> None:
             articles.append({**article, "paragraphs": paragraphs})
         if left == 0:
             break
+    write_squad(dst, articles, data["version"])
+
+
+def write_squad(dst: str, articles: list[dict], version: str) -> None:
     (DST / dst).parent.mkdir(parents=True, exist_ok=True)
-    (DST / dst).write_text(json.dumps({"data": articles, "version": data["version"]}), encoding="utf-8")
+    (DST / dst).write_text(json.dumps({"data": articles, "version": version}), encoding="utf-8")
+
+
+def squad_slices(src: str, dst: str, per_slice: int = SQUAD_SLICE, seed: int = 0) -> None:
+    """SQuAD dev questions spread over the articles, in two slices on disjoint article sets.
+
+    The articles are shuffled with random.Random(seed) and split in halves: the first half is the "choose"
+    slice (dev 0 .. per_slice-1, for choosing defaults), the second the "confirm" slice (the next per_slice,
+    for confirming them). Within a slice every article gives the same number of questions (per_slice split
+    evenly, the remainder one each to the first articles in file order), a random.Random(seed) sample of its
+    questions kept in paragraph/question order. Articles are written choose slice first, each slice in file
+    order, in the official nested format.
+    """
+    data = json.loads((SRC / src).read_text(encoding="utf-8"))
+    order = list(range(len(data["data"])))
+    random.Random(seed).shuffle(order)
+    half = len(order) // 2
+    rng = random.Random(seed)
+    articles = []
+    for members in (sorted(order[:half]), sorted(order[half:2 * half])):
+        quota, extra = divmod(per_slice, len(members))
+        for rank, i in enumerate(members):
+            article = data["data"][i]
+            qas = [(p, q) for p, para in enumerate(article["paragraphs"]) for q in range(len(para["qas"]))]
+            keep = set(sorted(rng.sample(qas, quota + (rank < extra))))
+            paragraphs = [{**para, "qas": [qa for q, qa in enumerate(para["qas"]) if (p, q) in keep]}
+                          for p, para in enumerate(article["paragraphs"])]
+            articles.append({**article, "paragraphs": [para for para in paragraphs if para["qas"]]})
+    write_squad(dst, articles, data["version"])
 
 
 def main() -> None:
@@ -73,7 +106,7 @@ def main() -> None:
     copy("fewglue/CB_train32.jsonl", "cb/train32.jsonl")
 
     squad_first("squad/squad_v1.1_train_subset_du.json", "squad/train.json", 2000)
-    squad_first("squad/squad_v1.1_dev_part1.json", "squad/dev.json", 1000)
+    squad_slices("squad/squad_v1.1_dev_part1.json", "squad/dev.json")
     copy("squad/LICENSE.bloomsburyai-repo.txt", "squad/LICENSE.bloomsburyai-repo.txt")
     copy("squad/LICENSE.expmrc-CC-BY-SA-4.0.txt", "squad/LICENSE.expmrc-CC-BY-SA-4.0.txt")
 

@@ -1,0 +1,193 @@
+"""The run folder as one unit: its files, the lock a run holds on it, and the manifest that ties them together.
+
+A ``zo-tune`` run folder holds ``config.json`` (the settings), ``eval.json``, ``metrics.jsonl`` (a row per
+step), the checkpoint (``trajectory.json``, a small head, and ``trajectory.jsonl``, the records it covers),
+``model.safetensors`` and ``curve.png``. ``manifest.json`` names the run (a random id the checkpoint repeats)
+and holds the sha256 of config.json, eval.json and model.safetensors (with the step the weights are of), so a
+file edited, damaged or copied in from another run is refused on ``--resume`` and by ``zo-eval --run`` with
+one line naming it. A run holds an exclusive lock on its folder (``.zo-lock``) from its checks to its end.
+
+Every file is written to a hidden temporary name beside it and renamed into place (a crash leaves the old
+file or the new one); a run removes the temporaries a killed run left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+
+CONFIG, EVAL, LOG, CURVE = "config.json", "eval.json", "metrics.jsonl", "curve.png"
+CHECKPOINT, RECORDS = "trajectory.json", "trajectory.jsonl"
+WEIGHTS, MANIFEST, LOCK = "model.safetensors", "manifest.json", ".zo-lock"
+RUN_FILES = (CONFIG, EVAL, LOG, CURVE, CHECKPOINT, RECORDS, WEIGHTS, MANIFEST)  # what a run writes
+
+
+def atomic_write(path: Path, write: Callable[[str], None], before_rename: Callable[[str], None] | None = None) -> None:
+    """Call ``write(tmp_path)`` (then ``before_rename(tmp_path)``), then rename the file over ``path``. The file
+    gets the mode of any other new file (0644 under the usual umask), not mkstemp's 0600."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)  # (some writers, safetensors' among them, create the file anew)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        if before_rename:
+            before_rename(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``; a ValueError naming the file when it is missing, truncated or not UTF-8."""
+    try:
+        return json.loads(Path(path).read_bytes().decode())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON (damaged or truncated: {err})") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --- the lock -------------------------------------------------------------------------------------------------
+
+_held: dict[Path, int] = {}  # folders this process has locked, with how many holders (train() inside tune())
+
+
+@contextmanager
+def lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run folder's exclusive lock (re-entrant within a process); a ValueError naming the folder when
+    another process holds it."""
+    key = Path(run_dir).resolve()
+    if key in _held:
+        _held[key] += 1
+        try:
+            yield
+        finally:
+            _held[key] -= 1
+        return
+    key.mkdir(parents=True, exist_ok=True)
+    file_lock = FileLock(key / LOCK, timeout=0)
+    try:
+        file_lock.acquire()
+    except Timeout:
+        raise ValueError(f"run folder {run_dir} is in use by another run (it holds {key / LOCK}); wait for it to "
+                         "end or use another --output-dir") from None
+    _held[key] = 1
+    try:
+        yield
+    finally:
+        del _held[key]
+        file_lock.release()
+
+
+# --- what is in a folder --------------------------------------------------------------------------------------
+
+def _ours(name: str) -> bool:
+    """A file a run writes, its lock, or a temporary left by one killed while writing."""
+    return name in RUN_FILES or name == LOCK or any(name.startswith(f".{f}.") for f in RUN_FILES)
+
+
+def left_before_first_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds only what a run that stopped before its first checkpoint leaves (settings, the
+    evaluation before tuning, no logged step): nothing to resume and nothing to lose."""
+    names = {p.name for p in Path(run_dir).iterdir()}
+    log = Path(run_dir) / LOG
+    return (all(_ours(n) for n in names) and CONFIG in names and not {CHECKPOINT, WEIGHTS} & names
+            and (not log.exists() or log.stat().st_size == 0))
+
+
+def holds_files(run_dir: Path) -> bool:
+    """Whether ``run_dir`` exists with anything in it besides the lock and temporaries a killed run left."""
+    return Path(run_dir).is_dir() and any(
+        p.name != LOCK and not (_ours(p.name) and p.name.startswith(".")) for p in Path(run_dir).iterdir())
+
+
+def clean(run_dir: Path, everything: bool = False) -> list[str]:
+    """Remove the temporaries killed runs left (and with ``everything``, every file a run writes); return the
+    names removed."""
+    removed = []
+    for p in Path(run_dir).iterdir():
+        if p.name != LOCK and _ours(p.name) and (everything or p.name.startswith(".")) and p.is_file():
+            p.unlink()
+            removed.append(p.name)
+    return sorted(removed)
+
+
+# --- the manifest ---------------------------------------------------------------------------------------------
+
+def read_manifest(run_dir: Path) -> dict:
+    path = Path(run_dir) / MANIFEST
+    if not path.exists():
+        raise ValueError(f"{run_dir} has no {MANIFEST}: not a zo-tune run folder, or one an older version wrote "
+                         "(start the run again)")
+    manifest = read_json(path)
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("run"), str)
+            and isinstance(manifest.get("files"), dict)):
+        raise ValueError(f"{path} is malformed (expected a run id and files)")
+    return manifest
+
+
+def new_manifest(run_dir: Path) -> str:
+    """Start the manifest of a new run; return its run id."""
+    run = uuid.uuid4().hex
+    write_json(Path(run_dir) / MANIFEST, {"run": run, "files": {}})
+    return run
+
+
+def write_sealed(run_dir: Path, name: str, write: Callable[[str], None], **facts: Any) -> None:
+    """Write ``run_dir/name`` atomically and record its sha256 (and ``facts``) in the manifest. The new checksum
+    is recorded as pending before the rename, so a kill between the two leaves a file the manifest accepts."""
+    manifest = read_manifest(run_dir)
+    entry = manifest["files"].get(name, {})
+
+    def announce(tmp: str) -> None:
+        entry["next"] = {"sha256": file_sha256(tmp), **facts}
+        manifest["files"][name] = entry
+        write_json(Path(run_dir) / MANIFEST, manifest)
+
+    atomic_write(Path(run_dir) / name, write, before_rename=announce)
+    manifest["files"][name] = entry.pop("next")
+    write_json(Path(run_dir) / MANIFEST, manifest)
+
+
+def check_sealed(run_dir: Path, name: str, manifest: dict | None = None) -> dict:
+    """Check ``run_dir/name`` against the manifest; return what the manifest records about it (sha256, facts).
+    A ValueError naming the file when it is missing, unrecorded or changed since the run wrote it."""
+    manifest = manifest or read_manifest(run_dir)
+    path = Path(run_dir) / name
+    entry = manifest["files"].get(name)
+    if not path.is_file():
+        raise ValueError(f"{path} is missing (the run wrote it: {MANIFEST} records it)" if entry else
+                         f"{path} is missing")
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} is not recorded in {run_dir / MANIFEST}: it was not written by this run")
+    digest = file_sha256(path)
+    for recorded in (entry, entry.get("next") or {}):
+        if recorded.get("sha256") == digest:
+            return recorded
+    raise ValueError(f"{path} was changed, damaged or replaced after the run wrote it (its sha256 is not the one "
+                     f"in {MANIFEST})")
