@@ -416,12 +416,13 @@ def table(write: bool) -> dict:
             c = cells.get((task, method))
             if c is None:
                 line.append(missing(task, method))
-                rows.append([task, what, missing(task, method), "-", "-", "-", "-", f"`{cell_command(task, method)}`"])
+                rows.append([task, method, what, missing(task, method), "-", "-", "-", "-",
+                             f"`{cell_command(task, method)}`"])
                 continue
             score = f"{100 * c['value']:.1f}"
             line.append(score)
             s = slope(c.get("curve", []))
-            rows.append([task, what, score, f"{c['peak_rss_mib']:.0f}", f"{c['wall_s'] / 60:.1f}",
+            rows.append([task, method, what, score, f"{c['peak_rss_mib']:.0f}", f"{c['wall_s'] / 60:.1f}",
                          "-" if s is None else f"{s:+.1f}", f"{c.get('trainable_parameters', '-')}",
                          f"`{c['command']}`"])
         grid.append(line)
@@ -458,7 +459,7 @@ def table(write: bool) -> dict:
         "`benchmarks/results/seed_table/<task>__<method>.json`).")
     title = (f"{MODEL} (bf16) against the MeZO paper's baselines on the six shipped tasks, {TRAIN} training "
              f"examples per task, MeZO at {STEPS} steps: dev metric x 100, peak memory and wall time per cell.")
-    header = ["task", "method", "dev metric", "peak RSS MiB", "wall min", "slope per 100 steps",
+    header = ["task", "row", "method", "dev metric", "peak RSS MiB", "wall min", "slope per 100 steps",
               "trainable parameters", "command"]
     return publish("seed_table", "Seed comparison table", title, header, rows, "cpu", write, notes=notes,
                    params={"model": MODEL, "train": TRAIN, "steps": STEPS, "dev": DEV})

@@ -39,10 +39,11 @@ def test_cells_run_store_and_tabulate(seed_table):
 
     result = seed_table.table(write=False)
     rows = {(r[0], r[1]): r for r in result["rows"]}
-    ce = rows[("sst2", seed_table.METHODS["mezo-ce"])]
-    assert ce[2] == f"{100 * mezo['value']:.1f}" and ce[-1] == "`python benchmarks/seed_table.py --cell sst2/mezo-ce`"
-    assert rows[("rte", seed_table.METHODS["backprop"])][2] == "not run: budget"
-    assert rows[("squad", seed_table.METHODS["linear-probe"])][2].startswith("not applicable")
+    ce = rows[("sst2", "mezo-ce")]
+    assert ce[2] == seed_table.METHODS["mezo-ce"] and ce[3] == f"{100 * mezo['value']:.1f}"
+    assert ce[-1] == "`python benchmarks/seed_table.py --cell sst2/mezo-ce`"
+    assert rows[("rte", "backprop")][3] == "not run: budget"
+    assert rows[("squad", "linear-probe")][3].startswith("not applicable")
     assert (seed_table.RESULTS / "seed_table_sst2.png").exists()
 
 
