@@ -8,6 +8,7 @@ import json
 import math
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from zo_objectives.cli import tune as tune_run
 from zo_objectives.config import TuneConfig, UsageError
 from zo_objectives.models import DTYPES, PEFT_KINDS, load_model, tiny_random_model
 from zo_objectives.optimizer import UPDATES
+from zo_objectives.runfolder import write_sealed
 from zo_objectives.train import load_checkpoint
 
 # make_scheduler(last_step=...) on --resume steps the scheduler before any optimizer step, by design
@@ -421,7 +423,7 @@ def test_rank_fitness_shaping_is_scale_free_with_its_own_lr(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     config = json.loads((run / "config.json").read_text())
     assert (config["optimizer"]["fitness_shaping"], config["lr"]) == ("rank", 1e-4)
-    records = json.loads((run / "trajectory.json").read_text())["optimizer"]["mezo"]["trajectory"]
+    records = load_checkpoint(run)["optimizer"]["mezo"]["trajectory"]
     assert all(abs(r["grads"][0]) == 1.0 for r in records)  # +-1, not +-1 / (2 eps) = +-500
 
 
@@ -436,7 +438,8 @@ def test_plugins_listed_in_a_run_folder_are_imported_only_when_named_again(strai
     run = tmp_path / "run"
     shutil.copytree(straight_run[1], run)
     config = json.loads((run / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps({**config, "plugin": [str(planted)]}))
+    # sealed again as the run would: manifest.json holds checksums, not signatures, so whoever plants can reseal
+    write_sealed(run, "config.json", lambda tmp: Path(tmp).write_text(json.dumps({**config, "plugin": [str(planted)]})))
     capsys.readouterr()
     for command in (lambda *a: eval_main(["--run", str(run), "--eval-size", "2", *a]),
                     lambda *a: tune("--output-dir", str(run), "--resume", "--steps", "5", *a),
@@ -494,6 +497,10 @@ def test_cb_warns_that_dev_is_training_data_and_heldout_fraction_holds_rows_out(
     pool = get_task("cb").examples("train", n=32, seed=0)  # the held-out rows: the seeded pool's last quarter
     trained = {ex["prompt"] for ex in pool[:24]}
     assert not trained & {ex["prompt"] for ex in pool[24:]}
+    capsys.readouterr()
+    assert eval_main(["--run", str(run)]) == 0  # zo-eval --run evaluates on the run's held-out rows
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["split"], out["examples"], out["value"]) == ("held-out", 8, result["after"])
     assert tune(*common, "--heldout-fraction", "1", "--output-dir", str(tmp_path / "x")) == 2
     assert "--heldout-fraction must be < 1" in capsys.readouterr().err
 

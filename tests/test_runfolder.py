@@ -203,7 +203,7 @@ def test_eval_refuses_weights_of_an_earlier_step(runs, tmp_path, monkeypatch, ca
     run = tmp_path / "run"
     shutil.copytree(runs / "other", run)
     with monkeypatch.context() as m:  # a resume to step 6 stopped after its last checkpoint, before its weights
-        m.setattr(cli, "evaluate_model", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        m.setattr(cli, "evaluate_metrics", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
         assert tune_main(["--output-dir", str(run), "--resume", "--steps", "6"]) == 130
     capsys.readouterr()
     assert eval_main(["--run", str(run)]) == 2

@@ -177,18 +177,24 @@ def evaluation_metrics(config: CommonConfig, task: Task) -> list[Metric]:
     return [get_metric(n) for n in dict.fromkeys(names)]
 
 
+def heldout_split(task: Task, fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """The training pool shuffled by ``seed``, split into the rows to train on and the last ``fraction`` held out
+    (the same rows for zo-tune and zo-eval --run)."""
+    pool = task.examples("train", n=sys.maxsize, seed=seed)
+    held = max(1, round(fraction * len(pool)))
+    if held >= len(pool):
+        raise UsageError(f"--heldout-fraction {fraction} of {task.name}'s {len(pool)} training examples leaves none "
+                         "to train on")
+    return pool[: len(pool) - held], pool[len(pool) - held:]
+
+
 def split_examples(config: TuneConfig, task: Task) -> tuple[list[dict], list[dict], str]:
     """The training sample, the evaluation set and its name. With ``heldout_fraction`` the evaluation set is that
     fraction of the training pool (seeded by ``seed``), never trained on; else the task's dev set, with a
     warning when it holds training examples (CB's dev set is its training pool)."""
     if config.heldout_fraction:
-        pool = task.examples("train", n=sys.maxsize, seed=config.seed)
-        held = max(1, round(config.heldout_fraction * len(pool)))
-        if held >= len(pool):
-            raise UsageError(f"--heldout-fraction {config.heldout_fraction} of {task.name}'s {len(pool)} training "
-                             "examples leaves none to train on")
-        evaluation = pool[len(pool) - held:][: config.eval_size]
-        return pool[: min(config.train_size, len(pool) - held)], evaluation, "held-out"
+        pool, held = heldout_split(task, config.heldout_fraction, config.seed)
+        return pool[: config.train_size], held[: config.eval_size], "held-out"
     train_set = task.examples("train", n=config.train_size, seed=config.seed)
     dev_set = task.examples("dev", n=config.eval_size)
     seen = {ex["prompt"] for ex in train_set}
@@ -469,7 +475,10 @@ def evaluate_run(config: EvalConfig) -> dict:
     task = _task(config)
     metrics = evaluation_metrics(config, task)
     device = _device(config.device)
-    examples = task.examples(config.split, n=config.eval_size, seed=config.seed)
+    if config.heldout_fraction:  # the rows a zo-tune run with this fraction and seed held out
+        examples = heldout_split(task, config.heldout_fraction, config.seed)[1][: config.eval_size]
+    else:
+        examples = task.examples(config.split, n=config.eval_size, seed=config.seed)
     if config.shots:
         examples = with_demonstrations(examples, task.examples("train", n=config.shots, seed=config.seed))
     model, tokenizer = load_model(config.model, dtype=_dtype(config.dtype, device))
@@ -483,7 +492,8 @@ def evaluate_run(config: EvalConfig) -> dict:
     for metric in metrics:
         check_metric(metric, predictor, "hard")
     values = evaluate_metrics(model, predictor, examples, metrics, config.batch_size)
-    result = {"model": config.model, "run": config.run, "task": task.name, "split": config.split,
+    split = "held-out" if config.heldout_fraction else config.split
+    result = {"model": config.model, "run": config.run, "task": task.name, "split": split,
               "shots": config.shots, "metric": metrics[0].name, "examples": len(examples),
               "value": values[metrics[0].name], **({"metrics": values} if len(values) > 1 else {})}
     print(json.dumps(result))
@@ -509,7 +519,7 @@ TRUST_HELP = ("import the plugins and reward modules that --config or a run fold
 
 # The settings a zo-eval --run takes from the run's config.json unless given
 RUN_SETTINGS = ("model", "task", "data", "dev_data", "template", "label_words", "labels", "label_column",
-                "answer_column", "plugin", "max_length", "dtype", "metrics", "chat_template")
+                "answer_column", "plugin", "max_length", "dtype", "metrics", "chat_template", "heldout_fraction")
 
 
 def tune_parser() -> Parser:
@@ -593,6 +603,8 @@ def eval_main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"--model {given['model']} is not the model of --run {given['run']}: "
                                  f"{tuned.get('model')}")
             given = {**{k: tuned[k] for k in RUN_SETTINGS if k in tuned}, **given}
+            if given.get("heldout_fraction"):  # its held-out rows are drawn by the run's seed
+                given.setdefault("seed", tuned.get("seed", 0))
         evaluate_run(EvalConfig(**given))
     except (ValueError, FileNotFoundError) as err:
         return _fail(parser.prog, err)

@@ -86,6 +86,10 @@ class CommonConfig:
     plugin: list[str] = arg(help="a module or .py file to import first; it may register metrics or tasks "
                                  "(repeatable)", repeat=True, resume=FREE)
     eval_size: int | None = arg(None, "dev examples to evaluate on (default: all)", above=0, resume=FIXED)
+    heldout_fraction: float = arg(0.0, "evaluate on this fraction of the training pool, held out from training "
+                                       "(seeded by --seed) instead of the dev set: for tasks whose dev set is their "
+                                       "training data (cb) or a --data file without --dev-data", at_least=0,
+                                  resume=FIXED)
     metrics: list[str] = arg(help="the metrics to report on the evaluation set, the first the headline (default: the "
                                   "metric the run optimizes; for cross_entropy, --reward and zo-eval, the task's)",
                              repeat=True, aliases=("--metric",))
@@ -108,6 +112,8 @@ class CommonConfig:
                 raise UsageError(f"{flag(name)} describes a custom data file: it needs --data")
         if self.data and not self.template:
             raise UsageError("--data needs --template (a format string over the file's columns)")
+        if self.heldout_fraction >= 1:
+            raise UsageError(f"--heldout-fraction must be < 1 (the rest trains), got {self.heldout_fraction}")
 
 
 @dataclass
@@ -177,10 +183,6 @@ class TuneConfig(CommonConfig):
                                    "evaluations)", at_least=0, resume=FREE)
     eval_before: bool = arg(True, "evaluate before tuning (--no-eval-before skips it, e.g. when zo-eval already "
                                   "measured it)", resume=FREE)
-    heldout_fraction: float = arg(0.0, "evaluate on this fraction of the training pool, held out from training "
-                                       "(seeded by --seed) instead of the dev set: for tasks whose dev set is their "
-                                       "training data (cb) or a --data file without --dev-data", at_least=0,
-                                  resume=FIXED)
     output_dir: str | None = arg(None, "run folder (default runs/<task>-<objective>-s<seed>)", resume=FREE)
     progress: bool = arg(True, "show a progress bar (--no-progress hides it)", resume=FREE)
 
@@ -198,8 +200,6 @@ class TuneConfig(CommonConfig):
             raise UsageError(f"--reward-weights: {len(self.reward_weights)} weights for {len(self.reward)} --reward")
         if (self.reward_candidates or self.sample_temperature) and not self.reward:
             raise UsageError("--reward-candidates and --sample-temperature apply to --reward runs only")
-        if self.heldout_fraction >= 1:
-            raise UsageError(f"--heldout-fraction must be < 1 (the rest trains), got {self.heldout_fraction}")
         if self.reward_candidates and not self.sample_temperature:
             raise UsageError("--reward-candidates needs --sample-temperature > 0: greedy decoding gives every "
                              "candidate the same text")

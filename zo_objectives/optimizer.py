@@ -562,11 +562,12 @@ def replay(params: Iterable, state: dict, steps: int | None = None) -> MeZO:
     opt = MeZO(params, noise=mezo["noise"], table_size=mezo["table_size"],
                chunk_size=mezo["chunk_size"], **config)
     given = [p for group in opt.param_groups for p in group["params"]]
-    saved = mezo.get("params") or [None] * sum(len(g["params"]) for g in state.get("param_groups", []))
-    if saved and len(saved) != len(given):
-        raise ValueError(f"replay: the state is of {len(saved)} parameters, got {len(given)}")
-    for i, (now, then) in enumerate(zip(_describe(given), saved)):
-        if then is not None and now != then:
+    described = mezo.get("params") or []  # [dtype, shape] of each (a state_dict() of an older version: none)
+    count = len(described) or sum(len(g["params"]) for g in state.get("param_groups", []))
+    if count and count != len(given):
+        raise ValueError(f"replay: the state is of {count} parameters, got {len(given)}")
+    for i, (now, then) in enumerate(zip(_describe(given), described)):
+        if now != then:
             raise ValueError(f"replay: parameter {i} is {now[0]} {tuple(now[1])} but the state's is {then[0]} "
                              f"{tuple(then[1])}: not the parameters the optimizer was built with")
     if mezo.get("base_sha256"):

@@ -204,7 +204,8 @@ def _load(run_dir: Path) -> dict:
     try:
         step, integrity, records = head["step"], head["integrity"], head["records"]
         body = {k: head[k] for k in ("step", "optimizer", "records")}
-        if _sha256(_canonical(body)) != integrity["sha256"] or not isinstance(records["run"], str):
+        if (_sha256(_canonical(body)) != integrity["sha256"] or not isinstance(records["run"], str)
+                or not isinstance(integrity["base_sha256"], str)):
             raise ValueError("fails its sha256 checksum: it was changed or damaged after it was written")
         if not (isinstance(step, int) and not isinstance(step, bool) and step == records["count"] >= 0):
             raise ValueError(f"says step {step!r} but holds {records['count']!r} trajectory records")
