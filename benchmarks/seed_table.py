@@ -385,12 +385,17 @@ def plot(task: str, cells: dict) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = {m: cells[(task, m)]["curve"] for m in MEZO if (task, m) in cells and cells[(task, m)].get("curve")}
-    if not curves:
+    curves = {m: (cells[(task, m)]["curve"], "") for m in MEZO if (task, m) in cells}
+    for method in MEZO:  # a run stopped by the budget: its curve so far, from its run folder
+        run = RUNS / f"{task}-{method}"
+        if method not in curves and (run / "eval.json").exists() and (run / "metrics.jsonl").exists():
+            stopped = curve(run)
+            curves[method] = (stopped["curve"], f" (stopped at step {stopped['last_step']})")
+    if not any(points for points, _ in curves.values()):
         return None
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    for method, points in curves.items():
-        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=METHODS[method])
+    for method, (points, stopped) in curves.items():
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=METHODS[method] + stopped)
     for method in ("zero-shot", "icl", "backprop"):
         if (task, method) in cells:
             ax.axhline(100 * cells[(task, method)]["value"], ls=":", lw=1, color="grey")
