@@ -20,6 +20,13 @@ from _common import ROOT, load_results, markdown_table, write_section  # noqa: E
 
 README = ROOT / "README.md"
 
+
+
+def seed_cells(task: str, rows: list[str], column: str = "dev metric") -> list[tuple[str, dict[str, str], str]]:
+    """Cells of the seed comparison table (benchmarks/seed_table.py): ``task``'s ``rows`` (method keys)."""
+    return [("seed_table", {"task": task, "row": row}, column) for row in rows]
+
+
 # (what, method, [(section, {column: value} picking the row, column of the number)])
 ROWS: list[tuple[str, str, list[tuple[str, dict[str, str], str]]]] = [
     ("SST-2 dev accuracy (872 sentences)", "zero-shot / 4-shot in-context",
@@ -68,6 +75,13 @@ ROWS: list[tuple[str, str, list[tuple[str, dict[str, str], str]]]] = [
       ("scaling", {"method": "backprop + LoRA (AdamW)"}, "largest OPT shape in 80 GiB at 16 x 256"),
       ("scaling", {"method": "backprop + AdamW, fp32 states (measured + 4 B/param)"},
        "largest OPT shape in 80 GiB at 16 x 256")]),
+    ("SST-2, 32 training examples, 200 dev sentences, bf16 (seed table)", "zero-shot / 4-shot in-context / "
+     "linear probing / backprop, AdamW 5 epochs: full parameters / LoRA",
+     seed_cells("sst2", ["zero-shot", "icl", "linear-probe", "backprop", "backprop-lora"])),
+    ("SST-2, the same, MeZO 100 steps x 16 (seed table)", "cross-entropy / expected accuracy (mean form)",
+     seed_cells("sst2", ["mezo-ce", "mezo-metric"])),
+    ("Peak RSS after loading, MiB, SST-2 (seed table)", "backprop (AdamW, full) / MeZO (cross-entropy)",
+     seed_cells("sst2", ["backprop", "mezo-ce"], "peak RSS MiB")),
 ]
 
 
