@@ -78,8 +78,8 @@ ROWS: list[tuple[str, str, list[tuple[str, dict[str, str], str]]]] = [
     ("SST-2, 32 training examples, 200 dev sentences, bf16 (seed table)", "zero-shot / 4-shot in-context / "
      "linear probing / backprop, AdamW 5 epochs: full parameters / LoRA",
      seed_cells("sst2", ["zero-shot", "icl", "linear-probe", "backprop", "backprop-lora"])),
-    ("SST-2, the same, MeZO 100 steps x 16 (seed table)", "cross-entropy / expected accuracy (mean form)",
-     seed_cells("sst2", ["mezo-ce", "mezo-metric"])),
+    ("SST-2, the same, MeZO 100 steps x 16 (seed table)", "cross-entropy / expected accuracy (mean form) / LoRA / "
+     "prefix", seed_cells("sst2", ["mezo-ce", "mezo-metric", "mezo-lora", "mezo-prefix"])),
     ("Peak RSS after loading, MiB, SST-2 (seed table)", "backprop (AdamW, full) / MeZO (cross-entropy)",
      seed_cells("sst2", ["backprop", "mezo-ce"], "peak RSS MiB")),
 ]
