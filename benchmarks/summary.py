@@ -38,12 +38,6 @@ ROWS: list[tuple[str, str, list[tuple[str, dict[str, str], str]]]] = [
      [("objective_gap_sst2", {"objective": "cross_entropy"}, "seed 0"),
       ("objective_gap_sst2", {"objective": "accuracy_mean"}, "seed 0"),
       ("objective_gap_sst2", {"objective": "accuracy_hard"}, "seed 0")]),
-    ("SQuAD, old two-article dev file, 60 steps x 8, mean (sd) of 6 seeds",
-     "MeZO on cross-entropy at 4x lr / on F1 (the default objective)",
-     [("objective_gap_squad", {"objective": "cross_entropy_4x"}, "mean"),
-      ("objective_gap_squad", {"objective": "cross_entropy_4x"}, "sd"),
-      ("objective_gap_squad", {"objective": "squad_f1"}, "mean"),
-      ("objective_gap_squad", {"objective": "squad_f1"}, "sd")]),
     ("SST-2, the `make run` protocol, mean (sd) over seeds", "MeZO on accuracy (log form: cross-entropy) in fp32 / "
      "bf16 at eps 1e-3 / bf16 at "
      "eps 3e-3 (its default)",
