@@ -241,6 +241,10 @@ def test_reward_run_on_a_jsonl_of_prompts(tmp_path, monkeypatch, capsys):
     assert summary["rewards"]["topic_seen"] >= 0.1 * (0 + 1 + 2 + 0) / 4  # the level column's credit at least
     assert (run / "curve.png").stat().st_size > 0
     assert json.loads((run / "config.json").read_text())["template"] == "{prompt}"  # the default for --reward
+    capsys.readouterr()  # zo-eval --run of a reward run on prompts: one line (was "unknown --metric reward")
+    assert eval_main(["--run", str(run), "--eval-size", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "tuned on rewards" in err and "eval.json" in err and len(err.splitlines()) == 1
 
 
 def test_native_bf16_is_read_from_the_cpu_flags_or_probed(monkeypatch):

@@ -666,6 +666,13 @@ def eval_main(argv: list[str] | None = None) -> int:
             if given.get("model", tuned.get("model")) != tuned.get("model"):
                 raise UsageError(f"--model {given['model']} is not the model of --run {given['run']}: "
                                  f"{tuned.get('model')}")
+            if REWARD in (tuned.get("metrics") or []) and "metrics" not in given:
+                # a reward run's held-out reward needs its reward functions: it is in the run's eval.json
+                where = f"{given['run']} was tuned on rewards (its held-out reward is in its eval.json)"
+                if tuned.get("data"):
+                    raise UsageError(f"{where}; zo-eval evaluates metrics of tasks with answers, not a file of prompts")
+                print(f"zo-eval: {where}; evaluating the task's metric, or those --metric names", file=sys.stderr)
+                tuned = {**tuned, "metrics": [m for m in tuned["metrics"] if m != REWARD]}
             given = {**{k: tuned[k] for k in RUN_SETTINGS if k in tuned}, **given}
             if given.get("heldout_fraction"):  # its held-out rows are drawn by the run's seed
                 given.setdefault("seed", tuned.get("seed", 0))
