@@ -368,10 +368,14 @@ def slope(points: list[list[float]]) -> float | None:
 
 
 def missing(task: str, method: str) -> str:
-    """Why a cell has no result: not applicable, or not run (or not finished) within the budget."""
+    """Why a cell has no result: not applicable, failed (its log ends in a traceback), or not run (or not
+    finished) within the budget."""
     if (task, method) in SKIP:
         return SKIP[(task, method)]
-    run = RUNS / f"{task}-{method}"
+    run, log = RUNS / f"{task}-{method}", RUNS / "logs" / f"{task}__{method}.log"
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    if "Traceback (most recent call last):" in lines:  # the cell's process raised: say so, with its error
+        return f"failed: {lines[-1].strip()[:80]} ({log.relative_to(ROOT)})"
     if method in MEZO and (run / "metrics.jsonl").exists():
         steps = sum(1 for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip())
         return f"not finished: budget (stopped at step {steps} of {STEPS})"
