@@ -144,29 +144,45 @@ def proxy(repeats: int, warmup: int, dtype: str, write: bool) -> list[list]:
     def closure() -> float:
         return label_word_loss(model, batch)
 
+    losses = itertools.cycle([1.0, 0.0])
+    update_only = MeZO(params, lr=LR, eps=EPS)
+
+    def perturbed_closure() -> float:  # one closure call of a step: weights perturbed inside the forward
+        with torch.no_grad(), _Perturbed(opt, seed=next(seeds), scale=1.0):
+            return closure()
+
     configs = {"closure (forward pass and loss)": ("forward", closure),
                "MeZO step (table noise)": ("step", lambda: opt.step(closure)),
-               "reference MeZO step": ("step", lambda: reference_step(model, closure, LR, EPS, next(seeds)))}
+               "reference MeZO step": ("step", lambda: reference_step(model, closure, LR, EPS, next(seeds))),
+               # where our step's time goes: one perturbed closure call (x 2 per step), and the update alone
+               "closure with perturbed weights (x 2 per step)": ("perturbed", perturbed_closure),
+               "update pass only (closure without a forward)": ("weights",
+                                                                lambda: update_only.step(lambda: next(losses)))}
     times = measure(configs, repeats, "cpu", warmup, log=None)
     fwd = statistics.median(times["closure (forward pass and loss)"])
-    added = {name: (statistics.median(t) - 2 * fwd) / len(params) for name, t in times.items()}
+    # what each adds over the closure calls it stands for, per trainable tensor
+    calls = {"step": 2, "perturbed": 1, "weights": 0, "forward": 1}
+    added = {name: (statistics.median(times[name]) - calls[kind] * fwd) * (2 if kind == "perturbed" else 1)
+             / len(params) for name, (kind, _) in configs.items()}
     reference = added["reference MeZO step"]
     table = [["closure (forward pass and loss)", f"{fwd * 1e3:.3f}", "-", "-"]]
     table += [[name, f"{statistics.median(times[name]) * 1e3:.3f}", f"{added[name] * 1e6:.1f}",
-               f"{added[name] / reference:.3f}"] for name, (kind, _) in configs.items() if kind == "step"]
+               f"{added[name] / reference:.3f}"] for name, (kind, _) in configs.items() if kind != "forward"]
     title = (f"Launch-bound proxy: a random Llama of hidden size 64, 8 layers ({len(params)} trainable tensors, "
              f"{sum(p.numel() for p in params) / 1e6:.2f}M parameters), batch 1 x 8 tokens, {dtype}, one CPU "
              f"thread; median of {repeats} interleaved repeats after {warmup} warm-up round(s).")
     notes = ("\"added\" = (step - 2 x closure) / trainable tensors, the closure being the step's forward pass and "
              "loss: the fixed cost per tensor that dominates a step on a GPU, where a forward pass takes "
              "milliseconds. Goal: ours at most a quarter of the reference's (four passes over the weights, each "
-             "drawing z per tensor).")
+             "drawing z per tensor). The last two rows split our step: its two perturbed closure calls (what "
+             "they add over two plain ones) and its update pass; the rest of the step (its seeds, records, "
+             "layout) is the difference.")
     section = "step_speed_proxy" + ("" if dtype == "fp32" else f"_{dtype}")
     publish(section, f"Step speed, launch-bound proxy{'' if dtype == 'fp32' else ', ' + dtype}", title,
             PROXY_HEADER, table, "cpu", write, notes=notes,
             params={"model": "random-proxy", "batch_size": 1, "seq_len": 8, "dtype": dtype, "tensors": len(params),
-                    "repeats": repeats, "us_per_tensor": {k: added[k] * 1e6 for k in added if k in
-                                                          ("MeZO step (table noise)", "reference MeZO step")}})
+                    "repeats": repeats, "us_per_tensor": {k: added[k] * 1e6 for k in added if k in configs and
+                                                          configs[k][0] != "forward"}})
     return table
 
 
