@@ -20,7 +20,8 @@ from conftest import build_small_lm
 
 from metrics import get_metric
 from zo_objectives.objectives import CrossEntropy, MetricObjective, RewardObjective
-from zo_objectives.population import Population, PopulationObjective, replay
+from zo_objectives.population import Population, PopulationObjective
+from zo_objectives.replay import replay
 from zo_objectives.scoring import GenerationPredictor, LabelWordPredictor
 
 VOCAB = 100
