@@ -40,7 +40,7 @@ EXCHANGE_TIMEOUT = timedelta(seconds=60)  # a rank that stops answering stops th
 class Population(MeZO):
     """Evolution strategies with low-rank perturbations (EGGROLL, 2025), all members scored in one batched pass.
 
-    ``step(closure)`` calls the closure once, with the weights perturbed per row block as the module docstring says;
+    ``step(closure)`` calls the closure once, with the weights perturbed per row block (:mod:`zo_objectives.perturb`);
     the closure returns one loss per member (:attr:`members` of them: all of ``population`` in one process, this
     rank's share under torchrun), for the batch repeated once per member with the rows grouped by member
     (:class:`PopulationObjective` does this for the objectives of this package). The model must be in ``eval()``.
@@ -115,8 +115,9 @@ class Population(MeZO):
 
     def _move(self, moving: list[tuple[int, torch.Tensor, float, float]], terms: list[tuple[int, float]],
               seed: int) -> None:
-        """MeZO's update (see :meth:`MeZO._move`) with low-rank moves: per block of a tensor's rows,
-        ``rows.addmm_(A_stack, (B_stack * c).T)`` with c_k = coeff_k / sqrt(r)."""
+        """The writes of :meth:`MeZO._apply`, low-rank: per block of a tensor's rows, ``rows.addmm_(A_stack,
+        (B_stack * c).T)`` with c_k = coeff_k / sqrt(r), by :func:`chunk_update` (in fp32, stochastically rounded,
+        for half-precision weights)."""
         for index, p, lr, wd in moving:
             matrix = p.detach().view(p.shape[0], -1) if p.ndim >= 2 else p.detach().view(-1, 1)
             a = b = None
