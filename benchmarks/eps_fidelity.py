@@ -30,7 +30,7 @@ def projected_gradients(model_name: str, dtype: str, eps: float, batches: list[l
     """g of perturbation i on batch i, with the optimizer's own perturbation (inside the forward passes)."""
     from tasks import get_task
     from zo_objectives import MeZO, load_model, make_objective, predictor_for
-    from zo_objectives.optimizer import mix
+    from zo_objectives.noise import mix
 
     model, tokenizer = load_model(model_name, dtype=DTYPES[dtype])
     objective = make_objective("accuracy", predictor_for(get_task("sst2"), tokenizer))

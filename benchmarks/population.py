@@ -35,8 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import forward, publish, setup  # noqa: E402
 
-from zo_objectives.optimizer import MeZO, mix  # noqa: E402
-from zo_objectives.population import Population, _Members  # noqa: E402
+from zo_objectives.noise import mix  # noqa: E402
+from zo_objectives.optimizer import MeZO  # noqa: E402
+from zo_objectives.perturb import _Members  # noqa: E402
+from zo_objectives.population import Population  # noqa: E402
 
 
 def _time(fn) -> float:

@@ -36,7 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DTYPES, forward, label_word_loss, publish, setup  # noqa: E402
 from reference_mezo import reference_step  # noqa: E402
 
-from zo_objectives.optimizer import NOISE_KINDS, MeZO, _Perturbed  # noqa: E402
+from zo_objectives.noise import NOISE_KINDS  # noqa: E402
+from zo_objectives.optimizer import MeZO  # noqa: E402
+from zo_objectives.perturb import _Perturbed  # noqa: E402
 
 LR, EPS = 1e-6, 1e-3
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from zo_objectives import fused
-from zo_objectives.optimizer import MeZO, _eager_update
+from zo_objectives.noise import _eager_update
+from zo_objectives.optimizer import MeZO
 
 CUDA = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 

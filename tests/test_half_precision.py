@@ -12,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import build_small_lm
-from zo_objectives.optimizer import MeZO, replay, round_stochastic
+from zo_objectives.noise import round_stochastic
+from zo_objectives.optimizer import MeZO
+from zo_objectives.replay import replay
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = {"central": {}, "forward": {"difference": "forward"}, "n3": {"n_perturbations": 3},
@@ -228,7 +230,7 @@ def test_lora_in_half_precision_is_exact_at_lr_zero(dtype):
 def test_large_weights_are_perturbed_through_their_output_without_a_copy(dtype):
     """An embedding's output gets z of its looked-up rows (bitwise what the perturbed copy gives); a linear
     layer on a few rows of input (an LM head under logits_to_keep) gets x @ z.T; on many rows it takes the copy."""
-    from zo_objectives.optimizer import _Perturbed
+    from zo_objectives.perturb import _Perturbed
 
     dt = DTYPES[dtype]
     torch.manual_seed(0)
@@ -261,7 +263,7 @@ def test_a_layers_weights_perturbed_at_once_are_one_add_per_weight(dtype, noise)
     """A decoder layer's weights are perturbed together at its entry (one multi-tensor add): the forward sees
     bitwise what it sees with every weight replaced by ``w + alpha * z`` made by one add per weight, chunk by chunk
     (a chunk smaller than some weights here), and the model's own weights are back afterwards."""
-    from zo_objectives.optimizer import _Perturbed
+    from zo_objectives.perturb import _Perturbed
 
     model = lm(DTYPES[dtype])
     opt = MeZO(model.parameters(), lr=1e-3, eps=1e-2, table_size=TABLE, chunk_size=1 << 11, noise=noise)

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from metrics import get_metric
+from zo_objectives.noise import NOISE_KINDS, Noise, mix
 from zo_objectives.objectives import MetricObjective
-from zo_objectives.optimizer import NOISE_KINDS, MeZO, Noise, make_scheduler, mix, replay
+from zo_objectives.optimizer import MeZO, make_scheduler
+from zo_objectives.replay import replay
 
 SMALL_TABLE = 1 << 21  # the smallest table MeZO accepts (2 * its chunk size): cheap to build in tests
 EPS = 1e-3

@@ -20,7 +20,8 @@ from conftest import build_small_lm
 
 from metrics import get_metric
 from zo_objectives.objectives import CrossEntropy, MetricObjective, RewardObjective
-from zo_objectives.population import Population, PopulationObjective, replay
+from zo_objectives.population import Population, PopulationObjective
+from zo_objectives.replay import replay
 from zo_objectives.scoring import GenerationPredictor, LabelWordPredictor
 
 VOCAB = 100
@@ -371,3 +372,22 @@ def test_a_layer_norm_is_refused_with_a_message_and_left_as_it_was():
     with pytest.raises(ValueError, match="LayerNorm.weight .* freeze it"):
         opt.step(lambda: model(torch.ones(2, 4)).sum(-1))
     assert same(weights(model), before) and isinstance(model[1].weight, torch.nn.Parameter)
+
+
+def test_an_interrupt_inside_a_swapped_norm_leaves_its_weight_as_it_was():
+    """A KeyboardInterrupt while a norm runs with its per-row weights swapped in skips the forward hooks: leaving
+    the step puts the weight back (the same restore as MeZO's), and the interrupt is what the caller sees."""
+    model = lm()
+    base = weights(model)
+    opt = Population(model.parameters(), lr=1e-2, eps=1e-2, population=4)
+    norm = model.model.norm
+
+    def interrupt(module, args):  # runs after the population's hook has swapped the weight in
+        assert module.weight.shape == (12, 1, 32)
+        raise KeyboardInterrupt
+
+    handle = norm.register_forward_pre_hook(interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        opt.step(lambda: member_losses(model, 4))
+    handle.remove()
+    assert isinstance(norm.weight, torch.nn.Parameter) and same(weights(model), base) and not opt.trajectory

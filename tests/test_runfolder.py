@@ -20,7 +20,8 @@ from filelock import FileLock
 
 from zo_objectives import cli, runfolder
 from zo_objectives.cli import eval_main, tune_main
-from zo_objectives.optimizer import MeZO, replay
+from zo_objectives.optimizer import MeZO
+from zo_objectives.replay import replay
 from zo_objectives.runfolder import CHECKPOINT, CONFIG, EVAL, LOCK, LOG, RECORDS, WEIGHTS
 from zo_objectives.train import resume, save_checkpoint, train, weights_sha256
 

@@ -44,7 +44,8 @@ from zo_objectives.objectives import (  # noqa: E402 (after the check, which nam
     make_objective,
 )
 from zo_objectives.optimizer import MeZO, make_scheduler  # noqa: E402
-from zo_objectives.population import Population, PopulationObjective, replay  # noqa: E402 (replays MeZO too)
+from zo_objectives.population import Population, PopulationObjective  # noqa: E402
+from zo_objectives.replay import replay  # noqa: E402
 from zo_objectives.scoring import (  # noqa: E402
     ChoicePredictor,
     GenerationPredictor,

@@ -23,8 +23,9 @@ from transformers import HfArgumentParser
 from metrics.rewards import list_rewards
 from tasks import list_tasks
 from zo_objectives.models import DEFAULT_MODEL, DTYPES, PEFT_KINDS
+from zo_objectives.noise import NOISE_KINDS
 from zo_objectives.objectives import DEFAULT_SMOOTHING, FORMS, SEQUENCE_SCORES, SUPPORTS
-from zo_objectives.optimizer import DIFFERENCES, NOISE_KINDS, NONFINITE_POLICIES, SCHEDULES, SHAPINGS, UPDATES
+from zo_objectives.optimizer import DIFFERENCES, NONFINITE_POLICIES, SCHEDULES, SHAPINGS, UPDATES
 
 # Defaults chosen from measurements on SmolLM2-135M / SST-2 (docs/objectives.md).
 # A metric in log form has cross-entropy's scale; the expected metric itself ("mean" form) is flatter.

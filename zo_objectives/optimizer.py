@@ -1,17 +1,12 @@
-"""MeZO: the seeded zeroth-order (SPSA) optimizer, exact in every dtype, and replay of its trajectory.
+"""MeZO: the seeded zeroth-order (SPSA) estimator as a ``torch.optim.Optimizer``, exact in every dtype.
 
 One step per perturbation k: draw a seed, score the loss at x + eps*z and at x - eps*z, and move
 x <- x - lr*(g*z + wd*x) with g = (loss_plus - loss_minus) / (2*eps). The noise z is never stored: it is
-regenerated from (seed, tensor index, chunk).
-
-The stored weights are never perturbed. While the closure runs, each module's forward sees its trainable
-weights as a fresh tensor w + eps*z (built chunk by chunk from the regenerated noise, dropped when the module
-returns; an embedding and an LM head get the perturbation added to their output instead, without a copy), so
-at most one layer's perturbed copy exists at a time, and a closure that raises, a NaN or a KeyboardInterrupt
-leaves the weights bitwise as they were. The only write is the update. In bf16/fp16 it is
-computed in fp32 per chunk and stochastically rounded, with random bits regenerated from the step's seed:
-the expected change equals the fp32 update (round-to-nearest would drop most updates smaller than half an
-ulp), and resume and ``replay`` stay bitwise.
+regenerated from (seed, tensor index, chunk) (:mod:`zo_objectives.noise`). The stored weights are never perturbed:
+the closure's forward passes see them perturbed through module hooks (:mod:`zo_objectives.perturb`), so a closure
+that raises, a NaN or a KeyboardInterrupt leaves them bitwise as they were. The only write is the update, which
+:class:`~zo_objectives.population.Population` shares; ``state_dict()`` holds the trajectory that
+:func:`zo_objectives.replay.replay` rebuilds the weights from.
 """
 
 from __future__ import annotations
@@ -22,34 +17,22 @@ import signal
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from contextvars import ContextVar
 
 import torch
 from torch.optim import Optimizer
 
 from zo_objectives import fused
+from zo_objectives.noise import HALF, Noise, _eager_update, chunk_update, mix
+from zo_objectives.perturb import _Layout, _Perturbed
 
-MASK64 = (1 << 64) - 1
-NOISE_KINDS = ("table", "gaussian", "rademacher")
 NONFINITE_POLICIES = ("raise", "skip")
 DIFFERENCES = ("central", "forward")
 UPDATES = ("sgd", "sign", "normalized")
 RMS_BETA = 0.99  # decay of the running mean square that "normalized" updates divide by
 SHAPINGS = ("none", "rank")
 SCHEDULES = ("constant", "linear", "cosine")
-HALF = (torch.bfloat16, torch.float16)
-ROUNDING_SALT = 0x5EED  # separates the rounding bits' offsets from the noise's
-
-
-def mix(*values: int) -> int:
-    """Hash integers into a 63-bit seed (splitmix64 finalizer), stable across runs and platforms."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & MASK64)) * 0xBF58476D1CE4E5B9 & MASK64
-        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & MASK64
-        h ^= h >> 31
-    return h >> 1
 
 
 _STEP: ContextVar[tuple[int, int] | None] = ContextVar("zo_objectives_step", default=None)
@@ -60,133 +43,6 @@ def current_step() -> tuple[int, int] | None:
     keeps for one step (a reward's sampled candidates), and sampling draws new numbers each step; the index is
     the number of steps before (a resumed run replays its trajectory, so it counts on where it stopped)."""
     return _STEP.get()
-
-
-class Noise:
-    """Regenerates z for (seed, tensor index) in bounded chunks, never allocating a weight-sized buffer.
-
-    ``table``: slices of one seeded, standardized Gaussian vector of ``table_size`` values at offsets hashed
-    from (seed, tensor, chunk), as in Salimans et al. (2017): a memory-bound read instead of a random draw.
-    ``gaussian``: exact N(0, 1) per chunk from a private ``torch.Generator``. ``rademacher``: +-1 likewise.
-    """
-
-    def __init__(self, kind: str = "table", table_size: int = 1 << 22, table_seed: int = 0,
-                 chunk_size: int = 1 << 18):
-        if kind not in NOISE_KINDS:
-            raise ValueError(f"unknown noise {kind!r}; accepted: {', '.join(NOISE_KINDS)}")
-        if table_size < 2 * chunk_size:
-            raise ValueError(f"noise table_size must be at least 2 * chunk_size = {2 * chunk_size}")
-        self.kind, self.table_size, self.table_seed, self.chunk_size = kind, table_size, table_seed, chunk_size
-        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-    def _table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        key, base = (device, dtype), (device, torch.float32)
-        if base not in self._tables:
-            gen = torch.Generator().manual_seed(self.table_seed)
-            table = torch.randn(self.table_size, generator=gen)
-            mean, std = table.double().mean().item(), table.double().std().item()
-            table.sub_(mean).div_(std)  # exactly standardized, built in place: no temporary copies
-            self._tables[base] = table.to(device)
-        if key not in self._tables:
-            self._tables[key] = self._tables[base].to(dtype)
-        return self._tables[key]
-
-    def _offset(self, length: int, *key: int) -> int:
-        """Where a slice of ``length`` values for ``key`` starts in the table; memoized (a step's perturbations and
-        update read the same offsets, and ``mix`` is Python arithmetic), the memo bounded."""
-        memo = self.__dict__.setdefault("_offsets", {})
-        offset = memo.get((length, key))
-        if offset is None:
-            if len(memo) >= 1 << 16:
-                memo.clear()
-            offset = memo[(length, key)] = mix(*key) % (self.table_size - length + 1)
-        return offset
-
-    def _wide_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The table rounded to ``dtype``, held in fp32, for a half-precision update on the CPU: adding it to the
-        fp32 buffer is a same-dtype kernel, twice as fast there as adding the half-precision table."""
-        key = (device, dtype, torch.float32)
-        if key not in self._tables:
-            self._tables[key] = self._table(device, dtype).float()
-        return self._tables[key]
-
-    def chunks(self, seed: int, index: int, flat: torch.Tensor,
-               wide: bool = False) -> Iterator[tuple[slice, torch.Tensor]]:
-        """Yield (slice of ``flat``, z for that slice); the same arguments always yield the same z, in
-        ``flat``'s precision (``wide``, table noise only: the same values in fp32)."""
-        n, c = flat.numel(), self.chunk_size
-        if self.kind == "table":
-            table = self._wide_table(flat.device, flat.dtype) if wide else self._table(flat.device, flat.dtype)
-            for k, start in enumerate(range(0, n, c)):
-                length = min(c, n - start)
-                offset = self._offset(length, seed, index, k)
-                yield slice(start, start + length), table[offset:offset + length]
-            return
-        buffer = torch.empty(min(c, n), device=flat.device, dtype=flat.dtype)  # one chunk, per call
-        gen = torch.Generator(device=flat.device).manual_seed(mix(seed, index))
-        for start in range(0, n, c):
-            z = buffer[: min(c, n - start)]
-            if self.kind == "gaussian":
-                z.normal_(generator=gen)
-            else:
-                z.random_(0, 2, generator=gen).mul_(2).sub_(1)
-            yield slice(start, start + z.numel()), z
-
-    def offsets(self, seed: int, index: int, n: int) -> list[int]:
-        """Where each chunk of a tensor of ``n`` values reads the table (table noise): for :meth:`gather` and
-        :meth:`span`, computed once per tensor."""
-        c = self.chunk_size
-        return [self._offset(min(c, n - start), seed, index, k) for k, start in enumerate(range(0, n, c))]
-
-    def gather(self, flat: torch.Tensor, offsets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """z at the given positions of ``flat`` (``offsets`` as a tensor): the values ``chunks`` yields there."""
-        c = self.chunk_size
-        return self._table(flat.device, flat.dtype)[offsets[positions // c] + positions % c]
-
-    def span(self, flat: torch.Tensor, offsets: list[int], start: int, stop: int) -> torch.Tensor:
-        """z of ``flat[start:stop]``: the table slices ``chunks`` yields there, joined."""
-        c, table = self.chunk_size, self._table(flat.device, flat.dtype)
-        pieces = [table[offsets[k] + max(start, k * c) - k * c: offsets[k] + min(stop, (k + 1) * c) - k * c]
-                  for k in range(start // c, (stop - 1) // c + 1)]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-
-    def rounding_bits(self, seed: int, index: int, chunk: int, length: int, device: torch.device) -> torch.Tensor:
-        """16 random bits per element (int32 in [0, 65536)) for stochastic rounding, regenerated from the
-        seed: the low mantissa bits of the fp32 table at a hashed offset (a read, not a random draw)."""
-        key = (device, torch.int32)
-        if key not in self._tables:
-            self._tables[key] = self._table(device, torch.float32).view(torch.int32) & 0xFFFF
-        offset = self._offset(length, seed, index, chunk, ROUNDING_SALT)
-        return self._tables[key][offset:offset + length]
-
-    def config(self) -> dict:
-        return {"noise": self.kind, "table_size": self.table_size, "table_seed": self.table_seed,
-                "chunk_size": self.chunk_size}
-
-
-def round_stochastic(value: torch.Tensor, bits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``value`` (fp32, overwritten) rounded to ``dtype`` up or down with probability proportional to its
-    distance from each neighbour, so that the expected result is ``value`` (exactly in bf16; in fp16 to 2^-13
-    of the grid spacing), written into ``out`` (bf16 or fp16); ``bits`` are 16 uniform random bits per element."""
-    if out.dtype == torch.bfloat16:  # bf16 is the top half of fp32: add random low bits, then truncate them
-        value.view(torch.int32).add_(bits).bitwise_and_(-65536)
-        return out.copy_(value)
-    # fp16: the grid spacing at |value| is 2^(exponent - 10), with subnormals below 2^-14. In units of it, value
-    # has 13 fractional bits (fp32's 23 - 10), so a 13-bit uniform u makes floor(value + u) exact and unbiased
-    _, exponent = torch.frexp(value)
-    spacing = torch.ldexp(torch.ones_like(value), exponent.sub_(1).clamp_(min=-14).sub_(10))
-    value.div_(spacing).add_(bits.bitwise_right_shift(3).to(value.dtype).mul_(2.0**-13)).floor_().mul_(spacing)
-    return out.copy_(value)
-
-
-def _eager_update(weight: torch.Tensor, z: torch.Tensor, bits: torch.Tensor, decay: float, alpha: float) -> None:
-    """One chunk of a half-precision update with one term, as ``MeZO._apply`` computes it (what the fused kernel
-    is checked against): widen, decay (a factor of exactly 1 changes nothing), add alpha * z, round."""
-    acc = weight.float()
-    if decay != 1.0:
-        acc.mul_(decay)
-    acc.add_(z, alpha=alpha)
-    round_stochastic(acc, bits, out=weight)
 
 
 @contextmanager
@@ -206,249 +62,6 @@ def signals_deferred():
             signal.raise_signal(s)
 
 
-@contextmanager
-def _normal_no_grad():
-    """Build normal tensors (not inference-mode ones) without autograd history."""
-    with torch.inference_mode(False), torch.no_grad():
-        yield
-
-
-def _by_output_kind(module: torch.nn.Module, name: str, p: torch.Tensor) -> bool:
-    """Whether a weight may be perturbed through its module's output (table noise; see :class:`_Perturbed`)."""
-    return name == "weight" and (type(module) is torch.nn.Embedding or (
-        type(module) is torch.nn.Linear and p.numel() >= _Perturbed.BY_OUTPUT))
-
-
-class _Flats(dict):
-    """index -> the flat view of a tensor, made on first use."""
-
-    def __init__(self, params: dict[int, torch.Tensor]):
-        super().__init__()
-        self.params = params
-
-    def __missing__(self, index: int) -> torch.Tensor:
-        flat = self[index] = self.params[index].detach().view(-1)
-        return flat
-
-
-class _Layout:
-    """What the hooks need to know of each module, found once per step (on a module's first forward, for it and
-    every module under it) instead of at every forward. A group is the trainable tensors under one entry of a
-    ``ModuleList`` (a decoder layer): at that entry's forward they are perturbed with one multi-tensor add and
-    swapped in, and at its return swapped back, so the modules inside find their weights perturbed already and
-    at most one layer's perturbed copy exists at a time. Modules with nothing to do map to None: their hooks
-    return at once."""
-
-    def __init__(self, opt: MeZO):
-        self.params = {index: p for index, p, _ in opt._params()}
-        self.targets = {id(p): index for index, p in self.params.items()}
-        self.flats = _Flats(self.params)
-        self.table = opt.noise.kind == "table"
-        self.z: dict[tuple[int, int], torch.Tensor] = {}  # (seed, index) -> z of a one-chunk tensor: a table view
-        self.batches: dict[tuple, tuple] = {}  # indices perturbed together -> what _Perturbed._copies needs
-        self.zs: dict[tuple, list[torch.Tensor]] = {}  # (seed, indices) -> their z, shaped (table noise)
-        # id(module) -> None, or (own: its (name, index, tensor) that its own hook perturbs, group: the (module,
-        # name, index, tensor, by-output kind) of a group it is the entry of, dropout: whether it is a dropout)
-        self.modules: dict[int, tuple | None] = {}
-        self.held: list[torch.nn.Module] = []  # keeps every module found alive, so that no id is reused in a step
-
-    def find(self, module: torch.nn.Module) -> tuple | None:
-        if id(module) not in self.modules:
-            self._walk(module)
-        return self.modules[id(module)]
-
-    def _slots(self, module: torch.nn.Module) -> list[tuple[str, int, torch.Tensor]]:
-        if not module._parameters:
-            return []
-        return [(name, self.targets[id(p)], p) for name, p in module._parameters.items()
-                if p is not None and id(p) in self.targets]
-
-    def _walk(self, module: torch.nn.Module, group: list | None = None) -> None:
-        """Record ``module`` and those under it; ``group``: the slots of the group it is under, filled here."""
-        if id(module) in self.modules:
-            return
-        slots = self._slots(module)
-        if group is not None:  # the module's own hook then finds its weights swapped by the group, unless it
-            # runs outside the group's forward too (a module shared), or they go through its output
-            group += [(module, name, index, p, self.table and _by_output_kind(module, name, p))
-                      for name, index, p in slots]
-        self.modules[id(module)] = None  # set before the children: a module met again is not walked again
-        self.held.append(module)
-        entries: dict[int, list] = {}
-        for child in module._modules.values():
-            if child is None:
-                continue
-            if group is None and isinstance(module, torch.nn.ModuleList):  # each entry is a group
-                entries[id(child)] = []
-                self._walk(child, entries[id(child)])
-            else:
-                self._walk(child, group)
-        for child in module._modules.values():
-            if child is not None and id(child) in entries:
-                own, _, dropout = self.modules[id(child)] or ((), (), False)
-                if own or entries[id(child)] or dropout:
-                    self.modules[id(child)] = (own, tuple(entries[id(child)]), dropout)
-        dropout = isinstance(module, torch.nn.modules.dropout._DropoutNd)
-        if slots or dropout:
-            self.modules[id(module)] = (tuple(slots), (), dropout)
-
-
-class _Perturbed:
-    """While active, every module forward sees its trainable weights as ``w + scale * eps * z``, through
-    process-wide module hooks; the stored weights are never written.
-
-    Usually a weight is swapped for a temporary perturbed copy while its module runs: for the weights of a
-    decoder layer, all at once at the layer's entry (one multi-tensor add, the same values as one add per
-    weight), dropped when the layer returns (see :class:`_Layout`). With table noise, two large weights are
-    perturbed through their output instead, so that no copy of them is made: an embedding's output gets
-    ``eps * z`` of the rows it looked up (the same values, bitwise), and a linear layer of at least
-    ``BY_OUTPUT`` values applied to at most ``SMALL_INPUT`` rows (an LM head under ``logits_to_keep``) gets
-    ``eps * x @ z.T``, by blocks of rows. ``layout``: the step's, shared by its closure calls (new when None)."""
-
-    SMALL_INPUT = 64  # rows of input under which x @ z.T (a matmul that small) is cheaper than copying the weight
-    BY_OUTPUT = 1 << 16  # values under which a weight's copy costs less than the extra kernels of x @ z.T
-    GATHER = 1 << 18  # values of z gathered at a time for an embedding's output: bounds the index buffers
-
-    def __init__(self, opt: MeZO, seed: int, scale: float, layout: _Layout | None = None):
-        self.opt, self.seed, self.alpha = opt, seed, scale * opt.eps
-        self.layout = layout or _Layout(opt)
-        self.targets = self.layout.targets
-        self.seen: set[int] = set()
-        self.swapped: dict[int, list] = {}  # id(module) -> [(module, name, original)] it swapped
-        self.through_output: dict[int, tuple[int, torch.Tensor]] = {}  # id(module) -> (index, weight)
-
-    def _z(self, index: int, flat: torch.Tensor) -> torch.Tensor:
-        """z of a tensor of one chunk (what ``Noise.chunks`` yields); table slices kept for the step's other pass."""
-        noise, key = self.opt.noise, (self.seed, index)
-        if noise.kind != "table":
-            return next(noise.chunks(self.seed, index, flat))[1]
-        z = self.layout.z.get(key)
-        if z is None:
-            offset = noise._offset(flat.numel(), self.seed, index, 0)
-            z = self.layout.z[key] = noise._table(flat.device, flat.dtype)[offset:offset + flat.numel()]
-        return z
-
-    def _copies(self, indices: list[int]) -> dict[int, torch.nn.Parameter]:
-        """Perturbed copies of the tensors ``indices``: those of one chunk with one multi-tensor add.
-
-        Each a normal (not inference-mode) Parameter like the original: torch picks matmul kernels by it. As a
-        plain or inference tensor, SmolLM2's tied lm_head took a batched matmul over an 8x expanded copy of its
-        weight (1.1 s instead of 9 ms in bf16). The contexts are entered only when needed: they cost as much as
-        the kernel launch of a small layer's perturbation."""
-        layout, key = self.layout, tuple(indices)
-        batch = layout.batches.get(key)
-        if batch is None:  # the tensors of one chunk (and their shaped weights), and the others
-            one = [i for i in indices if 0 < layout.flats[i].numel() <= self.opt.noise.chunk_size]
-            batch = layout.batches[key] = (one, [layout.params[i].detach() for i in one],
-                                           [i for i in indices if i not in set(one)])
-        one, weights, rest = batch
-        zs = layout.zs.get((self.seed, key))
-        if zs is None:
-            zs = [self._z(i, layout.flats[i]).view_as(layout.params[i]) for i in one]
-            if layout.table:  # views of the table: kept for the step's other pass
-                layout.zs[(self.seed, key)] = zs
-        needed = torch.is_inference_mode_enabled() or torch.is_grad_enabled()
-        with _normal_no_grad() if needed else nullcontext():
-            out = dict(zip(one, torch._foreach_add(weights, zs, alpha=self.alpha))) if one else {}
-            for i in rest:
-                out[i] = self._perturb(i).view_as(layout.params[i])
-            return {i: torch.nn.Parameter(t, requires_grad=layout.params[i].requires_grad) for i, t in out.items()}
-
-    def _perturb(self, index: int) -> torch.Tensor:
-        flat = self.layout.flats[index]
-        if 0 < flat.numel() <= self.opt.noise.chunk_size:  # one chunk: a single kernel
-            return torch.add(flat, self._z(index, flat), alpha=self.alpha)
-        out = torch.empty_like(flat)
-        for where, z in self.opt.noise.chunks(self.seed, index, flat):
-            torch.add(flat[where], z, alpha=self.alpha, out=out[where])
-        return out
-
-    def _by_output(self, module: torch.nn.Module, name: str, args, weight: torch.Tensor) -> bool:
-        if not (self.layout.table and args and _by_output_kind(module, name, weight)):
-            return False
-        if type(module) is torch.nn.Embedding:
-            return module.max_norm is None  # max_norm renormalizes the looked-up rows of the weight itself
-        return isinstance(args[0], torch.Tensor) and args[0].numel() // max(1, args[0].shape[-1]) <= self.SMALL_INPUT
-
-    def _swap(self, module: torch.nn.Module, slots: list[tuple[torch.nn.Module, str, int, torch.Tensor]]) -> None:
-        """Swap perturbed copies in for ``slots`` (module, name, index, tensor) until ``module`` returns."""
-        self.swapped.setdefault(id(module), []).extend((sub, name, p) for sub, name, _, p in slots)
-        copies = self._copies(list(dict.fromkeys(index for _, _, index, _ in slots)))
-        for sub, name, index, _ in slots:
-            sub._parameters[name] = copies[index]
-        self.seen.update(copies)
-
-    def _pre(self, module: torch.nn.Module, args) -> None:
-        info = self.layout.find(module)
-        if info is None:
-            return
-        own, group, dropout = info
-        slots = []
-        if group:  # a layer's entry: all its weights at once, but those its modules may perturb through their output
-            small = bool(args) and isinstance(args[0], torch.Tensor) and args[0].ndim > 0 and (
-                args[0].numel() // max(1, args[0].shape[-1]) <= self.SMALL_INPUT)
-            slots += [(sub, name, index, p) for sub, name, index, p, by_output in group
-                      if sub._parameters.get(name) is p and not (by_output and small)]
-        for name, index, p in own:
-            if module._parameters.get(name) is not p:
-                continue  # swapped by its layer
-            if self._by_output(module, name, args, p):
-                self.seen.add(index)
-                self.through_output[id(module)] = (index, p)
-            else:
-                slots.append((module, name, index, p))
-        if slots:
-            self._swap(module, slots)
-        if dropout and module.training and module.p > 0:
-            if not self.opt._warned_training:
-                self.opt._warned_training = True
-                warnings.warn("MeZO: dropout is active (the model is in training mode): it makes the two losses of "
-                              "an estimate differ. Call model.eval() first", stacklevel=2)
-
-    def _post(self, module: torch.nn.Module, args, output):
-        if self.layout.modules.get(id(module)) is None:
-            return None
-        for sub, name, p in self.swapped.pop(id(module), ()):
-            sub._parameters[name] = p
-        if id(module) not in self.through_output:
-            return None
-        index, p = self.through_output.pop(id(module))
-        flat, noise, width = self.layout.flats[index], self.opt.noise, p.shape[1]
-        offsets = noise.offsets(self.seed, index, flat.numel())
-        if isinstance(module, torch.nn.Embedding):  # output[i] = w[ids[i]]: add z of that row
-            ids, out, rows = args[0].reshape(-1), output.view(-1, width), max(1, self.GATHER // width)
-            columns, where = torch.arange(width, device=p.device), torch.tensor(offsets, device=p.device)
-            for start in range(0, ids.numel(), rows):
-                positions = ids[start:start + rows, None] * width + columns
-                out[start:start + rows].add_(noise.gather(flat, where, positions), alpha=self.alpha)
-            return output
-        # output = x @ w.T: add x @ z.T, a block of z's rows at a time. x as a contiguous 2-D matrix: a strided 3-D
-        # one (h[:, -1:]) sends torch's matmul to a batched kernel that copies z once per row of x
-        x = args[0].reshape(-1, width).contiguous()
-        rows = max(1, noise.chunk_size // width)  # at most a noise chunk of z at a time: bounded buffers
-        for start in range(0, p.shape[0], rows):
-            stop = min(start + rows, p.shape[0])
-            z = noise.span(flat, offsets, start * width, stop * width).view(stop - start, width)
-            correction = torch.nn.functional.linear(x, z).view(*output.shape[:-1], stop - start)
-            output[..., start:stop].add_(correction, alpha=self.alpha)
-        return output
-
-    def __enter__(self) -> _Perturbed:
-        from torch.nn.modules import module as nn_module
-
-        self.handles = [nn_module.register_module_forward_pre_hook(self._pre),
-                        nn_module.register_module_forward_hook(self._post, always_call=True)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
-        for originals in self.swapped.values():  # modules whose forward raised before its hook ran
-            for module, name, p in originals:
-                module._parameters[name] = p
-        self.swapped.clear()
-
-
 class MeZO(Optimizer):
     """Memory-efficient zeroth-order SGD (Malladi et al., 2023) as a ``torch.optim.Optimizer``.
 
@@ -456,7 +69,7 @@ class MeZO(Optimizer):
     without gradients, and the closure must compute the loss through the modules' forward (the perturbed
     weights exist only there; a tensor read directly is the unperturbed one). Put the model in ``eval()``
     mode. ``state_dict()`` holds the trajectory; ``load_state_dict`` does not move the weights: use
-    :func:`replay` on the base weights.
+    :func:`~zo_objectives.replay.replay` on the base weights.
 
     Args:
         params: parameters or param groups, as for any torch optimizer. Groups may set ``lr``,
@@ -559,8 +172,7 @@ class MeZO(Optimizer):
         """
         if closure is None:
             raise ValueError("MeZO.step needs a closure that returns the loss to minimize")
-        n = self.n_perturbations
-        seeds = [mix(self.seed, self.num_perturbations_done + k) for k in range(n)]
+        seeds = self._seeds()
         pairs: list[tuple[float, float]] = []
         layout = _Layout(self)
         token = _STEP.set((self.seed, len(self.trajectory)))
@@ -575,9 +187,16 @@ class MeZO(Optimizer):
                 pairs.append((plus, minus))
         finally:
             _STEP.reset(token)
+        return self._update(seeds, pairs, sum(map(sum, pairs)) / (2 * len(seeds)))
+
+    def _seeds(self) -> list[int]:
+        """The seeds of the step's ``n_perturbations`` estimates: the next ones of the stream."""
+        return [mix(self.seed, self.num_perturbations_done + k) for k in range(self.n_perturbations)]
+
+    def _update(self, seeds: list[int], pairs: list[tuple[float, float]], loss: float) -> float:
+        """Update from the (plus, minus) losses of the estimates ``seeds``; return ``loss``, the step's mean."""
         grads = self._projected_grads(pairs)
-        record = {"seeds": seeds, "grads": grads, "loss": sum(map(sum, pairs)) / (2 * n),
-                  "lrs": [g["lr"] for g in self.param_groups]}
+        record = {"seeds": seeds, "grads": grads, "loss": loss, "lrs": [g["lr"] for g in self.param_groups]}
         if self.update == "normalized":
             record["grads"], record["second_moment"] = self._normalized(grads)
         self._apply(record)
@@ -593,57 +212,59 @@ class MeZO(Optimizer):
 
     @torch.no_grad()
     def _apply(self, record: dict) -> None:
-        """The update, the only write to the weights: one pass per tensor, all terms summed in the weight's
-        precision (fp32 for half-precision weights, then stochastically rounded); then the record is kept."""
+        """The update, the only write to the weights, whole or not at all (signals wait for it): every tensor that
+        moves (a learning rate, and terms or weight decay) by :meth:`_move`; then the record is kept."""
         terms = self._terms(record)
-        buffers: dict[torch.device, torch.Tensor] = {}  # one fp32 chunk per device for half-precision weights
-        batches: dict[tuple, list[tuple[int, torch.Tensor]]] = {}  # (device, lr, wd) -> one-chunk tensors
         with signals_deferred():
+            moving = []
             for index, p, group in self._params():
                 lr = group["lr"]
                 wd = group["weight_decay"] if (p.ndim >= 2 or group["decay_1d"]) else 0.0
-                if not lr or not (terms or wd):
-                    continue  # nothing moves: the weights stay bitwise as they are
-                flat, half = p.detach().view(-1), p.dtype in HALF
-                if not half and self.noise.kind == "table" and 0 < flat.numel() <= self.noise.chunk_size:
-                    batches.setdefault((flat.device, lr, wd), []).append((index, flat))
-                    continue
-                if half and p.device not in buffers:
-                    size = min(self.noise.chunk_size, max(q.numel() for _, q, _ in self._params()))
-                    buffers[p.device] = torch.empty(size, device=p.device, dtype=torch.float32)
-                # z as fp32 values on the CPU, where adding a half tensor to an fp32 one is a slow mixed-dtype
-                # kernel; on a GPU reading half the bytes is faster and the sum is the same
-                wide = half and flat.device.type == "cpu"
-                streams = [self.noise.chunks(seed, index, flat, wide=wide) for seed, _ in terms]
-                for k, where in enumerate(slice(s, s + self.noise.chunk_size)
-                                          for s in range(0, flat.numel(), self.noise.chunk_size)):
-                    zs = [next(stream)[1] for stream in streams]
-                    if half and len(zs) == 1 and flat.is_cuda:  # one kernel in place of five, the same values
-                        bits = self.noise.rounding_bits(record["seeds"][0], index, k, zs[0].numel(), flat.device)
-                        if fused.update(flat[where], zs[0], bits, 1.0 - lr * wd if wd else 1.0, -lr * terms[0][1],
-                                        _eager_update):
-                            continue
-                    acc = flat[where]
-                    if half:
-                        acc = buffers[p.device][:acc.numel()].copy_(acc)
-                    if wd:
-                        acc.mul_(1.0 - lr * wd)
-                    for z, (_, coeff) in zip(zs, terms):
-                        acc.add_(z, alpha=-lr * coeff)
-                    if half:
-                        bits = self.noise.rounding_bits(record["seeds"][0], index, k, acc.numel(), acc.device)
-                        round_stochastic(acc, bits, out=flat[where])
-            # small tensors (z a view of the table): each operation above over all of them at once, in the same
-            # order per tensor, so the same values
-            for (_, lr, wd), items in batches.items():
-                flats = [flat for _, flat in items]
-                if wd:
-                    torch._foreach_mul_(flats, 1.0 - lr * wd)
-                for seed, coeff in terms:
-                    zs = [next(self.noise.chunks(seed, index, flat))[1] for index, flat in items]
-                    torch._foreach_add_(flats, zs, alpha=-lr * coeff)
+                if lr and (terms or wd):  # else nothing moves: the weights stay bitwise as they are
+                    moving.append((index, p, lr, wd))
+            self._move(moving, terms, record["seeds"][0])
             self.trajectory.append(record)
             self.num_perturbations_done += len(record["seeds"])
+
+    def _move(self, moving: list[tuple[int, torch.Tensor, float, float]], terms: list[tuple[int, float]],
+              seed: int) -> None:
+        """x <- x * (1 - lr*wd) - lr * sum(coeff * z) for each (index, tensor, lr, wd) of ``moving`` and the
+        (seed, coeff) ``terms``: one pass per tensor, all terms summed in the weight's precision (fp32 for
+        half-precision weights, then stochastically rounded with bits from ``seed``: :func:`chunk_update`)."""
+        buffers: dict[torch.device, torch.Tensor] = {}  # one fp32 chunk per device for half-precision weights
+        batches: dict[tuple, list[tuple[int, torch.Tensor]]] = {}  # (device, lr, wd) -> one-chunk tensors
+        c = self.noise.chunk_size
+        for index, p, lr, wd in moving:
+            flat, half = p.detach().view(-1), p.dtype in HALF
+            if not half and self.noise.kind == "table" and 0 < flat.numel() <= c:
+                batches.setdefault((flat.device, lr, wd), []).append((index, flat))
+                continue
+            if half and p.device not in buffers:
+                size = min(c, max(q.numel() for _, q, _ in self._params()))
+                buffers[p.device] = torch.empty(size, device=p.device, dtype=torch.float32)
+            # z as fp32 values on the CPU, where adding a half tensor to an fp32 one is a slow mixed-dtype
+            # kernel; on a GPU reading half the bytes is faster and the sum is the same
+            wide = half and flat.device.type == "cpu"
+            streams = [self.noise.chunks(term_seed, index, flat, wide=wide) for term_seed, _ in terms]
+            decay = 1.0 - lr * wd if wd else 1.0
+            for k, start in enumerate(range(0, flat.numel(), c)):
+                chunk, zs = flat[start:start + c], [next(stream)[1] for stream in streams]
+                bits = self.noise.rounding_bits(seed, index, k, chunk.numel(), chunk.device) if half else None
+                if half and len(zs) == 1 and flat.is_cuda:  # one kernel in place of five, the same values
+                    if fused.update(chunk, zs[0], bits, decay, -lr * terms[0][1], _eager_update):
+                        continue
+                with chunk_update(chunk, decay, bits, buffers.get(p.device)) as acc:
+                    for z, (_, coeff) in zip(zs, terms):
+                        acc.add_(z, alpha=-lr * coeff)
+        # small tensors (z a view of the table): each operation above over all of them at once, in the same
+        # order per tensor, so the same values
+        for (_, lr, wd), items in batches.items():
+            flats = [flat for _, flat in items]
+            if wd:
+                torch._foreach_mul_(flats, 1.0 - lr * wd)
+            for term_seed, coeff in terms:
+                zs = [next(self.noise.chunks(term_seed, index, flat))[1] for index, flat in items]
+                torch._foreach_add_(flats, zs, alpha=-lr * coeff)
 
     def _projected_grads(self, pairs: list[tuple[float, float]]) -> list[float | None]:
         """(plus - minus) / (2 eps) per perturbation (eps for forward differences); when shaping, the difference
@@ -710,7 +331,7 @@ class MeZO(Optimizer):
     def state_dict(self) -> dict:
         state = super().state_dict()
         state["mezo"] = {**self.config(), "num_perturbations_done": self.num_perturbations_done,
-                         "params": _describe(p for group in self.param_groups for p in group["params"]),
+                         "params": describe_params(p for group in self.param_groups for p in group["params"]),
                          "trajectory": [dict(r) for r in self.trajectory]}
         return state
 
@@ -731,45 +352,9 @@ class MeZO(Optimizer):
         self._apply(dict(record))
 
 
-def _describe(params: Iterable[torch.Tensor]) -> list[list]:
+def describe_params(params: Iterable[torch.Tensor]) -> list[list]:
     """[dtype, shape] of each parameter: what replay checks the parameters it is given against."""
     return [[str(p.dtype).removeprefix("torch."), list(p.shape)] for p in params]
-
-
-def replay(params: Iterable, state: dict, steps: int | None = None, *, estimator: type[MeZO] | None = None) -> MeZO:
-    """Rebuild tuned weights in place from the base weights and a ``MeZO.state_dict()``.
-
-    ``params`` must be the same parameters (same order, same groups) the optimizer was built with, holding
-    the base weights: their count, dtypes and shapes (and, when the state carries ``base_sha256``, the
-    weights' checksum) are checked first, and a mismatch is a ValueError with the weights untouched. Returns
-    an optimizer positioned after the replayed steps, ready to continue training. ``estimator``: the optimizer
-    class the state is of (default MeZO; ``zo_objectives.population.replay`` picks it from the state).
-    """
-    if not (isinstance(state, dict) and "mezo" in state):
-        raise TypeError("replay needs a MeZO.state_dict() (a dict with a 'mezo' entry: the settings and the "
-                        f"trajectory), got {type(state).__name__}")
-    mezo = state["mezo"]
-    opt = (estimator or MeZO).from_config(params, mezo)
-    given = [p for group in opt.param_groups for p in group["params"]]
-    described = mezo.get("params") or []  # [dtype, shape] of each (a state_dict() of an older version: none)
-    count = len(described) or sum(len(g["params"]) for g in state.get("param_groups", []))
-    if count and count != len(given):
-        raise ValueError(f"replay: the state is of {count} parameters, got {len(given)}")
-    for i, (now, then) in enumerate(zip(_describe(given), described)):
-        if now != then:
-            raise ValueError(f"replay: parameter {i} is {now[0]} {tuple(now[1])} but the state's is {then[0]} "
-                             f"{tuple(then[1])}: not the parameters the optimizer was built with")
-    if mezo.get("base_sha256"):
-        from zo_objectives.train import weights_sha256  # (train imports this module)
-
-        if weights_sha256(p for p in given if p.requires_grad) != mezo["base_sha256"]:
-            raise ValueError("replay: the parameters do not hold the base weights the state was made from")
-    if "param_groups" in state:
-        for group, saved in zip(opt.param_groups, state["param_groups"]):
-            group.update({k: v for k, v in saved.items() if k != "params"})
-    for record in mezo["trajectory"][:steps]:
-        opt.replay_record(record)
-    return opt
 
 
 def make_scheduler(optimizer: Optimizer, kind: str, total_steps: int,

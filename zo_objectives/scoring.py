@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from zo_objectives.optimizer import current_step, mix
+from zo_objectives.noise import mix
+from zo_objectives.optimizer import current_step
 
 if TYPE_CHECKING:  # type hints only: importing transformers' tokenizers is not needed to score
     from transformers import PreTrainedTokenizerBase

@@ -31,7 +31,8 @@ from tqdm.auto import tqdm
 from metrics import Metric
 from zo_objectives.objectives import Objective, references
 from zo_objectives.optimizer import MeZO
-from zo_objectives.population import Population, PopulationObjective, replay  # replay: MeZO's and populations'
+from zo_objectives.population import Population, PopulationObjective
+from zo_objectives.replay import replay
 from zo_objectives.runfolder import (
     CHECKPOINT,
     CONFIG,

@@ -1,0 +1,401 @@
+"""Perturbing inside the forward: what both estimators' closures see, with the stored weights never written.
+
+While a closure runs under :class:`_Perturbed` (MeZO) or :class:`_Members` (populations), process-wide module hooks
+show each module's forward its trainable weights perturbed, and put the stored ones back when it returns. The
+weights themselves are never written while scoring: a closure that raises, a NaN or a KeyboardInterrupt leaves them
+bitwise as they were (:class:`_Hooks` puts back whatever is still swapped when the block ends).
+
+MeZO: each module's forward sees its trainable weights as a fresh tensor w + eps*z (built chunk by chunk from the
+regenerated noise, dropped when the module returns; an embedding and an LM head get the perturbation added to their
+output instead, without a copy), so at most one layer's perturbed copy exists at a time.
+
+Populations: the closure runs the batch repeated once per member, the rows grouped by member (member i's rows are
+the i-th block of every forward's rows), and each member's perturbation is added to its rows only, so one shared
+matmul x W^T serves every member and the extra work is thin matmuls:
+
+- a linear layer: ``output[rows of i] += s_i * eps * ((x_i @ B_k) @ A_k^T) / sqrt(r)`` (and ``s_i * eps * z_k``
+  for its bias), an embedding: ``+= s_i * eps * A_k[ids] @ B_k^T / sqrt(r)``;
+- any other module's 1-D weight (an RMSNorm's) is swapped, while the module runs, for one row of weights per row
+  of input (shape (rows, 1, ..., d)), which broadcasts as the weight did. Other trainable tensors are refused.
+
+No weight-sized copy is made per member.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from zo_objectives.optimizer import MeZO
+    from zo_objectives.population import Population
+
+# modules whose functional form checks the weight's shape: a weight per row of input cannot stand in for theirs
+SHAPE_CHECKED = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm, torch.nn.modules.batchnorm._NormBase)
+CACHE_SHARE = 0.02  # factors kept between the forwards of one scoring, as a share of the trainable values
+
+
+class _Hooks:
+    """While active (``with``), a subclass's ``_pre`` runs before every module's forward and its ``_post`` after it
+    (even when the forward raises), through process-wide module hooks. A weight swapped in with :meth:`_put` is put
+    back when its module returns, and at the latest when the block ends (a KeyboardInterrupt skips the hooks)."""
+
+    def __init__(self, opt: MeZO, targets: dict[int, int]):
+        self.opt, self.targets = opt, targets  # targets: id(trainable tensor) -> its index
+        self.swapped: dict[int, list] = {}  # id(module) -> [(module, name, original)] put back when it returns
+
+    def _put(self, module: torch.nn.Module, swaps: list[tuple[torch.nn.Module, str, torch.Tensor]]) -> None:
+        """Put each (sub, name, tensor) of ``swaps`` in place of ``sub``'s parameter ``name`` until ``module``
+        returns."""
+        originals = self.swapped.setdefault(id(module), [])
+        for sub, name, tensor in swaps:
+            originals.append((sub, name, sub._parameters[name]))
+            sub._parameters[name] = tensor
+
+    def _restore(self, key: int) -> None:
+        """Put back what was swapped until the module whose id is ``key`` returns."""
+        for sub, name, p in self.swapped.pop(key, ()):
+            sub._parameters[name] = p
+
+    def __enter__(self) -> _Hooks:
+        from torch.nn.modules import module as nn_module
+
+        self.handles = [nn_module.register_module_forward_pre_hook(self._pre),
+                        nn_module.register_module_forward_hook(self._post, always_call=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+        for key in list(self.swapped):  # modules whose forward was left before their hook ran
+            self._restore(key)
+
+
+@contextmanager
+def _normal_no_grad():
+    """Build normal tensors (not inference-mode ones) without autograd history."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
+def _by_output_kind(module: torch.nn.Module, name: str, p: torch.Tensor) -> bool:
+    """Whether a weight may be perturbed through its module's output (table noise; see :class:`_Perturbed`)."""
+    return name == "weight" and (type(module) is torch.nn.Embedding or (
+        type(module) is torch.nn.Linear and p.numel() >= _Perturbed.BY_OUTPUT))
+
+
+class _Flats(dict):
+    """index -> the flat view of a tensor, made on first use."""
+
+    def __init__(self, params: dict[int, torch.Tensor]):
+        super().__init__()
+        self.params = params
+
+    def __missing__(self, index: int) -> torch.Tensor:
+        flat = self[index] = self.params[index].detach().view(-1)
+        return flat
+
+
+class _Layout:
+    """What the hooks need to know of each module, found once per step (on a module's first forward, for it and
+    every module under it) instead of at every forward. A group is the trainable tensors under one entry of a
+    ``ModuleList`` (a decoder layer): at that entry's forward they are perturbed with one multi-tensor add and
+    swapped in, and at its return swapped back, so the modules inside find their weights perturbed already and
+    at most one layer's perturbed copy exists at a time. Modules with nothing to do map to None: their hooks
+    return at once."""
+
+    def __init__(self, opt: MeZO):
+        self.params = {index: p for index, p, _ in opt._params()}
+        self.targets = {id(p): index for index, p in self.params.items()}
+        self.flats = _Flats(self.params)
+        self.table = opt.noise.kind == "table"
+        self.z: dict[tuple[int, int], torch.Tensor] = {}  # (seed, index) -> z of a one-chunk tensor: a table view
+        self.batches: dict[tuple, tuple] = {}  # indices perturbed together -> what _Perturbed._copies needs
+        self.zs: dict[tuple, list[torch.Tensor]] = {}  # (seed, indices) -> their z, shaped (table noise)
+        # id(module) -> None, or (own: its (name, index, tensor) that its own hook perturbs, group: the (module,
+        # name, index, tensor, by-output kind) of a group it is the entry of, dropout: whether it is a dropout)
+        self.modules: dict[int, tuple | None] = {}
+        self.held: list[torch.nn.Module] = []  # keeps every module found alive, so that no id is reused in a step
+
+    def find(self, module: torch.nn.Module) -> tuple | None:
+        if id(module) not in self.modules:
+            self._walk(module)
+        return self.modules[id(module)]
+
+    def _slots(self, module: torch.nn.Module) -> list[tuple[str, int, torch.Tensor]]:
+        if not module._parameters:
+            return []
+        return [(name, self.targets[id(p)], p) for name, p in module._parameters.items()
+                if p is not None and id(p) in self.targets]
+
+    def _walk(self, module: torch.nn.Module, group: list | None = None) -> None:
+        """Record ``module`` and those under it; ``group``: the slots of the group it is under, filled here."""
+        if id(module) in self.modules:
+            return
+        slots = self._slots(module)
+        if group is not None:  # the module's own hook then finds its weights swapped by the group, unless it
+            # runs outside the group's forward too (a module shared), or they go through its output
+            group += [(module, name, index, p, self.table and _by_output_kind(module, name, p))
+                      for name, index, p in slots]
+        self.modules[id(module)] = None  # set before the children: a module met again is not walked again
+        self.held.append(module)
+        entries: dict[int, list] = {}
+        for child in module._modules.values():
+            if child is None:
+                continue
+            if group is None and isinstance(module, torch.nn.ModuleList):  # each entry is a group
+                entries[id(child)] = []
+                self._walk(child, entries[id(child)])
+            else:
+                self._walk(child, group)
+        for child in module._modules.values():
+            if child is not None and id(child) in entries:
+                own, _, dropout = self.modules[id(child)] or ((), (), False)
+                if own or entries[id(child)] or dropout:
+                    self.modules[id(child)] = (own, tuple(entries[id(child)]), dropout)
+        dropout = isinstance(module, torch.nn.modules.dropout._DropoutNd)
+        if slots or dropout:
+            self.modules[id(module)] = (tuple(slots), (), dropout)
+
+
+class _Perturbed(_Hooks):
+    """While active, every module forward sees its trainable weights as ``w + scale * eps * z`` (MeZO).
+
+    Usually a weight is swapped for a temporary perturbed copy while its module runs: for the weights of a
+    decoder layer, all at once at the layer's entry (one multi-tensor add, the same values as one add per
+    weight), dropped when the layer returns (see :class:`_Layout`). With table noise, two large weights are
+    perturbed through their output instead, so that no copy of them is made: an embedding's output gets
+    ``eps * z`` of the rows it looked up (the same values, bitwise), and a linear layer of at least
+    ``BY_OUTPUT`` values applied to at most ``SMALL_INPUT`` rows (an LM head under ``logits_to_keep``) gets
+    ``eps * x @ z.T``, by blocks of rows. ``layout``: the step's, shared by its closure calls (new when None)."""
+
+    SMALL_INPUT = 64  # rows of input under which x @ z.T (a matmul that small) is cheaper than copying the weight
+    BY_OUTPUT = 1 << 16  # values under which a weight's copy costs less than the extra kernels of x @ z.T
+    GATHER = 1 << 18  # values of z gathered at a time for an embedding's output: bounds the index buffers
+
+    def __init__(self, opt: MeZO, seed: int, scale: float, layout: _Layout | None = None):
+        self.layout = layout or _Layout(opt)
+        super().__init__(opt, self.layout.targets)
+        self.seed, self.alpha = seed, scale * opt.eps
+        self.seen: set[int] = set()
+        self.through_output: dict[int, tuple[int, torch.Tensor]] = {}  # id(module) -> (index, weight)
+
+    def _z(self, index: int, flat: torch.Tensor) -> torch.Tensor:
+        """z of a tensor of one chunk (what ``Noise.chunks`` yields); table slices kept for the step's other pass."""
+        noise, key = self.opt.noise, (self.seed, index)
+        if noise.kind != "table":
+            return next(noise.chunks(self.seed, index, flat))[1]
+        z = self.layout.z.get(key)
+        if z is None:
+            offset = noise._offset(flat.numel(), self.seed, index, 0)
+            z = self.layout.z[key] = noise._table(flat.device, flat.dtype)[offset:offset + flat.numel()]
+        return z
+
+    def _copies(self, indices: list[int]) -> dict[int, torch.nn.Parameter]:
+        """Perturbed copies of the tensors ``indices``: those of one chunk with one multi-tensor add.
+
+        Each a normal (not inference-mode) Parameter like the original: torch picks matmul kernels by it. As a
+        plain or inference tensor, SmolLM2's tied lm_head took a batched matmul over an 8x expanded copy of its
+        weight (1.1 s instead of 9 ms in bf16). The contexts are entered only when needed: they cost as much as
+        the kernel launch of a small layer's perturbation."""
+        layout, key = self.layout, tuple(indices)
+        batch = layout.batches.get(key)
+        if batch is None:  # the tensors of one chunk (and their shaped weights), and the others
+            one = [i for i in indices if 0 < layout.flats[i].numel() <= self.opt.noise.chunk_size]
+            batch = layout.batches[key] = (one, [layout.params[i].detach() for i in one],
+                                           [i for i in indices if i not in set(one)])
+        one, weights, rest = batch
+        zs = layout.zs.get((self.seed, key))
+        if zs is None:
+            zs = [self._z(i, layout.flats[i]).view_as(layout.params[i]) for i in one]
+            if layout.table:  # views of the table: kept for the step's other pass
+                layout.zs[(self.seed, key)] = zs
+        needed = torch.is_inference_mode_enabled() or torch.is_grad_enabled()
+        with _normal_no_grad() if needed else nullcontext():
+            out = dict(zip(one, torch._foreach_add(weights, zs, alpha=self.alpha))) if one else {}
+            for i in rest:
+                out[i] = self._perturb(i).view_as(layout.params[i])
+            return {i: torch.nn.Parameter(t, requires_grad=layout.params[i].requires_grad) for i, t in out.items()}
+
+    def _perturb(self, index: int) -> torch.Tensor:
+        flat = self.layout.flats[index]
+        if 0 < flat.numel() <= self.opt.noise.chunk_size:  # one chunk: a single kernel
+            return torch.add(flat, self._z(index, flat), alpha=self.alpha)
+        out = torch.empty_like(flat)
+        for where, z in self.opt.noise.chunks(self.seed, index, flat):
+            torch.add(flat[where], z, alpha=self.alpha, out=out[where])
+        return out
+
+    def _by_output(self, module: torch.nn.Module, name: str, args, weight: torch.Tensor) -> bool:
+        if not (self.layout.table and args and _by_output_kind(module, name, weight)):
+            return False
+        if type(module) is torch.nn.Embedding:
+            return module.max_norm is None  # max_norm renormalizes the looked-up rows of the weight itself
+        return isinstance(args[0], torch.Tensor) and args[0].numel() // max(1, args[0].shape[-1]) <= self.SMALL_INPUT
+
+    def _swap(self, module: torch.nn.Module, slots: list[tuple[torch.nn.Module, str, int, torch.Tensor]]) -> None:
+        """Swap perturbed copies in for ``slots`` (module, name, index, tensor) until ``module`` returns."""
+        copies = self._copies(list(dict.fromkeys(index for _, _, index, _ in slots)))
+        self._put(module, [(sub, name, copies[index]) for sub, name, index, _ in slots])
+        self.seen.update(copies)
+
+    def _pre(self, module: torch.nn.Module, args) -> None:
+        info = self.layout.find(module)
+        if info is None:
+            return
+        own, group, dropout = info
+        slots = []
+        if group:  # a layer's entry: all its weights at once, but those its modules may perturb through their output
+            small = bool(args) and isinstance(args[0], torch.Tensor) and args[0].ndim > 0 and (
+                args[0].numel() // max(1, args[0].shape[-1]) <= self.SMALL_INPUT)
+            slots += [(sub, name, index, p) for sub, name, index, p, by_output in group
+                      if sub._parameters.get(name) is p and not (by_output and small)]
+        for name, index, p in own:
+            if module._parameters.get(name) is not p:
+                continue  # swapped by its layer
+            if self._by_output(module, name, args, p):
+                self.seen.add(index)
+                self.through_output[id(module)] = (index, p)
+            else:
+                slots.append((module, name, index, p))
+        if slots:
+            self._swap(module, slots)
+        if dropout and module.training and module.p > 0:
+            if not self.opt._warned_training:
+                self.opt._warned_training = True
+                warnings.warn("MeZO: dropout is active (the model is in training mode): it makes the two losses of "
+                              "an estimate differ. Call model.eval() first", stacklevel=2)
+
+    def _post(self, module: torch.nn.Module, args, output):
+        if self.layout.modules.get(id(module)) is None:
+            return None
+        self._restore(id(module))
+        if id(module) not in self.through_output:
+            return None
+        index, p = self.through_output.pop(id(module))
+        flat, noise, width = self.layout.flats[index], self.opt.noise, p.shape[1]
+        offsets = noise.offsets(self.seed, index, flat.numel())
+        if isinstance(module, torch.nn.Embedding):  # output[i] = w[ids[i]]: add z of that row
+            ids, out, rows = args[0].reshape(-1), output.view(-1, width), max(1, self.GATHER // width)
+            columns, where = torch.arange(width, device=p.device), torch.tensor(offsets, device=p.device)
+            for start in range(0, ids.numel(), rows):
+                positions = ids[start:start + rows, None] * width + columns
+                out[start:start + rows].add_(noise.gather(flat, where, positions), alpha=self.alpha)
+            return output
+        # output = x @ w.T: add x @ z.T, a block of z's rows at a time. x as a contiguous 2-D matrix: a strided 3-D
+        # one (h[:, -1:]) sends torch's matmul to a batched kernel that copies z once per row of x
+        x = args[0].reshape(-1, width).contiguous()
+        rows = max(1, noise.chunk_size // width)  # at most a noise chunk of z at a time: bounded buffers
+        for start in range(0, p.shape[0], rows):
+            stop = min(start + rows, p.shape[0])
+            z = noise.span(flat, offsets, start * width, stop * width).view(stop - start, width)
+            correction = torch.nn.functional.linear(x, z).view(*output.shape[:-1], stop - start)
+            output[..., start:stop].add_(correction, alpha=self.alpha)
+        return output
+
+
+class _Members(_Hooks):
+    """While active, row block i of every module's input sees the perturbation of member i of the pairs ``seeds``
+    (a population's; see the module docstring)."""
+
+    def __init__(self, opt: Population, seeds: Sequence[int]):
+        super().__init__(opt, {id(p): index for index, p, _ in opt._params()})
+        self.seeds, self.alpha = list(seeds), opt.eps
+        self.outputs: dict[int, list[tuple[str, int, torch.Tensor]]] = {}  # id(module) -> perturbed via its output
+        self.positions: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Factors kept for the next forward (each decoding step of generate runs every module again), up to
+        # CACHE_SHARE of the trainable values: beyond that they are regenerated, so memory stays near inference's
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.room = CACHE_SHARE * sum(p.numel() for _, p, _ in opt._params())
+
+    def _stack(self, index: int, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Every local pair's factors in ``p``'s dtype: A (pairs, out, r) and B (pairs, in, r), or z (pairs, n)."""
+        if index in self.cache:
+            return self.cache[index]
+        (rows, cols), r, noise = self.opt._factor_shape(p), self.opt.perturbation_rank, self.opt.noise
+        n = (rows + cols) * r if cols else rows
+        if noise.kind == "table":  # one gather for all pairs: the values _factors reads, chunk by chunk
+            if (n, p.device) not in self.positions:  # (chunk, place in it) of each value; tensors share shapes
+                at = torch.arange(n, device=p.device)
+                self.positions[(n, p.device)] = at // noise.chunk_size, at % noise.chunk_size
+            chunk, within = self.positions[(n, p.device)]
+            offsets = torch.tensor([noise.offsets(seed, index, n) for seed in self.seeds], device=p.device)
+            values = noise._table(p.device, p.dtype)[offsets[:, chunk] + within]
+        else:
+            values = torch.empty(len(self.seeds), n, device=p.device)
+            for k, seed in enumerate(self.seeds):
+                self.opt._factors(seed, index, p, out=values[k])
+            values = values.to(p.dtype)
+        factors = (values, None) if not cols else (values[:, : rows * r].view(-1, rows, r),
+                                                   values[:, rows * r:].view(-1, cols, r))
+        if values.numel() <= self.room:
+            self.room -= values.numel()
+            self.cache[index] = factors
+        return factors
+
+    def _blocks(self, rows: int, module: torch.nn.Module) -> int:
+        """Rows per member in a forward of ``rows`` rows."""
+        members = 2 * len(self.seeds)
+        if rows % members:
+            raise ValueError(f"a forward of {rows} rows through {type(module).__name__} cannot hold {members} members: "
+                             "repeat the batch once per member, rows grouped by member (PopulationObjective does)")
+        return rows // members
+
+    def _pre(self, module: torch.nn.Module, args) -> None:
+        swaps, outputs = [], []
+        for name, p in module._parameters.items():
+            index = self.targets.get(id(p)) if p is not None else None
+            if index is None:
+                continue
+            if type(module) in (torch.nn.Linear, torch.nn.Embedding) and name in ("weight", "bias"):
+                if isinstance(module, torch.nn.Embedding) and module.max_norm is not None:
+                    raise ValueError("population perturbations do not support an Embedding with max_norm")
+                outputs.append((name, index, p))
+            elif (p.ndim == 1 and args and isinstance(args[0], torch.Tensor) and args[0].ndim >= 1
+                  and not isinstance(module, SHAPE_CHECKED)):
+                swaps.append((name, index, p))
+            else:
+                raise ValueError(f"population perturbations cover Linear and Embedding weights and 1-D weights that "
+                                 f"broadcast over rows (norms); {type(module).__name__}.{name} {tuple(p.shape)} is "
+                                 "neither: freeze it (requires_grad=False) or use MeZO")
+        if outputs:
+            self.outputs[id(module)] = outputs
+        if swaps:
+            x = args[0]
+            per = self._blocks(x.shape[0], module)
+            sign = torch.tensor([1.0, -1.0], device=x.device)
+            for name, index, p in swaps:
+                z, _ = self._stack(index, p)  # (pairs, d)
+                w = (p.detach().float() + self.alpha * z.float()[:, None] * sign[None, :, None]).to(p.dtype)
+                shape = (x.shape[0],) + (1,) * (x.ndim - 2) + (p.shape[0],)
+                self._put(module, [(module, name, w.view(-1, p.shape[0]).repeat_interleave(per, 0).view(shape))])
+
+    def _post(self, module: torch.nn.Module, args, output):
+        self._restore(id(module))
+        outputs = self.outputs.pop(id(module), None)
+        if not outputs or output is None:  # None: the module's forward raised
+            return None
+        pairs, x = len(self.seeds), args[0]
+        self._blocks(x.shape[0], module)
+        out = output.view(pairs, 2, -1, output.shape[-1])  # (pair, sign, rows of a member, features)
+        sign = torch.tensor([1.0, -1.0], device=out.device, dtype=out.dtype).view(1, 2, 1, 1)
+        scale = self.alpha / math.sqrt(self.opt.perturbation_rank)
+        for name, index, p in outputs:
+            a, b = self._stack(index, p)
+            if name == "bias":
+                out.add_(a[:, None, None, :] * sign, alpha=self.alpha)
+            elif isinstance(module, torch.nn.Embedding):  # rows A_k[ids] @ B_k^T
+                ids = x.reshape(pairs, -1)
+                picked = torch.gather(a, 1, ids[..., None].expand(-1, -1, a.shape[-1]))  # (pairs, 2*rows, r)
+                low = (picked.view(pairs, 2, -1, a.shape[-1]) * sign).view(pairs, -1, a.shape[-1])
+                out.view(pairs, -1, out.shape[-1]).baddbmm_(low, b.transpose(1, 2), alpha=scale)
+            else:  # x @ B_k, signed, @ A_k^T, added by the matmul itself (no output-sized temporary)
+                low = torch.bmm(x.reshape(pairs, -1, x.shape[-1]), b)  # (pairs, 2*rows, r)
+                low = (low.view(pairs, 2, -1, low.shape[-1]) * sign).view(pairs, -1, low.shape[-1])
+                out.view(pairs, -1, out.shape[-1]).baddbmm_(low, a.transpose(1, 2), alpha=scale)
+        return output
