@@ -391,3 +391,21 @@ def test_an_interrupt_inside_a_swapped_norm_leaves_its_weight_as_it_was():
         opt.step(lambda: member_losses(model, 4))
     handle.remove()
     assert isinstance(norm.weight, torch.nn.Parameter) and same(weights(model), base) and not opt.trajectory
+
+
+def test_each_step_is_named_to_its_objective_as_in_mezo():
+    """A reward objective keys its sampled candidates and sampling seeds by current_step(): under a population too,
+    else a repeated batch would reuse one step's candidates and draw the same samples every step."""
+    from zo_objectives.optimizer import current_step
+
+    model = lm()
+    opt = Population(model.parameters(), lr=1e-3, population=4, seed=7)
+    seen = []
+
+    def closure():
+        seen.append(current_step())
+        return member_losses(model, 4)
+
+    for _ in range(2):
+        opt.step(closure)
+    assert seen == [(7, 0), (7, 1)] and current_step() is None

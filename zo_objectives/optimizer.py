@@ -175,8 +175,7 @@ class MeZO(Optimizer):
         seeds = self._seeds()
         pairs: list[tuple[float, float]] = []
         layout = _Layout(self)
-        token = _STEP.set((self.seed, len(self.trajectory)))
-        try:
+        with self._in_step():
             for seed in seeds:
                 if self.difference == "forward":
                     minus = self._score(closure, seed, None)
@@ -185,9 +184,16 @@ class MeZO(Optimizer):
                     plus = self._score(closure, seed, 1.0, layout)
                     minus = self._score(closure, seed, -1.0, layout)
                 pairs.append((plus, minus))
+        return self._update(seeds, pairs, sum(map(sum, pairs)) / (2 * len(seeds)))
+
+    @contextmanager
+    def _in_step(self) -> Iterator[None]:
+        """While the step's closure calls run: :func:`current_step` says which step it is."""
+        token = _STEP.set((self.seed, len(self.trajectory)))
+        try:
+            yield
         finally:
             _STEP.reset(token)
-        return self._update(seeds, pairs, sum(map(sum, pairs)) / (2 * len(seeds)))
 
     def _seeds(self) -> list[int]:
         """The seeds of the step's ``n_perturbations`` estimates: the next ones of the stream."""

@@ -105,7 +105,8 @@ class Population(MeZO):
             raise ValueError("Population.step needs a closure that returns one loss per member")
         seeds = self._seeds()
         mine = seeds[distributed.rank() * self.members // 2:][: self.members // 2]  # this rank's pairs
-        losses = exchange_losses(self.score(closure, mine))
+        with self._in_step():
+            losses = exchange_losses(self.score(closure, mine))
         if not self._reported and distributed.world_size() > 1:
             self._reported = True
             if distributed.is_main():
