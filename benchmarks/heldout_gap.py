@@ -49,15 +49,18 @@ def heldout(folder: Path, args: argparse.Namespace, tuned: bool = True) -> float
     if args.threads:
         torch.set_num_threads(args.threads)
     task = get_task(args.task)
-    name = json.loads((folder / "config.json").read_text())["model"] if tuned else args.model
-    model, tokenizer = load_model(name)
+    # in the dtype the runs were tuned and evaluated in (the untuned model: the runs' dtype, args.dtype)
+    config = json.loads((folder / "config.json").read_text()) if tuned else {"model": args.model, "dtype": args.dtype}
+    name = config["model"]
+    model, tokenizer = load_model(name, config.get("dtype", "fp32"))
     if tuned:
         load_run_weights(model, folder)
     examples = task.examples("dev")[args.start:args.end]
     began = time.time()
     value = evaluate_model(model.eval(), predictor_for(task, tokenizer), examples, get_metric(task.metric))
-    write_json(path, {"run": str(folder) if tuned else None, "model": name, "start": args.start, "end": args.end,
-                      "metric": task.metric, "value": value, "seconds": time.time() - began})
+    write_json(path, {"run": str(folder) if tuned else None, "model": name, "dtype": config.get("dtype", "fp32"),
+                      "start": args.start, "end": args.end, "metric": task.metric, "value": value,
+                      "seconds": time.time() - began})
     print(f"{folder if tuned else name}: {value:.4f}", flush=True)
     return value
 
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> list[list]:
     missing = [str(f) for pair in folders for f in pair if not (f / "model.safetensors").exists()]
     if missing:
         raise SystemExit(f"no tuned weights (model.safetensors) in: {', '.join(missing)}")
-    eval_size = json.loads((folders[0][0] / "config.json").read_text())["eval_size"]
+    first = json.loads((folders[0][0] / "config.json").read_text())
+    eval_size, args.dtype = first["eval_size"], first.get("dtype", "fp32")
     if args.start < eval_size:
         raise SystemExit(f"--start {args.start} overlaps the runs' own dev examples (the first {eval_size})")
     task = get_task(args.task)
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> list[list]:
               f"gap on both ({eval_size + n_held} examples)"]
     title = (f"Task {args.task}, dev {task.metric} x 100 of each run's tuned weights; "
              f"gap = {names[1]} minus {names[0]}. Runs: {', '.join(args.runs)}. "
-             f"The untuned model on dev {args.start}-{args.end}: {100 * values[base, False]:.1f}.")
+             f"The untuned model on dev {args.start}-{args.end}: {100 * values[base, False]:.1f}. Every evaluation "
+             f"in the runs' dtype ({args.dtype}).")
     publish(f"heldout_gap_{args.task}", f"Objective gap on held-out dev examples ({args.task})", title, header, rows,
             "cpu", args.write, params={"task": args.task, "configs": names, "start": args.start, "end": args.end,
                                        "eval_size": eval_size, "untuned": values[base, False]})
