@@ -250,6 +250,15 @@ def spread(values: list[float]) -> str:
                             " (1 seed)")
 
 
+def cpu_time(values: list[float | None]) -> str:
+    """The mean tuning CPU time of the runs that measured it (cells from before it was measured have none)."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return "-"
+    return f"{statistics.mean(known) / 60:.1f} min" + ("" if len(known) == len(values) else
+                                                      f" ({len(known)} of {len(values)} runs)")
+
+
 def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
     cells = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     rows, data = [], {}
@@ -282,8 +291,7 @@ def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
                          "" if len(ran) == len(GRIDS[method]) else f" (only {', '.join(f'{x:g}' for x in ran)} ran)"),
                      round(statistics.mean(c["scored_completions"] for c in mine)),
                      f"{statistics.mean(c.get('tune_seconds', c['seconds']) for c in mine) / 60:.1f} min",
-                     f"{statistics.mean(c['tune_cpu_seconds'] for c in mine) / 60:.1f} min" if all(
-                         "tune_cpu_seconds" in c for c in mine) else "-",
+                     cpu_time([c.get("tune_cpu_seconds") for c in mine]),
                      f"{max(c['peak_rss_mib'] for c in mine):.0f} MiB",
                      f"{statistics.mean(c['tied_fraction'] for c in mine):.0%}" if "tied_fraction" in mine[0] else "-",
                      len(mine)])
@@ -314,7 +322,10 @@ def main(argv: list[str] | None = None) -> None:
              "is deterministic). Each tuned method's lr was chosen by the greedy reward on "
              f"{args.train_eval} training prompts after tuning with seed 0. Best-of-n needs the reward at inference "
              "(an oracle) and n completions per prompt. Times and memory come from a CPU shared with other jobs: "
-             "they compare only roughly; the equal-wall-time budget was not run. The cells ran as "
+             "they compare only roughly; the equal-wall-time budget was not run. CPU time is the tuning process's "
+             "own (one thread), which other jobs inflate far less than its wall time; cells run before it was "
+             "recorded have none. The population row: N members at rank r score 2 x batch / N prompts each per step, "
+             "the members' completions decoded in one batched generate. The cells ran as "
              f"`python benchmarks/reward_comparison.py --task {args.task} --run` (resumable: one JSON per cell under "
              f"benchmarks/results/reward_comparison/{args.task}/, seed 0 grid cells included); rows with fewer runs "
              "or grid points than the others stopped for time.")
