@@ -11,6 +11,13 @@ negative true gradient of the same loss (mean next-token cross-entropy of a fixe
 MeZO n-SPSA scores 2 n B rows, a population of N members N B rows. Mean and standard deviation over trials
 (seeds); random directions in this model's dimension give |cosine| ~ 1/sqrt(parameters).
 
+Quality per time: SST-2 dev accuracy against tuning time, MeZO at ``make run``'s settings against population
+settings, each a ``zo-tune`` run in its own process (one thread, evaluating every ``--eval-every`` steps on all
+872 dev sentences). Time is the process CPU time of the tuning steps (metrics.jsonl's ``cpu_seconds``, the
+evaluations excluded): on a shared machine it counts this run's work, where wall time counts the others' too. A
+finished run folder (its eval.json has the result after tuning) is reused and a stopped one resumed, so the
+command resumes; the table compares the runs at MeZO's tuning time and at a third of it.
+
     python benchmarks/population.py                                  # both, SmolLM2-135M throughput
     python benchmarks/population.py --part quality --trials 40
     python benchmarks/population.py --part memory --rows 16 --seq-len 64   # peak RSS against inference
@@ -18,12 +25,16 @@ MeZO n-SPSA scores 2 n B rows, a population of N members N B rows. Mean and stan
     python benchmarks/population.py --write                          # store the JSON and BENCHMARKS.md sections
     python benchmarks/population.py --part throughput --dtype bf16 --suffix _bf16 --write
     python benchmarks/population.py --part throughput --device cuda --rows 1024 --suffix _cuda --write  # a GPU
+    python benchmarks/population.py --part time --write              # the runs (hours on a shared CPU), the table
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +44,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import forward, publish, setup  # noqa: E402
+from _common import ROOT, _relative, forward, publish, setup  # noqa: E402
 
 from zo_objectives.noise import mix  # noqa: E402
 from zo_objectives.optimizer import MeZO  # noqa: E402
@@ -148,9 +159,93 @@ def quality(args: argparse.Namespace) -> list[list]:
     return rows
 
 
+# zo-tune flags beyond make run's defaults (400 steps, batch 16, lr 1e-5, --dtype auto: bf16 here). Population
+# settings chosen by reasoning, not on dev: 32 rows per step as MeZO's (N members x B examples = 2 x 16), and
+# MeZO's lr times the N/2 pairs averaged per step (the estimate's variance falls by N/2, so the step may grow as
+# much, as n-SPSA's does); 600 steps so that each outlasts MeZO's tuning time (a population step costs a little
+# less CPU than MeZO's two passes: fewer padded tokens in a batch of 2)
+MEZO = "MeZO (make run)"
+TIME_RUNS = {
+    MEZO: [],
+    "population N = 16, r = 1, batch 2, lr 8e-5": ["--population", "16", "--perturbation-rank", "1", "--batch-size",
+                                                    "2", "--lr", "8e-5", "--steps", "600"],
+    "population N = 4, r = 4, batch 8, lr 2e-5": ["--population", "4", "--perturbation-rank", "4", "--batch-size", "8",
+                                                   "--lr", "2e-5", "--steps", "600"],
+}
+
+
+def time_folder(args: argparse.Namespace, name: str) -> Path:
+    flags = TIME_RUNS[name]
+    short = "mezo" if not flags else f"pop{flags[1]}r{flags[3]}"
+    return Path(args.runs) / f"sst2_{short}"
+
+
+def time_runs(args: argparse.Namespace) -> None:
+    """Each configuration's zo-tune run, unless its folder holds the finished run (resumed where it stopped)."""
+    for name, flags in TIME_RUNS.items():
+        folder = time_folder(args, name)
+        if "after" in _read(folder / "eval.json"):
+            continue
+        resume = ["--resume"] if (folder / "trajectory.json").exists() else ["--overwrite"]
+        command = [sys.executable, "-m", "zo_objectives.cli", "--eval-every", str(args.eval_every), "--no-progress",
+                   "--output-dir", str(folder), *resume, *flags]
+        print(" ".join(command), file=sys.stderr, flush=True)
+        subprocess.run(command, check=False, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _read(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def curve(folder: Path) -> tuple[list[dict], dict]:
+    """The run's dev evaluations (step, tuning CPU and wall seconds up to it, accuracy; step 0: before tuning), and
+    its steps so far with their total CPU and wall seconds."""
+    points, cpu, wall, step = [{"step": 0, "cpu_seconds": 0.0, "wall_seconds": 0.0,
+                                "accuracy": _read(folder / "eval.json").get("before")}], 0.0, 0.0, 0
+    for line in (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").exists() else []:
+        row = json.loads(line)
+        cpu, wall, step = cpu + row["cpu_seconds"], wall + row["seconds"], row["step"]
+        if "eval" in row:
+            points.append({"step": step, "cpu_seconds": cpu, "wall_seconds": wall, "accuracy": row["eval"]})
+    return points, {"steps": step, "cpu_seconds": cpu, "wall_seconds": wall}
+
+
+def time_table(args: argparse.Namespace) -> tuple[list[list], dict]:
+    """MeZO's tuning CPU time for all its steps (from its mean per step while its run is unfinished) and its final
+    accuracy (while unfinished: that of the finished make run ``args.target_run``), and each run against them."""
+    runs = {name: curve(time_folder(args, name)) for name in TIME_RUNS}
+    folder = time_folder(args, MEZO)
+    done, planned = runs[MEZO][1], _read(folder / "config.json").get("steps", 400)
+    budget = done["cpu_seconds"] / max(1, done["steps"]) * planned
+    finished = _read(folder / "eval.json").get("after")
+    target = finished if finished is not None else _read(Path(args.target_run) / "eval.json").get("after")
+    if target is None or not done["steps"]:
+        raise SystemExit(f"population.py: MeZO's run in {folder} has no steps yet, or is unfinished and "
+                         f"--target-run {args.target_run} has no final accuracy")
+
+    def at(points: list[dict], total: dict, seconds: float) -> list[str]:
+        """The accuracy of the last evaluation within ``seconds`` of tuning CPU time, and its step."""
+        point = [p for p in points if p["cpu_seconds"] <= seconds * 1.001][-1]
+        short = total["cpu_seconds"] < seconds * 0.98 and point is points[-1]  # the run stopped before it
+        return [f"{point['accuracy']:.3f}", f"{point['step']}{' (its last)' if short else ''}"]
+
+    rows = []
+    for name, (points, total) in runs.items():
+        reached = next((p for p in points if p["step"] and p["accuracy"] >= target), None)
+        to_target = ["not reached", "-"] if reached is None else [
+            f"{reached['cpu_seconds'] / budget:.2f}", f"{reached['cpu_seconds']:.0f} s (step {reached['step']})"]
+        rows.append([name, total["steps"], f"{total['cpu_seconds'] / max(1, total['steps']):.2f}",
+                     *at(points, total, budget / 3), *at(points, total, budget), *to_target,
+                     f"{total['wall_seconds'] / 60:.1f} min"])
+    return rows, {"curves": {name: points for name, (points, _) in runs.items()},
+                  "totals": {name: total for name, (_, total) in runs.items()}, "budget_cpu_seconds": budget,
+                  "target_accuracy": target, "mezo_finished": finished is not None, "mezo_steps": planned}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", choices=("throughput", "quality", "memory", "all"), default="all")
+    parser.add_argument("--part", choices=("throughput", "quality", "memory", "time", "all"), default="all",
+                        help="all: throughput, memory and quality (time runs for hours)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
@@ -166,6 +261,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budgets", type=int, nargs="+", default=[2, 8, 32], help="members (rows / batch) compared")
     parser.add_argument("--quality-batch", type=int, default=4)
     parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--runs", default=str(ROOT / "runs" / "population_time"), help="time: the run folders")
+    parser.add_argument("--eval-every", type=int, default=50, help="time: steps between dev evaluations")
+    parser.add_argument("--target-run", default=str(ROOT / "runs" / "default"),
+                        help="time: a finished make run whose final accuracy is the target while MeZO's run is not")
+    parser.add_argument("--no-run", action="store_true", help="time: tabulate the runs there are, run nothing")
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--suffix", default="", help="appended to the section names (e.g. _cuda)")
     args = parser.parse_args(argv)
@@ -205,6 +305,40 @@ def main(argv: list[str] | None = None) -> dict:
             f"{args.trials} seeds. Rows scored: MeZO n-SPSA 2 n B, a population N B.",
             ["estimator", "rows scored", "mean cosine", "sd"], rows, "cpu", args.write,
             params={"trials": args.trials, "batch": args.quality_batch})
+    if args.part == "time":
+        if not args.no_run:
+            time_runs(args)
+        rows, data = time_table(args)
+        config = _read(time_folder(args, MEZO) / "config.json")
+        dtype, machine = config.get("dtype"), config.get("hardware", {})
+        budget, steps = data["budget_cpu_seconds"], data["mezo_steps"]
+        if data["mezo_finished"]:
+            mezo_note = ""
+        else:
+            done = data["totals"][MEZO]["steps"]
+            mezo_note = (f" MeZO's run here stopped at step {done} of {steps} for time: its tuning time for {steps} "
+                         f"steps is its mean CPU time per step x {steps}, and the target is the final accuracy of the "
+                         f"finished make run in {_relative(args.target_run)} (the same settings; not bitwise the same "
+                         "trajectory where the thread count differed).")
+        out["time"] = publish(
+            "population_time", "Population quality per time (SST-2)",
+            f"SmolLM2-135M-Instruct on SST-2 ({dtype}), accuracy objective: dev accuracy (all 872 sentences) at a "
+            f"third of MeZO's tuning CPU time and at all of it ({budget:.0f} s for make run's {steps} steps), and "
+            f"the CPU time each needs to reach MeZO's final accuracy ({data['target_accuracy']:.3f}); every run has "
+            "32 rows per step and the same 1000 training sentences.",
+            ["run", "steps run", "CPU s per step", "dev accuracy at 1/3 of MeZO's time", "its step",
+             "dev accuracy at MeZO's time", "its step", "time to MeZO's final accuracy, x MeZO's", "CPU seconds",
+             "wall time (all steps; shared CPU)"], rows, "cpu", args.write,
+            notes="Each run is a zo-tune process with one thread (OMP_NUM_THREADS=1), evaluated every "
+                  f"{args.eval_every} steps; times are the process CPU seconds of the tuning steps (metrics.jsonl's "
+                  "cpu_seconds: the evaluations excluded), counted on a CPU other jobs shared, which slows a "
+                  "thread's work less than its wall time. Accuracies are those of the last evaluation within the "
+                  "time ('its last': the run stopped before that time). Population settings were chosen by "
+                  "reasoning (MeZO's rows per step; its lr times the pairs averaged), not on dev." + mezo_note
+                  + " Runs: " + "; ".join(" ".join(["`zo-tune --eval-every", str(args.eval_every), *f]) + "`"
+                                          for f in TIME_RUNS.values()) + ".",
+            params={"eval_every": args.eval_every, "runs": TIME_RUNS, **data},
+            environment={"hardware": machine["name"], "native_bf16": machine["native_bf16"]} if machine else None)
     return out
 
 

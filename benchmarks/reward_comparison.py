@@ -1,10 +1,12 @@
 """Reward tuning side by side: untuned greedy, best-of-n, MeZO (expected reward over candidates; evolution-strategy
-form), TRL's GRPOTrainer and, where gold answers exist, cross-entropy MeZO; same model, prompts and reward.
+form), a population in evolution-strategy form, TRL's GRPOTrainer and, where gold answers exist, cross-entropy
+MeZO; same model, prompts and reward.
 
 Every row is measured the same way: the weighted reward of greedy completions on the task's held-out prompts
 (``RewardObjective.evaluate``). Budgets are equal numbers of scored completions (``--completions``): MeZO's
 evolution-strategy form scores 2 x batch per step (each perturbed model decodes its own, greedy: with
-``n_perturbations`` pairs this is an ES estimate), the expected reward ``candidates`` x batch, GRPO
+``n_perturbations`` pairs this is an ES estimate), a population of N members N x batch (all members' completions
+decoded in one batched ``generate``, 2 x batch / N prompts per step), the expected reward ``candidates`` x batch, GRPO
 ``num_generations`` x prompts per step. Each method's learning rate is chosen over a grid of the same size by the
 reward on training prompts (never the held-out ones), with seed 0; the chosen one then runs seeds 1 and 2.
 
@@ -38,6 +40,7 @@ SEEDS = (0, 1, 2)
 GRIDS = {  # one grid size for every tuned method
     "mezo_es": (3e-4, 1e-3),  # normalized updates: the lr is the step length, whatever the reward's scale
     "mezo_expected": (3e-4, 1e-3),
+    "population_es": (3e-4, 1e-3),  # normalized updates too
     "grpo": (1e-5, 4e-5),  # Adam
     "mezo_ce": (1e-6, 1e-5),  # plain SGD on cross-entropy (MeZO's range)
 }
@@ -57,6 +60,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="prompts per MeZO evolution-strategy step")
     p.add_argument("--candidates", type=int, default=4, help="sampled completions per prompt (expected reward, "
                                                              "GRPO's num_generations)")
+    p.add_argument("--population", type=int, default=8, help="members of the population's evolution-strategy steps")
+    p.add_argument("--perturbation-rank", type=int, default=1, help="rank of each population member's perturbation")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
     p.add_argument("--cell", help="run one cell (method:lr:seed) and write its JSON")
     p.add_argument("--run", action="store_true", help="run every cell not yet done, then tabulate")
@@ -102,12 +107,15 @@ def best_of_n(model, tokenizer, scorer, examples, n: int, seed: int, tokens: int
 
 
 def tune_mezo(method: str, lr: float, seed: int, args, model, tokenizer, greedy, train, reward) -> dict:
-    from zo_objectives import CrossEntropy, GenerationPredictor, MeZO, RewardObjective
+    from zo_objectives import CrossEntropy, GenerationPredictor, MeZO, Population, RewardObjective
     from zo_objectives import train as run_steps
 
     if method == "mezo_es":  # each perturbed model decodes its own completions, greedy
         objective, batch, per_step = RewardObjective(greedy, [reward]), args.batch_size, 2 * args.batch_size
         update = "normalized"
+    elif method == "population_es":  # as mezo_es, the members' completions decoded in one batched generate
+        batch = max(1, 2 * args.batch_size // args.population)
+        objective, per_step, update = RewardObjective(greedy, [reward]), args.population * batch, "normalized"
     elif method == "mezo_expected":
         sampler = GenerationPredictor(tokenizer, max_new_tokens=greedy.max_new_tokens, temperature=1.0,
                                       sample_seed=seed)
@@ -117,10 +125,18 @@ def tune_mezo(method: str, lr: float, seed: int, args, model, tokenizer, greedy,
     else:  # cross-entropy on the gold answers: no completion is generated or scored while tuning
         objective, batch, per_step, update = CrossEntropy(greedy), args.batch_size, 2 * args.batch_size, "sgd"
     steps = max(1, args.completions // per_step)
-    optimizer = MeZO([p for p in model.parameters() if p.requires_grad], lr=lr, eps=1e-3, seed=seed, update=update)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if method == "population_es":
+        optimizer = Population(params, lr=lr, eps=1e-3, seed=seed, update=update, population=args.population,
+                               perturbation_rank=args.perturbation_rank)
+    else:
+        optimizer = MeZO(params, lr=lr, eps=1e-3, seed=seed, update=update)
     history = run_steps(model, optimizer, objective, train, steps=steps, batch_size=batch, seed=seed, progress=False)
-    return {"steps": steps, "batch": batch, "update": update, "scored_completions": 0 if method == "mezo_ce" else
-            steps * per_step, "tied_fraction": sum(r["tied"] for r in history) / len(history)}
+    extra = {"population": args.population, "perturbation_rank": args.perturbation_rank} if isinstance(
+        optimizer, Population) else {}
+    return {"steps": steps, "batch": batch, "update": update, **extra,
+            "scored_completions": 0 if method == "mezo_ce" else steps * per_step,
+            "tied_fraction": sum(r["tied"] for r in history) / len(history)}
 
 
 def tune_grpo(lr: float, seed: int, args, model, tokenizer, greedy, train, reward) -> dict:
@@ -171,12 +187,13 @@ def run_cell(args: argparse.Namespace) -> dict:
         out.update(after=best_of_n(model, tokenizer, scorer, held_out, n, seed, tokens),
                    scored_completions=n * len(held_out))
     else:
-        tuned = time.perf_counter()  # (before tuning: the greedy cell, the same untuned model)
+        tuned, cpu = time.perf_counter(), time.process_time()  # (before tuning: the greedy cell's untuned model)
         if method == "grpo":
             out.update(tune_grpo(lr, seed, args, model, tokenizer, greedy, train, reward))
         else:
             out.update(tune_mezo(method, lr, seed, args, model, tokenizer, greedy, train, reward))
         out["tune_seconds"] = time.perf_counter() - tuned
+        out["tune_cpu_seconds"] = time.process_time() - cpu  # one thread: the work, whatever else the machine runs
         out["train_after"] = scorer.evaluate(model, train_eval, greedy)[0]
         out["after"] = scorer.evaluate(model, held_out, greedy)[0]
     out["seconds"] = time.perf_counter() - t0
@@ -233,36 +250,54 @@ def spread(values: list[float]) -> str:
                             " (1 seed)")
 
 
+def cpu_time(values: list[float | None]) -> str:
+    """The mean tuning CPU time of the runs that measured it (cells from before it was measured have none)."""
+    known = [v for v in values if v is not None]
+    if not known:
+        return "-"
+    return f"{statistics.mean(known) / 60:.1f} min" + ("" if len(known) == len(values) else
+                                                      f" ({len(known)} of {len(values)} runs)")
+
+
 def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
     cells = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
     rows, data = [], {}
     names = {"greedy": "untuned, greedy", "best_of_4": "best of 4 samples (oracle: picked by the reward)",
              "best_of_16": "best of 16 samples (oracle: picked by the reward)",
              "mezo_es": "MeZO, evolution-strategy form (each perturbed model decodes greedily)",
+             "population_es": "population, evolution-strategy form (all members decode greedily in one batched "
+                              "generate)",
              "mezo_expected": "MeZO, expected reward over 4 sampled candidates", "grpo": "TRL GRPOTrainer",
              "mezo_ce": "MeZO, cross-entropy on the gold answers"}
     for method, label in names.items():
         mine = [c for c in cells if c["method"] == method]
         if not mine:
             continue
+        if "population" in mine[0]:
+            first = mine[0]
+            label = label.replace("population,", f"population of {first['population']} (rank "
+                                                 f"{first['perturbation_rank']}; {first['batch']} prompts per step),")
         lr = chosen_lr(folder, method, partial=True) if method in GRIDS else None
         if method in GRIDS:
             mine = [c for c in mine if c["lr"] == lr]
             ran = sorted({c["lr"] for c in cells if c["method"] == method and c["seed"] == 0})
         befores = [c["after"] for c in cells if c["method"] == "greedy"] * bool(method in GRIDS)
         afters = [c["after"] for c in mine]
-        data[method] = {"lr": lr, "after": afters, "before": befores, "seeds": [c["seed"] for c in mine]}
+        data[method] = {"lr": lr, "after": afters, "before": befores, "seeds": [c["seed"] for c in mine],
+                        "tune_cpu_seconds": [c.get("tune_cpu_seconds") for c in mine]}
         rows.append([label, f"{befores[0]:.3f}" if befores else "-",
                      f"{afters[0]:.3f} (greedy: deterministic)" if method == "greedy" else spread(afters),
                      "-" if lr is None else f"{lr:g} of {', '.join(f'{x:g}' for x in GRIDS[method])}" + (
                          "" if len(ran) == len(GRIDS[method]) else f" (only {', '.join(f'{x:g}' for x in ran)} ran)"),
                      round(statistics.mean(c["scored_completions"] for c in mine)),
                      f"{statistics.mean(c.get('tune_seconds', c['seconds']) for c in mine) / 60:.1f} min",
+                     cpu_time([c.get("tune_cpu_seconds") for c in mine]),
                      f"{max(c['peak_rss_mib'] for c in mine):.0f} MiB",
                      f"{statistics.mean(c['tied_fraction'] for c in mine):.0%}" if "tied_fraction" in mine[0] else "-",
                      len(mine)])
     header = ["method", "held-out reward before", "held-out reward after (greedy)", "lr (chosen on training prompts)",
-              "scored completions", "time (tuning; shared CPU)", "peak RSS", "MeZO steps tied", "runs"]
+              "scored completions", "time (tuning; shared CPU)", "CPU time (tuning, 1 thread)", "peak RSS",
+              "MeZO steps tied", "runs"]
     return header, rows, data
 
 
@@ -287,7 +322,10 @@ def main(argv: list[str] | None = None) -> None:
              "is deterministic). Each tuned method's lr was chosen by the greedy reward on "
              f"{args.train_eval} training prompts after tuning with seed 0. Best-of-n needs the reward at inference "
              "(an oracle) and n completions per prompt. Times and memory come from a CPU shared with other jobs: "
-             "they compare only roughly; the equal-wall-time budget was not run. The cells ran as "
+             "they compare only roughly; the equal-wall-time budget was not run. CPU time is the tuning process's "
+             "own (one thread), which other jobs inflate far less than its wall time; cells run before it was "
+             "recorded have none. The population row: N members at rank r score 2 x batch / N prompts each per step, "
+             "the members' completions decoded in one batched generate. The cells ran as "
              f"`python benchmarks/reward_comparison.py --task {args.task} --run` (resumable: one JSON per cell under "
              f"benchmarks/results/reward_comparison/{args.task}/, seed 0 grid cells included); rows with fewer runs "
              "or grid points than the others stopped for time.")

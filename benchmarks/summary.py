@@ -64,6 +64,10 @@ ROWS: list[tuple[str, str, list[tuple[str, dict[str, str], str]]]] = [
      [("reward_comparison_arith", {"method": method}, "held-out reward after (greedy)") for method in (
          "untuned, greedy", "MeZO, evolution-strategy form (each perturbed model decodes greedily)",
          "TRL GRPOTrainer", "best of 4 samples (oracle: picked by the reward)")]),
+    ("SST-2 accuracy at 1/3 of make run's CPU time", "MeZO / population 16 x 2 / 4 x 8",
+     [("population_time", {"run": run}, "dev accuracy at 1/3 of MeZO's time") for run in (
+         "MeZO (make run)", "population N = 16, r = 1, batch 2, lr 8e-5",
+         "population N = 4, r = 4, batch 8, lr 2e-5")]),
     ("32.5B Llama shape, bf16, 16 x 256 tokens, one H100 80 GB", "MeZO: peak GiB / x inference's",
      [("large_model_cuda", {}, "MeZO peak GiB"), ("large_model_cuda", {}, "MeZO / inference")]),
     ("SST-2, 32 training examples, 200 dev sentences, bf16 (seed table)", "zero-shot / 4-shot in-context / "

@@ -1,6 +1,7 @@
 """Smoke tests of the benchmark scripts (tiny model, tiny batch, one repeat, no timing assertions) and a check
 that the reference MeZO step and ours both descend a quadratic."""
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -361,8 +362,12 @@ def test_reward_comparison_cells_budget_and_choice_on_training_prompts(no_write,
              "2", "--max-new-tokens", "3", "--out", str(tmp_path / "cells")]
     for cell in ["greedy:0:0", "best_of_4:0:0", *(f"mezo_es:{lr:g}:0" for lr in rc.GRIDS["mezo_es"])]:
         rc.main([*small, "--cell", cell])
+    rc.main([*small, "--cell", "population_es:0.001:0", "--population", "4"])
     cells = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "cells").glob("*.json")}
     assert cells["best_of_4_0_0"]["scored_completions"] == 12  # 4 per held-out prompt
+    population = cells["population_es_0.001_0"]  # 4 members x 1 prompt per step: the same completions per step
+    assert (population["steps"], population["batch"], population["scored_completions"]) == (4, 1, 16)
+    assert population["population"] == 4 and population["tune_cpu_seconds"] > 0
     low, high = rc.GRIDS["mezo_es"][0], rc.GRIDS["mezo_es"][-1]
     es = cells[f"mezo_es_{low:g}_0"]
     assert (es["steps"], es["scored_completions"]) == (4, 16)  # 2 x batch per step, within the budget
@@ -380,4 +385,49 @@ def test_reward_comparison_cells_budget_and_choice_on_training_prompts(no_write,
     assert es_row[2] == "0.100 (1 seed)" and es_row[3].startswith(f"{low:g} of")
     assert es_row[1] == "0.000"  # before: the untuned greedy cell
     assert "oracle" in next(k for k in rows if k.startswith("best of 4"))
+    assert rows["population of 4 (rank 1; 1 prompts per step), evolution-strategy form (all members decode greedily in "
+                "one batched generate)"][4] == "16"
     assert "## Reward comparison (arith)" in no_write.read_text()
+
+
+def test_population_time_table_compares_at_mezo_cpu_time(no_write, tmp_path):
+    """The quality-per-time table reads each run folder's evaluations against its tuning CPU time (evaluations
+    excluded), at a third of MeZO's time and at all of it, and the time to MeZO's final accuracy."""
+    pop = load("population")
+    runs = tmp_path / "runs"
+
+    def run(name: str, cpu: float, evals: dict[int, float], steps: int) -> None:
+        folder = pop.time_folder(argparse.Namespace(runs=str(runs)), name)
+        folder.mkdir(parents=True)
+        (folder / "eval.json").write_text(json.dumps({"before": 0.5, "after": evals[steps]}))
+        (folder / "config.json").write_text(json.dumps({"dtype": "bf16", "steps": steps, "hardware": {
+            "name": "a CPU", "native_bf16": True}}))
+        lines = [{"step": s, "seconds": 10 * cpu, "cpu_seconds": cpu, **({"eval": evals[s]} if s in evals else {})}
+                 for s in range(1, steps + 1)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    names = list(pop.TIME_RUNS)
+    run(names[0], 1.0, {3: 0.6, 6: 0.7, 9: 0.8}, 9)  # MeZO: 9 s of CPU, 0.8 at the end
+    run(names[1], 0.5, {2: 0.7, 6: 0.8, 18: 0.9, 20: 0.9}, 20)  # reaches 0.8 at 3 s: a third of MeZO's time
+    run(names[2], 2.0, {1: 0.55, 2: 0.6}, 2)  # stops (4 s) before MeZO's time: never reaches 0.8
+    out = pop.main(["--part", "time", "--no-run", "--runs", str(runs), "--write"])
+    rows = {r[0]: r for r in out["time"]["rows"]}
+    assert rows[names[0]][1:9] == ["9", "1.00", "0.600", "3", "0.800", "9", "1.00", "9 s (step 9)"]
+    assert rows[names[1]][3:9] == ["0.800", "6", "0.900", "18", "0.33", "3 s (step 6)"]
+    assert rows[names[2]][3:8] == ["0.550", "1", "0.600", "2 (its last)", "not reached"]
+    stored = json.loads((tmp_path / "results" / "population_time.json").read_text())
+    assert stored["environment"]["hardware"] == "a CPU" and stored["environment"]["native_bf16"]
+    assert stored["params"]["budget_cpu_seconds"] == 9.0 and stored["params"]["target_accuracy"] == 0.8
+    assert "## Population quality per time (SST-2)" in no_write.read_text()
+    # MeZO's run stopped at step 3 of 9: its time for 9 steps from its CPU per step, the target from a finished run
+    mezo = pop.time_folder(argparse.Namespace(runs=str(runs)), names[0])
+    (mezo / "eval.json").write_text(json.dumps({"before": 0.5}))
+    (mezo / "metrics.jsonl").write_text("".join((mezo / "metrics.jsonl").read_text().splitlines(True)[:3]))
+    with pytest.raises(SystemExit, match="unfinished"):
+        pop.main(["--part", "time", "--no-run", "--runs", str(runs), "--target-run", str(tmp_path / "none")])
+    (tmp_path / "made").mkdir()
+    (tmp_path / "made" / "eval.json").write_text(json.dumps({"after": 0.6}))
+    out = pop.main(["--part", "time", "--no-run", "--runs", str(runs), "--target-run", str(tmp_path / "made")])
+    rows = {r[0]: r for r in out["time"]["rows"]}
+    assert rows[names[0]][1:9] == ["3", "1.00", "0.600", "3", "0.600", "3 (its last)", "0.33", "3 s (step 3)"]
+    assert rows[names[1]][7] == "0.11" and "stopped at step 3 of 9" in out["time"]["notes"]

@@ -57,6 +57,7 @@ def test_tune_writes_the_run_folder(straight_run):
     # the loss minimized (log form: -mean log expected accuracy > 0) and the batch's expected accuracy
     assert all(r["loss"] > 0 and 0 < r["accuracy"] < 1 and "objective" not in r for r in log)
     assert [("eval" in r) for r in log] == [False, True, False, True]
+    assert all(r["seconds"] > 0 and r["cpu_seconds"] > 0 for r in log)  # each step's wall and process CPU time
     config = json.loads((run / "config.json").read_text())
     assert config["task"] == "sst2" and config["objective"] == "accuracy" and config["steps"] == 4
     assert config["train_examples"] == 32 and config["eval_examples"] == 16

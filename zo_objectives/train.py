@@ -411,7 +411,7 @@ def _train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, exampl
         with sigterm_as_interrupt():
             for step in bar:
                 batch = [examples[i] for i in batch_indices(len(examples), batch_size, seed, step)]
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 measured: list[dict] = []  # each evaluation's last_values
 
                 def closure(b: list[dict] = batch, measured: list[dict] = measured) -> float:
@@ -425,7 +425,7 @@ def _train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, exampl
                           for name in measured[-1] if all(name in m for m in measured)} if measured else {}
                 row = {**values, "step": step + 1, "loss": loss,
                        "lr": optimizer.param_groups[0]["lr"], "tied": all(g == 0 for g in record["grads"]),
-                       "seconds": time.perf_counter() - t0}
+                       "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
                 if getattr(objective, "last_means", None):  # each reward function's mean on the last batch
                     row["rewards"] = dict(objective.last_means)
                 if scheduler is not None:
