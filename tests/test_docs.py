@@ -61,7 +61,7 @@ def test_benchmarks_md_sections_are_rendered_from_the_results():
 
 @pytest.mark.parametrize("page", DOCS, ids=[p.name for p in DOCS])
 def test_every_decimal_number_in_docs_is_a_stored_result(page):
-    stored = "\n".join(p.read_text() for p in (ROOT / "benchmarks" / "results").glob("*.json"))
+    stored = "\n".join(p.read_text() for p in (ROOT / "benchmarks" / "results").rglob("*.json"))
     known = {n.lstrip("+-") for n in NUMBER.findall(stored)}
     missing = [n for n in NUMBER.findall(page.read_text()) if n.lstrip("+-") not in known]
     assert not missing, f"{page.name}: numbers not found in benchmarks/results: {missing}"
