@@ -391,15 +391,22 @@ def tokens(task: str) -> tuple[float, float]:
     return mean(spec.examples("train", n=TRAIN, seed=0)), mean(spec.examples("dev", n=DEV[task]))
 
 
+# The fixed cost of one example's forward pass beside its tokens' (a share of the pass over the weights and, in
+# MeZO, of the perturbation's), in tokens: MeZO steps on COPA and CB (32 sequences of 21 and 93 tokens) took
+# 1.9 s and 4.1 s on this CPU, 0.96 ms per token and 40 tokens' worth per sequence
+OVERHEAD = 40
+
+
 def work(task: str, method: str) -> float:
-    """Tokens a cell's forward passes read (a backward pass counted as two forwards): what its time scales with."""
-    train, dev = tokens(task)
+    """What a cell's time scales with: the tokens its forward passes read, each pass also counted as ``OVERHEAD``
+    tokens (a backward pass counted as two forwards)."""
+    train, dev = (n + OVERHEAD for n in tokens(task))
     if method in MEZO:  # two forward passes per example per step, and the dev set at every curve point
         return 2 * STEPS * BATCH * train + (STEPS // EVAL_EVERY + 1) * DEV[task] * dev
     if method.startswith("backprop"):
         return 3 * EPOCHS * TRAIN * train + DEV[task] * dev
     if method == "icl":  # each dev prompt holds SHOTS training examples
-        return DEV[task] * (dev + SHOTS * train)
+        return DEV[task] * (dev + SHOTS * (train - OVERHEAD))
     return DEV[task] * dev + (TRAIN * train if method == "linear-probe" else 0)
 
 
@@ -408,13 +415,12 @@ def family(method: str) -> str:
 
 
 def estimate(task: str, method: str, cells: dict) -> float | None:
-    """Minutes a cell would take at the pace of the finished cells of its row (else of its family: MeZO, backprop,
-    evaluation) on this machine: their median seconds per token read, times the cell's tokens (``work``)."""
+    """Minutes a cell would take at the fastest pace of the finished cells of its row (else of its family: MeZO,
+    backprop, evaluation) on this machine, their least contended: seconds per unit of ``work``, times the cell's."""
     for same in (lambda m: m == method, lambda m: family(m) == family(method)):
-        rates = sorted(c["wall_s"] / work(t, m) for (t, m), c in cells.items()
-                       if same(m) and not c.get("resumed_at_step"))
+        rates = [c["wall_s"] / work(t, m) for (t, m), c in cells.items() if same(m) and not c.get("resumed_at_step")]
         if rates:
-            return rates[len(rates) // 2] * work(task, method) / 60
+            return min(rates) * work(task, method) / 60
     return None
 
 
@@ -470,17 +476,19 @@ def plot(task: str, cells: dict) -> Path | None:
 def glance(result: dict) -> str:
     """The at-a-glance grid of a stored result (README's and the section's): the dev metric of each method (rows)
     on each task (columns), "-" where no cell finished (the full table says why, with its estimate and command),
-    "n/a" where the method does not apply; then each task's peak RSS of backprop (full) and of MeZO."""
-    at = {(r[0], r[1]): dict(zip(result["columns"], r)) for r in result["rows"]}
+    "n/a" where the method does not apply."""
+    at = {(r[0], r[1]): r[result["columns"].index("dev metric")] for r in result["rows"]}
+    shown = {cell: "n/a" if value.startswith("not applicable") else value if value[:1].isdigit() else "-"
+             for cell, value in at.items()}
+    return markdown_table(["row", *TASKS], [[method, *(shown[(t, method)] for t in TASKS)] for method in METHODS])
 
-    def shown(task: str, method: str, column: str = "dev metric") -> str:
-        value = at[(task, method)][column]
-        return "n/a" if value.startswith("not applicable") else value if value[:1].isdigit() else "-"
 
-    grid = [[method, *(shown(t, method) for t in TASKS)] for method in METHODS]
-    grid.append(["peak RSS MiB, backprop / MeZO", *(f"{shown(t, 'backprop', 'peak RSS MiB')} / "
-                                                   f"{shown(t, 'mezo-ce', 'peak RSS MiB')}" for t in TASKS)])
-    return markdown_table(["row", *[f"{t} ({DEV[t]} dev)" for t in TASKS]], grid)
+def memory_ratios(result: dict) -> str:
+    """Each task's peak RSS of backprop (full parameters) over MeZO's (cross-entropy), where both finished."""
+    column = result["columns"].index("peak RSS MiB")
+    peak = {(r[0], r[1]): float(r[column]) for r in result["rows"] if r[column][:1].isdigit()}
+    return ", ".join(f"{t} {peak[(t, 'backprop')] / peak[(t, 'mezo-ce')]:.1f}x" for t in TASKS
+                     if (t, "backprop") in peak and (t, "mezo-ce") in peak) or "not measured yet"
 
 
 def table(write: bool) -> dict:
@@ -502,16 +510,12 @@ def table(write: bool) -> dict:
                          "-" if s is None else f"{s:+.1f}", f"{c.get('trainable_parameters', '-')}",
                          f"`{c['command']}`"])
     plots = [p for p in (plot(t, cells) for t in TASKS) if p]
-    ratios = []
-    for task in TASKS:
-        if (task, "backprop") in cells and (task, "mezo-ce") in cells:
-            ratio = cells[(task, "backprop")]["peak_rss_mib"] / cells[(task, "mezo-ce")]["peak_rss_mib"]
-            ratios.append(f"{task} {ratio:.1f}x")
     header = ["task", "row", "method", "dev metric", "peak RSS MiB", "wall min", "slope per 100 steps",
               "trainable parameters", "command"]
-    at_a_glance = glance({"columns": header, "rows": rows})
+    at_a_glance, ratios = glance({"columns": header, "rows": rows}), memory_ratios({"columns": header, "rows": rows})
     notes = (
-        f"At a glance (dev metric x 100: accuracy; SQuAD: F1; -: not run within the CPU budget):\n\n{at_a_glance}\n\n"
+        f"At a glance (dev metric x 100: accuracy; SQuAD: F1; -: not run within the CPU budget; dev examples: "
+        f"{', '.join(f'{t} {n}' for t, n in DEV.items())}):\n\n{at_a_glance}\n\n"
         f"Budget (a 2-core CPU shared with other jobs): {TRAIN} training examples per task (seed 0; the seed's "
         f"few-shot k = 16 per class for a binary task, on average; CB: 16, its 32 shipped rows split 16 train / 16 "
         f"dev by `{PLUGIN}`; BoolQ and COPA: their whole 32-row pools), dev subsets as in the column headings (the "
@@ -532,12 +536,13 @@ def table(write: bool) -> dict:
         "checkpoint counts the resumed part only). A cell not run within the CPU budget says how long it would take: "
         "the tokens its forward passes read (from its task's examples: MeZO 2 x steps x batch training examples and "
         "the dev set at each curve point; backprop 3 x epochs x training examples, a backward pass counted as two "
-        "forwards; evaluations the dev set, with its demonstrations for in-context learning) times the median "
-        "seconds per token of the finished cells of its row (else of its family: MeZO, backprop, evaluation), at "
-        "the same contention; generation (SQuAD) decodes its answers on top, so its figures are lower bounds. "
+        f"forwards; evaluations the dev set, with its demonstrations for in-context learning), each pass counted "
+        f"{OVERHEAD} tokens more for its fixed cost, times the fastest pace (seconds per token) of the finished cells "
+        "of its row (else of its family: MeZO, backprop, evaluation); contention makes most cells slower than "
+        "that, and generation (SQuAD) decodes its answers on top: lower bounds. "
         "SQuAD: every row but linear probing applies (extractive QA has no classes or candidates to probe); its "
         "metric row optimizes expected F1 in mean form. "
-        f"Backprop / MeZO peak memory (full parameters): {', '.join(ratios) or 'not measured yet'}. The slope "
+        f"Backprop / MeZO peak memory (full parameters): {ratios}. The slope "
         "column is the dev metric's change per 100 steps over the last quarter of each MeZO run (near 0: at a "
         "plateau); the curves: " + (", ".join(f"[{p.name}](benchmarks/results/{p.name})" for p in plots) or "none yet")
         + ". Each cell reruns with the command beside it (MeZO cells run `zo-tune` with the flags stored in "
@@ -553,10 +558,8 @@ def table(write: bool) -> dict:
 
 def readme_glance(result: dict) -> str:
     """README's at-a-glance block: the grid with a caption linking to the full table."""
-    return (f"At a glance, {MODEL} (bf16), {TRAIN} training examples per task, MeZO {STEPS} steps x {BATCH}: dev "
-            "metric x 100 (SQuAD: F1); -: not run within the CPU budget (the [seed comparison table]"
-            "(BENCHMARKS.md#seed-comparison-table) gives each cell's estimate and command; n/a: not applicable).\n\n"
-            + glance(result))
+    return ("[Seed comparison](BENCHMARKS.md#seed-comparison-table): dev metric x 100 (-: not run in the CPU budget); "
+            f"peak RSS, backprop / MeZO: {memory_ratios(result)}.\n\n" + glance(result))
 
 
 def main(argv: list[str] | None = None) -> None:
