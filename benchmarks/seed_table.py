@@ -541,7 +541,8 @@ def table(write: bool) -> dict:
         "of its row (else of its family: MeZO, backprop, evaluation); contention makes most cells slower than "
         "that, and generation (SQuAD) decodes its answers on top: lower bounds. "
         "SQuAD: every row but linear probing applies (extractive QA has no classes or candidates to probe); its "
-        "metric row optimizes expected F1 in mean form. "
+        "metric row optimizes expected F1 (mean form) over the greedy answer, generated once per step, and the gold "
+        "answers. "
         f"Backprop / MeZO peak memory (full parameters): {ratios}. The slope "
         "column is the dev metric's change per 100 steps over the last quarter of each MeZO run (near 0: at a "
         "plateau); the curves: " + (", ".join(f"[{p.name}](benchmarks/results/{p.name})" for p in plots) or "none yet")
