@@ -9,12 +9,14 @@ say why they are missing.
 
     python benchmarks/seed_table.py --workers 2              # run the missing cells (cheapest first), then the table
     python benchmarks/seed_table.py --cell sst2/mezo-ce      # one cell: the command printed beside it
+    python benchmarks/seed_table.py --cells cb/mezo-ce,rte/icl --workers 1   # these missing cells, in this order
     python benchmarks/seed_table.py --table --write          # BENCHMARKS.md section, seed_table.json and the plots
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -28,9 +30,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, ROOT, markdown_table, publish  # noqa: E402
+from _common import RESULTS, ROOT, markdown_table, publish, write_section  # noqa: E402
 from memory import current_rss_kib, page_in, release_freed, reset_peak  # noqa: E402
 
+README = ROOT / "README.md"
 CELLS = RESULTS / "seed_table"  # one JSON per finished cell
 RUNS = ROOT / "runs" / "seed_table"  # MeZO run folders (checkpoints, weights) and each cell's log; not committed
 PLUGIN = "benchmarks/seed_tasks.py"  # registers cb_split (CB's 32 rows split 16 train / 16 dev)
@@ -68,7 +71,7 @@ MEZO = {
     "mezo-lora": ["--objective", "cross_entropy", "--peft", "lora", "--lr", "1e-4", "--eps", "1e-2"],
     "mezo-prefix": ["--objective", "cross_entropy", "--peft", "prefix", "--lr", "1e-3", "--eps", "1e-1"],
 }
-SKIP = {("squad", "linear-probe"): "not applicable: generation (no classes to probe)"}
+SKIP = {("squad", "linear-probe"): "not applicable: extractive QA has no classes or candidates to probe"}
 
 
 def cell_path(task: str, method: str) -> Path:
@@ -254,10 +257,11 @@ def mezo(task: str, method: str) -> dict:
     argv = mezo_argv(task, method)
     run = ROOT / argv[argv.index("--output-dir") + 1]
     resume = (run / "trajectory.json").exists() and (run / "eval.json").exists()
+    done = curve(run)["last_step"] if resume else 0  # steps an earlier, stopped attempt ran (not in wall_s)
     code = tune_main([*argv, "--resume" if resume else "--overwrite"])
     if code != 0:
         raise RuntimeError(f"zo-tune exited with {code}")
-    return {**curve(run), "equivalent": "zo-tune " + " ".join(shlex.quote(a) for a in argv)}
+    return {**curve(run), "equivalent": "zo-tune " + " ".join(shlex.quote(a) for a in argv), "resumed_at_step": done}
 
 
 def curve(run: Path) -> dict:
@@ -327,11 +331,12 @@ def live_cells() -> set[tuple[str, str]]:
     return live
 
 
-def drive(workers: int, tasks: list[str]) -> None:
-    """Run the missing cells of ``tasks``, at most ``workers`` processes at a time, each logging to RUNS/logs.
-    Cells another driver still runs (a driver stopped and restarted) count toward ``workers`` and are left to it."""
+def drive(workers: int, cells: list[tuple[str, str]]) -> None:
+    """Run those of ``cells`` that are missing, in order, at most ``workers`` processes at a time, each logging to
+    RUNS/logs. Cells another driver still runs (a driver stopped and restarted) count toward ``workers`` and are
+    left to it."""
     (RUNS / "logs").mkdir(parents=True, exist_ok=True)
-    pending = [c for c in queue() if c[0] in tasks]
+    pending = [c for c in cells if c not in SKIP and not cell_path(*c).exists()]
     running: list[tuple[subprocess.Popen, str]] = []
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -367,19 +372,73 @@ def slope(points: list[list[float]]) -> float | None:
     return 100 * sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
 
 
-def missing(task: str, method: str) -> str:
+@functools.cache
+def tokens(task: str) -> tuple[float, float]:
+    """Mean tokens one forward pass reads per training and per dev example of ``task``: the prompt, with its
+    candidates (multiple choice) or its answer (generation)."""
+    import seed_tasks  # noqa: F401
+
+    from tasks import get_task
+    from zo_objectives.models import load_model
+
+    spec, tokenizer = get_task(TASKS[task]), load_model(MODEL)[1]
+
+    def mean(examples: list[dict]) -> float:
+        rest = [ex.get("candidates") if spec.kind == "multiple_choice" else [ex["target"]] for ex in examples]
+        texts = [[ex["prompt"], *(r if spec.kind != "classification" else [])] for ex, r in zip(examples, rest)]
+        return sum(len(tokenizer.encode(t, add_special_tokens=False)) for ts in texts for t in ts) / len(texts)
+
+    return mean(spec.examples("train", n=TRAIN, seed=0)), mean(spec.examples("dev", n=DEV[task]))
+
+
+# The fixed cost of one example's forward pass beside its tokens' (a share of the pass over the weights and, in
+# MeZO, of the perturbation's), in tokens: MeZO steps on COPA and CB (32 sequences of 21 and 93 tokens) took
+# 1.9 s and 4.1 s on this CPU, 0.96 ms per token and 40 tokens' worth per sequence
+OVERHEAD = 40
+
+
+def work(task: str, method: str) -> float:
+    """What a cell's time scales with: the tokens its forward passes read, each pass also counted as ``OVERHEAD``
+    tokens (a backward pass counted as two forwards)."""
+    train, dev = (n + OVERHEAD for n in tokens(task))
+    if method in MEZO:  # two forward passes per example per step, and the dev set at every curve point
+        return 2 * STEPS * BATCH * train + (STEPS // EVAL_EVERY + 1) * DEV[task] * dev
+    if method.startswith("backprop"):
+        return 3 * EPOCHS * TRAIN * train + DEV[task] * dev
+    if method == "icl":  # each dev prompt holds SHOTS training examples
+        return DEV[task] * (dev + SHOTS * (train - OVERHEAD))
+    return DEV[task] * dev + (TRAIN * train if method == "linear-probe" else 0)
+
+
+def family(method: str) -> str:
+    return "mezo" if method in MEZO else "backprop" if method.startswith("backprop") else "evaluation"
+
+
+def estimate(task: str, method: str, cells: dict) -> float | None:
+    """Minutes a cell would take at the fastest pace of the finished cells of its row (else of its family: MeZO,
+    backprop, evaluation) on this machine, their least contended: seconds per unit of ``work``, times the cell's."""
+    for same in (lambda m: m == method, lambda m: family(m) == family(method)):
+        rates = [c["wall_s"] / work(t, m) for (t, m), c in cells.items() if same(m) and not c.get("resumed_at_step")]
+        if rates:
+            return min(rates) * work(task, method) / 60
+    return None
+
+
+def missing(task: str, method: str, cells: dict) -> str:
     """Why a cell has no result: not applicable, failed (its log ends in a traceback), or not run (or not
-    finished) within the budget."""
+    finished) within the CPU budget, with the time it would take."""
     if (task, method) in SKIP:
         return SKIP[(task, method)]
     run, log = RUNS / f"{task}-{method}", RUNS / "logs" / f"{task}__{method}.log"
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
     if "Traceback (most recent call last):" in lines:  # the cell's process raised: say so, with its error
         return f"failed: {lines[-1].strip()[:80]} ({log.relative_to(ROOT)})"
+    minutes = estimate(task, method, cells)
+    needs = "" if minutes is None else f"~{minutes:.0f} min estimated on this CPU"
     if method in MEZO and (run / "metrics.jsonl").exists():
         steps = sum(1 for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip())
-        return f"not finished: budget (stopped at step {steps} of {STEPS})"
-    return "not run: budget"
+        return f"not finished: CPU budget (stopped at step {steps} of {STEPS}; the whole cell: {needs or '?'})"
+    return f"not run: CPU budget ({needs})" if needs else "not run: CPU budget"
 
 
 def plot(task: str, cells: dict) -> Path | None:
@@ -414,36 +473,49 @@ def plot(task: str, cells: dict) -> Path | None:
     return path
 
 
+def glance(result: dict) -> str:
+    """The at-a-glance grid of a stored result (README's and the section's): the dev metric of each method (rows)
+    on each task (columns), "-" where no cell finished (the full table says why, with its estimate and command),
+    "n/a" where the method does not apply."""
+    at = {(r[0], r[1]): r[result["columns"].index("dev metric")] for r in result["rows"]}
+    shown = {cell: "n/a" if value.startswith("not applicable") else value if value[:1].isdigit() else "-"
+             for cell, value in at.items()}
+    return markdown_table(["row", *TASKS], [[method, *(shown[(t, method)] for t in TASKS)] for method in METHODS])
+
+
+def memory_ratios(result: dict) -> str:
+    """Each task's peak RSS of backprop (full parameters) over MeZO's (cross-entropy), where both finished."""
+    column = result["columns"].index("peak RSS MiB")
+    peak = {(r[0], r[1]): float(r[column]) for r in result["rows"] if r[column][:1].isdigit()}
+    return ", ".join(f"{t} {peak[(t, 'backprop')] / peak[(t, 'mezo-ce')]:.1f}x" for t in TASKS
+                     if (t, "backprop") in peak and (t, "mezo-ce") in peak) or "not measured yet"
+
+
 def table(write: bool) -> dict:
-    """The result from the finished cells: one row per cell, with the at-a-glance grid in the notes."""
+    """The result from the finished cells: one row per cell, with the at-a-glance grid in the notes (and, with
+    ``write``, in README)."""
     found = [json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))]
     cells = {(c["task"], c["method"]): c for c in found}
-    rows, grid = [], []
+    rows = []
     for method, what in METHODS.items():
-        line = [what]
         for task in TASKS:
             c = cells.get((task, method))
             if c is None:
-                line.append(missing(task, method))
-                rows.append([task, method, what, missing(task, method), "-", "-", "-", "-",
+                rows.append([task, method, what, missing(task, method, cells), "-", "-", "-", "-",
                              f"`{cell_command(task, method)}`"])
                 continue
-            score = f"{100 * c['value']:.1f}"
-            line.append(score)
-            s = slope(c.get("curve", []))
-            rows.append([task, method, what, score, f"{c['peak_rss_mib']:.0f}", f"{c['wall_s'] / 60:.1f}",
+            s, resumed = slope(c.get("curve", [])), c.get("resumed_at_step")
+            wall = f"{c['wall_s'] / 60:.1f}" + (f" (resumed at step {resumed})" if resumed else "")
+            rows.append([task, method, what, f"{100 * c['value']:.1f}", f"{c['peak_rss_mib']:.0f}", wall,
                          "-" if s is None else f"{s:+.1f}", f"{c.get('trainable_parameters', '-')}",
                          f"`{c['command']}`"])
-        grid.append(line)
     plots = [p for p in (plot(t, cells) for t in TASKS) if p]
-    ratios = []
-    for task in TASKS:
-        if (task, "backprop") in cells and (task, "mezo-ce") in cells:
-            ratio = cells[(task, "backprop")]["peak_rss_mib"] / cells[(task, "mezo-ce")]["peak_rss_mib"]
-            ratios.append(f"{task} {ratio:.1f}x")
-    at_a_glance = markdown_table(["method", *[f"{t} ({DEV[t]} dev)" for t in TASKS]], grid)
+    header = ["task", "row", "method", "dev metric", "peak RSS MiB", "wall min", "slope per 100 steps",
+              "trainable parameters", "command"]
+    at_a_glance, ratios = glance({"columns": header, "rows": rows}), memory_ratios({"columns": header, "rows": rows})
     notes = (
-        f"At a glance (dev metric x 100: accuracy; SQuAD: F1):\n\n{at_a_glance}\n\n"
+        f"At a glance (dev metric x 100: accuracy; SQuAD: F1; -: not run within the CPU budget; dev examples: "
+        f"{', '.join(f'{t} {n}' for t, n in DEV.items())}):\n\n{at_a_glance}\n\n"
         f"Budget (a 2-core CPU shared with other jobs): {TRAIN} training examples per task (seed 0; the seed's "
         f"few-shot k = 16 per class for a binary task, on average; CB: 16, its 32 shipped rows split 16 train / 16 "
         f"dev by `{PLUGIN}`; BoolQ and COPA: their whole 32-row pools), dev subsets as in the column headings (the "
@@ -460,18 +532,35 @@ def table(write: bool) -> dict:
         "prompt token (multiple choice: at the last token of prompt + candidate, the best-scoring candidate "
         "predicted). Peak RSS is each cell's process from the moment its model is loaded (`ru_maxrss` after "
         "resetting the high-water mark, as benchmarks/memory.py measures: model, states, activations), wall time under "
-        "contention (several jobs on 2 cores: not a speed result). "
-        f"Backprop / MeZO peak memory (full parameters): {', '.join(ratios) or 'not measured yet'}. The slope "
+        "contention (several jobs on 2 cores: not a speed result; a MeZO cell resumed from a stopped attempt's "
+        "checkpoint counts the resumed part only). A cell not run within the CPU budget says how long it would take: "
+        "the tokens its forward passes read (from its task's examples: MeZO 2 x steps x batch training examples and "
+        "the dev set at each curve point; backprop 3 x epochs x training examples, a backward pass counted as two "
+        f"forwards; evaluations the dev set, with its demonstrations for in-context learning), each pass counted "
+        f"{OVERHEAD} tokens more for its fixed cost, times the fastest pace (seconds per token) of the finished cells "
+        "of its row (else of its family: MeZO, backprop, evaluation); contention makes most cells slower than "
+        "that, and generation (SQuAD) decodes its answers on top: lower bounds. "
+        "SQuAD: every row but linear probing applies (extractive QA has no classes or candidates to probe); its "
+        "metric row optimizes expected F1 (mean form) over the greedy answer, generated once per step, and the gold "
+        "answers. "
+        f"Backprop / MeZO peak memory (full parameters): {ratios}. The slope "
         "column is the dev metric's change per 100 steps over the last quarter of each MeZO run (near 0: at a "
         "plateau); the curves: " + (", ".join(f"[{p.name}](benchmarks/results/{p.name})" for p in plots) or "none yet")
         + ". Each cell reruns with the command beside it (MeZO cells run `zo-tune` with the flags stored in "
         "`benchmarks/results/seed_table/<task>__<method>.json`).")
     title = (f"{MODEL} (bf16) against the MeZO paper's baselines on the six shipped tasks, {TRAIN} training "
              f"examples per task, MeZO at {STEPS} steps: dev metric x 100, peak memory and wall time per cell.")
-    header = ["task", "row", "method", "dev metric", "peak RSS MiB", "wall min", "slope per 100 steps",
-              "trainable parameters", "command"]
-    return publish("seed_table", "Seed comparison table", title, header, rows, "cpu", write, notes=notes,
-                   params={"model": MODEL, "train": TRAIN, "steps": STEPS, "dev": DEV})
+    result = publish("seed_table", "Seed comparison table", title, header, rows, "cpu", write, notes=notes,
+                     params={"model": MODEL, "train": TRAIN, "steps": STEPS, "dev": DEV})
+    if write:
+        write_section("seed_table", readme_glance(result), README)
+    return result
+
+
+def readme_glance(result: dict) -> str:
+    """README's at-a-glance block: the grid with a caption linking to the full table."""
+    return ("[Seed comparison](BENCHMARKS.md#seed-comparison-table): dev metric x 100 (-: not run in the CPU budget); "
+            f"peak RSS, backprop / MeZO: {memory_ratios(result)}.\n\n" + glance(result))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -479,20 +568,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cell", help="run one cell, TASK/METHOD, e.g. sst2/mezo-ce")
     parser.add_argument("--workers", type=int, default=2, help="cells run at once (at most 2 here)")
     parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated subset of {','.join(TASKS)}")
+    parser.add_argument("--cells", help="comma-separated TASK/METHOD cells to run, in this order (default: every "
+                        "missing cell of --tasks, cheapest first)")
     parser.add_argument("--table", action="store_true", help="only write the table from the finished cells")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md and benchmarks/results/")
     args = parser.parse_args(argv)
-    if args.cell:
-        task, _, method = args.cell.partition("/")
+    names = [c for c in (args.cell or args.cells or "").split(",") if c]
+    cells = [(name.partition("/")[0], name.partition("/")[2]) for name in names]
+    for name, (task, method) in zip(names, cells):
         if task not in TASKS or method not in METHODS:
-            parser.error(f"unknown cell {args.cell!r}; tasks: {', '.join(TASKS)}; methods: {', '.join(METHODS)}")
-        print(json.dumps(run_cell(task, method)))
+            parser.error(f"unknown cell {name!r}; tasks: {', '.join(TASKS)}; methods: {', '.join(METHODS)}")
+    if args.cell:
+        print(json.dumps(run_cell(*cells[0])))
         return
     tasks = args.tasks.split(",")
     if unknown := [t for t in tasks if t not in TASKS]:
         parser.error(f"unknown task {unknown[0]!r}; accepted: {', '.join(TASKS)}")
     if not args.table:
-        drive(max(1, min(args.workers, 2)), tasks)
+        drive(max(1, min(args.workers, 2)), cells or [c for c in queue() if c[0] in tasks])
     table(args.write)
 
 

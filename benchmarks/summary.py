@@ -22,16 +22,8 @@ README = ROOT / "README.md"
 
 
 
-def seed_cells(task: str, rows: list[str], column: str = "dev metric") -> list[tuple[str, dict[str, str], str]]:
-    """Cells of the seed comparison table (benchmarks/seed_table.py): ``task``'s ``rows`` (method keys)."""
-    return [("seed_table", {"task": task, "row": row}, column) for row in rows]
-
-
 # (what, method, [(section, {column: value} picking the row, column of the number)])
 ROWS: list[tuple[str, str, list[tuple[str, dict[str, str], str]]]] = [
-    ("SST-2 dev accuracy (872 sentences)", "zero-shot / 4-shot in-context",
-     [("baselines", {"task": "sst2", "method": "zero-shot"}, "dev metric"),
-      ("baselines", {"task": "sst2", "method": "in-context, 4 demonstrations"}, "dev metric")]),
     # the default accuracy objective (log form) IS cross-entropy on label words (objective_identity): one row
     ("SST-2, 400 steps x 16, seed 0", "MeZO on cross-entropy (= accuracy in log form, the default) / on expected "
      "accuracy (mean form) / on hard accuracy",
@@ -76,13 +68,6 @@ ROWS: list[tuple[str, str, list[tuple[str, dict[str, str], str]]]] = [
          "population N = 4, r = 4, batch 8, lr 2e-5")]),
     ("32.5B Llama shape, bf16, 16 x 256 tokens, one H100 80 GB", "MeZO: peak GiB / x inference's",
      [("large_model_cuda", {}, "MeZO peak GiB"), ("large_model_cuda", {}, "MeZO / inference")]),
-    ("SST-2, 32 training examples, 200 dev sentences, bf16 (seed table)", "zero-shot / 4-shot in-context / "
-     "linear probing / backprop, AdamW 5 epochs: full parameters / LoRA",
-     seed_cells("sst2", ["zero-shot", "icl", "linear-probe", "backprop", "backprop-lora"])),
-    ("SST-2, the same, MeZO 100 steps x 16 (seed table)", "cross-entropy / expected accuracy (mean form) / LoRA / "
-     "prefix", seed_cells("sst2", ["mezo-ce", "mezo-metric", "mezo-lora", "mezo-prefix"])),
-    ("Peak RSS after loading, MiB, SST-2 (seed table)", "backprop (AdamW, full) / MeZO (cross-entropy)",
-     seed_cells("sst2", ["backprop", "mezo-ce"], "peak RSS MiB")),
 ]
 
 

@@ -47,6 +47,12 @@ def test_readme_results_cells_come_from_their_result_rows():
                      "seed 0")
 
 
+def test_readme_seed_table_is_generated_from_the_result():
+    seed_table, results = load("seed_table"), load("_common").load_results()
+    assert block((ROOT / "README.md").read_text(), "seed_table") == seed_table.readme_glance(results["seed_table"]), (
+        "README's seed comparison differs from benchmarks/results: run python benchmarks/seed_table.py --table --write")
+
+
 def test_benchmarks_md_sections_are_rendered_from_the_results():
     common = load("_common")
     text = (ROOT / "BENCHMARKS.md").read_text()

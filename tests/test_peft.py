@@ -12,7 +12,7 @@ from tasks import get_task
 from zo_objectives.cli import eval_main, tune_main
 from zo_objectives.models import apply_peft, load_model, select_trainable, tiny_random_model
 from zo_objectives.optimizer import MeZO
-from zo_objectives.scoring import GenerationPredictor, LabelWordPredictor
+from zo_objectives.scoring import ChoicePredictor, GenerationPredictor, LabelWordPredictor
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
@@ -86,3 +86,27 @@ def test_candidate_scores_under_peft_match_whole_sequences(kind):
     for row, cands in enumerate(candidates):
         total, _ = gen.continuation_logprobs(model, [prompts[row]] * len(cands), cands)
         assert torch.allclose(scores[row, : len(cands)], total, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["multiple_choice", "label_words"])
+def test_prefix_tuning_scores_in_any_grouping(kind, tokenizer):
+    """Under prefix tuning, candidates score as whole sequences in groups sorted by length, each group's logits cut
+    to the batch's longest candidate: a group of short sequences must still give that many positions (a COPA
+    batch under MeZO prefix tuning raised "stack expects each tensor to be equal size"), scoring as one group does.
+    Label words (one position kept) score the same in any grouping too; and a MeZO step moves only the prefix."""
+    model = apply_peft(tiny_random_model(vocab_size=len(tokenizer)), "prefix")
+    if kind == "multiple_choice":  # COPA-shaped: a 4-token premise + choice beside a 10-token choice
+        batch = [{"prompt": "It rained so", "candidates": [" we hid.", " we ran."], "label": 0},
+                 {"prompt": "The man broke his toe because", "label": 1,
+                  "candidates": [" he sang.", " he dropped a heavy hammer on his own foot yesterday."]}]
+        make = ChoicePredictor
+    else:
+        batch, make = get_task("sst2").examples("train", n=4), lambda tok: LabelWordPredictor(tok, [" bad", " good"])
+    together, alone = make(tokenizer), make(tokenizer)
+    alone.group_size = 1
+    assert torch.allclose(alone.scores(model, batch), together.scores(model, batch), atol=1e-4)
+    before = snapshot(model)
+    MeZO([p for p in model.parameters() if p.requires_grad], lr=1e-2, eps=1e-2).step(
+        lambda: alone.cross_entropy(model, batch))
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("prompt_encoder" in n for n in moved)

@@ -114,6 +114,17 @@ def test_continuation_logprobs_match_full_forward(tokenizer, small_lm):
     assert pred.cross_entropy(small_lm, batch) == pytest.approx(float(-total.sum() / count.sum()), abs=1e-5)
 
 
+def test_continuation_logprobs_of_a_short_sequence_beside_a_long_continuation(tokenizer, small_lm):
+    """The logits kept per sequence are set by the longest continuation; a group of shorter sequences (here a group
+    of one: 3 tokens beside a 9-token continuation) is padded to that many positions, and scores as in one group."""
+    prompts, conts = ["Hi", "Q: Who wrote Hamlet?\nA:"], [" 4", " William Shakespeare, in London, around 1600"]
+    assert len(tokenizer.encode(prompts[0] + conts[0])) < len(tokenizer.encode(conts[1]))
+    together, alone = GenerationPredictor(tokenizer), GenerationPredictor(tokenizer)
+    alone.group_size = 1
+    expected, _ = together.continuation_logprobs(small_lm, prompts, conts)
+    assert torch.allclose(alone.continuation_logprobs(small_lm, prompts, conts)[0], expected, atol=1e-4)
+
+
 def test_empty_continuation_raises(tokenizer, small_lm):
     with pytest.raises(ValueError, match="empty"):
         GenerationPredictor(tokenizer).continuation_logprobs(small_lm, ["x"], [""])

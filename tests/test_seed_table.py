@@ -2,9 +2,10 @@
 result, a finished cell is not queued again, and the table marks what is missing."""
 
 import json
+import re
 
 import pytest
-from test_benchmarks import load
+from test_benchmarks import load, no_write  # noqa: F401  (a fixture)
 
 
 @pytest.fixture
@@ -42,9 +43,40 @@ def test_cells_run_store_and_tabulate(seed_table):
     ce = rows[("sst2", "mezo-ce")]
     assert ce[2] == seed_table.METHODS["mezo-ce"] and ce[3] == f"{100 * mezo['value']:.1f}"
     assert ce[-1] == "`python benchmarks/seed_table.py --cell sst2/mezo-ce`"
-    assert rows[("rte", "backprop")][3] == "not run: budget"
+    assert re.fullmatch(r"not run: CPU budget \(~\d+ min estimated on this CPU\)", rows[("rte", "backprop")][3])
     assert rows[("squad", "linear-probe")][3].startswith("not applicable")
     assert (seed_table.RESULTS / "seed_table_sst2.png").exists()
+    grid = {line.split(" | ")[0].strip("| "): line.strip("|").split(" | ")[1:]
+            for line in seed_table.glance(result).splitlines()[2:]}
+    tasks = list(seed_table.TASKS)
+    assert grid["mezo-ce"][tasks.index("sst2")].strip() == ce[3]
+    assert grid["backprop"][tasks.index("rte")].strip() == "-" and grid["linear-probe"][-1].strip() == "n/a"
+
+
+def test_estimate_scales_the_finished_cells_pace_by_tokens_read(seed_table):
+    one = {("sst2", "mezo-ce"): {"wall_s": 120.0}}
+    assert seed_table.estimate("sst2", "mezo-ce", one) == pytest.approx(2.0)
+    ratio = seed_table.work("rte", "mezo-lora") / seed_table.work("sst2", "mezo-ce")
+    assert ratio > 1  # RTE's premise + hypothesis prompts are longer than SST-2's sentences
+    assert seed_table.estimate("rte", "mezo-lora", one) == pytest.approx(2.0 * ratio)  # the family's pace
+    assert seed_table.estimate("rte", "backprop", one) is None  # no finished backprop cell: no pace to go by
+    assert seed_table.work("sst2", "icl") > seed_table.work("sst2", "zero-shot")
+    resumed = {("sst2", "mezo-ce"): {"wall_s": 10.0, "resumed_at_step": 80}}
+    assert seed_table.estimate("sst2", "mezo-ce", resumed) is None  # a resumed cell's wall time is partial
+
+
+def test_cells_run_in_the_order_given_and_write_readme(seed_table, no_write, monkeypatch, tmp_path):  # noqa: F811
+    started = []
+    monkeypatch.setattr(seed_table, "drive", lambda workers, cells: started.extend(cells))
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- seed_table:begin -->\nold\n<!-- seed_table:end -->\nkept\n")
+    monkeypatch.setattr(seed_table, "README", readme)
+    seed_table.main(["--cells", "rte/icl,cb/mezo-ce", "--write"])
+    assert started == [("rte", "icl"), ("cb", "mezo-ce")]
+    text = readme.read_text()
+    assert "old" not in text and text.endswith("kept\n") and "| mezo-prefix |" in text
+    with pytest.raises(SystemExit):
+        seed_table.main(["--cells", "rte/nothing"])
 
 
 def test_slope_is_per_100_steps_over_the_last_quarter():

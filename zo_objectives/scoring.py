@@ -52,9 +52,11 @@ def cache_argument(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Left-pad token lists; return input ids, attention mask and position ids (0 at each first real token)."""
-    width = max(len(s) for s in sequences)
+def left_pad(sequences: list[list[int]], pad_id: int,
+             width: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-pad token lists to the longest (at least ``width`` positions); return input ids, attention mask and
+    position ids (0 at each first real token)."""
+    width = max(width, *(len(s) for s in sequences))
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for row, seq in enumerate(sequences):
@@ -122,11 +124,13 @@ class Predictor:
         """Logits of the last ``keep`` positions of each sequence, shape (sequences, keep, vocab).
 
         The sequences run sorted by length in groups of ``group_size``, each padded to its own longest, so a
-        batch of mixed lengths computes far fewer padding positions than padded to its single longest."""
+        batch of mixed lengths computes far fewer padding positions than padded to its single longest; and to at
+        least ``keep`` positions, since ``keep`` is set by the batch's longest continuation and a group of short
+        sequences can be narrower (the model would return fewer than ``keep`` positions' logits)."""
         device = next(model.parameters()).device
         out: list[torch.Tensor] = [torch.empty(0)] * len(sequences)
         for group in self._groups([len(s) for s in sequences]):
-            ids, mask, positions = left_pad([sequences[i] for i in group], self.pad_id)
+            ids, mask, positions = left_pad([sequences[i] for i in group], self.pad_id, width=keep)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
                            position_ids=positions.to(device), use_cache=False, logits_to_keep=keep).logits
             for row, i in enumerate(group):
