@@ -324,3 +324,32 @@ def test_the_module_layout_is_kept_across_steps_and_rebuilt_when_the_model_chang
     gc.collect()
     assert len(nn_module._global_parameter_registration_hooks) == hooks  # the layouts' hooks went with them
     assert not any(isinstance(o, _Layout) for o in gc.get_objects())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_an_embedding_of_one_noise_chunk_gets_the_z_of_its_looked_up_rows(dtype):
+    """An embedding of at most one noise chunk looks its z rows up as it looks up its weight's, and adds them to its
+    output by blocks of rows: in fp32 bitwise the output of the perturbed weight (in half precision an add's last
+    elements may round apart from the same add over the whole weight)."""
+    from zo_objectives.perturb import _Perturbed
+
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(500, 40).to(DTYPES[dtype])
+    opt = MeZO(embedding.parameters(), lr=1e-3, eps=1e-2, table_size=TABLE)
+    ids = torch.randint(0, 500, (6, 9))
+    _Perturbed.GATHER, gather = 120, _Perturbed.GATHER  # rows looked up in blocks of 3
+    try:
+        with torch.no_grad(), _Perturbed(opt, 7, -1.0) as p:
+            looked_up = embedding(ids)
+    finally:
+        _Perturbed.GATHER = gather
+    assert p.through_output == {} and p.seen == {0}
+    flat = embedding.weight.detach().view(-1)
+    z = torch.cat([c for _, c in opt.noise.chunks(7, 0, flat)])
+    assert z.numel() == flat.numel() <= opt.noise.chunk_size
+    expected = torch.nn.functional.embedding(ids, embedding.weight.detach()).view(-1, 40)
+    for start in range(0, ids.numel(), 3):
+        expected[start:start + 3].add_(z.view(500, 40)[ids.view(-1)[start:start + 3]], alpha=-1e-2)
+    assert torch.equal(looked_up, expected.view(6, 9, 40))
+    if dtype == "fp32":
+        assert torch.equal(looked_up, torch.nn.functional.embedding(ids, torch.add(flat, z, alpha=-1e-2).view(500, 40)))

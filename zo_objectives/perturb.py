@@ -361,6 +361,12 @@ class _Perturbed(_Hooks):
         offsets = noise.offsets(self.seed, index, flat.numel())
         if isinstance(module, torch.nn.Embedding):  # output[i] = w[ids[i]]: add z of that row
             ids, out, rows = args[0].reshape(-1), output.view(-1, width), max(1, self.GATHER // width)
+            if len(offsets) == 1:  # z of one chunk, shaped like the weight: its rows looked up as the weight's are
+                z = self._z(index, p)
+                for start in range(0, ids.numel(), rows):
+                    out[start:start + rows].add_(torch.nn.functional.embedding(ids[start:start + rows], z),
+                                                 alpha=self.alpha)
+                return output
             columns, where = torch.arange(width, device=p.device), torch.tensor(offsets, device=p.device)
             for start in range(0, ids.numel(), rows):
                 positions = ids[start:start + rows, None] * width + columns
