@@ -78,7 +78,7 @@ def configurations(model: torch.nn.Module, batch: dict, overhead: bool = True,
     default = optimizers["MeZO table (default)"]
 
     def perturbed_forward() -> torch.Tensor:  # one closure call of a step: weights perturbed inside the forward
-        with torch.no_grad(), _Perturbed(default, seed=next(seeds), scale=1.0):
+        with torch.no_grad(), _Perturbed(default, seed=next(seeds), scale=1.0, layout=default._layout()):
             return forward(model, batch, keep=1)
 
     configs["forward with perturbed weights (table)"] = ("perturbed forward", perturbed_forward)
@@ -149,8 +149,8 @@ def proxy(repeats: int, warmup: int, dtype: str, write: bool) -> list[list]:
     losses = itertools.cycle([1.0, 0.0])
     update_only = MeZO(params, lr=LR, eps=EPS)
 
-    def perturbed_closure() -> float:  # one closure call of a step: weights perturbed inside the forward
-        with torch.no_grad(), _Perturbed(opt, seed=next(seeds), scale=1.0):
+    def perturbed_closure() -> float:  # one closure call of a step (a new seed): weights perturbed inside the forward
+        with torch.no_grad(), _Perturbed(opt, seed=next(seeds), scale=1.0, layout=opt._layout()):
             return closure()
 
     configs = {"closure (forward pass and loss)": ("forward", closure),

@@ -60,7 +60,8 @@ def test_step_speed_runs(no_write, capsys):
 def test_step_speed_proxy_writes_ours_and_the_reference_per_tensor(no_write):
     table = load("step_speed").main(["--proxy", "--repeats", "2", "--warmup", "0", "--write"])
     assert [row[0] for row in table] == ["closure (forward pass and loss)", "MeZO step (table noise)",
-                                         "reference MeZO step"]
+                                         "reference MeZO step", "closure with perturbed weights (x 2 per step)",
+                                         "update pass only (closure without a forward)"]
     assert table[2][3] == "1.000" and float(table[1][3]) == pytest.approx(float(table[1][2]) / float(table[2][2]),
                                                                           abs=2e-3)
     result = json.loads((no_write.parent / "results" / "step_speed_proxy.json").read_text())

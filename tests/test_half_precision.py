@@ -279,3 +279,74 @@ def test_a_layers_weights_perturbed_at_once_are_one_add_per_weight(dtype, noise)
                 flat[where] = torch.add(flat[where], z, alpha=-1e-2)
         expected = copy(input_ids=IDS).logits
     assert torch.equal(got, expected)
+
+
+def test_the_module_layout_is_kept_across_steps_and_rebuilt_when_the_model_changes():
+    """MeZO keeps the modules' layout from step to step (Llama's forward slicing its ModuleList does not count as a
+    change), and builds it again when the trainable tensors change (frozen, unfrozen) or a parameter is registered
+    on a module of it (a tied weight): every step moves the weights bitwise as with a layout built for it."""
+    import gc
+
+    from torch.nn.modules import module as nn_module
+
+    def changes(model: torch.nn.Module, step: int) -> None:
+        if step in (2, 4):  # freeze the first layer, then unfreeze it
+            for p in model.model.layers[0].parameters():
+                p.requires_grad_(step == 4)
+        if step == 6:  # the head's weight tied to the embedding's: its own weight is no longer used
+            model.lm_head.weight = model.model.embed_tokens.weight
+
+    def run(fresh_layouts: bool) -> tuple[list[list[torch.Tensor]], list[int]]:
+        model = lm(torch.float32)
+        opt = MeZO(model.parameters(), lr=1e-2, eps=1e-2, table_size=TABLE)
+        weights, layouts = [], []
+        for step in range(8):
+            changes(model, step)
+            if fresh_layouts:
+                opt._layout_kept = None
+            with torch.no_grad():  # warns once the head's own weight is unused
+                opt.step(lambda: float(model(input_ids=IDS, logits_to_keep=1).logits.float().logsumexp(-1).mean()))
+            weights.append(snapshot(model))
+            layouts.append(id(opt._layout_kept))
+        return weights, layouts
+
+    hooks = len(nn_module._global_parameter_registration_hooks)
+    with pytest.warns(UserWarning, match="not used by any module's forward"):
+        kept, layouts = run(fresh_layouts=False)
+    with pytest.warns(UserWarning, match="not used by any module's forward"):
+        fresh, _ = run(fresh_layouts=True)
+    assert all(bitwise(a, b) for a, b in zip(kept, fresh, strict=True))
+    assert not all(bitwise(a, b) for a, b in zip(kept, kept[1:]))  # the steps moved the weights
+    new = [i for i in range(1, 8) if layouts[i] != layouts[i - 1]]
+    assert new == [2, 4, 6]  # kept otherwise
+    gc.collect()  # the layouts' hooks went with them (other tests' optimizers may go now too)
+    assert len(nn_module._global_parameter_registration_hooks) <= hooks
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_an_embedding_of_one_noise_chunk_gets_the_z_of_its_looked_up_rows(dtype):
+    """An embedding of at most one noise chunk looks its z rows up as it looks up its weight's, and adds them to its
+    output by blocks of rows: in fp32 bitwise the output of the perturbed weight (in half precision an add's last
+    elements may round apart from the same add over the whole weight)."""
+    from zo_objectives.perturb import _Perturbed
+
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(500, 40).to(DTYPES[dtype])
+    opt = MeZO(embedding.parameters(), lr=1e-3, eps=1e-2, table_size=TABLE)
+    ids = torch.randint(0, 500, (6, 9))
+    _Perturbed.GATHER, gather = 120, _Perturbed.GATHER  # rows looked up in blocks of 3
+    try:
+        with torch.no_grad(), _Perturbed(opt, 7, -1.0) as p:
+            looked_up = embedding(ids)
+    finally:
+        _Perturbed.GATHER = gather
+    assert p.through_output == {} and p.seen == {0}
+    flat = embedding.weight.detach().view(-1)
+    z = torch.cat([c for _, c in opt.noise.chunks(7, 0, flat)])
+    assert z.numel() == flat.numel() <= opt.noise.chunk_size
+    expected = torch.nn.functional.embedding(ids, embedding.weight.detach()).view(-1, 40)
+    for start in range(0, ids.numel(), 3):
+        expected[start:start + 3].add_(z.view(500, 40)[ids.view(-1)[start:start + 3]], alpha=-1e-2)
+    assert torch.equal(looked_up, expected.view(6, 9, 40))
+    if dtype == "fp32":
+        assert torch.equal(looked_up, torch.nn.functional.embedding(ids, torch.add(flat, z, alpha=-1e-2).view(500, 40)))

@@ -100,6 +100,12 @@ class Noise:
                 z.random_(0, 2, generator=gen).mul_(2).sub_(1)
             yield slice(start, start + z.numel()), z
 
+    def one_chunk(self, seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
+        """z of a contiguous tensor of at most one chunk, shaped like it (table noise): the slice ``chunks`` yields
+        for it, made as one view."""
+        table = self._table(like.device, like.dtype)
+        return table.as_strided(like.shape, like.stride(), self._offset(like.numel(), seed, index, 0))
+
     def offsets(self, seed: int, index: int, n: int) -> list[int]:
         """Where each chunk of a tensor of ``n`` values reads the table (table noise): for :meth:`gather` and
         :meth:`span`, computed once per tensor."""

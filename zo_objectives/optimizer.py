@@ -174,7 +174,7 @@ class MeZO(Optimizer):
             raise ValueError("MeZO.step needs a closure that returns the loss to minimize")
         seeds = self._seeds()
         pairs: list[tuple[float, float]] = []
-        layout = _Layout(self)
+        layout = self._layout()
         with self._in_step():
             for seed in seeds:
                 if self.difference == "forward":
@@ -184,7 +184,17 @@ class MeZO(Optimizer):
                     plus = self._score(closure, seed, 1.0, layout)
                     minus = self._score(closure, seed, -1.0, layout)
                 pairs.append((plus, minus))
-        return self._update(seeds, pairs, sum(map(sum, pairs)) / (2 * len(seeds)))
+        return self._update(seeds, pairs, sum(map(sum, pairs)) / (2 * len(seeds)), layout.z)
+
+    def _layout(self) -> _Layout:
+        """Where the step's closure calls find each module's work: the last step's layout while it still fits the
+        trainable tensors and the modules (walking the modules again each step costs as much as a layer's add)."""
+        layout = getattr(self, "_layout_kept", None)
+        if layout is None or not layout.fits(self):
+            layout = self._layout_kept = _Layout(self)
+        else:
+            layout.new_step()
+        return layout
 
     @contextmanager
     def _in_step(self) -> Iterator[None]:
@@ -199,13 +209,15 @@ class MeZO(Optimizer):
         """The seeds of the step's ``n_perturbations`` estimates: the next ones of the stream."""
         return [mix(self.seed, self.num_perturbations_done + k) for k in range(self.n_perturbations)]
 
-    def _update(self, seeds: list[int], pairs: list[tuple[float, float]], loss: float) -> float:
-        """Update from the (plus, minus) losses of the estimates ``seeds``; return ``loss``, the step's mean."""
+    def _update(self, seeds: list[int], pairs: list[tuple[float, float]], loss: float,
+                kept: dict[tuple[int, int], torch.Tensor] | None = None) -> float:
+        """Update from the (plus, minus) losses of the estimates ``seeds``; return ``loss``, the step's mean.
+        ``kept``: z already made by the step's closure calls, (seed, index) -> z (see :meth:`_move`)."""
         grads = self._projected_grads(pairs)
         record = {"seeds": seeds, "grads": grads, "loss": loss, "lrs": [g["lr"] for g in self.param_groups]}
         if self.update == "normalized":
             record["grads"], record["second_moment"] = self._normalized(grads)
-        self._apply(record)
+        self._apply(record, kept)
         return record["loss"]
 
     def _terms(self, record: dict) -> list[tuple[int, float]]:
@@ -217,7 +229,7 @@ class MeZO(Optimizer):
                 for seed, grad in zip(r["seeds"], r["grads"]) if grad]
 
     @torch.no_grad()
-    def _apply(self, record: dict) -> None:
+    def _apply(self, record: dict, kept: dict[tuple[int, int], torch.Tensor] | None = None) -> None:
         """The update, the only write to the weights, whole or not at all (signals wait for it): every tensor that
         moves (a learning rate, and terms or weight decay) by :meth:`_move`; then the record is kept."""
         terms = self._terms(record)
@@ -228,23 +240,26 @@ class MeZO(Optimizer):
                 wd = group["weight_decay"] if (p.ndim >= 2 or group["decay_1d"]) else 0.0
                 if lr and (terms or wd):  # else nothing moves: the weights stay bitwise as they are
                     moving.append((index, p, lr, wd))
-            self._move(moving, terms, record["seeds"][0])
+            self._move(moving, terms, record["seeds"][0], kept or {})
             self.trajectory.append(record)
             self.num_perturbations_done += len(record["seeds"])
 
     def _move(self, moving: list[tuple[int, torch.Tensor, float, float]], terms: list[tuple[int, float]],
-              seed: int) -> None:
+              seed: int, kept: dict[tuple[int, int], torch.Tensor]) -> None:
         """x <- x * (1 - lr*wd) - lr * sum(coeff * z) for each (index, tensor, lr, wd) of ``moving`` and the
         (seed, coeff) ``terms``: one pass per tensor, all terms summed in the weight's precision (fp32 for
-        half-precision weights, then stochastically rounded with bits from ``seed``: :func:`chunk_update`)."""
+        half-precision weights, then stochastically rounded with bits from ``seed``: :func:`chunk_update`).
+        ``kept``: (seed, index) -> z of a one-chunk tensor (a table view shaped like it), made by the step's closure
+        calls: the same z, not made again."""
         buffers: dict[torch.device, torch.Tensor] = {}  # one fp32 chunk per device for half-precision weights
         batches: dict[tuple, list[tuple[int, torch.Tensor]]] = {}  # (device, lr, wd) -> one-chunk tensors
-        c = self.noise.chunk_size
+        c, table = self.noise.chunk_size, self.noise.kind == "table"
         for index, p, lr, wd in moving:
-            flat, half = p.detach().view(-1), p.dtype in HALF
-            if not half and self.noise.kind == "table" and 0 < flat.numel() <= c:
-                batches.setdefault((flat.device, lr, wd), []).append((index, flat))
+            half = p.dtype in HALF
+            if table and not half and 0 < p.numel() <= c:
+                batches.setdefault((p.device, lr, wd), []).append((index, p))
                 continue
+            flat = p.detach().view(-1)
             if half and p.device not in buffers:
                 size = min(c, max(q.numel() for _, q, _ in self._params()))
                 buffers[p.device] = torch.empty(size, device=p.device, dtype=torch.float32)
@@ -265,12 +280,13 @@ class MeZO(Optimizer):
         # small tensors (z a view of the table): each operation above over all of them at once, in the same
         # order per tensor, so the same values
         for (_, lr, wd), items in batches.items():
-            flats = [flat for _, flat in items]
+            weights = [p for _, p in items]
             if wd:
-                torch._foreach_mul_(flats, 1.0 - lr * wd)
+                torch._foreach_mul_(weights, 1.0 - lr * wd)
             for term_seed, coeff in terms:
-                zs = [next(self.noise.chunks(term_seed, index, flat))[1] for index, flat in items]
-                torch._foreach_add_(flats, zs, alpha=-lr * coeff)
+                zs = [kept.get((term_seed, index)) for index, _ in items]
+                zs = [self.noise.one_chunk(term_seed, index, p) if z is None else z for z, (index, p) in zip(zs, items)]
+                torch._foreach_add_(weights, zs, alpha=-lr * coeff)
 
     def _projected_grads(self, pairs: list[tuple[float, float]]) -> list[float | None]:
         """(plus - minus) / (2 eps) per perturbation (eps for forward differences); when shaping, the difference

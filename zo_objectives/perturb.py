@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
+from torch.nn.modules import module as nn_module
 
 if TYPE_CHECKING:
     from zo_objectives.optimizer import MeZO
@@ -63,8 +64,6 @@ class _Hooks:
             sub._parameters[name] = p
 
     def __enter__(self) -> _Hooks:
-        from torch.nn.modules import module as nn_module
-
         self.handles = [nn_module.register_module_forward_pre_hook(self._pre),
                         nn_module.register_module_forward_hook(self._post, always_call=True)]
         return self
@@ -76,11 +75,18 @@ class _Hooks:
             self._restore(key)
 
 
-@contextmanager
-def _normal_no_grad():
-    """Build normal tensors (not inference-mode ones) without autograd history."""
-    with torch.inference_mode(False), torch.no_grad():
-        yield
+def _normal_no_grad(build: Callable[[], dict]) -> dict:
+    """``build()`` making normal tensors (not inference-mode ones) without autograd history, whatever mode the
+    closure's forward runs in. It runs once per layer, so through torch's C guard, whose exit restores the grad
+    mode too: ``torch.inference_mode(False)`` and ``torch.no_grad()`` cost as much as a small layer's add."""
+    if torch.is_inference_mode_enabled():
+        with torch._C._InferenceMode(False):
+            torch._C._set_grad_enabled(False)
+            return build()
+    if torch.is_grad_enabled():
+        with torch.no_grad():
+            return build()
+    return build()
 
 
 def _by_output_kind(module: torch.nn.Module, name: str, p: torch.Tensor) -> bool:
@@ -101,26 +107,69 @@ class _Flats(dict):
         return flat
 
 
+class _Group(NamedTuple):
+    """The trainable tensors under one entry of a ``ModuleList`` (a decoder layer), swapped in at its forward."""
+
+    slots: tuple  # (module, name, index, tensor, by-output kind) of each
+    plain: int  # how many are not of a by-output kind
+    # id(module) -> None for the modules under the entry whose weights are all in ``slots``, none of a by-output
+    # kind: while the group's weights are swapped their hooks have nothing to do
+    quiet: dict[int, None]
+    members: dict[int, tuple]  # the same modules -> their entries, put back when the entry returns
+
+
 class _Layout:
-    """What the hooks need to know of each module, found once per step (on a module's first forward, for it and
-    every module under it) instead of at every forward. A group is the trainable tensors under one entry of a
-    ``ModuleList`` (a decoder layer): at that entry's forward they are perturbed with one multi-tensor add and
-    swapped in, and at its return swapped back, so the modules inside find their weights perturbed already and
-    at most one layer's perturbed copy exists at a time. Modules with nothing to do map to None: their hooks
-    return at once."""
+    """What the hooks need to know of each module, found on a module's first forward (for it and every module
+    under it) instead of at every forward, and kept by the optimizer from step to step while :meth:`fits` (the
+    same trainable tensors, no parameter or module registered since). A group is the trainable tensors under one
+    entry of a ``ModuleList`` (a decoder layer): at that entry's forward they are perturbed with one multi-tensor
+    add and swapped in, and at its return swapped back, so the modules inside find their weights perturbed already
+    (their hooks return at once) and at most one layer's perturbed copy exists at a time. Modules with nothing to do
+    map to None: their hooks return at once."""
 
     def __init__(self, opt: MeZO):
         self.params = {index: p for index, p, _ in opt._params()}
         self.targets = {id(p): index for index, p in self.params.items()}
-        self.flats = _Flats(self.params)
         self.table = opt.noise.kind == "table"
+        # id(module) -> None, or (own: its (name, index, tensor) that its own hook perturbs, group: the _Group it
+        # is the entry of, or (), dropout: whether it is a dropout)
+        self.modules: dict[int, tuple | None] = {}
+        self.held: list[torch.nn.Module] = []  # keeps every module found alive, so that no id is reused
+        # A parameter or module registered on a module found here (setattr, register_parameter, add_module) may
+        # change which module holds a trainable tensor: the next step builds a new layout. (Registrations on other
+        # modules cannot: a module is found with all those under it. Llama's forward slices its ModuleList into a
+        # new one each time.) The hooks hold no reference to the layout
+        self.changed = False
+        ref = weakref.ref(self)
+
+        def registered(module: torch.nn.Module, *_) -> None:
+            layout = ref()
+            if layout is not None and id(module) in layout.modules:
+                layout.changed = True
+
+        handles = [nn_module.register_module_parameter_registration_hook(registered),
+                   nn_module.register_module_module_registration_hook(registered)]
+        weakref.finalize(self, lambda: [handle.remove() for handle in handles])
+        self.new_step()
+
+    def new_step(self) -> None:
+        """Forget what belongs to one step: its noise, and views of the tensors' data (replaceable between steps)."""
+        self.flats = _Flats(self.params)
         self.z: dict[tuple[int, int], torch.Tensor] = {}  # (seed, index) -> z of a one-chunk tensor: a table view
         self.batches: dict[tuple, tuple] = {}  # indices perturbed together -> what _Perturbed._copies needs
         self.zs: dict[tuple, list[torch.Tensor]] = {}  # (seed, indices) -> their z, shaped (table noise)
-        # id(module) -> None, or (own: its (name, index, tensor) that its own hook perturbs, group: the (module,
-        # name, index, tensor, by-output kind) of a group it is the entry of, dropout: whether it is a dropout)
-        self.modules: dict[int, tuple | None] = {}
-        self.held: list[torch.nn.Module] = []  # keeps every module found alive, so that no id is reused in a step
+
+    def fits(self, opt: MeZO) -> bool:
+        """Whether this layout still describes ``opt``'s trainable tensors and the modules holding them."""
+        if self.changed:
+            return False
+        params = self.params
+        count = 0
+        for index, p, _ in opt._params():
+            if params.get(index) is not p:
+                return False
+            count += 1
+        return count == len(params)
 
     def find(self, module: torch.nn.Module) -> tuple | None:
         if id(module) not in self.modules:
@@ -157,10 +206,21 @@ class _Layout:
             if child is not None and id(child) in entries:
                 own, _, dropout = self.modules[id(child)] or ((), (), False)
                 if own or entries[id(child)] or dropout:
-                    self.modules[id(child)] = (own, tuple(entries[id(child)]), dropout)
+                    self.modules[id(child)] = (own, self._group(child, entries[id(child)]), dropout)
         dropout = isinstance(module, torch.nn.modules.dropout._DropoutNd)
         if slots or dropout:
             self.modules[id(module)] = (tuple(slots), (), dropout)
+
+    def _group(self, entry: torch.nn.Module, slots: list) -> _Group | tuple:
+        if not slots:
+            return ()
+        members = {}
+        for sub in {id(sub): sub for sub, *_ in slots}.values():
+            info = self.modules[id(sub)]
+            if sub is not entry and info is not None and not info[1] and not info[2] and not any(
+                    by_output for s, *_, by_output in slots if s is sub):
+                members[id(sub)] = info
+        return _Group(tuple(slots), sum(not by_output for *_, by_output in slots), dict.fromkeys(members), members)
 
 
 class _Perturbed(_Hooks):
@@ -184,48 +244,52 @@ class _Perturbed(_Hooks):
         self.seed, self.alpha = seed, scale * opt.eps
         self.seen: set[int] = set()
         self.through_output: dict[int, tuple[int, torch.Tensor]] = {}  # id(module) -> (index, weight)
+        # what each module's hook has to do now (the layout's entries, None while a group has done it for them),
+        # and the entries to put back when a group's entry returns
+        self.active: dict[int, tuple | None] = dict(self.layout.modules)
+        self.quieted: dict[int, dict[int, tuple]] = {}
 
-    def _z(self, index: int, flat: torch.Tensor) -> torch.Tensor:
-        """z of a tensor of one chunk (what ``Noise.chunks`` yields); table slices kept for the step's other pass."""
-        noise, key = self.opt.noise, (self.seed, index)
+    def _z(self, index: int, p: torch.Tensor) -> torch.Tensor:
+        """z of a tensor of one chunk, shaped like it (what ``Noise.chunks`` yields); table views kept for the step's
+        other pass and its update."""
+        noise = self.opt.noise
         if noise.kind != "table":
-            return next(noise.chunks(self.seed, index, flat))[1]
-        z = self.layout.z.get(key)
+            return next(noise.chunks(self.seed, index, p.detach().view(-1)))[1].view_as(p)
+        z = self.layout.z.get((self.seed, index))
         if z is None:
-            offset = noise._offset(flat.numel(), self.seed, index, 0)
-            z = self.layout.z[key] = noise._table(flat.device, flat.dtype)[offset:offset + flat.numel()]
+            z = self.layout.z[(self.seed, index)] = noise.one_chunk(self.seed, index, p)
         return z
 
-    def _copies(self, indices: list[int]) -> dict[int, torch.nn.Parameter]:
-        """Perturbed copies of the tensors ``indices``: those of one chunk with one multi-tensor add.
+    def _copies(self, key: tuple[int, ...]) -> dict[int, torch.nn.Parameter]:
+        """Perturbed copies of the tensors ``key`` (indices): those of one chunk with one multi-tensor add.
 
         Each a normal (not inference-mode) Parameter like the original: torch picks matmul kernels by it. As a
         plain or inference tensor, SmolLM2's tied lm_head took a batched matmul over an 8x expanded copy of its
-        weight (1.1 s instead of 9 ms in bf16). The contexts are entered only when needed: they cost as much as
-        the kernel launch of a small layer's perturbation."""
-        layout, key = self.layout, tuple(indices)
+        weight (1.1 s instead of 9 ms in bf16). Made by ``Tensor._make_subclass``, what ``nn.Parameter`` calls,
+        without the Python around it."""
+        layout, params = self.layout, self.layout.params
         batch = layout.batches.get(key)
-        if batch is None:  # the tensors of one chunk (and their shaped weights), and the others
-            one = [i for i in indices if 0 < layout.flats[i].numel() <= self.opt.noise.chunk_size]
-            batch = layout.batches[key] = (one, [layout.params[i].detach() for i in one],
-                                           [i for i in indices if i not in set(one)])
+        if batch is None:  # the tensors of one chunk (and the tensors themselves), and the others
+            one = [i for i in key if 0 < params[i].numel() <= self.opt.noise.chunk_size]
+            batch = layout.batches[key] = (one, [params[i] for i in one], [i for i in key if i not in set(one)])
         one, weights, rest = batch
         zs = layout.zs.get((self.seed, key))
         if zs is None:
-            zs = [self._z(i, layout.flats[i]).view_as(layout.params[i]) for i in one]
+            zs = [self._z(i, params[i]) for i in one]
             if layout.table:  # views of the table: kept for the step's other pass
                 layout.zs[(self.seed, key)] = zs
-        needed = torch.is_inference_mode_enabled() or torch.is_grad_enabled()
-        with _normal_no_grad() if needed else nullcontext():
+
+        def build() -> dict[int, torch.nn.Parameter]:  # (no autograd: the trainable tensors can be read as they are)
             out = dict(zip(one, torch._foreach_add(weights, zs, alpha=self.alpha))) if one else {}
             for i in rest:
-                out[i] = self._perturb(i).view_as(layout.params[i])
-            return {i: torch.nn.Parameter(t, requires_grad=layout.params[i].requires_grad) for i, t in out.items()}
+                out[i] = self._perturb(i).view_as(params[i])
+            return {i: torch.Tensor._make_subclass(torch.nn.Parameter, out[i], params[i].requires_grad) for i in key}
+
+        return _normal_no_grad(build)
 
     def _perturb(self, index: int) -> torch.Tensor:
+        """A tensor of several chunks (or none), perturbed chunk by chunk, flat."""
         flat = self.layout.flats[index]
-        if 0 < flat.numel() <= self.opt.noise.chunk_size:  # one chunk: a single kernel
-            return torch.add(flat, self._z(index, flat), alpha=self.alpha)
         out = torch.empty_like(flat)
         for where, z in self.opt.noise.chunks(self.seed, index, flat):
             torch.add(flat[where], z, alpha=self.alpha, out=out[where])
@@ -238,23 +302,32 @@ class _Perturbed(_Hooks):
             return module.max_norm is None  # max_norm renormalizes the looked-up rows of the weight itself
         return isinstance(args[0], torch.Tensor) and args[0].numel() // max(1, args[0].shape[-1]) <= self.SMALL_INPUT
 
-    def _swap(self, module: torch.nn.Module, slots: list[tuple[torch.nn.Module, str, int, torch.Tensor]]) -> None:
-        """Swap perturbed copies in for ``slots`` (module, name, index, tensor) until ``module`` returns."""
-        copies = self._copies(list(dict.fromkeys(index for _, _, index, _ in slots)))
-        self._put(module, [(sub, name, copies[index]) for sub, name, index, _ in slots])
-        self.seen.update(copies)
+    def _swap(self, module: torch.nn.Module, slots: list[tuple[torch.nn.Module, str, int]]) -> None:
+        """Swap perturbed copies in for ``slots`` (module, name, index) until ``module`` returns."""
+        key = tuple(dict.fromkeys(index for _, _, index in slots))
+        copies = self._copies(key)
+        originals = self.swapped.setdefault(id(module), [])
+        for sub, name, index in slots:
+            originals.append((sub, name, sub._parameters[name]))
+            sub._parameters[name] = copies[index]
+        self.seen.update(key)
 
     def _pre(self, module: torch.nn.Module, args) -> None:
-        info = self.layout.find(module)
+        info = self.active.get(id(module), _Layout)  # _Layout: a module not met before
         if info is None:
             return
+        if info is _Layout:
+            info = self.active[id(module)] = self.layout.find(module)
+            if info is None:
+                return
         own, group, dropout = info
         slots = []
         if group:  # a layer's entry: all its weights at once, but those its modules may perturb through their output
             small = bool(args) and isinstance(args[0], torch.Tensor) and args[0].ndim > 0 and (
                 args[0].numel() // max(1, args[0].shape[-1]) <= self.SMALL_INPUT)
-            slots += [(sub, name, index, p) for sub, name, index, p, by_output in group
-                      if sub._parameters.get(name) is p and not (by_output and small)]
+            slots = [(sub, name, index) for sub, name, index, p, by_output in group.slots
+                     if not (by_output and small) and sub._parameters.get(name) is p]
+        everything = bool(slots) and len(slots) == (group.plain if small else len(group.slots))
         for name, index, p in own:
             if module._parameters.get(name) is not p:
                 continue  # swapped by its layer
@@ -262,9 +335,12 @@ class _Perturbed(_Hooks):
                 self.seen.add(index)
                 self.through_output[id(module)] = (index, p)
             else:
-                slots.append((module, name, index, p))
+                slots.append((module, name, index))
         if slots:
             self._swap(module, slots)
+            if everything:  # the modules inside find their weights swapped: their hooks need not look
+                self.active.update(group.quiet)
+                self.quieted[id(module)] = group.members
         if dropout and module.training and module.p > 0:
             if not self.opt._warned_training:
                 self.opt._warned_training = True
@@ -272,16 +348,25 @@ class _Perturbed(_Hooks):
                               "an estimate differ. Call model.eval() first", stacklevel=2)
 
     def _post(self, module: torch.nn.Module, args, output):
-        if self.layout.modules.get(id(module)) is None:
+        key = id(module)
+        if key in self.swapped:
+            self._restore(key)
+            members = self.quieted.pop(key, None)
+            if members:
+                self.active.update(members)
+        if key not in self.through_output:
             return None
-        self._restore(id(module))
-        if id(module) not in self.through_output:
-            return None
-        index, p = self.through_output.pop(id(module))
+        index, p = self.through_output.pop(key)
         flat, noise, width = self.layout.flats[index], self.opt.noise, p.shape[1]
         offsets = noise.offsets(self.seed, index, flat.numel())
         if isinstance(module, torch.nn.Embedding):  # output[i] = w[ids[i]]: add z of that row
             ids, out, rows = args[0].reshape(-1), output.view(-1, width), max(1, self.GATHER // width)
+            if len(offsets) == 1:  # z of one chunk, shaped like the weight: its rows looked up as the weight's are
+                z = self._z(index, p)
+                for start in range(0, ids.numel(), rows):
+                    out[start:start + rows].add_(torch.nn.functional.embedding(ids[start:start + rows], z),
+                                                 alpha=self.alpha)
+                return output
             columns, where = torch.arange(width, device=p.device), torch.tensor(offsets, device=p.device)
             for start in range(0, ids.numel(), rows):
                 positions = ids[start:start + rows, None] * width + columns

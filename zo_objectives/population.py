@@ -115,7 +115,7 @@ class Population(MeZO):
         return self._update(seeds, list(zip(losses[0::2], losses[1::2])), sum(losses) / len(losses))
 
     def _move(self, moving: list[tuple[int, torch.Tensor, float, float]], terms: list[tuple[int, float]],
-              seed: int) -> None:
+              seed: int, kept: dict) -> None:
         """The writes of :meth:`MeZO._apply`, low-rank: per block of a tensor's rows, ``rows.addmm_(A_stack,
         (B_stack * c).T)`` with c_k = coeff_k / sqrt(r), by :func:`chunk_update` (in fp32, stochastically rounded,
         for half-precision weights)."""
