@@ -35,11 +35,13 @@ ROWS: list[tuple[str, str, list[tuple[str, dict[str, str], str]]]] = [
      "eps 3e-3 (its default)",
      [("half_precision", {"setting": setting, "seed": stat}, "dev after")
       for setting in ("fp32", "bf16", "bf16, eps 0.003") for stat in ("mean", "sd")]),
-    ("SQuAD dev F1 (dev 0-499, 12 articles), 60 steps x 8, bf16, mean (sd) over 3 seeds", "MeZO on cross-entropy "
-     "of the gold answer (lr 4e-5) / on F1 (`squad_f1`, lr 1e-5)",
+    ("`make run` on this 2-core CPU (`--dtype auto`: bf16 here)", "wall minutes in all / dev accuracy after",
+     [("make_run", {"--dtype": "auto"}, "wall minutes, all of make run"),
+      ("make_run", {"--dtype": "auto"}, "dev accuracy after")]),
+    ("SQuAD F1, dev 0-499, 60 steps x 8, 3 seeds", "MeZO on cross-entropy (lr 4e-5) / on F1 (lr 1e-5)",
      [("objective_gap_squad", {"objective": name}, stat) for name in ("cross_entropy_4x", "squad_f1")
       for stat in ("mean", "sd")]),
-    ("SQuAD, the same weights on held-out dev 500-999 (12 other articles)", "F1 objective minus cross-entropy",
+    ("SQuAD, the same weights, held-out dev 500-999", "F1 minus cross-entropy",
      [("heldout_gap_squad", {"seed": "mean"}, "gap#2")]),
     ("Step time, SmolLM2-135M, 16 x 64 tokens, CPU, fp32 / bf16", "MeZO, in forward-pass pairs",
      [("step_speed", {"configuration": "MeZO table (default)"}, "step / (2 x forward)"),
