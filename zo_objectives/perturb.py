@@ -306,10 +306,7 @@ class _Perturbed(_Hooks):
         """Swap perturbed copies in for ``slots`` (module, name, index) until ``module`` returns."""
         key = tuple(dict.fromkeys(index for _, _, index in slots))
         copies = self._copies(key)
-        originals = self.swapped.setdefault(id(module), [])
-        for sub, name, index in slots:
-            originals.append((sub, name, sub._parameters[name]))
-            sub._parameters[name] = copies[index]
+        self._put(module, [(sub, name, copies[index]) for sub, name, index in slots])
         self.seen.update(key)
 
     def _pre(self, module: torch.nn.Module, args) -> None:

@@ -310,10 +310,8 @@ class MaskedLabelWordPredictor(LabelWordPredictor):
                                  f"has {body.count(mask_id)} after fitting {room} tokens: {ex['prompt'][-60:]!r}")
         seqs = [self.prefix + body + self.suffix for body in bodies]
         device = next(model.parameters()).device
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
         out: list[torch.Tensor] = [torch.empty(0)] * len(seqs)
-        for start in range(0, len(order), self.group_size):  # groups by length, as Predictor._forward runs them
-            group = order[start:start + self.group_size]
+        for group in self._groups([len(s) for s in seqs]):  # groups by length, as Predictor._forward runs them
             width = max(len(seqs[i]) for i in group)
             ids = torch.full((len(group), width), self.tokenizer.pad_token_id, dtype=torch.long)
             attention = torch.zeros((len(group), width), dtype=torch.long)
