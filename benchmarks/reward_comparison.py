@@ -37,18 +37,21 @@ from _common import RESULTS, publish  # noqa: E402
 
 CELLS_DIR = RESULTS / "reward_comparison"
 SEEDS = (0, 1, 2)
-GRIDS = {  # one grid size for every tuned method
-    "mezo_es": (3e-4, 1e-3),  # normalized updates: the lr is the step length, whatever the reward's scale
-    "mezo_expected": (3e-4, 1e-3),
-    "population_es": (3e-4, 1e-3),  # normalized updates too
-    "grpo": (1e-5, 4e-5),  # Adam
-    "mezo_ce": (1e-6, 1e-5),  # plain SGD on cross-entropy (MeZO's range)
+EPS = 1e-3  # MeZO's eps when a setting names none
+ES = ((3e-4, 1e-3), (1e-3, 1e-3), (3e-4, 1e-2), (1e-3, 1e-2))  # (lr, eps); normalized updates: lr is the step length
+# Each task's grids, one size for every tuned method of the task: (lr, eps) settings, eps None where it has none
+GRIDS = {
+    "arith": {"mezo_es": ES, "mezo_expected": ES, "population_es": ES,
+              "grpo": ((3e-6, None), (1e-5, None), (4e-5, None), (1e-4, None))},  # Adam
+    "squad": {"mezo_es": ES[2:], "mezo_expected": ES[2:], "population_es": ES[2:],  # eps 1e-2: arith's choice
+              "grpo": ((1e-5, None), (4e-5, None)),
+              "mezo_ce": ((1e-5, EPS), (4e-5, EPS))},  # plain SGD on cross-entropy (the project's CE range)
 }
+TIMED = ("mezo_es", "mezo_expected", "population_es")  # also run at GRPO's tuning CPU time ("<method>_time")
 TASKS = {  # reward, gold answers (for cross-entropy), held-out prompts
     "arith": {"reward": "answer_check", "gold": False},
     "squad": {"reward": "token_f1", "gold": True},
 }
-
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,7 +66,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--population", type=int, default=8, help="members of the population's evolution-strategy steps")
     p.add_argument("--perturbation-rank", type=int, default=1, help="rank of each population member's perturbation")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
-    p.add_argument("--cell", help="run one cell (method:lr:seed) and write its JSON")
+    p.add_argument("--cell", help="run one cell (method:lr:seed[:eps]) and write its JSON")
+    p.add_argument("--budget-cpu-seconds", type=float, default=None,
+                   help="tune until this much CPU time is used instead of --completions (the equal-time cells)")
     p.add_argument("--run", action="store_true", help="run every cell not yet done, then tabulate")
     p.add_argument("--only", nargs="*", help="with --run: only these methods")
     p.add_argument("--write", action="store_true", help="store the table in BENCHMARKS.md and its JSON")
@@ -106,7 +111,9 @@ def best_of_n(model, tokenizer, scorer, examples, n: int, seed: int, tokens: int
     return sum(best) / len(best)
 
 
-def tune_mezo(method: str, lr: float, seed: int, args, model, tokenizer, greedy, train, reward) -> dict:
+def tune_mezo(method: str, lr: float, eps: float, seed: int, args, model, tokenizer, greedy, train, reward) -> dict:
+    """Tune with the budget of scored completions, or with ``args.budget_cpu_seconds``: steps until the tuning
+    has used that much CPU time (one thread), a chunk of steps at a time."""
     from zo_objectives import CrossEntropy, GenerationPredictor, MeZO, Population, RewardObjective
     from zo_objectives import train as run_steps
 
@@ -127,16 +134,36 @@ def tune_mezo(method: str, lr: float, seed: int, args, model, tokenizer, greedy,
     steps = max(1, args.completions // per_step)
     params = [p for p in model.parameters() if p.requires_grad]
     if method == "population_es":
-        optimizer = Population(params, lr=lr, eps=1e-3, seed=seed, update=update, population=args.population,
+        optimizer = Population(params, lr=lr, eps=eps, seed=seed, update=update, population=args.population,
                                perturbation_rank=args.perturbation_rank)
     else:
-        optimizer = MeZO(params, lr=lr, eps=1e-3, seed=seed, update=update)
-    history = run_steps(model, optimizer, objective, train, steps=steps, batch_size=batch, seed=seed, progress=False)
+        optimizer = MeZO(params, lr=lr, eps=eps, seed=seed, update=update)
+    history, cpu = [], time.process_time()
+    if args.budget_cpu_seconds:  # as many steps as the time allows (the last chunk may run past it a little)
+        steps = 0
+        while time.process_time() - cpu < args.budget_cpu_seconds:
+            steps += 4
+            history += run_steps(model, optimizer, objective, train, steps=steps, batch_size=batch, seed=seed,
+                                 progress=False)
+    else:
+        history = run_steps(model, optimizer, objective, train, steps=steps, batch_size=batch, seed=seed,
+                            progress=False)
     extra = {"population": args.population, "perturbation_rank": args.perturbation_rank} if isinstance(
         optimizer, Population) else {}
-    return {"steps": steps, "batch": batch, "update": update, **extra,
+    return {"steps": steps, "batch": batch, "update": update, "eps": eps, **extra,
+            "train_reward_curve": quarters([r.get("reward") for r in history]),
             "scored_completions": 0 if method == "mezo_ce" else steps * per_step,
             "tied_fraction": sum(r["tied"] for r in history) / len(history)}
+
+
+def quarters(values: list[float | None]) -> list[float] | None:
+    """The mean of each quarter of a run's per-step training rewards (the batches it tuned on): how the reward
+    it saw moved while tuning."""
+    values = [v for v in values if v is not None]
+    if len(values) < 4:
+        return None
+    n = len(values)
+    return [statistics.mean(values[i * n // 4:(i + 1) * n // 4]) for i in range(4)]
 
 
 def tune_grpo(lr: float, seed: int, args, model, tokenizer, greedy, train, reward) -> dict:
@@ -167,17 +194,17 @@ def tune_grpo(lr: float, seed: int, args, model, tokenizer, greedy, train, rewar
                               train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
         trainer.train()
     model.eval()
+    curve = quarters([float(r["reward"]) for r in trainer.state.log_history if "reward" in r])
     return {"steps": steps, "prompts_per_step": prompts_per_step, "scored_completions": steps * prompts_per_step *
-            args.candidates, "beta": config.beta}
+            args.candidates, "beta": config.beta, "train_reward_curve": curve}
 
 
 def run_cell(args: argparse.Namespace) -> dict:
-    method, lr, seed = args.cell.split(":")
-    lr, seed = float(lr), int(seed)
+    method, lr, seed, eps = parse_cell(args.cell)
     t0 = time.perf_counter()
     task, model, tokenizer, greedy, train, held_out, reward, scorer, tokens = setup(args)
     train_eval = train[: args.train_eval]
-    out = {"method": method, "lr": lr, "seed": seed, "task": args.task, "model": args.model,
+    out = {"method": method, "lr": lr, "eps": eps, "seed": seed, "task": args.task, "model": args.model,
            "held_out_prompts": len(held_out), "reward": reward.__name__}
     if method == "greedy":
         out.update(after=scorer.evaluate(model, held_out, greedy)[0], train_after=scorer.evaluate(model, train_eval)[0],
@@ -191,7 +218,9 @@ def run_cell(args: argparse.Namespace) -> dict:
         if method == "grpo":
             out.update(tune_grpo(lr, seed, args, model, tokenizer, greedy, train, reward))
         else:
-            out.update(tune_mezo(method, lr, seed, args, model, tokenizer, greedy, train, reward))
+            out.update(tune_mezo(method.removesuffix("_time"), lr, eps or EPS, seed, args, model, tokenizer, greedy,
+                                 train, reward))
+            out["budget_cpu_seconds"] = args.budget_cpu_seconds
         out["tune_seconds"] = time.perf_counter() - tuned
         out["tune_cpu_seconds"] = time.process_time() - cpu  # one thread: the work, whatever else the machine runs
         out["train_after"] = scorer.evaluate(model, train_eval, greedy)[0]
@@ -202,46 +231,86 @@ def run_cell(args: argparse.Namespace) -> dict:
 
 
 # -- all cells -----------------------------------------------------------------------------------------------
+def cell_name(method: str, setting: tuple[float, float | None], seed: int) -> str:
+    """``method:lr:seed``, with ``:eps`` when the setting's eps is not MeZO's default."""
+    lr, eps = setting
+    return f"{method}:{lr:g}:{seed}" + (f":{eps:g}" if eps not in (None, EPS) else "")
+
+
+def parse_cell(cell: str) -> tuple[str, float, int, float | None]:
+    method, lr, seed, *eps = cell.split(":")
+    return method, float(lr), int(seed), float(eps[0]) if eps else None
+
+
 def cell_path(folder: Path, cell: str) -> Path:
     return folder / (cell.replace(":", "_") + ".json")
 
 
 def grid_cells(task: str, only: list[str] | None) -> list[str]:
-    methods = [m for m in GRIDS if m != "mezo_ce" or TASKS[task]["gold"]]
-    return [f"{m}:{lr:g}:0" for m in methods if not only or m in only for lr in GRIDS[m]]
+    return [cell_name(m, setting, 0) for m, grid in GRIDS[task].items() if not only or m in only for setting in grid]
 
 
-def chosen_lr(folder: Path, method: str, partial: bool = False) -> float | None:
-    """The grid's lr with the best reward on training prompts (seed 0), once the whole grid has run (with
+def chosen(folder: Path, task: str, method: str, partial: bool = False) -> tuple[float, float | None] | None:
+    """The grid's (lr, eps) with the best reward on training prompts (seed 0), once the whole grid has run (with
     ``partial``, among the grid's cells that have)."""
-    done = [json.loads(cell_path(folder, f"{method}:{lr:g}:0").read_text()) for lr in GRIDS[method]
-            if cell_path(folder, f"{method}:{lr:g}:0").exists()]
-    if not done or (len(done) < len(GRIDS[method]) and not partial):
+    done = [(setting, json.loads(cell_path(folder, cell_name(method, setting, 0)).read_text()))
+            for setting in GRIDS[task][method] if cell_path(folder, cell_name(method, setting, 0)).exists()]
+    if not done or (len(done) < len(GRIDS[task][method]) and not partial):
         return None
-    return max(done, key=lambda r: r["train_after"])["lr"]
+    return max(done, key=lambda d: d[1]["train_after"])[0]
+
+
+def grpo_cpu_seconds(folder: Path, task: str) -> float | None:
+    """GRPO's mean tuning CPU time at its chosen lr, over the seeds that ran: the equal-time budget."""
+    setting = chosen(folder, task, "grpo")
+    runs = [json.loads(p.read_text()) for s in SEEDS if (p := cell_path(folder, cell_name("grpo", setting, s))).exists()
+            ] if setting else []
+    times = [r["tune_cpu_seconds"] for r in runs if r.get("tune_cpu_seconds")]
+    return statistics.mean(times) if times else None
 
 
 def run_all(args: argparse.Namespace, folder: Path, argv: list[str]) -> None:
+    """The untuned cell, each method's grid then its other seeds at the chosen setting, the equal-time cells
+    (``<method>_time``, at the method's chosen setting, once GRPO's seeds ran), best-of-n last; ``--only`` picks
+    methods and their order."""
     base = [a for a in argv if a not in ("--run", "--write")]
     if "--only" in base:
         base = base[: base.index("--only")]
-    methods = [m for m in GRIDS if (not args.only or m in args.only) and (m != "mezo_ce" or TASKS[args.task]["gold"])]
-    wanted = [m for m in ("greedy", "best_of_4", "best_of_16") if not args.only or m in args.only]
-    queue = ["greedy:0:0"] * ("greedy" in wanted)
-    for method in methods:  # its grid, then (a marker) its other seeds at the chosen lr
-        queue += [c for c in grid_cells(args.task, [method])] + [method]
-    queue += [f"{m}:0:{s}" for m in wanted if m != "greedy" for s in SEEDS]  # the costly best-of-16 last
-    for item in queue:
-        cells = [item] if ":" in item else [f"{item}:{chosen_lr(folder, item):g}:{s}" for s in SEEDS[1:]
-                                            if chosen_lr(folder, item) is not None]
-        for cell in cells:
-            path = cell_path(folder, cell)
-            if path.exists():
+    known = ["greedy", *GRIDS[args.task], *(f"{m}_time" for m in TIMED), "best_of_4", "best_of_16"]
+    for method in args.only or known:
+        if method not in known:
+            raise SystemExit(f"reward_comparison: unknown method {method!r}; expected one of {known}")
+        if method == "greedy":
+            cells = ["greedy:0:0"]
+        elif method.startswith("best_of_"):
+            cells = [f"{method}:0:{s}" for s in SEEDS]
+        else:
+            grid = method.removesuffix("_time")
+            setting = None if grid == method else chosen(folder, args.task, grid)
+            if grid == method:
+                cells = grid_cells(args.task, [method])
+                for cell in cells:
+                    run_one(base, folder, cell)
+                setting = chosen(folder, args.task, method)
+            cells = [cell_name(method, setting, s) for s in (SEEDS[1:] if grid == method else SEEDS)] if setting else []
+            budget = grpo_cpu_seconds(folder, args.task) if grid != method else None
+            if grid != method and budget is None:
+                print(f"reward_comparison: {method} waits for GRPO's seeds (its time budget)", flush=True)
                 continue
-            print(f"reward_comparison: {cell}", flush=True)
-            done = subprocess.run([sys.executable, __file__, *base, "--cell", cell], check=False)
-            if done.returncode:
-                print(f"reward_comparison: {cell} failed ({done.returncode})", flush=True)
+            cells = [(c, budget) for c in cells]
+        for cell in cells:
+            run_one(base, folder, *(cell if isinstance(cell, tuple) else (cell,)))
+
+
+def run_one(base: list[str], folder: Path, cell: str, budget: float | None = None) -> None:
+    """Run one cell in its own process (its peak RSS is the cell's memory) unless its JSON exists."""
+    if cell_path(folder, cell).exists():
+        return
+    print(f"reward_comparison: {cell}", flush=True)
+    extra = ["--budget-cpu-seconds", f"{budget:.1f}"] if budget else []
+    done = subprocess.run([sys.executable, __file__, *base, *extra, "--cell", cell], check=False)
+    if done.returncode:
+        print(f"reward_comparison: {cell} failed ({done.returncode})", flush=True)
 
 
 def spread(values: list[float]) -> str:
@@ -259,8 +328,12 @@ def cpu_time(values: list[float | None]) -> str:
                                                       f" ({len(known)} of {len(values)} runs)")
 
 
+def setting_text(setting: tuple[float, float | None]) -> str:
+    return f"lr {setting[0]:g}" + (f", eps {setting[1]:g}" if setting[1] else "")
+
+
 def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
-    cells = [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))]
+    cells = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
     rows, data = [], {}
     names = {"greedy": "untuned, greedy", "best_of_4": "best of 4 samples (oracle: picked by the reward)",
              "best_of_16": "best of 16 samples (oracle: picked by the reward)",
@@ -269,35 +342,40 @@ def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
                               "generate)",
              "mezo_expected": "MeZO, expected reward over 4 sampled candidates", "grpo": "TRL GRPOTrainer",
              "mezo_ce": "MeZO, cross-entropy on the gold answers"}
+    names.update({f"{m}_time": f"{names[m]}, at GRPO's tuning CPU time" for m in TIMED})
+    before = [c["after"] for c in cells.values() if c["method"] == "greedy"]
     for method, label in names.items():
-        mine = [c for c in cells if c["method"] == method]
+        grid = GRIDS[task].get(method.removesuffix("_time"))
+        setting = chosen(folder, task, method.removesuffix("_time"), partial=True) if grid else None
+        if grid:
+            mine = [cells[k] for s in SEEDS if (k := cell_path(folder, cell_name(method, setting, s)).stem) in cells
+                    ] if setting else []
+            ran = [g for g in grid if cell_path(folder, cell_name(method.removesuffix("_time"), g, 0)).stem in cells]
+        else:
+            mine = [c for c in cells.values() if c["method"] == method]
         if not mine:
             continue
         if "population" in mine[0]:
             first = mine[0]
             label = label.replace("population,", f"population of {first['population']} (rank "
                                                  f"{first['perturbation_rank']}; {first['batch']} prompts per step),")
-        lr = chosen_lr(folder, method, partial=True) if method in GRIDS else None
-        if method in GRIDS:
-            mine = [c for c in mine if c["lr"] == lr]
-            ran = sorted({c["lr"] for c in cells if c["method"] == method and c["seed"] == 0})
-        befores = [c["after"] for c in cells if c["method"] == "greedy"] * bool(method in GRIDS)
         afters = [c["after"] for c in mine]
-        data[method] = {"lr": lr, "after": afters, "before": befores, "seeds": [c["seed"] for c in mine],
-                        "tune_cpu_seconds": [c.get("tune_cpu_seconds") for c in mine]}
-        rows.append([label, f"{befores[0]:.3f}" if befores else "-",
+        data[method] = {"setting": setting, "after": afters, "before": before if grid else [],
+                        "seeds": [c["seed"] for c in mine],
+                        "tune_cpu_seconds": [c.get("tune_cpu_seconds") for c in mine],
+                        "scored_completions": [c["scored_completions"] for c in mine]}
+        rows.append([label, f"{before[0]:.3f}" if before and grid else "-",
                      f"{afters[0]:.3f} (greedy: deterministic)" if method == "greedy" else spread(afters),
-                     "-" if lr is None else f"{lr:g} of {', '.join(f'{x:g}' for x in GRIDS[method])}" + (
-                         "" if len(ran) == len(GRIDS[method]) else f" (only {', '.join(f'{x:g}' for x in ran)} ran)"),
+                     "-" if not grid else setting_text(setting) + f" ({len(ran)} of {len(grid)} grid points ran)",
                      round(statistics.mean(c["scored_completions"] for c in mine)),
                      f"{statistics.mean(c.get('tune_seconds', c['seconds']) for c in mine) / 60:.1f} min",
                      cpu_time([c.get("tune_cpu_seconds") for c in mine]),
                      f"{max(c['peak_rss_mib'] for c in mine):.0f} MiB",
                      f"{statistics.mean(c['tied_fraction'] for c in mine):.0%}" if "tied_fraction" in mine[0] else "-",
                      len(mine)])
-    header = ["method", "held-out reward before", "held-out reward after (greedy)", "lr (chosen on training prompts)",
-              "scored completions", "time (tuning; shared CPU)", "CPU time (tuning, 1 thread)", "peak RSS",
-              "MeZO steps tied", "runs"]
+    header = ["method", "held-out reward before", "held-out reward after (greedy)",
+              "setting (chosen on training prompts)", "scored completions", "time (tuning; shared CPU)",
+              "CPU time (tuning, 1 thread)", "peak RSS", "MeZO steps tied", "runs"]
     return header, rows, data
 
 
@@ -322,10 +400,12 @@ def main(argv: list[str] | None = None) -> None:
              "is deterministic). Each tuned method's lr was chosen by the greedy reward on "
              f"{args.train_eval} training prompts after tuning with seed 0. Best-of-n needs the reward at inference "
              "(an oracle) and n completions per prompt. Times and memory come from a CPU shared with other jobs: "
-             "they compare only roughly; the equal-wall-time budget was not run. CPU time is the tuning process's "
-             "own (one thread), which other jobs inflate far less than its wall time; cells run before it was "
-             "recorded have none. The population row: N members at rank r score 2 x batch / N prompts each per step, "
-             "the members' completions decoded in one batched generate. The cells ran as "
+             "they compare only roughly. CPU time is the tuning process's own (one thread), which other jobs inflate "
+             "far less than its wall time; cells run before it was recorded have none. The rows 'at GRPO's tuning "
+             "CPU time' are the equal-time budget: the method at the setting it chose at equal completions, tuned "
+             "until its CPU time reached GRPO's mean tuning CPU time (CPU time stands for wall time because the "
+             "machine ran other jobs beside every cell). The population row: N members at rank r score 2 x batch / N "
+             "prompts each per step, the members' completions decoded in one batched generate. The cells ran as "
              f"`python benchmarks/reward_comparison.py --task {args.task} --run` (resumable: one JSON per cell under "
              f"benchmarks/results/reward_comparison/{args.task}/, seed 0 grid cells included); rows with fewer runs "
              "or grid points than the others stopped for time.")

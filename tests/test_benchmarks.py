@@ -361,7 +361,8 @@ def test_reward_comparison_cells_budget_and_choice_on_training_prompts(no_write,
     rc = load("reward_comparison")
     small = ["--model", "tiny-random", "--held-out", "3", "--train-eval", "2", "--completions", "16", "--batch-size",
              "2", "--max-new-tokens", "3", "--out", str(tmp_path / "cells")]
-    for cell in ["greedy:0:0", "best_of_4:0:0", *(f"mezo_es:{lr:g}:0" for lr in rc.GRIDS["mezo_es"])]:
+    grid = rc.GRIDS["arith"]["mezo_es"][:2]  # two settings of eps 1e-3 (cells named without their eps)
+    for cell in ["greedy:0:0", "best_of_4:0:0", *(rc.cell_name("mezo_es", g, 0) for g in grid)]:
         rc.main([*small, "--cell", cell])
     rc.main([*small, "--cell", "population_es:0.001:0", "--population", "4"])
     cells = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "cells").glob("*.json")}
@@ -369,21 +370,30 @@ def test_reward_comparison_cells_budget_and_choice_on_training_prompts(no_write,
     population = cells["population_es_0.001_0"]  # 4 members x 1 prompt per step: the same completions per step
     assert (population["steps"], population["batch"], population["scored_completions"]) == (4, 1, 16)
     assert population["population"] == 4 and population["tune_cpu_seconds"] > 0
-    low, high = rc.GRIDS["mezo_es"][0], rc.GRIDS["mezo_es"][-1]
+    (low, eps), (high, _) = grid
     es = cells[f"mezo_es_{low:g}_0"]
-    assert (es["steps"], es["scored_completions"]) == (4, 16)  # 2 x batch per step, within the budget
+    assert (es["steps"], es["scored_completions"], es["eps"]) == (4, 16, eps)  # 2 x batch per step, in the budget
     assert es["peak_rss_mib"] > 0 and 0 <= es["after"] <= 1
+    assert len(es["train_reward_curve"]) == 4 and all(0 <= r <= 1 for r in es["train_reward_curve"])
     # the grid is chosen by the reward on training prompts, whatever the held-out reward says
     for lr, train_after, after in ((low, 0.5, 0.1), (high, 0.2, 0.9)):
         path = tmp_path / "cells" / f"mezo_es_{lr:g}_0.json"
         path.write_text(json.dumps({**json.loads(path.read_text()), "train_after": train_after, "after": after}))
-    assert rc.chosen_lr(tmp_path / "cells", "mezo_es") == low
-    assert rc.chosen_lr(tmp_path / "cells", "mezo_expected") is None  # its grid has not run
+    assert rc.chosen(tmp_path / "cells", "arith", "mezo_es", partial=True) == grid[0]
+    assert rc.chosen(tmp_path / "cells", "arith", "mezo_es") is None  # two of its four settings ran
+    assert rc.chosen(tmp_path / "cells", "arith", "mezo_expected", partial=True) is None  # its grid has not run
+    # another eps is part of the cell's name and reaches the optimizer; an equal-time cell tunes until its CPU time
+    rc.main([*small, "--cell", "mezo_es:0.001:0:0.01"])
+    assert json.loads((tmp_path / "cells" / "mezo_es_0.001_0_0.01.json").read_text())["eps"] == 0.01
+    rc.main([*small, "--cell", "population_es_time:0.001:1", "--population", "4", "--budget-cpu-seconds", "0.5"])
+    timed = json.loads((tmp_path / "cells" / "population_es_time_0.001_1.json").read_text())
+    assert timed["tune_cpu_seconds"] >= 0.5 and timed["steps"] % 4 == 0 and timed["budget_cpu_seconds"] == 0.5
+    assert timed["scored_completions"] == timed["steps"] * 4
     rc.main([*small, "--write"])
     stored = json.loads((no_write.parent / "results" / "reward_comparison_arith.json").read_text())
     rows = {r[0]: r for r in stored["rows"]}
     es_row = rows["MeZO, evolution-strategy form (each perturbed model decodes greedily)"]
-    assert es_row[2] == "0.100 (1 seed)" and es_row[3].startswith(f"{low:g} of")
+    assert es_row[2] == "0.100 (1 seed)" and es_row[3] == f"lr {low:g}, eps {eps:g} (3 of 4 grid points ran)"
     assert es_row[1] == "0.000"  # before: the untuned greedy cell
     assert "oracle" in next(k for k in rows if k.startswith("best of 4"))
     assert rows["population of 4 (rank 1; 1 prompts per step), evolution-strategy form (all members decode greedily in "
