@@ -224,7 +224,7 @@ def _record_options(row: dict) -> tuple[list[str], int]:
     """The query with each entity in its placeholder, and the index of the first gold answer (the one the seed
     trains on). The other gold answers (aliases of it) are left out: the seed counts any of them correct."""
     gold = row["answers"][0]
-    entities = [e for e in row["entities"] if e == gold or e not in row["answers"]]
+    entities = [e for e in dict.fromkeys(row["entities"]) if e == gold or e not in row["answers"]]
     if gold not in entities:
         raise ValueError(f"task 'record': gold answer {gold!r} is not among the row's entities {entities[:5]}...")
     return [" " + row["query"].replace("@placeholder", e) for e in entities], entities.index(gold)

@@ -36,7 +36,8 @@ DROP = {"section_id": "nfl_1184", "query_id": "f37e81fa", "passage": "The Charge
 TREC = {"text": "What does NASA stand for ?", "fine_label": 1}
 
 HUB = {
-    ("super_glue", "wsc.fixed"): {"train": [WSC | {"label": 0}, WSC | {"label": 1}], "validation": [WSC | {"label": 1}]},
+    ("super_glue", "wsc.fixed"): {"train": [WSC | {"label": 0}, WSC | {"label": 1}],
+                                  "validation": [WSC | {"label": 1}]},
     ("super_glue", "wic"): {"train": [WIC | {"label": 0}, WIC | {"label": 1}], "validation": [WIC | {"label": 0}]},
     ("super_glue", "multirc"): {"train": [MULTIRC | {"label": 1}, MULTIRC | {"label": 0}],
                                 "validation": [MULTIRC | {"label": 1}]},
