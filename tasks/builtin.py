@@ -1,4 +1,5 @@
-"""Built-in tasks (sst2, rte, boolq, copa, cb, squad) with MeZO's OPT prompts, and arith (a reward task).
+"""Built-in tasks (sst2, rte, boolq, copa, cb, squad) with MeZO's OPT prompts, and arith (a reward task); and
+the seed's other tasks (wsc, wic, multirc, record, drop, trec), which load from the hub only.
 
 Local data ships in ``tasks/data`` (see ``tasks/data/PROVENANCE.md``); ``source="hub"`` loads the same
 tasks with ``datasets.load_dataset`` for users with a network. Both map to the same raw fields.
@@ -60,10 +61,10 @@ def flatten_squad(data: dict) -> list[dict]:
     ]
 
 
-def _hub(path: str, config: str | None, split: str) -> list[dict]:
+def _hub(path: str, config: str | None, split: str, dev_split: str = "validation") -> list[dict]:
     import datasets
 
-    hub_split = "train" if split == "train" else "validation"
+    hub_split = "train" if split == "train" else dev_split
     return datasets.load_dataset(path, config, split=hub_split).to_list()
 
 
@@ -81,6 +82,7 @@ def _loader(local: Callable[[str], list[dict]], hub: Callable[[str], list[dict]]
         check_source(source)
         return [dict(r) for r in cached(split, source)]
 
+    load_split.cache_clear = cached.cache_clear  # e.g. after the hub's data changed
     return load_split
 
 
@@ -180,6 +182,29 @@ def _squad_hub(split: str) -> list[dict]:
     ]
 
 
+# -- tasks with no local copy -------------------------------------------------------------------------------
+# No copy of these data sets was at hand to check and ship with its source and licence (PROVENANCE.md), so none
+# ships: their rows come from the hub as they are there (the templates read the hub's field names)
+HUB_ONLY_TASKS = ("wsc", "wic", "multirc", "record", "drop", "trec")
+
+
+def _no_local_copy(name: str) -> Callable[[str], list[dict]]:
+    def local(split: str) -> list[dict]:
+        raise ValueError(f"task {name!r} has no local data: no copy ships with the toolkit (none was at hand to ship "
+                         "with its source and licence, see tasks/data/PROVENANCE.md); load it from the Hugging Face "
+                         "hub with source='hub' (zo-tune / zo-eval --data-source hub)")
+
+    return local
+
+
+def _hub_rows(path: str, config: str | None, dev_split: str = "validation") -> Callable[[str], list[dict]]:
+    return lambda split: _hub(path, config, split, dev_split)
+
+
+def _drop_hub(split: str) -> list[dict]:
+    return [r for r in _hub("ucinlp/drop", None, split) if r["answers_spans"]["spans"]]  # the seed asserts some
+
+
 # -- templates ----------------------------------------------------------------------------------------------
 def _copa_candidates(row: dict) -> list[str]:
     return [" " + c[:1].lower() + c[1:] for c in (row["choice1"].strip(), row["choice2"].strip())]
@@ -189,6 +214,20 @@ def _copa_prompt(row: dict) -> str:
     premise = row["premise"].strip()
     premise = premise[:-1] if premise.endswith((".", "!", "?")) else premise
     return f"{premise} {'because' if row['question'] == 'cause' else 'so'}"
+
+
+def _record_prompt(row: dict) -> str:
+    return row["passage"].replace("@highlight\n", "- ") + "\n-"
+
+
+def _record_options(row: dict) -> tuple[list[str], int]:
+    """The query with each entity in its placeholder, and the index of the first gold answer (the one the seed
+    trains on). The other gold answers (aliases of it) are left out: the seed counts any of them correct."""
+    gold = row["answers"][0]
+    entities = [e for e in dict.fromkeys(row["entities"]) if e == gold or e not in row["answers"]]
+    if gold not in entities:
+        raise ValueError(f"task 'record': gold answer {gold!r} is not among the row's entities {entities[:5]}...")
+    return [" " + row["query"].replace("@placeholder", e) for e in entities], entities.index(gold)
 
 
 def _arith_local(split: str) -> list[dict]:
@@ -224,6 +263,53 @@ BUILTIN_TASKS = [
         name="squad", kind="generation", metric="squad_f1",
         template=lambda r: f"Title: {r['title']}\nContext: {r['context']}\nQuestion: {r['question']}\nAnswer:",
         label_words=None, load_split=_loader(_squad_local, _squad_hub), max_new_tokens=16,
+    ),
+    # The seed's other tasks, hub only (HUB_ONLY_TASKS): prompts and label words of MeZO's OPT experiments
+    # (princeton-nlp/MeZO @ 6acfd0ba922bf2940ff5fddf1cdd704e1b6de8f7, large_models/templates.py: WSCTemplate,
+    # WICTemplate, MultiRCTemplate, ReCoRDTemplateGPT3, DROPTemplate; hub data sets and splits from its tasks.py)
+    Task(
+        name="wsc", kind="classification", metric="accuracy",
+        template=lambda r: f"{r['text']}\nIn the previous sentence, does the pronoun \"{r['span2_text'].lower()}\" "
+        f"refer to {r['span1_text']}? Yes or No?\n",
+        label_words=["No", "Yes"], load_split=_loader(_no_local_copy("wsc"), _hub_rows("super_glue", "wsc.fixed")),
+    ),
+    Task(
+        name="wic", kind="classification", metric="accuracy",
+        template=lambda r: f"Does the word \"{r['word']}\" have the same meaning in these two sentences? Yes, No?\n"
+        f"{r['sentence1']}\n{r['sentence2']}\n",
+        label_words=["No", "Yes"], load_split=_loader(_no_local_copy("wic"), _hub_rows("super_glue", "wic")),
+    ),
+    Task(
+        name="multirc", kind="classification", metric="accuracy",
+        template=lambda r: f"{r['paragraph']}\nQuestion: {r['question']}\nI found this answer \"{r['answer']}\". Is "
+        "that correct? Yes or No?\n",
+        label_words=["No", "Yes"], load_split=_loader(_no_local_copy("multirc"), _hub_rows("super_glue", "multirc")),
+    ),
+    # ReCoRD: the passage (its "@highlight" lines as "- " bullets), then each entity filled into the query is a
+    # candidate bullet; the seed trains on the first gold answer and counts any gold answer correct
+    Task(
+        name="record", kind="multiple_choice", metric="accuracy", template=_record_prompt, label_words=None,
+        load_split=_loader(_no_local_copy("record"), _hub_rows("super_glue", "record")),
+        candidates=lambda r: _record_options(r)[0], get_label=lambda r: _record_options(r)[1],
+    ),
+    # DROP: generation scored by SQuAD's token F1 against each gold span (the seed's "f1"); its answers_spans.spans
+    Task(
+        name="drop", kind="generation", metric="squad_f1",
+        template=lambda r: f"Passage: {r['passage']}\nQuestion: {r['question'].strip()}\nAnswer:",
+        label_words=None, load_split=_loader(_no_local_copy("drop"), _drop_hub), max_new_tokens=16,
+        get_answers=lambda r: list(r["answers_spans"]["spans"]),
+    ),
+    # TREC (coarse, 6 classes): the label words of MeZO's RoBERTa-large runs (medium_models/run_fewshot.sh, from
+    # LM-BFF), in the hub's label order ABBR, ENTY, DESC, HUM, LOC, NUM (an abbreviation's answer is an
+    # "Expression"). The seed's template "<mask>: <question>" puts the word first, which a masked LM fills; a
+    # causal LM predicts it after the question. The hub has no validation split: dev is its 500-question test set
+    # (the set LM-BFF and MeZO report on)
+    Task(
+        name="trec", kind="classification", metric="accuracy",
+        template=lambda r: f"{r['text'].strip()}\nAnswer type:",
+        label_words=[" Expression", " Entity", " Description", " Human", " Location", " Number"],
+        load_split=_loader(_no_local_copy("trec"), _hub_rows("CogComp/trec", None, dev_split="test")),
+        get_label=lambda r: int(r["coarse_label"]),
     ),
     # One-digit sums and differences with no gold completion: a checker scores the answer alone (answer_check,
     # reading the "answer" column); made by tasks/data/arith/make_arith.py, train and dev disjoint

@@ -11,7 +11,9 @@ from tasks import get_task
 
 TEXT = st.text(min_size=1, max_size=40).filter(lambda t: t.strip())
 FIELDS = {"sst2": ["sentence"], "rte": ["premise", "hypothesis"], "boolq": ["passage", "question"],
-          "cb": ["premise", "hypothesis"], "squad": ["title", "context", "question"]}
+          "cb": ["premise", "hypothesis"], "squad": ["title", "context", "question"],
+          "wic": ["word", "sentence1", "sentence2"], "multirc": ["paragraph", "question", "answer"],
+          "drop": ["passage", "question"], "trec": ["text"]}
 
 
 @pytest.mark.parametrize("name", sorted(FIELDS))

@@ -212,10 +212,10 @@ def evaluation_metrics(config: CommonConfig, task: Task) -> list[Metric]:
     return [Metric(REWARD, _reward_run_metric) if n == REWARD else get_metric(n) for n in dict.fromkeys(names)]
 
 
-def heldout_split(task: Task, fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+def heldout_split(task: Task, fraction: float, seed: int, source: str = "local") -> tuple[list[dict], list[dict]]:
     """The training pool shuffled by ``seed``, split into the rows to train on and the last ``fraction`` held out
     (the same rows for zo-tune and zo-eval --run)."""
-    pool = task.examples("train", n=sys.maxsize, seed=seed)
+    pool = task.examples("train", n=sys.maxsize, seed=seed, source=source)
     held = max(1, round(fraction * len(pool)))
     if held >= len(pool):
         raise UsageError(f"--heldout-fraction {fraction} of {task.name}'s {len(pool)} training examples leaves none "
@@ -228,10 +228,10 @@ def split_examples(config: TuneConfig, task: Task) -> tuple[list[dict], list[dic
     fraction of the training pool (seeded by ``seed``), never trained on; else the task's dev set, with a
     warning when it holds training examples (CB's dev set is its training pool)."""
     if config.heldout_fraction:
-        pool, held = heldout_split(task, config.heldout_fraction, config.seed)
+        pool, held = heldout_split(task, config.heldout_fraction, config.seed, config.data_source)
         return pool[: config.train_size], held[: config.eval_size], "held-out"
-    train_set = task.examples("train", n=config.train_size, seed=config.seed)
-    dev_set = task.examples("dev", n=config.eval_size)
+    train_set = task.examples("train", n=config.train_size, seed=config.seed, source=config.data_source)
+    dev_set = task.examples("dev", n=config.eval_size, source=config.data_source)
     seen = {ex["prompt"] for ex in train_set}
     overlap = sum(ex["prompt"] in seen for ex in dev_set)
     if overlap and distributed.rank() == 0:
@@ -278,7 +278,8 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
             raise UsageError(f"--reward needs a generation task (such as squad); {task.name} is {task.kind}")
         objective = RewardObjective(generator, reward_functions(config.reward), config.reward_weights,
                                     candidates=config.reward_candidates)
-        ex = task.examples("train", n=1, seed=config.seed)[0]  # a reward that fails fails now, on a gold answer
+        # a reward that fails fails now, on a gold answer
+        ex = task.examples("train", n=1, seed=config.seed, source=config.data_source)[0]
         score = objective.scores([ex["prompt"]], [ex["target"].strip()], reward_columns([ex]))[0]
         if not math.isfinite(score):
             raise UsageError(f"--reward gives {score} on a gold answer: rewards must be finite numbers")
@@ -540,11 +541,12 @@ def evaluate_run(config: EvalConfig) -> dict:
     metrics = evaluation_metrics(config, task)
     device = _device(config.device)
     if config.heldout_fraction:  # the rows a zo-tune run with this fraction and seed held out
-        examples = heldout_split(task, config.heldout_fraction, config.seed)[1][: config.eval_size]
+        examples = heldout_split(task, config.heldout_fraction, config.seed, config.data_source)[1][: config.eval_size]
     else:
-        examples = task.examples(config.split, n=config.eval_size, seed=config.seed)
+        examples = task.examples(config.split, n=config.eval_size, seed=config.seed, source=config.data_source)
     if config.shots:
-        examples = with_demonstrations(examples, task.examples("train", n=config.shots, seed=config.seed))
+        demonstrations = task.examples("train", n=config.shots, seed=config.seed, source=config.data_source)
+        examples = with_demonstrations(examples, demonstrations)
     model, tokenizer = load_model(config.model, dtype=_dtype(config.dtype, device))
     if config.run:
         model = apply_peft(model, read_config(TuneConfig, Path(config.run) / "config.json").get("peft", "none"))
@@ -582,7 +584,7 @@ TRUST_HELP = ("import the plugins and reward modules that --config or a run fold
 
 
 # The settings a zo-eval --run takes from the run's config.json unless given
-RUN_SETTINGS = ("model", "task", "data", "dev_data", "template", "label_words", "labels", "label_column",
+RUN_SETTINGS = ("model", "task", "data_source", "data", "dev_data", "template", "label_words", "labels", "label_column",
                 "answer_column", "plugin", "max_length", "dtype", "metrics", "chat_template", "heldout_fraction")
 
 

@@ -14,14 +14,14 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from transformers import HfArgumentParser
 
 from metrics.rewards import list_rewards
-from tasks import list_tasks
+from tasks import HUB_ONLY_TASKS, SOURCES, list_tasks
 from zo_objectives.models import DEFAULT_MODEL, DTYPES, PEFT_KINDS
 from zo_objectives.noise import NOISE_KINDS
 from zo_objectives.objectives import DEFAULT_SMOOTHING, FORMS, SEQUENCE_SCORES, SUPPORTS
@@ -75,6 +75,9 @@ class CommonConfig:
     model: str = arg(DEFAULT_MODEL, f"'{DEFAULT_MODEL}' (shipped), 'tiny-random', a local folder or a hub id",
                      resume=FIXED)
     task: str = arg("sst2", "a registered task: " + ", ".join(list_tasks()), resume=FIXED)
+    data_source: str = arg("local", "where a built-in task's data comes from: local, the copy shipped in tasks/data; "
+                                    "hub, datasets.load_dataset from the Hugging Face hub (needs a network; the only "
+                                    "source of " + ", ".join(HUB_ONLY_TASKS) + ")", choices=SOURCES, resume=FIXED)
     data: str | None = arg(None, "a CSV/TSV/JSONL file for a custom task (with --template)", resume=FIXED)
     dev_data: str | None = arg(None, "the custom task's evaluation file (default: --data)", resume=FIXED)
     template: str | None = arg(None, "custom task prompt, a format string over columns, e.g. '{text} It was'",
@@ -113,6 +116,8 @@ class CommonConfig:
         for name in ("template", "label_words", "labels", "answer_column", "dev_data"):
             if getattr(self, name) is not None and not self.data:
                 raise UsageError(f"{flag(name)} describes a custom data file: it needs --data")
+        if self.data and self.data_source != "local":
+            raise UsageError(f"--data-source {self.data_source} loads a built-in task; --data is a local file")
         if self.data and not self.template:
             raise UsageError("--data needs --template (a format string over the file's columns)")
         if self.heldout_fraction >= 1:
@@ -338,10 +343,11 @@ class Parser(HfArgumentParser):
 
 def differences(saved: dict, config: Any) -> tuple[dict, dict]:
     """The settings of ``config`` that differ from a run's ``saved`` ones, as name: [saved, new]: those that may
-    change on resume only when allowed, and those that may never change."""
+    change on resume only when allowed, and those that may never change. A setting that ``saved`` lacks was added
+    since that run was written: the run had its default (as ``--data-source local``)."""
     allowed, fixed = {}, {}
     for f in fields(config):
-        old, new = saved.get(f.name), getattr(config, f.name)
+        old, new = saved.get(f.name, None if f.default is MISSING else f.default), getattr(config, f.name)
         if f.metadata["resume"] != FREE and old != new:
             (fixed if f.metadata["resume"] == FIXED else allowed)[f.name] = [old, new]
     return allowed, fixed
