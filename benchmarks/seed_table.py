@@ -547,7 +547,9 @@ def table(write: bool) -> dict:
         "column is the dev metric's change per 100 steps over the last quarter of each MeZO run (near 0: at a "
         "plateau); the curves: " + (", ".join(f"[{p.name}](benchmarks/results/{p.name})" for p in plots) or "none yet")
         + ". Each cell reruns with the command beside it (MeZO cells run `zo-tune` with the flags stored in "
-        "`benchmarks/results/seed_table/<task>__<method>.json`).")
+        "`benchmarks/results/seed_table/<task>__<method>.json`). The seed's other tasks (WSC, WiC, MultiRC, ReCoRD, "
+        "DROP, TREC) load from the hub only ([docs/tasks.md](docs/tasks.md)): no copy is on this machine and it has "
+        "no network, so they have no cells.")
     title = (f"{MODEL} (bf16) against the MeZO paper's baselines on the six shipped tasks, {TRAIN} training "
              f"examples per task, MeZO at {STEPS} steps: dev metric x 100, peak memory and wall time per cell.")
     result = publish("seed_table", "Seed comparison table", title, header, rows, "cpu", write, notes=notes,
