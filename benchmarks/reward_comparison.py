@@ -304,13 +304,18 @@ def run_all(args: argparse.Namespace, folder: Path, argv: list[str]) -> None:
 
 def run_one(base: list[str], folder: Path, cell: str, budget: float | None = None) -> None:
     """Run one cell in its own process (its peak RSS is the cell's memory) unless its JSON exists."""
-    if cell_path(folder, cell).exists():
+    path = cell_path(folder, cell)
+    running = path.with_name(f".{path.stem}.pid")  # a cell another driver runs now is left to it
+    if path.exists() or (running.exists() and Path(f"/proc/{running.read_text().strip()}").exists()):
         return
     print(f"reward_comparison: {cell}", flush=True)
     extra = ["--budget-cpu-seconds", f"{budget:.1f}"] if budget else []
-    done = subprocess.run([sys.executable, __file__, *base, *extra, "--cell", cell], check=False)
-    if done.returncode:
-        print(f"reward_comparison: {cell} failed ({done.returncode})", flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([sys.executable, __file__, *base, *extra, "--cell", cell])
+    running.write_text(str(proc.pid))
+    if proc.wait():
+        print(f"reward_comparison: {cell} failed ({proc.returncode})", flush=True)
+    running.unlink(missing_ok=True)
 
 
 def spread(values: list[float]) -> str:
