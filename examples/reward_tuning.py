@@ -7,16 +7,18 @@ equation, "5 - 9 = 1"). A reward is a plain function in TRL's signature, ``rewar
 any ready one (``metrics.rewards``: exact_answer, number_close, token_f1, format_match, length_limit,
 answer_check), repeatable; ``--task squad --reward token_f1`` tunes SQuAD answers on their F1.
 
-Two forms of the objective (``--form``): ``es``, where each perturbed model decodes its own completions greedily
-and is scored by the reward (two reward calls per prompt and step: an evolution-strategy estimate with one
-antithetic pair), and ``expected``, the expected reward over ``--candidates`` sampled completions per prompt, drawn
-from the model's own likelihoods over them (one reward call per candidate, a smooth function of the weights).
-Updates are normalized (``MeZO(update="normalized")``): the lr is the step length, whatever the reward's scale.
-The held-out figures are the rewards of greedy completions on the task's dev prompts, before and after.
-BENCHMARKS.md ("Reward comparison") measures both forms against best-of-n and TRL's GRPO.
+Three forms (``--form``): ``population`` (the default, the best measured: BENCHMARKS.md "Reward comparison
+(arith)"), where 8 perturbed models each decode their own greedy completions in one batched ``generate`` and are
+scored by the reward (an evolution-strategy estimate); ``es``, MeZO's antithetic pair doing the same, one
+perturbed model at a time; and ``expected``, the expected reward over ``--candidates`` sampled completions per
+prompt, drawn from the model's own likelihoods over them (one reward call per candidate, a smooth function of the
+weights). Updates are normalized (``update="normalized"``): the lr is the step length, whatever the reward's
+scale. eps is 1e-2: at 1e-3 most perturbations left every greedy token unchanged (a tie, no signal). The held-out
+figures are the rewards of greedy completions on the task's dev prompts, before and after; the defaults are the
+comparison's chosen setting and budget (384 scored completions).
 
-    python examples/reward_tuning.py                      # arith, the ES form
-    python examples/reward_tuning.py --form expected
+    python examples/reward_tuning.py                      # arith, a population of 8
+    python examples/reward_tuning.py --form es --steps 24 --batch-size 8
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ import argparse
 
 from metrics.rewards import get_reward, length_limit, list_rewards, token_f1
 from tasks import get_task
-from zo_objectives import GenerationPredictor, MeZO, RewardObjective, load_model, train
+from zo_objectives import GenerationPredictor, MeZO, Population, RewardObjective, load_model, train
 
-FORMS = ("es", "expected")
+FORMS = ("population", "es", "expected")
 MAX_WORDS = 6
 answer_f1 = token_f1  # SQuAD token F1 against the "answers" column (the name README's commands use)
 
@@ -47,11 +49,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task", default="arith", help="a generation task (arith, squad)")
     p.add_argument("--reward", action="append", choices=list_rewards(), help="default: the task's own")
     p.add_argument("--weights", type=float, nargs="*", help="one per --reward (default 1 each)")
-    p.add_argument("--form", default="es", choices=FORMS)
+    p.add_argument("--form", default="population", choices=FORMS)
+    p.add_argument("--population", type=int, default=8, help="--form population: perturbed models per step")
     p.add_argument("--candidates", type=int, default=4, help="--form expected: sampled completions per prompt")
-    p.add_argument("--steps", type=int, default=24)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--steps", type=int, default=48)
+    p.add_argument("--batch-size", type=int, default=2, help="prompts per step (each member decodes them all)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eps", type=float, default=1e-2)
     p.add_argument("--held-out", type=int, default=64, help="dev prompts the rewards are reported on")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the task's")
     p.add_argument("--seed", type=int, default=0)
@@ -66,15 +70,19 @@ def main(argv: list[str] | None = None) -> dict[str, tuple[float, float]]:
     tokens = args.max_new_tokens or task.max_new_tokens
     greedy = GenerationPredictor(tokenizer, max_new_tokens=tokens)
     rewards = [get_reward(name) for name in names]
-    if args.form == "es":  # each perturbed model's own greedy completions
+    if args.form in ("es", "population"):  # each perturbed model's own greedy completions
         objective = RewardObjective(greedy, rewards, args.weights)
     else:
         sampler = GenerationPredictor(tokenizer, max_new_tokens=tokens, temperature=1.0, sample_seed=args.seed)
         objective = RewardObjective(sampler, rewards, args.weights, candidates=args.candidates)
     held_out = task.examples("dev", n=args.held_out)
     before, before_means = objective.evaluate(model, held_out, greedy, args.batch_size)
-    optimizer = MeZO([p for p in model.parameters() if p.requires_grad], lr=args.lr, eps=1e-3, seed=args.seed,
-                     update="normalized")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.form == "population":
+        optimizer = Population(params, lr=args.lr, eps=args.eps, seed=args.seed, update="normalized",
+                               population=args.population)
+    else:
+        optimizer = MeZO(params, lr=args.lr, eps=args.eps, seed=args.seed, update="normalized")
     train(model, optimizer, objective, task.examples("train", seed=args.seed), steps=args.steps,
           batch_size=args.batch_size, seed=args.seed, progress=False)
     after, after_means = objective.evaluate(model, held_out, greedy, args.batch_size)

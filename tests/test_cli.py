@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import metrics
 from zo_objectives.cli import eval_main, tune_main, tune_parser
 from zo_objectives.cli import tune as tune_run
-from zo_objectives.config import TuneConfig, UsageError
+from zo_objectives.config import DEFAULT_EPS, GREEDY_REWARD_EPS, TuneConfig, UsageError
 from zo_objectives.models import DTYPES, PEFT_KINDS, load_model, tiny_random_model
 from zo_objectives.optimizer import UPDATES
 from zo_objectives.runfolder import write_sealed
@@ -210,6 +210,11 @@ def test_a_reward_task_tunes_on_its_checker_by_default(tmp_path, capsys):
     config = json.loads((run / "config.json").read_text())
     assert (config["reward"], config["objective"], config["metric"]) == (["answer_check"], "reward", "reward")
     assert set(json.loads((run / "eval.json").read_text())["rewards"]) == {"answer_check"}
+    assert config["eps"] == GREEDY_REWARD_EPS  # greedy completions: the eps that changes them
+    sampled = tmp_path / "sampled"  # rewards of sampled candidates are smooth in the weights: the dtype's eps
+    assert tune("--task", "arith", "--steps", "1", "--batch-size", "4", "--eval-size", "4", "--reward-candidates",
+                "2", "--sample-temperature", "1", "--output-dir", str(sampled)) == 0, capsys.readouterr().err
+    assert json.loads((sampled / "config.json").read_text())["eps"] == DEFAULT_EPS["fp32"]
 
 
 def test_reward_run_on_a_jsonl_of_prompts(tmp_path, monkeypatch, capsys):
@@ -424,6 +429,7 @@ def test_plugin_registers_a_metric_objective(tmp_path, monkeypatch, capsys):
     (["--reward-weights", "1"], "1 weights for 0 --reward"),
     (["--objective", "cross_entropy", "--smoothing", "2"], "--smoothing applies to metric objectives"),
     (["--task", "squad", "--reward", "os:getcwd", "--reward-candidates", "2"], "needs --sample-temperature > 0"),
+    (["--reward-candidates", "2", "--sample-temperature", "1"], "apply to --reward runs (or a task scored by a"),
 ])
 def test_bad_input_returns_2_naming_the_problem(args, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))

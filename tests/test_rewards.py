@@ -137,14 +137,14 @@ def test_reward_example_rewards():
     assert ex.answer_f1([], ["the Eiffel Tower", "nothing"], answers=[["Eiffel Tower"], ["Paris"]]) == [1.0, 0.0]
 
 
-@pytest.mark.parametrize("form", ["es", "expected"])
+@pytest.mark.parametrize("form", ["population", "es", "expected"])
 def test_reward_example_smoke_run(capsys, form):
     from examples import reward_tuning as ex
     from metrics.rewards import answer_check
     from zo_objectives.objectives import reward_columns
 
     results = ex.main(["--model", "tiny-random", "--steps", "1", "--held-out", "2", "--batch-size", "2",
-                       "--max-new-tokens", "2", "--form", form, "--candidates", "2"])
+                       "--max-new-tokens", "2", "--form", form, "--candidates", "2", "--population", "2"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[1] for line in lines] == ["answer_check:", "weighted:"]
     # the "before" figure is the untuned model's reward of its greedy completions, computed here again

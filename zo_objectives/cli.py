@@ -36,6 +36,7 @@ from zo_objectives import distributed
 from zo_objectives.config import (
     DEFAULT_EPS,
     DEFAULT_LR,
+    GREEDY_REWARD_EPS,
     REWARD,
     CommonConfig,
     EvalConfig,
@@ -296,8 +297,9 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
         kind = "scale-free"
     else:  # a hard metric or rewards: the scale of the mean form
         kind = "cross_entropy" if config.objective == CROSS_ENTROPY else form or "mean"
-    config = replace(config, lr=config.lr or DEFAULT_LR[kind], eps=config.eps or DEFAULT_EPS[config.dtype],
-                     smoothing=smoothing)
+    greedy_reward = config.reward and not config.reward_candidates and not config.sample_temperature
+    eps = config.eps or (GREEDY_REWARD_EPS if greedy_reward else DEFAULT_EPS[config.dtype])
+    config = replace(config, lr=config.lr or DEFAULT_LR[kind], eps=eps, smoothing=smoothing)
     metrics = evaluation_metrics(config, task)
     for metric in metrics:  # a metric that cannot score these predictions fails now, not at the first evaluation
         check_metric(metric, predictor, "hard")

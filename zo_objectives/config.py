@@ -21,7 +21,7 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from metrics.rewards import list_rewards
-from tasks import HUB_ONLY_TASKS, SOURCES, list_tasks
+from tasks import HUB_ONLY_TASKS, SOURCES, get_task, list_tasks
 from zo_objectives.models import DEFAULT_MODEL, DTYPES, PEFT_KINDS
 from zo_objectives.noise import NOISE_KINDS
 from zo_objectives.objectives import DEFAULT_SMOOTHING, FORMS, SEQUENCE_SCORES, SUPPORTS
@@ -39,6 +39,9 @@ AUTO_DTYPE = "bf16 on a GPU and on a CPU with native bf16 arithmetic (AVX512-BF1
 # eps per dtype: a bf16 forward pass rounds the loss difference of +-1e-3 perturbations enough that the estimate
 # keeps 0.83 correlation with fp32's; at 3e-3 it keeps 0.99 (benchmarks/eps_fidelity.py, docs/half_precision.md)
 DEFAULT_EPS = {"fp32": 1e-3, "fp16": 1e-3, "bf16": 3e-3}
+# Rewards of greedy completions: at eps 1e-3 most perturbations change no greedy token (70% of a population's steps
+# tied on arith), at 1e-2 almost none did, and the held-out reward rose (BENCHMARKS.md "Reward comparison (arith)")
+GREEDY_REWARD_EPS = 1e-2
 SPLITS = ("dev", "validation")
 REWARD = "reward"  # the objective of --reward runs
 
@@ -148,7 +151,8 @@ class TuneConfig(CommonConfig):
                                  f"{DEFAULT_LR['scale-free']} with --update sign or normalized or --fitness-shaping "
                                  "rank", above=0)
     eps: float | None = arg(None, f"perturbation scale (default {DEFAULT_EPS['fp32']}, {DEFAULT_EPS['bf16']} in bf16, "
-                                  "whose rounding swamps smaller loss differences)", above=0, resume=FIXED)
+                                  f"whose rounding swamps smaller loss differences; {GREEDY_REWARD_EPS} for --reward "
+                                  "on greedy completions, which a smaller one seldom changes)", above=0, resume=FIXED)
     n_perturbations: int = arg(1, "SPSA estimates averaged per step", above=0, resume=FIXED)
     population: int = arg(0, "members per step of the population estimator (an even number: antithetic pairs, "
                              "all scored in one batched pass; docs/mezo.md); 0: MeZO", at_least=0, resume=FIXED)
@@ -219,8 +223,10 @@ class TuneConfig(CommonConfig):
                                  f"reward: {', '.join(list_rewards())}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
             raise UsageError(f"--reward-weights: {len(self.reward_weights)} weights for {len(self.reward)} --reward")
-        if (self.reward_candidates or self.sample_temperature) and not self.reward:
-            raise UsageError("--reward-candidates and --sample-temperature apply to --reward runs only")
+        checked = not self.data and self.task in list_tasks() and get_task(self.task).reward  # arith: its checker
+        if (self.reward_candidates or self.sample_temperature) and not (self.reward or checked):
+            raise UsageError("--reward-candidates and --sample-temperature apply to --reward runs (or a task scored "
+                             "by a checker) only")
         if self.reward_candidates and not self.sample_temperature:
             raise UsageError("--reward-candidates needs --sample-temperature > 0: greedy decoding gives every "
                              "candidate the same text")
