@@ -402,8 +402,9 @@ def main(argv: list[str] | None = None) -> None:
     header, rows, data = table(folder, args.task)
     notes = ("Held-out figures are the weighted reward of greedy completions on the task's first "
              f"{args.held_out} dev prompts; spreads are the standard deviation over seeds 0-2 (the untuned greedy row "
-             "is deterministic). Each tuned method's lr was chosen by the greedy reward on "
-             f"{args.train_eval} training prompts after tuning with seed 0. Best-of-n needs the reward at inference "
+             "is deterministic). Each tuned method's setting (lr; eps for MeZO's forms) was chosen over a grid of "
+             f"the same size by the greedy reward on {args.train_eval} training prompts after tuning with seed 0. "
+             "Best-of-n needs the reward at inference "
              "(an oracle) and n completions per prompt. Times and memory come from a CPU shared with other jobs: "
              "they compare only roughly. CPU time is the tuning process's own (one thread), which other jobs inflate "
              "far less than its wall time; cells run before it was recorded have none. The rows 'at GRPO's tuning "
