@@ -349,38 +349,53 @@ def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
              "mezo_ce": "MeZO, cross-entropy on the gold answers"}
     names.update({f"{m}_time": f"{names[m]}, at GRPO's tuning CPU time" for m in TIMED})
     before = [c["after"] for c in cells.values() if c["method"] == "greedy"]
-    for method, label in names.items():
-        grid = GRIDS[task].get(method.removesuffix("_time"))
-        setting = chosen(folder, task, method.removesuffix("_time"), partial=True) if grid else None
-        if grid:
-            mine = [cells[k] for s in SEEDS if (k := cell_path(folder, cell_name(method, setting, s)).stem) in cells
-                    ] if setting else []
-            ran = [g for g in grid if cell_path(folder, cell_name(method.removesuffix("_time"), g, 0)).stem in cells]
-        else:
-            mine = [c for c in cells.values() if c["method"] == method]
-        if not mine:
-            continue
+
+    def row(method: str, label: str, mine: list[dict], setting_cell: str) -> list:
         if "population" in mine[0]:
             first = mine[0]
             label = label.replace("population,", f"population of {first['population']} (rank "
                                                  f"{first['perturbation_rank']}; {first['batch']} prompts per step),")
         afters = [c["after"] for c in mine]
-        data[method] = {"setting": setting, "after": afters, "before": before if grid else [],
+        return [label, f"{before[0]:.3f}" if before and setting_cell != "-" else "-",
+                f"{afters[0]:.3f} (greedy: deterministic)" if method == "greedy" else spread(afters), setting_cell,
+                round(statistics.mean(c["scored_completions"] for c in mine)),
+                f"{statistics.mean(c.get('tune_seconds', c['seconds']) for c in mine) / 60:.1f} min",
+                cpu_time([c.get("tune_cpu_seconds") for c in mine]), f"{max(c['peak_rss_mib'] for c in mine):.0f} MiB",
+                f"{statistics.mean(c['tied_fraction'] for c in mine):.0%}" if "tied_fraction" in mine[0] else "-",
+                len(mine)]
+
+    def seeds_of(method: str, setting: tuple) -> list[dict]:
+        return [cells[k] for s in SEEDS if (k := cell_path(folder, cell_name(method, setting, s)).stem) in cells]
+
+    for method, label in names.items():
+        base = method.removesuffix("_time")
+        grid = GRIDS[task].get(base)
+        if not grid:
+            mine = [c for c in cells.values() if c["method"] == method]
+            if mine:
+                rows.append(row(method, label, mine, "-"))
+                data[method] = {"after": [c["after"] for c in mine], "seeds": [c["seed"] for c in mine]}
+            continue
+        setting = chosen(folder, task, base, partial=True)
+        mine = seeds_of(method, setting) if setting else []
+        if not mine:
+            continue
+        ran = sum(cell_path(folder, cell_name(base, g, 0)).stem in cells for g in grid)
+        rows.append(row(method, label, mine, setting_text(setting) + f" ({ran} of {len(grid)} grid points ran)"))
+        data[method] = {"setting": setting, "after": [c["after"] for c in mine], "before": before,
                         "seeds": [c["seed"] for c in mine],
                         "tune_cpu_seconds": [c.get("tune_cpu_seconds") for c in mine],
                         "scored_completions": [c["scored_completions"] for c in mine]}
-        rows.append([label, f"{before[0]:.3f}" if before and grid else "-",
-                     f"{afters[0]:.3f} (greedy: deterministic)" if method == "greedy" else spread(afters),
-                     "-" if not grid else setting_text(setting) + f" ({len(ran)} of {len(grid)} grid points ran)",
-                     round(statistics.mean(c["scored_completions"] for c in mine)),
-                     f"{statistics.mean(c.get('tune_seconds', c['seconds']) for c in mine) / 60:.1f} min",
-                     cpu_time([c.get("tune_cpu_seconds") for c in mine]),
-                     f"{max(c['peak_rss_mib'] for c in mine):.0f} MiB",
-                     f"{statistics.mean(c['tied_fraction'] for c in mine):.0%}" if "tied_fraction" in mine[0] else "-",
-                     len(mine)])
+        for other in grid if method == base else ():  # a setting not chosen that ran several seeds (a study)
+            theirs = seeds_of(method, other) if other != setting else []
+            if len(theirs) > 1:
+                rows.append(row(method, label, theirs, setting_text(other) + " (not chosen)"))
     header = ["method", "held-out reward before", "held-out reward after (greedy)",
               "setting (chosen on training prompts)", "scored completions", "time (tuning; shared CPU)",
-              "CPU time (tuning, 1 thread)", "peak RSS", "MeZO steps tied", "runs"]
+              "CPU time (tuning, 1 thread)", "peak RSS", "peak RSS / GRPO's", "MeZO steps tied", "runs"]
+    grpo = [r[7] for r in rows if r[0] == names["grpo"]]
+    for r in rows:  # each row's peak against GRPO's (the goal: a third of it)
+        r.insert(8, f"{float(r[7].split()[0]) / float(grpo[0].split()[0]):.2f}" if grpo else "-")
     return header, rows, data
 
 
