@@ -428,7 +428,8 @@ def main(argv: list[str] | None = None) -> None:
              "machine ran other jobs beside every cell)" + ("" if any(m.endswith("_time") for m in data) else
                                                            "; not run on this task within the CPU budget") +
              ". Rows marked 'not chosen' are other settings of the grid run with several seeds. The population "
-             "row: N members at rank r score 2 x batch / N prompts each per step, the members' completions decoded in one batched generate. The cells ran as "
+             "row: N members at rank r score 2 x batch / N prompts each per step, the members' completions decoded "
+             "in one batched generate. The cells ran as "
              f"`python benchmarks/reward_comparison.py --task {args.task} --run` (resumable: one JSON per cell under "
              f"benchmarks/results/reward_comparison/{args.task}/, seed 0 grid cells included); rows with fewer runs "
              "or grid points than the others stopped for time.")
