@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -47,7 +48,7 @@ GRIDS = {
               "grpo": ((1e-5, None), (4e-5, None)),
               "mezo_ce": ((1e-5, EPS), (4e-5, EPS))},  # plain SGD on cross-entropy (the project's CE range)
 }
-TIMED = ("mezo_es", "mezo_expected", "population_es")  # also run at GRPO's tuning CPU time ("<method>_time")
+TIMED = ("mezo_es", "population_es")  # also run at GRPO's tuning CPU time ("<method>_time")
 TASKS = {  # reward, gold answers (for cross-entropy), held-out prompts
     "arith": {"reward": "answer_check", "gold": False},
     "squad": {"reward": "token_f1", "gold": True},
@@ -139,7 +140,7 @@ def tune_mezo(method: str, lr: float, eps: float, seed: int, args, model, tokeni
     else:
         optimizer = MeZO(params, lr=lr, eps=eps, seed=seed, update=update)
     history, cpu = [], time.process_time()
-    if args.budget_cpu_seconds:  # as many steps as the time allows (the last chunk may run past it a little)
+    if args.budget_cpu_seconds:  # as many steps as the time allows, 4 at a time (the last 4 may run past it)
         steps = 0
         while time.process_time() - cpu < args.budget_cpu_seconds:
             steps += 4
@@ -201,6 +202,9 @@ def tune_grpo(lr: float, seed: int, args, model, tokenizer, greedy, train, rewar
 
 def run_cell(args: argparse.Namespace) -> dict:
     method, lr, seed, eps = parse_cell(args.cell)
+    if method.endswith("_time") != bool(args.budget_cpu_seconds) or (args.budget_cpu_seconds or 0) < 0:
+        raise SystemExit(f"reward_comparison: cell {args.cell}: an equal-time cell (<method>_time) needs "
+                         "--budget-cpu-seconds > 0, and only such a cell takes it")
     t0 = time.perf_counter()
     task, model, tokenizer, greedy, train, held_out, reward, scorer, tokens = setup(args)
     train_eval = train[: args.train_eval]
@@ -260,19 +264,23 @@ def chosen(folder: Path, task: str, method: str, partial: bool = False) -> tuple
     return max(done, key=lambda d: d[1]["train_after"])[0]
 
 
+def seed_cells(folder: Path, method: str, setting: tuple[float, float | None] | None) -> list[dict]:
+    """The cells of ``method`` at ``setting`` that finished, in seed order."""
+    paths = [cell_path(folder, cell_name(method, setting, s)) for s in SEEDS] if setting else []
+    return [json.loads(p.read_text()) for p in paths if p.exists()]
+
+
 def grpo_cpu_seconds(folder: Path, task: str) -> float | None:
-    """GRPO's mean tuning CPU time at its chosen lr, over the seeds that ran: the equal-time budget."""
-    setting = chosen(folder, task, "grpo")
-    runs = [json.loads(p.read_text()) for s in SEEDS if (p := cell_path(folder, cell_name("grpo", setting, s))).exists()
-            ] if setting else []
+    """GRPO's mean tuning CPU time at its chosen lr once all its seeds ran: the equal-time budget."""
+    runs = seed_cells(folder, "grpo", chosen(folder, task, "grpo"))
     times = [r["tune_cpu_seconds"] for r in runs if r.get("tune_cpu_seconds")]
-    return statistics.mean(times) if times else None
+    return statistics.mean(times) if len(runs) == len(SEEDS) and times else None
 
 
 def run_all(args: argparse.Namespace, folder: Path, argv: list[str]) -> None:
     """The untuned cell, each method's grid then its other seeds at the chosen setting, the equal-time cells
-    (``<method>_time``, at the method's chosen setting, once GRPO's seeds ran), best-of-n last; ``--only`` picks
-    methods and their order."""
+    (``<method>_time``, at the method's chosen setting, once all of GRPO's seeds ran), best-of-n last; ``--only``
+    picks methods and their order."""
     base = [a for a in argv if a not in ("--run", "--write")]
     if "--only" in base:
         base = base[: base.index("--only")]
@@ -280,42 +288,51 @@ def run_all(args: argparse.Namespace, folder: Path, argv: list[str]) -> None:
     for method in args.only or known:
         if method not in known:
             raise SystemExit(f"reward_comparison: unknown method {method!r}; expected one of {known}")
-        if method == "greedy":
-            cells = ["greedy:0:0"]
-        elif method.startswith("best_of_"):
-            cells = [f"{method}:0:{s}" for s in SEEDS]
-        else:
-            grid = method.removesuffix("_time")
-            setting = None if grid == method else chosen(folder, args.task, grid)
-            if grid == method:
-                cells = grid_cells(args.task, [method])
-                for cell in cells:
-                    run_one(base, folder, cell)
-                setting = chosen(folder, args.task, method)
-            cells = [cell_name(method, setting, s) for s in (SEEDS[1:] if grid == method else SEEDS)] if setting else []
-            budget = grpo_cpu_seconds(folder, args.task) if grid != method else None
-            if grid != method and budget is None:
-                print(f"reward_comparison: {method} waits for GRPO's seeds (its time budget)", flush=True)
-                continue
-            cells = [(c, budget) for c in cells]
-        for cell in cells:
-            run_one(base, folder, *(cell if isinstance(cell, tuple) else (cell,)))
+        tuned = method.removesuffix("_time")
+        if method == "greedy" or method.startswith("best_of_"):
+            for cell in ["greedy:0:0"] if method == "greedy" else [f"{method}:0:{s}" for s in SEEDS]:
+                run_one(base, folder, cell)
+        elif tuned == method:  # its grid, then its other seeds at the setting chosen on training prompts
+            for cell in grid_cells(args.task, [method]):
+                run_one(base, folder, cell)
+            setting = chosen(folder, args.task, method)
+            for seed in SEEDS[1:] if setting else ():
+                run_one(base, folder, cell_name(method, setting, seed))
+        elif (budget := grpo_cpu_seconds(folder, args.task)) is None:
+            print(f"reward_comparison: {method} waits for all of GRPO's seeds (its time budget)", flush=True)
+        elif setting := chosen(folder, args.task, tuned):
+            for seed in SEEDS:
+                run_one(base, folder, cell_name(method, setting, seed), budget)
 
 
 def run_one(base: list[str], folder: Path, cell: str, budget: float | None = None) -> None:
-    """Run one cell in its own process (its peak RSS is the cell's memory) unless its JSON exists."""
+    """Run one cell in its own process (its peak RSS is the cell's memory) unless its JSON exists or another
+    driver runs it now (its marker names a live driver)."""
     path = cell_path(folder, cell)
-    running = path.with_name(f".{path.stem}.pid")  # a cell another driver runs now is left to it
-    if path.exists() or (running.exists() and Path(f"/proc/{running.read_text().strip()}").exists()):
-        return
-    print(f"reward_comparison: {cell}", flush=True)
-    extra = ["--budget-cpu-seconds", f"{budget:.1f}"] if budget else []
+    marker = path.with_name(f".{path.stem}.pid")
     folder.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([sys.executable, __file__, *base, *extra, "--cell", cell])
-    running.write_text(str(proc.pid))
-    if proc.wait():
-        print(f"reward_comparison: {cell} failed ({proc.returncode})", flush=True)
-    running.unlink(missing_ok=True)
+    if path.exists():
+        return
+    try:
+        fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        owner = marker.read_text().strip()
+        cmdline = Path(f"/proc/{owner}/cmdline")
+        if owner.isdigit() and cmdline.exists() and b"reward_comparison" in cmdline.read_bytes():
+            print(f"reward_comparison: {cell} is left to pid {owner}", flush=True)
+            return
+        marker.unlink(missing_ok=True)  # a stopped driver's: take it over
+        return run_one(base, folder, cell, budget)
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        print(f"reward_comparison: {cell}", flush=True)
+        extra = ["--budget-cpu-seconds", f"{budget:.1f}"] if budget else []
+        done = subprocess.run([sys.executable, __file__, *base, *extra, "--cell", cell], check=False)
+        if done.returncode:
+            print(f"reward_comparison: {cell} failed ({done.returncode})", flush=True)
+    finally:
+        marker.unlink(missing_ok=True)
 
 
 def spread(values: list[float]) -> str:
@@ -364,9 +381,6 @@ def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
                 f"{statistics.mean(c['tied_fraction'] for c in mine):.0%}" if "tied_fraction" in mine[0] else "-",
                 len(mine)]
 
-    def seeds_of(method: str, setting: tuple) -> list[dict]:
-        return [cells[k] for s in SEEDS if (k := cell_path(folder, cell_name(method, setting, s)).stem) in cells]
-
     for method, label in names.items():
         base = method.removesuffix("_time")
         grid = GRIDS[task].get(base)
@@ -377,7 +391,7 @@ def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
                 data[method] = {"after": [c["after"] for c in mine], "seeds": [c["seed"] for c in mine]}
             continue
         setting = chosen(folder, task, base, partial=True)
-        mine = seeds_of(method, setting) if setting else []
+        mine = seed_cells(folder, method, setting) if setting else []
         if not mine:
             continue
         ran = sum(cell_path(folder, cell_name(base, g, 0)).stem in cells for g in grid)
@@ -387,15 +401,16 @@ def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
                         "tune_cpu_seconds": [c.get("tune_cpu_seconds") for c in mine],
                         "scored_completions": [c["scored_completions"] for c in mine]}
         for other in grid if method == base else ():  # a setting not chosen that ran several seeds (a study)
-            theirs = seeds_of(method, other) if other != setting else []
+            theirs = seed_cells(folder, method, other) if other != setting else []
             if len(theirs) > 1:
                 rows.append(row(method, label, theirs, setting_text(other) + " (not chosen)"))
     header = ["method", "held-out reward before", "held-out reward after (greedy)",
               "setting (chosen on training prompts)", "scored completions", "time (tuning; shared CPU)",
               "CPU time (tuning, 1 thread)", "peak RSS", "peak RSS / GRPO's", "MeZO steps tied", "runs"]
-    grpo = [r[7] for r in rows if r[0] == names["grpo"]]
+    peak = header.index("peak RSS")
+    grpo = [r[peak] for r in rows if r[0] == names["grpo"]]
     for r in rows:  # each row's peak against GRPO's (the goal: a third of it)
-        r.insert(8, f"{float(r[7].split()[0]) / float(grpo[0].split()[0]):.2f}" if grpo else "-")
+        r.insert(peak + 1, f"{float(r[peak].split()[0]) / float(grpo[0].split()[0]):.2f}" if grpo else "-")
     return header, rows, data
 
 

@@ -52,7 +52,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--form", default="population", choices=FORMS)
     p.add_argument("--population", type=int, default=8, help="--form population: perturbed models per step")
     p.add_argument("--candidates", type=int, default=4, help="--form expected: sampled completions per prompt")
-    p.add_argument("--steps", type=int, default=48)
+    p.add_argument("--steps", type=int, default=24)
     p.add_argument("--batch-size", type=int, default=2, help="prompts per step (each member decodes them all)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--eps", type=float, default=1e-2)

@@ -201,6 +201,11 @@ def _hub_rows(path: str, config: str | None, dev_split: str = "validation") -> C
     return lambda split: _hub(path, config, split, dev_split)
 
 
+def _record_hub(split: str) -> list[dict]:
+    """ReCoRD rows whose gold answer is among their entities (a row that is not could not be scored)."""
+    return [r for r in _hub("super_glue", "record", split) if r["answers"] and r["answers"][0] in r["entities"]]
+
+
 def _drop_hub(split: str) -> list[dict]:
     return [r for r in _hub("ucinlp/drop", None, split) if r["answers_spans"]["spans"]]  # the seed asserts some
 
@@ -289,7 +294,7 @@ BUILTIN_TASKS = [
     # candidate bullet; the seed trains on the first gold answer and counts any gold answer correct
     Task(
         name="record", kind="multiple_choice", metric="accuracy", template=_record_prompt, label_words=None,
-        load_split=_loader(_no_local_copy("record"), _hub_rows("super_glue", "record")),
+        load_split=_loader(_no_local_copy("record"), _record_hub),
         candidates=lambda r: _record_options(r)[0], get_label=lambda r: _record_options(r)[1],
     ),
     # DROP: generation scored by SQuAD's token F1 against each gold span (the seed's "f1"); its answers_spans.spans

@@ -4,7 +4,9 @@ that the reference MeZO step and ours both descend a quadratic."""
 import argparse
 import importlib.util
 import json
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -385,10 +387,14 @@ def test_reward_comparison_cells_budget_and_choice_on_training_prompts(no_write,
     # another eps is part of the cell's name and reaches the optimizer; an equal-time cell tunes until its CPU time
     rc.main([*small, "--cell", "mezo_es:0.001:0:0.01"])
     assert json.loads((tmp_path / "cells" / "mezo_es_0.001_0_0.01.json").read_text())["eps"] == 0.01
-    rc.main([*small, "--cell", "population_es_time:0.001:1", "--population", "4", "--budget-cpu-seconds", "0.5"])
+    one_step = [*small[:small.index("--completions")], "--completions", "4", *small[small.index("--completions") + 2:]]
+    rc.main([*one_step, "--cell", "population_es_time:0.001:1", "--population", "4", "--budget-cpu-seconds", "0.5"])
     timed = json.loads((tmp_path / "cells" / "population_es_time_0.001_1.json").read_text())
-    assert timed["tune_cpu_seconds"] >= 0.5 and timed["steps"] % 4 == 0 and timed["budget_cpu_seconds"] == 0.5
-    assert timed["scored_completions"] == timed["steps"] * 4
+    assert timed["tune_cpu_seconds"] >= 0.5 and timed["budget_cpu_seconds"] == 0.5  # the time, not 4 completions
+    assert timed["steps"] >= 4 and timed["steps"] % 4 == 0 and timed["scored_completions"] == timed["steps"] * 4
+    for bad in (["--cell", "population_es_time:0.001:2"], ["--cell", "mezo_es:0.001:2", "--budget-cpu-seconds", "1"]):
+        with pytest.raises(SystemExit, match="needs --budget-cpu-seconds > 0"):
+            rc.main([*small, *bad])
     rc.main([*small, "--write"])
     stored = json.loads((no_write.parent / "results" / "reward_comparison_arith.json").read_text())
     rows = {r[0]: r for r in stored["rows"]}
@@ -442,3 +448,53 @@ def test_population_time_table_compares_at_mezo_cpu_time(no_write, tmp_path):
     rows = {r[0]: r for r in out["time"]["rows"]}
     assert rows[names[0]][1:9] == ["3", "1.00", "0.600", "3", "0.600", "3 (its last)", "0.33", "3 s (step 3)"]
     assert rows[names[1]][7] == "0.11" and "stopped at step 3 of 9" in out["time"]["notes"]
+
+
+def test_reward_comparison_driver_order_and_shared_queue(tmp_path, monkeypatch):
+    """The driver runs a grid, then the other seeds at the setting chosen on training prompts; equal-time cells
+    wait for all of GRPO's seeds; a cell another live driver holds is left to it, a dead driver's is taken over."""
+    rc = load("reward_comparison")
+    folder = tmp_path / "cells"
+    ran: list[tuple[str, float | None]] = []
+
+    def fake_run(command, check):  # a cell "runs": its JSON appears, its training reward from the lr
+        cell = command[command.index("--cell") + 1]
+        method, lr, seed, eps = rc.parse_cell(cell)
+        flag = "--budget-cpu-seconds"
+        budget = float(command[command.index(flag) + 1]) if flag in command else None
+        ran.append((cell, budget))
+        rc.cell_path(folder, cell).write_text(json.dumps({"method": method, "lr": lr, "seed": seed, "after": 0.5,
+                                                          "train_after": lr, "tune_cpu_seconds": 10.0 + seed}))
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(rc.subprocess, "run", fake_run)
+    args = rc.parse(["--task", "arith", "--run", "--only", "population_es_time", "grpo", "population_es_time"])
+    rc.run_all(args, folder, ["--task", "arith"])
+    grpo = [c for c, _ in ran if c.startswith("grpo")]
+    best = max(g for g, _ in rc.GRIDS["arith"]["grpo"])
+    assert grpo == [rc.cell_name("grpo", g, 0) for g in rc.GRIDS["arith"]["grpo"]] + [
+        rc.cell_name("grpo", (best, None), s) for s in (1, 2)]
+    assert ran[0][0].startswith("grpo")  # the first population_es_time waited: GRPO's seeds had not run
+    assert not any(c.startswith("population_es_time") for c, _ in ran)  # its grid (population_es) has not run
+    ran.clear()
+    args = rc.parse(["--task", "arith", "--run", "--only", "population_es", "population_es_time"])
+    rc.run_all(args, folder, ["--task", "arith"])
+    timed = [(c, b) for c, b in ran if c.startswith("population_es_time")]
+    assert len(timed) == 3 and all(b == 11.0 for _, b in timed)  # GRPO's mean CPU time over its 3 seeds
+    # markers: a live driver's cell is left to it; a dead one's is taken over
+    live, dead = "greedy:0:0", "best_of_4:0:0"
+    driver = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "reward_comparison"])
+    cmdline = Path(f"/proc/{driver.pid}/cmdline")
+    while b"reward_comparison" not in cmdline.read_bytes():  # until its exec has finished
+        time.sleep(0.05)
+    try:
+        for cell, pid in ((live, driver.pid), (dead, 2 ** 22 + 7)):  # above any pid_max: no such process
+            path = rc.cell_path(folder, cell)
+            path.with_name(f".{path.stem}.pid").write_text(str(pid))
+        ran.clear()
+        rc.run_one([], folder, live)
+        rc.run_one([], folder, dead)
+    finally:
+        driver.kill()
+    assert [c for c, _ in ran] == [dead] and not rc.cell_path(folder, live).exists()
+    assert not list(folder.glob(".best_of_4*.pid"))  # the marker goes when the cell is done

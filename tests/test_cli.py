@@ -210,11 +210,14 @@ def test_a_reward_task_tunes_on_its_checker_by_default(tmp_path, capsys):
     config = json.loads((run / "config.json").read_text())
     assert (config["reward"], config["objective"], config["metric"]) == (["answer_check"], "reward", "reward")
     assert set(json.loads((run / "eval.json").read_text())["rewards"]) == {"answer_check"}
-    assert config["eps"] == GREEDY_REWARD_EPS  # greedy completions: the eps that changes them
-    sampled = tmp_path / "sampled"  # rewards of sampled candidates are smooth in the weights: the dtype's eps
-    assert tune("--task", "arith", "--steps", "1", "--batch-size", "4", "--eval-size", "4", "--reward-candidates",
-                "2", "--sample-temperature", "1", "--output-dir", str(sampled)) == 0, capsys.readouterr().err
-    assert json.loads((sampled / "config.json").read_text())["eps"] == DEFAULT_EPS["fp32"]
+    assert config["eps"] == DEFAULT_EPS["fp32"]  # sgd: a reward's difference does not grow with eps
+    runs = {name: tmp_path / name for name in ("normalized", "sampled")}
+    for name, extra in (("normalized", []), ("sampled", ["--reward-candidates", "2", "--sample-temperature", "1"])):
+        assert tune("--task", "arith", "--steps", "1", "--batch-size", "4", "--eval-size", "4", "--update",
+                    "normalized", *extra, "--output-dir", str(runs[name])) == 0, capsys.readouterr().err
+    eps = {name: json.loads((run / "config.json").read_text())["eps"] for name, run in runs.items()}
+    # greedy completions: the eps that changes them; sampled candidates are smooth in the weights: the dtype's
+    assert eps == {"normalized": GREEDY_REWARD_EPS, "sampled": DEFAULT_EPS["fp32"]}
 
 
 def test_reward_run_on_a_jsonl_of_prompts(tmp_path, monkeypatch, capsys):

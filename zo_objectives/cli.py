@@ -297,7 +297,9 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
         kind = "scale-free"
     else:  # a hard metric or rewards: the scale of the mean form
         kind = "cross_entropy" if config.objective == CROSS_ENTROPY else form or "mean"
-    greedy_reward = config.reward and not config.reward_candidates and not config.sample_temperature
+    # rewards of greedy completions under a scale-free update (a step's length does not shrink as eps grows)
+    greedy = not (config.reward_candidates or config.sample_temperature)
+    greedy_reward = config.reward and greedy and kind == "scale-free"
     eps = config.eps or (GREEDY_REWARD_EPS if greedy_reward else DEFAULT_EPS[config.dtype])
     config = replace(config, lr=config.lr or DEFAULT_LR[kind], eps=eps, smoothing=smoothing)
     metrics = evaluation_metrics(config, task)

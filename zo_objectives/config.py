@@ -39,8 +39,10 @@ AUTO_DTYPE = "bf16 on a GPU and on a CPU with native bf16 arithmetic (AVX512-BF1
 # eps per dtype: a bf16 forward pass rounds the loss difference of +-1e-3 perturbations enough that the estimate
 # keeps 0.83 correlation with fp32's; at 3e-3 it keeps 0.99 (benchmarks/eps_fidelity.py, docs/half_precision.md)
 DEFAULT_EPS = {"fp32": 1e-3, "fp16": 1e-3, "bf16": 3e-3}
-# Rewards of greedy completions: at eps 1e-3 most perturbations change no greedy token (70% of a population's steps
-# tied on arith), at 1e-2 almost none did, and the held-out reward rose (BENCHMARKS.md "Reward comparison (arith)")
+# Rewards of greedy completions, with normalized updates: at eps 1e-3 a perturbation seldom changes a greedy token
+# (72% of a population's steps tied on arith), at 1e-2 almost none did, and the held-out reward rose (BENCHMARKS.md
+# "Reward comparison (arith)"). Only for scale-free updates: under sgd a reward's difference does not grow with
+# eps, so a larger eps would shrink the step
 GREEDY_REWARD_EPS = 1e-2
 SPLITS = ("dev", "validation")
 REWARD = "reward"  # the objective of --reward runs
@@ -152,7 +154,7 @@ class TuneConfig(CommonConfig):
                                  "rank", above=0)
     eps: float | None = arg(None, f"perturbation scale (default {DEFAULT_EPS['fp32']}, {DEFAULT_EPS['bf16']} in bf16, "
                                   f"whose rounding swamps smaller loss differences; {GREEDY_REWARD_EPS} for --reward "
-                                  "on greedy completions, which a smaller one seldom changes)", above=0, resume=FIXED)
+                                  "on greedy completions with --update normalized or sign)", above=0, resume=FIXED)
     n_perturbations: int = arg(1, "SPSA estimates averaged per step", above=0, resume=FIXED)
     population: int = arg(0, "members per step of the population estimator (an even number: antithetic pairs, "
                              "all scored in one batched pass; docs/mezo.md); 0: MeZO", at_least=0, resume=FIXED)
@@ -223,7 +225,8 @@ class TuneConfig(CommonConfig):
                                  f"reward: {', '.join(list_rewards())}")
         if self.reward_weights is not None and len(self.reward_weights) != len(self.reward):
             raise UsageError(f"--reward-weights: {len(self.reward_weights)} weights for {len(self.reward)} --reward")
-        checked = not self.data and self.task in list_tasks() and get_task(self.task).reward  # arith: its checker
+        # a task scored by a checker (arith) tunes on it unless given another objective (cli.resolve)
+        checked = self.objective is None and not self.data and self.task in list_tasks() and get_task(self.task).reward
         if (self.reward_candidates or self.sample_temperature) and not (self.reward or checked):
             raise UsageError("--reward-candidates and --sample-temperature apply to --reward runs (or a task scored "
                              "by a checker) only")
