@@ -395,6 +395,8 @@ def test_reward_comparison_cells_budget_and_choice_on_training_prompts(no_write,
     for bad in (["--cell", "population_es_time:0.001:2"], ["--cell", "mezo_es:0.001:2", "--budget-cpu-seconds", "1"]):
         with pytest.raises(SystemExit, match="needs --budget-cpu-seconds > 0"):
             rc.main([*small, *bad])
+    with pytest.raises(SystemExit, match="squad runs equal-time cells of population_es only"):
+        rc.main([*small, "--task", "squad", "--cell", "mezo_es_time:0.001:0", "--budget-cpu-seconds", "1"])
     rc.main([*small, "--write"])
     stored = json.loads((no_write.parent / "results" / "reward_comparison_arith.json").read_text())
     rows = {r[0]: r for r in stored["rows"]}
