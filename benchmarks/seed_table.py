@@ -550,7 +550,8 @@ def table(write: bool) -> dict:
         "`benchmarks/results/seed_table/<task>__<method>.json`). The seed's other tasks (WSC, WiC, MultiRC, ReCoRD, "
         "DROP, TREC) load from the hub only ([docs/tasks.md](docs/tasks.md)): no copy is on this machine and it has "
         "no network, so they have no cells. MeZO's rows to their plateau on a GPU (a separate GPU section): not run, "
-        "no GPU was lent to these sessions.")
+        "no GPU was lent to these sessions; and the tool that lends one carries at most 64 MiB of files, less than "
+        "this model's smallest copy (its 94 MiB Q4_1 GGUF), so that run needs a GPU machine that holds the model.")
     title = (f"{MODEL} (bf16) against the MeZO paper's baselines on the six shipped tasks, {TRAIN} training "
              f"examples per task, MeZO at {STEPS} steps: dev metric x 100, peak memory and wall time per cell.")
     result = publish("seed_table", "Seed comparison table", title, header, rows, "cpu", write, notes=notes,

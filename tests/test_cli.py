@@ -8,6 +8,7 @@ import json
 import math
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -356,6 +357,29 @@ def test_reward_file_and_on_nonfinite(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "--reward gives inf on a gold answer" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "refused").exists()
+
+
+SLOW_REWARD = '''
+import time
+
+
+def judge(prompts, completions, **columns):  # quick on the gold answer checked up front, then it hangs
+    if len(completions) > 1:
+        time.sleep(60)
+    return [1.0] * len(completions)
+'''
+
+
+def test_a_slow_reward_stops_the_run_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "slow.py").write_text(SLOW_REWARD)
+    began = time.monotonic()
+    assert tune("--task", "squad", "--reward", "./slow.py:judge", "--reward-timeout", "0.5", "--steps", "2",
+                "--batch-size", "2", "--eval-size", "2", "--no-eval-before", "--output-dir", "run") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the run's start lines: one line
+    assert err.startswith("zo-tune: error: reward 'judge' took more than 0.5 s on 2 completions (--reward-timeout")
+    assert time.monotonic() - began < 60  # stopped at the limit, not after the reward's minute
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["reward_timeout"] == 0.5
 
 
 def test_label_column_names_the_labels_of_a_data_file(tmp_path, capsys):

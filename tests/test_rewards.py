@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import doctest
 import re
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -101,6 +103,31 @@ def test_bad_rewards_raise_clearly_and_restore_weights(bad, message):
         optimizer.step(lambda: objective(model, BATCH))
     assert torch.equal(model.weight.detach(), before)  # bitwise: the stored weight is never perturbed
     assert optimizer.trajectory == []
+
+
+def test_a_slow_reward_stops_at_its_time_limit_and_restores_weights():
+    """A reward past ``timeout`` raises RewardError (SIGALRM interrupts it; a reward's own ``except Exception``
+    cannot swallow that), the weights stay bitwise; a quick reward under the same limit passes."""
+    def stalls(prompts, completions, **columns):
+        try:
+            time.sleep(30)
+        except Exception:  # a reward that swallows its errors
+            pass
+        return [0.0] * len(completions)
+
+    model = OneWeight()
+    before = model.weight.detach().clone()
+    optimizer = MeZO(model.parameters(), lr=0.1, eps=0.01)
+    objective = RewardObjective(EchoGenerator(), [length, stalls], timeout=0.2)
+    began = time.monotonic()
+    with pytest.raises(RewardError, match=r"reward 'stalls' took more than 0.2 s on 2 completions \(--reward-timeout"):
+        optimizer.step(lambda: objective(model, BATCH))
+    assert time.monotonic() - began < 10  # interrupted, not waited out
+    assert torch.equal(model.weight.detach(), before) and optimizer.trajectory == []
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL  # the handler is put back
+    assert RewardObjective(EchoGenerator(), [length], timeout=5)(OneWeight(), BATCH) == pytest.approx(-3.5)
+    with pytest.raises(ValueError, match="timeout must be > 0 seconds or None"):
+        RewardObjective(EchoGenerator(), [length], timeout=0)
 
 
 def test_invalid_configuration():

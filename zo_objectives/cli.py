@@ -278,7 +278,7 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
         if not hasattr(generator, "generate"):
             raise UsageError(f"--reward needs a generation task (such as squad); {task.name} is {task.kind}")
         objective = RewardObjective(generator, reward_functions(config.reward), config.reward_weights,
-                                    candidates=config.reward_candidates)
+                                    candidates=config.reward_candidates, timeout=config.reward_timeout or None)
         # a reward that fails fails now, on a gold answer
         ex = task.examples("train", n=1, seed=config.seed, source=config.data_source)[0]
         score = objective.scores([ex["prompt"]], [ex["target"].strip()], reward_columns([ex]))[0]

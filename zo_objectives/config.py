@@ -147,6 +147,9 @@ class TuneConfig(CommonConfig):
                                     "(needs --sample-temperature > 0; 0: one completion)", at_least=0)
     sample_temperature: float = arg(0.0, "sampling temperature of the completions --reward scores (0: greedy)",
                                     at_least=0)
+    reward_timeout: float = arg(600.0, "seconds one call of a --reward may take before the run stops with one line "
+                                       "(its last checkpoint kept; a hung judge or test run stalls nothing); 0: no "
+                                       "limit", at_least=0, resume=FREE)
     steps: int = arg(400, "training steps (on --resume: the total to reach)", above=0, resume=FREE)
     lr: float | None = arg(None, f"default {DEFAULT_LR['cross_entropy']} for cross-entropy and metric objectives "
                                  f"in log form, {DEFAULT_LR['mean']} in mean form, as the hard metric or for --reward, "

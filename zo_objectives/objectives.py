@@ -21,9 +21,13 @@ units and direction (``{"accuracy": expected accuracy}``, ``{"cross_entropy": ..
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
+import signal
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -271,7 +275,40 @@ RewardFn = Callable[..., Sequence[float]]
 
 
 class RewardError(ValueError):
-    """A reward function raised, or returned something other than one number per completion."""
+    """A reward function raised, ran past its time limit, or returned something other than one number per
+    completion."""
+
+
+class _Expired(BaseException):  # not an Exception: a reward's own ``except Exception`` cannot swallow it
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None, label: str, count: int):
+    """Raise RewardError once a reward call runs ``seconds``: interrupted by SIGALRM in a Unix process's main
+    thread, elsewhere checked when the call returns (a call that never returns then needs Ctrl-C)."""
+    if not seconds:
+        yield
+        return
+    message = (f"reward {label!r} took more than {seconds:g} s on {count} completions (--reward-timeout; 0: no "
+               "limit): make it faster, or raise the limit")
+    alarm = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    if alarm:
+        def expire(signum: int, frame: Any) -> None:
+            raise _Expired
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+    began = time.monotonic()
+    try:
+        yield
+    except _Expired:
+        raise RewardError(message) from None
+    finally:
+        if alarm:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+    if time.monotonic() - began > seconds:
+        raise RewardError(message)
 
 
 def callable_name(fn: Any) -> str:
@@ -304,6 +341,8 @@ class RewardObjective(Objective):
     completion is drawn from softmax(log-likelihood) over the distinct ones. One completion's text moves
     with the weights in jumps, so its reward ties on many steps; this expectation moves smoothly, and a
     costly reward (a test run, a judge) is called once per step instead of twice.
+
+    A reward call that runs ``timeout`` seconds raises RewardError (``time_limit``); None: no limit.
     """
 
     generator: Any
@@ -311,6 +350,7 @@ class RewardObjective(Objective):
     weights: Sequence[float] | None = None
     name: str = "reward"
     candidates: int = 0
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not hasattr(self.generator, "generate"):
@@ -329,6 +369,8 @@ class RewardObjective(Objective):
             raise ValueError(f"{len(self.weights)} weights for {len(self.rewards)} reward functions")
         if self.candidates < 0:
             raise ValueError(f"candidates must be >= 0, got {self.candidates}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds or None (no limit), got {self.timeout}")
         if self.candidates and not getattr(self.generator, "temperature", 0):
             raise ValueError("candidates > 0 needs a sampling generator (GenerationPredictor(temperature=...) > 0); "
                              "greedy decoding gives every candidate the same text")
@@ -344,7 +386,10 @@ class RewardObjective(Objective):
         means = {}
         for weight, fn, label in zip(self.weights or [1.0] * len(self.rewards), self.rewards, self._names):
             try:
-                values = list(fn(prompts=prompts, completions=completions, **columns))
+                with time_limit(self.timeout, label, len(completions)):
+                    values = list(fn(prompts=prompts, completions=completions, **columns))
+            except RewardError:
+                raise
             except Exception as err:
                 raise RewardError(f"reward {label!r} raised {type(err).__name__}: {err}") from err
             if len(values) != len(prompts):
