@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -355,6 +356,21 @@ def cpu_time(values: list[float | None]) -> str:
                                                       f" ({len(known)} of {len(values)} runs)")
 
 
+def trl_version() -> str:
+    try:
+        return version("trl")
+    except PackageNotFoundError:  # the tests tabulate without it
+        return "(not installed)"
+
+
+def prompts_seen(cells: list[dict]) -> str:
+    """Training prompts a tuned run drew (steps x prompts per step; a prompt drawn again counts again)."""
+    per_step = [c.get("batch") or c.get("prompts_per_step") for c in cells]
+    if "steps" not in cells[0] or not all(per_step):
+        return "-"
+    return str(round(statistics.mean(c["steps"] * n for c, n in zip(cells, per_step))))
+
+
 def setting_text(setting: tuple[float, float | None]) -> str:
     return f"lr {setting[0]:g}" + (f", eps {setting[1]:g}" if setting[1] else "")
 
@@ -384,7 +400,7 @@ def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
                 f"{statistics.mean(c.get('tune_seconds', c['seconds']) for c in mine) / 60:.1f} min",
                 cpu_time([c.get("tune_cpu_seconds") for c in mine]), f"{max(c['peak_rss_mib'] for c in mine):.0f} MiB",
                 f"{statistics.mean(c['tied_fraction'] for c in mine):.0%}" if "tied_fraction" in mine[0] else "-",
-                len(mine)]
+                len(mine), prompts_seen(mine)]
 
     for method, label in names.items():
         base = method.removesuffix("_time")
@@ -411,7 +427,8 @@ def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
                 rows.append(row(method, label, theirs, setting_text(other) + " (not chosen)"))
     header = ["method", "held-out reward before", "held-out reward after (greedy)",
               "setting (chosen on training prompts)", "scored completions", "time (tuning; shared CPU)",
-              "CPU time (tuning, 1 thread)", "peak RSS", "peak RSS / GRPO's", "MeZO steps tied", "runs"]
+              "CPU time (tuning, 1 thread)", "peak RSS", "peak RSS / GRPO's", "MeZO steps tied", "runs",
+              "training prompts seen"]
     peak = header.index("peak RSS")
     grpo = [r[peak] for r in rows if r[0] == names["grpo"]]
     for r in rows:  # each row's peak against GRPO's (the goal: a third of it)
@@ -439,6 +456,9 @@ def main(argv: list[str] | None = None) -> None:
              f"{args.held_out} dev prompts; spreads are the standard deviation over seeds 0-2 (the untuned greedy row "
              "is deterministic). Each tuned method's setting (lr; eps for MeZO's forms) was chosen over a grid of "
              f"the same size by the greedy reward on {args.train_eval} training prompts after tuning with seed 0. "
+             f"TRL {trl_version()} GRPOTrainer at its defaults but lr: AdamW over the full fp32 weights, beta 0 "
+             "(no reference model), loss 'dapo', gradient checkpointing on (TRL's default, which lowers its peak "
+             f"memory), {args.candidates} completions per prompt sampled at temperature 1. "
              "Best-of-n needs the reward at inference "
              "(an oracle) and n completions per prompt. Times and memory come from a CPU shared with other jobs: "
              "they compare only roughly. CPU time is the tuning process's own (one thread), which other jobs inflate "
