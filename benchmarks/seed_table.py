@@ -501,20 +501,22 @@ def table(write: bool) -> dict:
         for task in TASKS:
             c = cells.get((task, method))
             if c is None:
-                rows.append([task, method, what, missing(task, method, cells), "-", "-", "-", "-",
+                rows.append([task, method, what, missing(task, method, cells), "-", "-", "-", "-", "-",
                              f"`{cell_command(task, method)}`"])
                 continue
             s, resumed = slope(c.get("curve", [])), c.get("resumed_at_step")
             wall = f"{c['wall_s'] / 60:.1f}" + (f" (resumed at step {resumed})" if resumed else "")
+            points = c.get("curve", [])
+            moved = f"{100 * (points[-1][1] - points[0][1]):+.1f}" if len(points) > 1 and points[0][0] == 0 else "-"
             rows.append([task, method, what, f"{100 * c['value']:.1f}", f"{c['peak_rss_mib']:.0f}", wall,
-                         "-" if s is None else f"{s:+.1f}", f"{c.get('trainable_parameters', '-')}",
+                         "-" if s is None else f"{s:+.1f}", moved, f"{c.get('trainable_parameters', '-')}",
                          f"`{c['command']}`"])
     plots = [p for p in (plot(t, cells) for t in TASKS) if p]
     header = ["task", "row", "method", "dev metric", "peak RSS MiB", "wall min", "slope per 100 steps",
-              "trainable parameters", "command"]
+              "change from step 0", "trainable parameters", "command"]
     at_a_glance, ratios = glance({"columns": header, "rows": rows}), memory_ratios({"columns": header, "rows": rows})
     notes = (
-        f"At a glance (dev metric x 100: accuracy; SQuAD: F1; -: not run within the CPU budget; dev examples: "
+        f"At a glance (dev metric x 100: accuracy; SQuAD: F1; -: no result, the full table says why; dev examples: "
         f"{', '.join(f'{t} {n}' for t, n in DEV.items())}):\n\n{at_a_glance}\n\n"
         f"Budget (a 2-core CPU shared with other jobs): {TRAIN} training examples per task (seed 0; the seed's "
         f"few-shot k = 16 per class for a binary task, on average; CB: 16, its 32 shipped rows split 16 train / 16 "
@@ -544,8 +546,11 @@ def table(write: bool) -> dict:
         "metric row optimizes expected F1 (mean form) over the greedy answer, generated once per step, and the gold "
         "answers. "
         f"Backprop / MeZO peak memory (full parameters): {ratios}. The slope "
-        "column is the dev metric's change per 100 steps over the last quarter of each MeZO run (near 0: at a "
-        "plateau); the curves: " + (", ".join(f"[{p.name}](benchmarks/results/{p.name})" for p in plots) or "none yet")
+        "column is the dev metric's change per 100 steps over the last quarter of each MeZO run, the next column "
+        "its change since step 0: a slope near 0 is flat over the last quarter, a plateau only where the run had "
+        "moved (a run still at its step-0 value, such as SST-2's LoRA and prefix rows, has not started to move at "
+        "this budget); the curves: "
+        + (", ".join(f"[{p.name}](benchmarks/results/{p.name})" for p in plots) or "none yet")
         + ". Each cell reruns with the command beside it (MeZO cells run `zo-tune` with the flags stored in "
         "`benchmarks/results/seed_table/<task>__<method>.json`). The seed's other tasks (WSC, WiC, MultiRC, ReCoRD, "
         "DROP, TREC) load from the hub only ([docs/tasks.md](docs/tasks.md)): no copy is on this machine and it has "
@@ -563,7 +568,8 @@ def table(write: bool) -> dict:
 
 def readme_glance(result: dict) -> str:
     """README's at-a-glance block: the grid with a caption linking to the full table."""
-    return ("[Seed comparison](BENCHMARKS.md#seed-comparison-table): dev metric x 100 (-: not run in the CPU budget); "
+    return ("[Seed comparison](BENCHMARKS.md#seed-comparison-table): dev metric x 100 (-: no result, the full table "
+            "says why); "
             f"peak RSS, backprop / MeZO: {memory_ratios(result)}.\n\n" + glance(result))
 
 
