@@ -400,7 +400,8 @@ def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
                 f"{statistics.mean(c.get('tune_seconds', c['seconds']) for c in mine) / 60:.1f} min",
                 cpu_time([c.get("tune_cpu_seconds") for c in mine]), f"{max(c['peak_rss_mib'] for c in mine):.0f} MiB",
                 f"{statistics.mean(c['tied_fraction'] for c in mine):.0%}" if "tied_fraction" in mine[0] else "-",
-                len(mine), prompts_seen(mine)]
+                len(mine), prompts_seen(mine),
+                ", ".join(f"{c['seed']}: {c['after']:.3f}" for c in mine) if len(mine) > 1 else "-"]
 
     for method, label in names.items():
         base = method.removesuffix("_time")
@@ -428,7 +429,7 @@ def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
     header = ["method", "held-out reward before", "held-out reward after (greedy)",
               "setting (chosen on training prompts)", "scored completions", "time (tuning; shared CPU)",
               "CPU time (tuning, 1 thread)", "peak RSS", "peak RSS / GRPO's", "MeZO steps tied", "runs",
-              "training prompts seen"]
+              "training prompts seen", "held-out reward per seed"]
     peak = header.index("peak RSS")
     grpo = [r[peak] for r in rows if r[0] == names["grpo"]]
     for r in rows:  # each row's peak against GRPO's (the goal: a third of it)
