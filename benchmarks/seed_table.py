@@ -570,7 +570,8 @@ def readme_glance(result: dict) -> str:
     """README's at-a-glance block: the grid with a caption linking to the full table."""
     return ("[Seed comparison](BENCHMARKS.md#seed-comparison-table): dev metric x 100 (-: no result, the full table "
             "says why); "
-            f"peak RSS, backprop / MeZO: {memory_ratios(result)}.\n\n" + glance(result))
+            f"peak RSS, backprop / MeZO: {memory_ratios(result)}; what it shows at this budget: "
+            "[docs/seed_comparison.md](docs/seed_comparison.md).\n\n" + glance(result))
 
 
 def main(argv: list[str] | None = None) -> None:
