@@ -71,13 +71,14 @@ ROWS: list[tuple[str, str, list[tuple[str, dict[str, str], str]]]] = [
       for method, pick in (("untuned, greedy", False), (POPULATION, True),
                            (POPULATION + ", at GRPO's tuning CPU time", True), ("TRL GRPOTrainer", False),
                            ("best of 16 samples (oracle: picked by the reward)", False))]),
-    ("SQuAD token-F1 reward, 64 held-out prompts, 384 scored completions (cross-entropy: none scored)",
-     "untuned / MeZO, ES form / population of 8, ES form / MeZO on cross-entropy (gold answers) / TRL GRPO / best "
-     "of 4 (oracle)",
+    ("SQuAD token-F1 reward, 64 held-out prompts, 3 seeds: 384 scored completions each (cross-entropy: none "
+     "scored); population also at GRPO's CPU time",
+     "untuned / MeZO, ES form / population of 8, ES form / the same at GRPO's time / MeZO on cross-entropy (gold "
+     "answers) / TRL GRPO / best of 16 (oracle)",
      [("reward_comparison_squad", {"method": method}, "held-out reward after (greedy)") for method in (
          "untuned, greedy", "MeZO, evolution-strategy form (each perturbed model decodes greedily)", POPULATION,
-         "MeZO, cross-entropy on the gold answers", "TRL GRPOTrainer",
-         "best of 4 samples (oracle: picked by the reward)")]),
+         POPULATION + ", at GRPO's tuning CPU time", "MeZO, cross-entropy on the gold answers", "TRL GRPOTrainer",
+         "best of 16 samples (oracle: picked by the reward)")]),
     ("SST-2 accuracy at 1/3 of make run's CPU time", "MeZO / population 16 x 2 / 4 x 8",
      [("population_time", {"run": run}, "dev accuracy at 1/3 of MeZO's time") for run in (
          "MeZO (make run)", "population N = 16, r = 1, batch 2, lr 8e-5",
