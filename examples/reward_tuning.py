@@ -7,15 +7,15 @@ equation, "5 - 9 = 1"). A reward is a plain function in TRL's signature, ``rewar
 any ready one (``metrics.rewards``: exact_answer, number_close, token_f1, format_match, length_limit,
 answer_check), repeatable; ``--task squad --reward token_f1`` tunes SQuAD answers on their F1.
 
-Three forms (``--form``): ``population`` (the default: tied with ``es`` in reward within the seeds' spread, and
-the cheapest per CPU second, BENCHMARKS.md "Reward comparison (arith)"), where 8 perturbed models each decode their own greedy completions in one batched ``generate`` and are
-scored by the reward (an evolution-strategy estimate); ``es``, MeZO's antithetic pair doing the same, one
-perturbed model at a time; and ``expected``, the expected reward over ``--candidates`` sampled completions per
-prompt, drawn from the model's own likelihoods over them (one reward call per candidate, a smooth function of the
-weights). Updates are normalized (``update="normalized"``): the lr is the step length, whatever the reward's
-scale. eps is 1e-2: at 1e-3 most perturbations left every greedy token unchanged (a tie, no signal). The held-out
-figures are the rewards of greedy completions on the task's dev prompts, before and after; the defaults are the
-comparison's chosen setting and budget (384 scored completions).
+Three forms (``--form``): ``population`` (the default: tied with ``es`` in reward within the seeds' spread, and the
+cheapest per CPU second, BENCHMARKS.md "Reward comparison (arith)"), where 8 perturbed models each decode their own
+greedy completions in one batched ``generate`` and are scored by the reward (an evolution-strategy estimate);
+``es``, MeZO's antithetic pair doing the same, one perturbed model at a time; and ``expected``, the expected reward
+over ``--candidates`` sampled completions per prompt, drawn from the model's own likelihoods over them (one reward
+call per candidate, a smooth function of the weights). Updates are normalized (``update="normalized"``): the lr is
+the step length, whatever the reward's scale. eps is 1e-2: at 1e-3 most perturbations left every greedy token
+unchanged (a tie, no signal). The held-out figures are the rewards of greedy completions on the task's dev prompts,
+before and after; the defaults are the comparison's chosen setting and budget (384 scored completions).
 
     python examples/reward_tuning.py                      # arith, a population of 8
     python examples/reward_tuning.py --form es --steps 24 --batch-size 8
