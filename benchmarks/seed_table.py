@@ -431,7 +431,8 @@ def missing(task: str, method: str, cells: dict) -> str:
         return SKIP[(task, method)]
     run, log = RUNS / f"{task}-{method}", RUNS / "logs" / f"{task}__{method}.log"
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-    if "Traceback (most recent call last):" in lines:  # the cell's process raised: say so, with its error
+    stopped = bool(lines) and any(f"exited with {code}" in lines[-1] for code in (130, 143))  # Ctrl-C, SIGTERM
+    if "Traceback (most recent call last):" in lines and not stopped:  # the cell raised: say so, with its error
         return f"failed: {lines[-1].strip()[:80]} ({log.relative_to(ROOT)})"
     minutes = estimate(task, method, cells)
     needs = "" if minutes is None else f"~{minutes:.0f} min estimated on this CPU"

@@ -84,3 +84,14 @@ def test_slope_is_per_100_steps_over_the_last_quarter():
     assert slope([[0, 0.5], [20, 0.5], [40, 0.5], [60, 0.5], [80, 0.6], [100, 0.7]]) == pytest.approx(
         100 * 100 * 0.1 / 20)  # the last three points: +10 points per 20 steps
     assert slope([[0, 0.5], [100, 0.5]]) is None
+
+
+def test_a_cell_stopped_by_a_signal_is_not_called_failed(seed_table, monkeypatch):
+    monkeypatch.setattr(seed_table, "ROOT", seed_table.RUNS.parent)  # the log's path is shown relative to it
+    logs = seed_table.RUNS / "logs"
+    logs.mkdir(parents=True)
+    traceback = "Traceback (most recent call last):\n  ...\nRuntimeError: zo-tune exited with {}\n"
+    (logs / "rte__mezo-ce.log").write_text(traceback.format(143))  # SIGTERM: stopped for time
+    (logs / "cb__mezo-ce.log").write_text(traceback.format(1))  # a real failure
+    assert seed_table.missing("rte", "mezo-ce", {}).startswith("not run: CPU budget")
+    assert seed_table.missing("cb", "mezo-ce", {}).startswith("failed: RuntimeError: zo-tune exited with 1")
