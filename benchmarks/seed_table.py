@@ -259,6 +259,8 @@ def mezo(task: str, method: str) -> dict:
     resume = (run / "trajectory.json").exists() and (run / "eval.json").exists()
     done = curve(run)["last_step"] if resume else 0  # steps an earlier, stopped attempt ran (not in wall_s)
     code = tune_main([*argv, "--resume" if resume else "--overwrite"])
+    if code in (130, 143):  # Ctrl-C or SIGTERM: stopped, not failed (no traceback in the log); it resumes
+        raise SystemExit(f"zo-tune stopped by a signal (exit {code}); the cell resumes from its checkpoint")
     if code != 0:
         raise RuntimeError(f"zo-tune exited with {code}")
     return {**curve(run), "equivalent": "zo-tune " + " ".join(shlex.quote(a) for a in argv), "resumed_at_step": done}
@@ -431,8 +433,7 @@ def missing(task: str, method: str, cells: dict) -> str:
         return SKIP[(task, method)]
     run, log = RUNS / f"{task}-{method}", RUNS / "logs" / f"{task}__{method}.log"
     lines = log.read_text(errors="replace").splitlines() if log.exists() else []
-    stopped = bool(lines) and any(f"exited with {code}" in lines[-1] for code in (130, 143))  # Ctrl-C, SIGTERM
-    if "Traceback (most recent call last):" in lines and not stopped:  # the cell raised: say so, with its error
+    if "Traceback (most recent call last):" in lines:  # the cell's process raised: say so, with its error
         return f"failed: {lines[-1].strip()[:80]} ({log.relative_to(ROOT)})"
     minutes = estimate(task, method, cells)
     needs = "" if minutes is None else f"~{minutes:.0f} min estimated on this CPU"
@@ -505,9 +506,9 @@ def table(write: bool) -> dict:
                 rows.append([task, method, what, missing(task, method, cells), "-", "-", "-", "-", "-",
                              f"`{cell_command(task, method)}`"])
                 continue
-            s, resumed = slope(c.get("curve", [])), c.get("resumed_at_step")
+            points, resumed = c.get("curve", []), c.get("resumed_at_step")
+            s = slope(points)
             wall = f"{c['wall_s'] / 60:.1f}" + (f" (resumed at step {resumed})" if resumed else "")
-            points = c.get("curve", [])
             moved = f"{100 * (points[-1][1] - points[0][1]):+.1f}" if len(points) > 1 and points[0][0] == 0 else "-"
             rows.append([task, method, what, f"{100 * c['value']:.1f}", f"{c['peak_rss_mib']:.0f}", wall,
                          "-" if s is None else f"{s:+.1f}", moved, f"{c.get('trainable_parameters', '-')}",

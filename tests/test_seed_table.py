@@ -90,8 +90,11 @@ def test_a_cell_stopped_by_a_signal_is_not_called_failed(seed_table, monkeypatch
     monkeypatch.setattr(seed_table, "ROOT", seed_table.RUNS.parent)  # the log's path is shown relative to it
     logs = seed_table.RUNS / "logs"
     logs.mkdir(parents=True)
-    traceback = "Traceback (most recent call last):\n  ...\nRuntimeError: zo-tune exited with {}\n"
-    (logs / "rte__mezo-ce.log").write_text(traceback.format(143))  # SIGTERM: stopped for time
-    (logs / "cb__mezo-ce.log").write_text(traceback.format(1))  # a real failure
+    traceback = "Traceback (most recent call last):\n  ...\nRuntimeError: zo-tune exited with 1\n"
+    monkeypatch.setattr("zo_objectives.cli.tune_main", lambda argv: 143)  # SIGTERM: stopped for time
+    with pytest.raises(SystemExit) as stopped:
+        seed_table.mezo("rte", "mezo-ce")
+    (logs / "rte__mezo-ce.log").write_text(f"{stopped.value}\n")  # what the cell's process prints: no traceback
+    (logs / "cb__mezo-ce.log").write_text(traceback)  # a real failure
     assert seed_table.missing("rte", "mezo-ce", {}).startswith("not run: CPU budget")
     assert seed_table.missing("cb", "mezo-ce", {}).startswith("failed: RuntimeError: zo-tune exited with 1")

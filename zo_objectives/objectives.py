@@ -385,13 +385,11 @@ class RewardObjective(Objective):
         total = [0.0] * len(prompts)
         means = {}
         for weight, fn, label in zip(self.weights or [1.0] * len(self.rewards), self.rewards, self._names):
-            try:
-                with time_limit(self.timeout, label, len(completions)):
+            with time_limit(self.timeout, label, len(completions)):  # outside: its expiry is no reward's error
+                try:
                     values = list(fn(prompts=prompts, completions=completions, **columns))
-            except RewardError:
-                raise
-            except Exception as err:
-                raise RewardError(f"reward {label!r} raised {type(err).__name__}: {err}") from err
+                except Exception as err:
+                    raise RewardError(f"reward {label!r} raised {type(err).__name__}: {err}") from err
             if len(values) != len(prompts):
                 raise RewardError(f"reward {label!r} returned {len(values)} values for {len(prompts)} completions")
             for i, v in enumerate(values):
