@@ -324,3 +324,18 @@ def test_chat_formatted_puts_prompts_in_the_chat_template(tokenizer):
     bare.chat_template = None
     with pytest.raises(ValueError, match="has no chat template"):
         chat_formatted(examples, bare)
+
+
+def test_lm_head_gets_a_contiguous_input_once_hooked(tokenizer, small_lm):
+    """transformers hands the head a strided slice (``logits_to_keep``); a frozen bf16 head then takes a slow CPU
+    kernel that copies its weight per row, so scoring makes the head's input contiguous (one hook per model)."""
+    lw = LabelWordPredictor(tokenizer, WORDS)
+    before = lw.scores(small_lm, BATCH)
+    head = small_lm.get_output_embeddings()
+    seen = []
+    head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    small_lm.requires_grad_(False)  # a frozen head, as under LoRA
+    torch.testing.assert_close(lw.scores(small_lm, BATCH), before, atol=1e-5, rtol=0)
+    lw.scores(small_lm, BATCH)
+    assert seen and all(seen)
+    assert len(head._forward_pre_hooks) == 2  # ours, once, and the test's
