@@ -80,7 +80,10 @@ def setup(model_name: str, device: str, threads: int | None, batch_size: int, se
 
 def forward(model: torch.nn.Module, batch: dict, keep: int = 1) -> torch.Tensor:
     """One forward pass as ``scoring.Predictor._forward`` runs it (no KV cache, last ``keep`` logits;
-    ``keep=0`` means all positions' logits)."""
+    ``keep=0`` means all positions' logits), its LM head handed a contiguous input as scoring's is."""
+    from zo_objectives.scoring import model_device
+
+    model_device(model)
     with torch.inference_mode():
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     position_ids=batch["position_ids"], use_cache=False, logits_to_keep=keep)

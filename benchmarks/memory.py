@@ -229,8 +229,9 @@ def notes(results: list[dict], dtype: str) -> str:
         text += (f" With the input embedding and LM head frozen (largest trainable tensor "
                  f"{frozen['largest_trainable_bytes'] / MIB:.0f} MiB), MeZO peaks at "
                  f"{frozen['peak_kib'] / base['peak_kib']:.3f} x inference.")
-        text += (" The frozen and LoRA rows pay for PyTorch's batched matmul over a frozen LM head on a non-contiguous "
-                 "input (logits_to_keep=1): it copies the head's weight once per batch row (pytorch/pytorch#73115).")
+        text += (" Forward passes hand the LM head a contiguous input, as scoring does (`scoring.model_device`): "
+                 "over a frozen head (the frozen and LoRA rows), PyTorch's matmul of the strided slice that "
+                 "logits_to_keep=1 makes copies the head's weight once per batch row (pytorch/pytorch#73115).")
     return text
 
 
