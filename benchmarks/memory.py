@@ -5,7 +5,8 @@ Each configuration runs in its own subprocess (this script with ``--config NAME`
 safetensors file lazily, so the weights are not resident until touched), records its resident set size
 ("loaded"), resets the kernel's high-water mark where Linux allows it (``/proc/self/clear_refs``), runs a few
 iterations and reports the peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``) and, on CUDA,
-``torch.cuda.max_memory_allocated``. Goal: MeZO's peak <= 1.05 x inference's.
+``torch.cuda.max_memory_allocated``; each configuration in ``--processes`` processes (3), the median reported,
+since one process's peak varies by tens of MiB. Goal: MeZO's peak <= 1.05 x inference's.
 
     python benchmarks/memory.py                          # SmolLM2-135M
     python benchmarks/memory.py --model tiny-random
@@ -163,16 +164,26 @@ def run_config(name: str, model_name: str, device: str, threads: int | None, bat
 
 
 def measure(model_name: str, device: str, threads: int | None, batch_size: int, seq_len: int,
-            configs: list[str] | None = None, steps: int = 3, dtype: str = "fp32") -> list[dict]:
-    """Run each configuration in a fresh subprocess; return their results."""
+            configs: list[str] | None = None, steps: int = 3, dtype: str = "fp32", processes: int = 1) -> list[dict]:
+    """Run each configuration in ``processes`` fresh subprocesses, in turn; return, per configuration, the result of
+    the process with the median peak, with every process's peak (``peaks_kib``).
+
+    Why several: a process's peak RSS varies by tens of MiB from one run to the next (allocator and page-cache
+    timing), as much as MeZO adds over inference."""
+    names = configs or list(CONFIGS)
+    runs: dict[str, list[dict]] = {name: [] for name in names}
+    for _ in range(processes):
+        for name in names:
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--config", name, "--model", model_name,
+                   "--device", device, "--batch-size", str(batch_size), "--seq-len", str(seq_len),
+                   "--steps", str(steps), "--dtype", dtype]
+            if threads:
+                cmd += ["--threads", str(threads)]
+            runs[name].append(run_worker(cmd, name))
     results = []
-    for name in configs or list(CONFIGS):
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--config", name, "--model", model_name,
-               "--device", device, "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--steps", str(steps),
-               "--dtype", dtype]
-        if threads:
-            cmd += ["--threads", str(threads)]
-        results.append(run_worker(cmd, name))
+    for name in names:
+        ordered = sorted(runs[name], key=lambda r: r["peak_kib"])
+        results.append({**ordered[(len(ordered) - 1) // 2], "peaks_kib": [r["peak_kib"] for r in runs[name]]})
     return results
 
 
@@ -188,13 +199,15 @@ def run_worker(cmd: list[str], what: str) -> dict:
 def rows(results: list[dict]) -> tuple[list[str], list[list]]:
     base = next((r for r in results if r["config"] == "inference"), None)
     cuda = any("cuda_peak" in r for r in results)
-    header = ["config", "what", "loaded RSS MiB", "peak RSS MiB", "peak - loaded MiB", "peak / inference peak"]
+    header = ["config", "what", "loaded RSS MiB", "peak RSS MiB", "peak RSS range MiB", "peak - loaded MiB",
+              "peak / inference peak"]
     if cuda:
         header += ["CUDA loaded MiB", "CUDA peak MiB", "CUDA peak / inference"]
     out = []
     for r in results:
+        peaks = r.get("peaks_kib", [r["peak_kib"]])
         row = [r["config"], CONFIGS[r["config"]], f"{r['loaded_kib'] / 1024:.0f}", f"{r['peak_kib'] / 1024:.0f}",
-               f"{(r['peak_kib'] - r['loaded_kib']) / 1024:.0f}",
+               f"{min(peaks) / 1024:.0f}-{max(peaks) / 1024:.0f}", f"{(r['peak_kib'] - r['loaded_kib']) / 1024:.0f}",
                f"{r['peak_kib'] / base['peak_kib']:.3f}" if base else "-"]
         if cuda:
             row += [f"{r['cuda_loaded'] / MIB:.0f}", f"{r['cuda_peak'] / MIB:.0f}",
@@ -246,6 +259,8 @@ def main(argv: list[str] | None = None) -> list[list]:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="iterations per configuration (--quick: 1)")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="fresh processes per configuration; the median peak is reported (--quick: 1)")
     parser.add_argument("--quick", action="store_true", help="smoke check: one iteration per configuration")
     parser.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)}")
     parser.add_argument("--config", default=None, help=argparse.SUPPRESS)  # internal: run one config, print JSON
@@ -255,19 +270,22 @@ def main(argv: list[str] | None = None) -> list[list]:
     unknown = [c for c in configs + ([args.config] if args.config else []) if c not in CONFIGS]
     if unknown:
         parser.error(f"unknown config {unknown[0]!r}; accepted: {', '.join(CONFIGS)}")
+    if args.processes < 1:
+        parser.error(f"--processes must be at least 1, got {args.processes}")
     if args.quick:
-        args.steps = 1
+        args.steps, args.processes = 1, 1
     if args.config:
         print(json.dumps(run_config(args.config, args.model, args.device, args.threads, args.batch_size,
                                     args.seq_len, args.steps, args.dtype)))
         return []
     results = measure(args.model, args.device, args.threads, args.batch_size, args.seq_len, configs, args.steps,
-                      args.dtype)
+                      args.dtype, args.processes)
     header, table = rows(results)
     reset = all(r["peak_reset"] for r in results)
     title = (f"Memory: {args.model} in {args.dtype}, batch {args.batch_size} x {args.seq_len} tokens, device "
-             f"{args.device}, {args.steps} iteration(s) per configuration, each "
-             f"configuration in its own process. \"loaded\" is the RSS after loading the model and the batch; "
+             f"{args.device}, {args.steps} iteration(s) per configuration, each configuration in "
+             f"{args.processes} fresh process(es) in turn, the one with the median peak reported (the range: all of "
+             f"them). \"loaded\" is the RSS after loading the model and the batch; "
              f"the peak is ru_maxrss " + ("measured from the loaded state (high-water mark reset after loading)."
                                           if reset else "since process start (the high-water mark could not be "
                                           "reset, so it includes loading)."))

@@ -82,9 +82,12 @@ def test_memory_runs(no_write):
     by = {r["config"]: r for r in results}  # LoRA trains its small adapters; frozen embeddings leave smaller tensors
     assert by["lora"]["largest_trainable_bytes"] < by["mezo-frozen-embeddings"]["largest_trainable_bytes"]
     assert by["mezo-frozen-embeddings"]["largest_trainable_bytes"] < by["mezo"]["largest_trainable_bytes"]
-    # the real entry point: one configuration in its own subprocess, written to a (temporary) BENCHMARKS.md
-    table = memory.main([*SMALL, "--threads", "1", "--configs", "inference", "--write"])
+    # the real entry point: one configuration in two fresh subprocesses (the median's row, the range of both),
+    # written to a (temporary) BENCHMARKS.md
+    table = memory.main([*SMALL, "--threads", "1", "--configs", "inference", "--processes", "2", "--write"])
     assert [row[0] for row in table] == ["inference"]
+    low, high = (int(v) for v in table[0][4].split("-"))
+    assert low <= int(table[0][3]) <= high
     text = no_write.read_text()
     assert "<!-- memory_tiny-random_fp32:begin -->" in text and "| inference |" in text
     stored = json.loads((no_write.parent / "results" / "memory_tiny-random_fp32.json").read_text())
