@@ -11,6 +11,12 @@ say why they are missing.
     python benchmarks/seed_table.py --cell sst2/mezo-ce      # one cell: the command printed beside it
     python benchmarks/seed_table.py --cells cb/mezo-ce,rte/icl --workers 1   # these missing cells, in this order
     python benchmarks/seed_table.py --table --write          # BENCHMARKS.md section, seed_table.json and the plots
+    python benchmarks/seed_table.py --cell squad/mezo-ce --steps 300   # a MeZO cell run on, toward its plateau
+
+A longer run (``--steps`` above the table's 100) continues the cell's own finished run from a copy of its folder:
+the steps' seeds and the constant lr do not depend on ``--steps``, so it is the run the cell would have been with
+more steps. It is stored beside the cells (``<task>__<method>__<steps>.json``), listed under the table and drawn
+on the task's plot.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import json
 import os
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -34,7 +41,7 @@ from _common import RESULTS, ROOT, markdown_table, publish, write_section  # noq
 from memory import current_rss_kib, page_in, release_freed, reset_peak  # noqa: E402
 
 README = ROOT / "README.md"
-CELLS = RESULTS / "seed_table"  # one JSON per finished cell
+CELLS = RESULTS / "seed_table"  # one JSON per finished cell (and per longer run)
 RUNS = ROOT / "runs" / "seed_table"  # MeZO run folders (checkpoints, weights) and each cell's log; not committed
 PLUGIN = "benchmarks/seed_tasks.py"  # registers cb_split (CB's 32 rows split 16 train / 16 dev)
 MODEL = "smollm2-135m"
@@ -74,20 +81,26 @@ MEZO = {
 SKIP = {("squad", "linear-probe"): "not applicable: extractive QA has no classes or candidates to probe"}
 
 
-def cell_path(task: str, method: str) -> Path:
-    return CELLS / f"{task}__{method}.json"
+def cell_path(task: str, method: str, steps: int | None = None) -> Path:
+    """A cell's result; with ``steps`` (above the table's), a longer run's."""
+    return CELLS / (f"{task}__{method}.json" if steps in (None, STEPS) else f"{task}__{method}__{steps}.json")
 
 
-def cell_command(task: str, method: str) -> str:
-    return f"python benchmarks/seed_table.py --cell {task}/{method}"
+def cell_command(task: str, method: str, steps: int | None = None) -> str:
+    more = "" if steps in (None, STEPS) else f" --steps {steps}"
+    return f"python benchmarks/seed_table.py --cell {task}/{method}{more}"
 
 
-def mezo_argv(task: str, method: str) -> list[str]:
-    """The zo-tune flags of a MeZO cell."""
+def run_dir(task: str, method: str, steps: int | None = None) -> Path:
+    return RUNS / (f"{task}-{method}" if steps in (None, STEPS) else f"{task}-{method}-{steps}")
+
+
+def mezo_argv(task: str, method: str, steps: int | None = None) -> list[str]:
+    """The zo-tune flags of a MeZO cell (of a longer run with ``steps``)."""
     return ["--plugin", PLUGIN, "--model", MODEL, "--task", TASKS[task], "--dtype", "bf16", "--device", "cpu",
             "--train-size", str(TRAIN), "--eval-size", str(DEV[task]), "--batch-size", str(BATCH), "--steps",
-            str(STEPS), "--eval-every", str(EVAL_EVERY), "--no-progress", "--output-dir",
-            _shown(RUNS / f"{task}-{method}"), *MEZO[method]]
+            str(steps or STEPS), "--eval-every", str(EVAL_EVERY), "--no-progress", "--output-dir",
+            _shown(run_dir(task, method, steps)), *MEZO[method]]
 
 
 def _shown(path: Path) -> str:
@@ -250,12 +263,19 @@ def backprop(task: str, method: str) -> dict:
             "trainable_parameters": sum(p.numel() for p in params)}
 
 
-def mezo(task: str, method: str) -> dict:
-    """A zo-tune run (resumed from its checkpoint when a previous attempt was stopped); its dev curve."""
+def mezo(task: str, method: str, steps: int | None = None) -> dict:
+    """A zo-tune run (resumed from its checkpoint when a previous attempt was stopped); its dev curve. A longer run
+    (``steps``) starts from a copy of the cell's finished run folder."""
     from zo_objectives.cli import tune_main
 
-    argv = mezo_argv(task, method)
+    argv = mezo_argv(task, method, steps)
     run = ROOT / argv[argv.index("--output-dir") + 1]
+    if steps not in (None, STEPS) and not run.exists():
+        if not cell_path(task, method).exists():
+            raise SystemExit(f"{task}/{method} has no finished {STEPS}-step run to continue: run "
+                             f"`{cell_command(task, method)}` first")
+        shutil.copytree(run_dir(task, method), run.with_name(run.name + ".tmp"), dirs_exist_ok=True)
+        run.with_name(run.name + ".tmp").rename(run)
     resume = (run / "trajectory.json").exists() and (run / "eval.json").exists()
     done = curve(run)["last_step"] if resume else 0  # steps an earlier, stopped attempt ran (not in wall_s)
     code = tune_main([*argv, "--resume" if resume else "--overwrite"])
@@ -278,8 +298,8 @@ def curve(run: Path) -> dict:
             "tied_fraction": summary.get("tied_fraction"), "trainable_parameters": config["trainable_parameters"]}
 
 
-def run_cell(task: str, method: str) -> dict:
-    """Run one cell in this process; write and return its result."""
+def run_cell(task: str, method: str, steps: int | None = None) -> dict:
+    """Run one cell (a MeZO cell for ``steps``, when given) in this process; write and return its result."""
     from zo_objectives import cli
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -293,18 +313,18 @@ def run_cell(task: str, method: str) -> dict:
     elif method.startswith("backprop"):
         result = backprop(task, method)
     else:
-        result = mezo(task, method)
+        result = mezo(task, method, steps)
     from tasks import get_task
 
-    result.update(task=task, method=method, command=cell_command(task, method), wall_s=time.perf_counter() - t0,
+    result.update(task=task, method=method, command=cell_command(task, method, steps), wall_s=time.perf_counter() - t0,
                   peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   loaded_rss_mib=LOADED.get("rss_kib", 0) / 1024, peak_reset=LOADED.get("peak_reset", False),
                   train_examples=len(get_task(TASKS[task]).examples("train", n=TRAIN, seed=0)),
                   date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     CELLS.mkdir(parents=True, exist_ok=True)
-    tmp = cell_path(task, method).with_suffix(".tmp")
+    tmp = cell_path(task, method, steps).with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(cell_path(task, method))
+    tmp.replace(cell_path(task, method, steps))
     return result
 
 
@@ -443,8 +463,23 @@ def missing(task: str, method: str, cells: dict) -> str:
     return f"not run: CPU budget ({needs})" if needs else "not run: CPU budget"
 
 
-def plot(task: str, cells: dict) -> Path | None:
-    """The MeZO rows' dev metric against steps for one task (PNG)."""
+def longer_runs(task: str, cells: dict, longer: dict) -> dict[str, tuple[list, str]]:
+    """Curves of ``task``'s longer runs, finished (``longer``: (task, method, steps) -> result) or stopped (from
+    their run folders): label -> (points, how it ended)."""
+    found = {}
+    for method in MEZO:
+        for run in sorted(RUNS.glob(f"{task}-{method}-*")):
+            steps = int(run.name.rsplit("-", 1)[1]) if run.name.rsplit("-", 1)[1].isdigit() else None
+            if steps is None or not (run / "eval.json").exists():
+                continue
+            done = longer.get((task, method, steps)) or curve(run)
+            ended = "" if (task, method, steps) in longer else f" (stopped at step {done['last_step']})"
+            found[f"{METHODS[method]}, {steps} steps"] = (done["curve"], ended)
+    return found
+
+
+def plot(task: str, cells: dict, longer: dict | None = None) -> Path | None:
+    """The MeZO rows' dev metric against steps for one task (PNG), with its longer runs dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -456,11 +491,14 @@ def plot(task: str, cells: dict) -> Path | None:
         if method not in curves and (run / "eval.json").exists() and (run / "metrics.jsonl").exists():
             stopped = curve(run)
             curves[method] = (stopped["curve"], f" (stopped at step {stopped['last_step']})")
-    if not any(points for points, _ in curves.values()):
+    extended = longer_runs(task, cells, longer or {})
+    if not any(points for points, _ in [*curves.values(), *extended.values()]):
         return None
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for method, (points, stopped) in curves.items():
         ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=METHODS[method] + stopped)
+    for label, (points, stopped) in extended.items():
+        ax.plot([p[0] for p in points], [100 * p[1] for p in points], ls="--", marker=".", label=label + stopped)
     for method in ("zero-shot", "icl", "backprop"):
         if (task, method) in cells:
             ax.axhline(100 * cells[(task, method)]["value"], ls=":", lw=1, color="grey")
@@ -496,8 +534,9 @@ def memory_ratios(result: dict) -> str:
 def table(write: bool) -> dict:
     """The result from the finished cells: one row per cell, with the at-a-glance grid in the notes (and, with
     ``write``, in README)."""
-    found = [json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))]
-    cells = {(c["task"], c["method"]): c for c in found}
+    found = {p.stem: json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))}
+    cells = {(c["task"], c["method"]): c for name, c in found.items() if name.count("__") == 1}
+    longer = {(c["task"], c["method"], c["last_step"]): c for name, c in found.items() if name.count("__") == 2}
     rows = []
     for method, what in METHODS.items():
         for task in TASKS:
@@ -513,7 +552,7 @@ def table(write: bool) -> dict:
             rows.append([task, method, what, f"{100 * c['value']:.1f}", f"{c['peak_rss_mib']:.0f}", wall,
                          "-" if s is None else f"{s:+.1f}", moved, f"{c.get('trainable_parameters', '-')}",
                          f"`{c['command']}`"])
-    plots = [p for p in (plot(t, cells) for t in TASKS) if p]
+    plots = [p for p in (plot(t, cells, longer) for t in TASKS) if p]
     header = ["task", "row", "method", "dev metric", "peak RSS MiB", "wall min", "slope per 100 steps",
               "change from step 0", "trainable parameters", "command"]
     at_a_glance, ratios = glance({"columns": header, "rows": rows}), memory_ratios({"columns": header, "rows": rows})
@@ -558,7 +597,8 @@ def table(write: bool) -> dict:
         "DROP, TREC) load from the hub only ([docs/tasks.md](docs/tasks.md)): no copy is on this machine and it has "
         "no network, so they have no cells. MeZO's rows to their plateau on a GPU (a separate GPU section): not run, "
         "no GPU was lent to these sessions; and the tool that lends one carries at most 64 MiB of files, less than "
-        "this model's smallest copy (its 94 MiB Q4_1 GGUF), so that run needs a GPU machine that holds the model.")
+        "this model's smallest copy (its 94 MiB Q4_1 GGUF), so that run needs a GPU machine that holds the model."
+        + longer_notes(cells, longer))
     title = (f"{MODEL} (bf16) against the MeZO paper's baselines on the six shipped tasks, {TRAIN} training "
              f"examples per task, MeZO at {STEPS} steps: dev metric x 100, peak memory and wall time per cell.")
     result = publish("seed_table", "Seed comparison table", title, header, rows, "cpu", write, notes=notes,
@@ -566,6 +606,16 @@ def table(write: bool) -> dict:
     if write:
         write_section("seed_table", readme_glance(result), README)
     return result
+
+
+def longer_notes(cells: dict, longer: dict) -> str:
+    """A sentence per longer run: where it ended against the cell's 100 steps, its slope, its command."""
+    runs = [f"{t} {m} to step {c['last_step']}: {100 * c['value']:.1f} (at step {STEPS}: "
+            f"{100 * cells[(t, m)]['value']:.1f}; best {100 * max(p[1] for p in c['curve']):.1f}; slope over its "
+            f"last quarter {slope(c['curve']):+.1f} per 100 steps; {c['wall_s'] / 60:.0f} min for its added steps; "
+            f"`{c['command']}`)" for (t, m, _), c in sorted(longer.items()) if (t, m) in cells]
+    return ("" if not runs else " Longer MeZO runs (a cell's finished run continued with the same seeds and lr; "
+            "dashed on the task's plot): " + "; ".join(runs) + ".")
 
 
 def readme_glance(result: dict) -> str:
@@ -585,14 +635,19 @@ def main(argv: list[str] | None = None) -> None:
                         "missing cell of --tasks, cheapest first)")
     parser.add_argument("--table", action="store_true", help="only write the table from the finished cells")
     parser.add_argument("--write", action="store_true", help="update BENCHMARKS.md and benchmarks/results/")
+    parser.add_argument("--steps", type=int, help=f"with --cell, a MeZO cell: run it on to this many steps (more "
+                        f"than the table's {STEPS}), continuing its finished run")
     args = parser.parse_args(argv)
     names = [c for c in (args.cell or args.cells or "").split(",") if c]
     cells = [(name.partition("/")[0], name.partition("/")[2]) for name in names]
     for name, (task, method) in zip(names, cells):
         if task not in TASKS or method not in METHODS:
             parser.error(f"unknown cell {name!r}; tasks: {', '.join(TASKS)}; methods: {', '.join(METHODS)}")
+    if args.steps is not None and not (args.cell and cells[0][1] in MEZO and args.steps > STEPS):
+        parser.error(f"--steps goes with --cell TASK/METHOD, a MeZO method ({', '.join(MEZO)}), and more than the "
+                     f"table's {STEPS} steps; got --steps {args.steps}" + ("" if args.cell else " without --cell"))
     if args.cell:
-        print(json.dumps(run_cell(*cells[0])))
+        print(json.dumps(run_cell(*cells[0], args.steps)))
         return
     tasks = args.tasks.split(",")
     if unknown := [t for t in tasks if t not in TASKS]:

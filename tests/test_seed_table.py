@@ -52,6 +52,17 @@ def test_cells_run_store_and_tabulate(seed_table):
     assert grid["mezo-ce"][tasks.index("sst2")].strip() == ce[3]
     assert grid["backprop"][tasks.index("rte")].strip() == "-" and grid["linear-probe"][-1].strip() == "n/a"
 
+    # a longer run continues the cell's finished run (its first steps are the cell's) and is listed beside the table
+    longer = seed_table.run_cell("sst2", "mezo-ce", 5)
+    assert longer["last_step"] == 5 and longer["resumed_at_step"] == 3 and [p[0] for p in longer["curve"]] == [
+        0, 1, 2, 3, 4, 5]
+    assert longer["curve"][:4] == mezo["curve"] and "--steps 5" in longer["command"]
+    again = seed_table.table(write=False)
+    assert again["rows"] == result["rows"]  # the cell itself is unchanged
+    assert "sst2 mezo-ce to step 5: " in again["notes"] and "--cell sst2/mezo-ce --steps 5" in again["notes"]
+    with pytest.raises(SystemExit, match="no finished 3-step run"):
+        seed_table.run_cell("rte", "mezo-ce", 5)
+
 
 def test_estimate_scales_the_finished_cells_pace_by_tokens_read(seed_table):
     one = {("sst2", "mezo-ce"): {"wall_s": 120.0}}
@@ -77,6 +88,9 @@ def test_cells_run_in_the_order_given_and_write_readme(seed_table, no_write, mon
     assert "old" not in text and text.endswith("kept\n") and "| mezo-prefix |" in text
     with pytest.raises(SystemExit):
         seed_table.main(["--cells", "rte/nothing"])
+    for wrong in (["--steps", "300"], ["--cell", "rte/icl", "--steps", "300"], ["--cell", "rte/mezo-ce", "--steps", "2"]):
+        with pytest.raises(SystemExit):
+            seed_table.main(wrong)
 
 
 def test_slope_is_per_100_steps_over_the_last_quarter():
