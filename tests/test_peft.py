@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from tasks import get_task
 from zo_objectives.cli import eval_main, tune_main
-from zo_objectives.models import apply_peft, load_model, select_trainable, tiny_random_model
+from zo_objectives.models import apply_peft, load_model, prefix_tokens, select_trainable, tiny_random_model
 from zo_objectives.optimizer import MeZO
 from zo_objectives.scoring import ChoicePredictor, GenerationPredictor, LabelWordPredictor
 
@@ -110,3 +110,16 @@ def test_prefix_tuning_scores_in_any_grouping(kind, tokenizer):
         lambda: alone.cross_entropy(model, batch))
     moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert moved and all("prompt_encoder" in n for n in moved)
+
+
+def test_prefix_starts_as_the_activations_of_real_tokens():
+    """A causal LM's prefix holds the keys and values the model computes for random tokens (MeZO's init by real
+    activations): the prefixed model scores a sequence as the plain model scores those tokens followed by it, where
+    peft's N(0, 1) start was far from any activation. The tokens follow the seed."""
+    model = apply_peft(tiny_random_model(vocab_size=64), "prefix", seed=3)
+    ids = torch.tensor([[5, 9, 2, 33, 17, 8]])
+    with torch.no_grad():
+        prefixed = model(input_ids=ids).logits
+        plain = model.get_base_model()(input_ids=torch.cat([prefix_tokens(model, 3), ids], 1)).logits
+    torch.testing.assert_close(prefixed, plain[:, -ids.shape[1]:], atol=1e-5, rtol=0)
+    assert not torch.equal(prefix_tokens(model, 3), prefix_tokens(model, 4))

@@ -266,7 +266,7 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
     config = replace(config, dtype=_dtype(config.dtype, device))
     torch.manual_seed(config.seed)
     model, tokenizer = load_model(config.model, dtype=config.dtype)
-    model = apply_peft(model, config.peft).to(device)
+    model = apply_peft(model, config.peft, seed=config.seed).to(device)
     try:
         select_trainable(model, config.trainable)
     except re.error as err:
