@@ -195,8 +195,8 @@ class TuneConfig(CommonConfig):
     momentum_window: int = arg(0, "past steps the momentum regenerates", at_least=0, resume=FIXED)
     on_nonfinite: str = arg("raise", "on a NaN/inf loss: stop with an error, or skip the estimate (with a warning)",
                             choices=NONFINITE_POLICIES)
-    peft: str = arg("none", "tune a LoRA adapter or a prefix instead of the weights", choices=PEFT_KINDS,
-                    resume=FIXED)
+    peft: str = arg("none", "tune a LoRA adapter (r=8 on q/v) or a 5-token prefix (started from the model's "
+                    "activations of random tokens, as MeZO) instead of the weights", choices=PEFT_KINDS, resume=FIXED)
     trainable: str | None = arg(None, "regex: only parameters whose name matches are tuned", resume=FIXED)
     train_size: int = arg(1000, "training sample size (MeZO: 1000)", above=0)
     eval_every: int = arg(200, "evaluate on the dev set every this many steps (0: only at the end)", at_least=0,
