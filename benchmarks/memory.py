@@ -163,10 +163,15 @@ def run_config(name: str, model_name: str, device: str, threads: int | None, bat
     return result
 
 
+PROCESSES = 3  # fresh processes per configuration
+
+
 def measure(model_name: str, device: str, threads: int | None, batch_size: int, seq_len: int,
-            configs: list[str] | None = None, steps: int = 3, dtype: str = "fp32", processes: int = 1) -> list[dict]:
+            configs: list[str] | None = None, steps: int = 3, dtype: str = "fp32",
+            processes: int = PROCESSES) -> list[dict]:
     """Run each configuration in ``processes`` fresh subprocesses, in turn; return, per configuration, the result of
-    the process with the median peak, with every process's peak (``peaks_kib``).
+    the process with the median peak (the lower middle one for an even count), with every process's peak
+    (``peaks_kib``).
 
     Why several: a process's peak RSS varies by tens of MiB from one run to the next (allocator and page-cache
     timing), as much as MeZO adds over inference."""
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> list[list]:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3, help="iterations per configuration (--quick: 1)")
-    parser.add_argument("--processes", type=int, default=3,
+    parser.add_argument("--processes", type=int, default=PROCESSES,
                         help="fresh processes per configuration; the median peak is reported (--quick: 1)")
     parser.add_argument("--quick", action="store_true", help="smoke check: one iteration per configuration")
     parser.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)}")

@@ -287,13 +287,14 @@ def main(argv: list[str] | None = None) -> dict:
         import memory
 
         results = memory.measure(args.model, args.device, args.threads, args.rows, args.seq_len,
-                                 ["inference", "population"], steps=2, dtype=args.dtype, processes=3)
+                                 ["inference", "population"], steps=2, dtype=args.dtype)
         header, table = memory.rows(results)
         out["memory"] = publish(
             f"population_memory{args.suffix}", f"Population memory ({args.model})",
             f"Peak RSS of a population step (2 members x {args.rows // 2} examples, rank 1) against inference on "
-            f"the same {args.rows} rows x {args.seq_len} tokens ({args.dtype}), each in 3 fresh processes, the "
-            "median reported (benchmarks/memory.py's workers; goal <= 1.05).", header, table, args.device, args.write,
+            f"the same {args.rows} rows x {args.seq_len} tokens ({args.dtype}), each in {memory.PROCESSES} fresh "
+            "processes, the median reported (benchmarks/memory.py's workers; goal <= 1.05).", header, table,
+            args.device, args.write,
             params={"model": args.model, "rows": args.rows})
     if args.part in ("quality", "all"):
         rows = quality(args)

@@ -81,18 +81,23 @@ MEZO = {
 SKIP = {("squad", "linear-probe"): "not applicable: extractive QA has no classes or candidates to probe"}
 
 
+def _longer(steps: int | None) -> bool:
+    """Whether ``steps`` names a longer run (None or the table's steps: the cell itself)."""
+    return steps not in (None, STEPS)
+
+
 def cell_path(task: str, method: str, steps: int | None = None) -> Path:
     """A cell's result; with ``steps`` (above the table's), a longer run's."""
-    return CELLS / (f"{task}__{method}.json" if steps in (None, STEPS) else f"{task}__{method}__{steps}.json")
+    return CELLS / (f"{task}__{method}__{steps}.json" if _longer(steps) else f"{task}__{method}.json")
 
 
 def cell_command(task: str, method: str, steps: int | None = None) -> str:
-    more = "" if steps in (None, STEPS) else f" --steps {steps}"
+    more = f" --steps {steps}" if _longer(steps) else ""
     return f"python benchmarks/seed_table.py --cell {task}/{method}{more}"
 
 
 def run_dir(task: str, method: str, steps: int | None = None) -> Path:
-    return RUNS / (f"{task}-{method}" if steps in (None, STEPS) else f"{task}-{method}-{steps}")
+    return RUNS / (f"{task}-{method}-{steps}" if _longer(steps) else f"{task}-{method}")
 
 
 def mezo_argv(task: str, method: str, steps: int | None = None) -> list[str]:
@@ -237,11 +242,13 @@ def backprop(task: str, method: str) -> dict:
     import random
 
     from zo_objectives.models import apply_peft
+    from zo_objectives.scoring import model_device
     from zo_objectives.train import evaluate_model
 
     spec, model, tokenizer, predictor, metric, train_set, dev_set = load(task, dtype="fp32")
     if method == "backprop-lora":
         model = apply_peft(model, "lora")
+    model_device(model)  # its LM head gets a contiguous input, as in scoring (a frozen head's slow path otherwise)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=FT_LR[method])
     order, losses = list(range(len(train_set))), []
@@ -270,12 +277,15 @@ def mezo(task: str, method: str, steps: int | None = None) -> dict:
 
     argv = mezo_argv(task, method, steps)
     run = ROOT / argv[argv.index("--output-dir") + 1]
-    if steps not in (None, STEPS) and not run.exists():
-        if not cell_path(task, method).exists():
-            raise SystemExit(f"{task}/{method} has no finished {STEPS}-step run to continue: run "
-                             f"`{cell_command(task, method)}` first")
-        shutil.copytree(run_dir(task, method), run.with_name(run.name + ".tmp"), dirs_exist_ok=True)
-        run.with_name(run.name + ".tmp").rename(run)
+    if _longer(steps) and not run.exists():  # a copy of the cell's finished run, whole or not at all
+        cell_run, tmp = run_dir(task, method), run.with_name(run.name + ".tmp")
+        if not (cell_path(task, method).exists() and (cell_run / "eval.json").exists()
+                and curve(cell_run)["last_step"] == STEPS):
+            raise SystemExit(f"{task}/{method} has no finished {STEPS}-step run folder ({_shown(cell_run)}) to "
+                             f"continue: run `{cell_command(task, method)}` first")
+        shutil.rmtree(tmp, ignore_errors=True)  # an interrupted copy
+        shutil.copytree(cell_run, tmp)
+        tmp.rename(run)
     resume = (run / "trajectory.json").exists() and (run / "eval.json").exists()
     done = curve(run)["last_step"] if resume else 0  # steps an earlier, stopped attempt ran (not in wall_s)
     code = tune_main([*argv, "--resume" if resume else "--overwrite"])
@@ -463,18 +473,16 @@ def missing(task: str, method: str, cells: dict) -> str:
     return f"not run: CPU budget ({needs})" if needs else "not run: CPU budget"
 
 
-def longer_runs(task: str, cells: dict, longer: dict) -> dict[str, tuple[list, str]]:
-    """Curves of ``task``'s longer runs, finished (``longer``: (task, method, steps) -> result) or stopped (from
-    their run folders): label -> (points, how it ended)."""
-    found = {}
+def longer_runs(task: str, longer: dict) -> dict[tuple[str, int], tuple[list, str]]:
+    """Curves of ``task``'s longer runs: finished (``longer``: (task, method, steps) -> result), else stopped
+    (from their run folders): (method, steps) -> (points, how it ended)."""
+    found = {(m, n): (c["curve"], "") for (t, m, n), c in longer.items() if t == task}
     for method in MEZO:
         for run in sorted(RUNS.glob(f"{task}-{method}-*")):
-            steps = int(run.name.rsplit("-", 1)[1]) if run.name.rsplit("-", 1)[1].isdigit() else None
-            if steps is None or not (run / "eval.json").exists():
-                continue
-            done = longer.get((task, method, steps)) or curve(run)
-            ended = "" if (task, method, steps) in longer else f" (stopped at step {done['last_step']})"
-            found[f"{METHODS[method]}, {steps} steps"] = (done["curve"], ended)
+            steps = run.name.rsplit("-", 1)[1]
+            if steps.isdigit() and (method, int(steps)) not in found and (run / "eval.json").exists():
+                stopped = curve(run)
+                found[(method, int(steps))] = (stopped["curve"], f" (stopped at step {stopped['last_step']})")
     return found
 
 
@@ -491,14 +499,19 @@ def plot(task: str, cells: dict, longer: dict | None = None) -> Path | None:
         if method not in curves and (run / "eval.json").exists() and (run / "metrics.jsonl").exists():
             stopped = curve(run)
             curves[method] = (stopped["curve"], f" (stopped at step {stopped['last_step']})")
-    extended = longer_runs(task, cells, longer or {})
+    extended = longer_runs(task, longer or {})
     if not any(points for points, _ in [*curves.values(), *extended.values()]):
         return None
     fig, ax = plt.subplots(figsize=(6, 3.6))
+    colors = {}
     for method, (points, stopped) in curves.items():
-        ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", label=METHODS[method] + stopped)
-    for label, (points, stopped) in extended.items():
-        ax.plot([p[0] for p in points], [100 * p[1] for p in points], ls="--", marker=".", label=label + stopped)
+        line, = ax.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o",
+                        label=METHODS[method] + stopped)
+        colors[method] = line.get_color()
+    for (method, steps), (points, stopped) in extended.items():  # its steps past the cell's, in the cell's colour
+        on = [p for p in points if p[0] >= STEPS]
+        ax.plot([p[0] for p in on], [100 * p[1] for p in on], ls="--", marker=".", color=colors.get(method),
+                label=f"{METHODS[method]}, run on to {steps} steps{stopped}")
     for method in ("zero-shot", "icl", "backprop"):
         if (task, method) in cells:
             ax.axhline(100 * cells[(task, method)]["value"], ls=":", lw=1, color="grey")
@@ -536,7 +549,8 @@ def table(write: bool) -> dict:
     ``write``, in README)."""
     found = {p.stem: json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))}
     cells = {(c["task"], c["method"]): c for name, c in found.items() if name.count("__") == 1}
-    longer = {(c["task"], c["method"], c["last_step"]): c for name, c in found.items() if name.count("__") == 2}
+    longer = {(c["task"], c["method"], int(name.rsplit("__", 1)[1])): c for name, c in found.items()
+              if name.count("__") == 2}
     rows = []
     for method, what in METHODS.items():
         for task in TASKS:
@@ -612,7 +626,8 @@ def longer_notes(cells: dict, longer: dict) -> str:
     """A sentence per longer run: where it ended against the cell's 100 steps, its slope, its command."""
     runs = [f"{t} {m} to step {c['last_step']}: {100 * c['value']:.1f} (at step {STEPS}: "
             f"{100 * cells[(t, m)]['value']:.1f}; best {100 * max(p[1] for p in c['curve']):.1f}; slope over its "
-            f"last quarter {slope(c['curve']):+.1f} per 100 steps; {c['wall_s'] / 60:.0f} min for its added steps; "
+            f"last quarter {slope(c['curve']):+.1f} per 100 steps; {c['wall_s'] / 60:.0f} min for steps "
+            f"{c['resumed_at_step'] + 1}-{c['last_step']}; "
             f"`{c['command']}`)" for (t, m, _), c in sorted(longer.items()) if (t, m) in cells]
     return ("" if not runs else " Longer MeZO runs (a cell's finished run continued with the same seeds and lr; "
             "dashed on the task's plot): " + "; ".join(runs) + ".")

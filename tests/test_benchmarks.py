@@ -71,7 +71,7 @@ def test_step_speed_proxy_writes_ours_and_the_reference_per_tensor(no_write):
     assert result["environment"]["hardware"] and "step_speed_proxy:begin" in no_write.read_text()
 
 
-def test_memory_runs(no_write):
+def test_memory_runs(no_write, monkeypatch):
     memory = load("memory")
     names = [name for name in memory.CONFIGS if name != "inference"]  # inference runs in the subprocess below
     results = [memory.run_config(name, "tiny-random", "cpu", 1, 2, 8, steps=1) for name in names]
@@ -84,8 +84,13 @@ def test_memory_runs(no_write):
     assert by["mezo-frozen-embeddings"]["largest_trainable_bytes"] < by["mezo"]["largest_trainable_bytes"]
     # the real entry point: one configuration in two fresh subprocesses (the median's row, the range of both),
     # written to a (temporary) BENCHMARKS.md
+    measured, measure = [], memory.measure
+    monkeypatch.setattr(memory, "measure", lambda *args, **kwargs: measured.append(measure(*args, **kwargs)) or
+                        measured[-1])
     table = memory.main([*SMALL, "--threads", "1", "--configs", "inference", "--processes", "2", "--write"])
     assert [row[0] for row in table] == ["inference"]
+    (inference,), = measured
+    assert len(inference["peaks_kib"]) == 2 and str(round(inference["peak_kib"] / 1024)) == table[0][3]
     low, high = (int(v) for v in table[0][4].split("-"))
     assert low <= int(table[0][3]) <= high
     text = no_write.read_text()

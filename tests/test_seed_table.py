@@ -3,6 +3,7 @@ result, a finished cell is not queued again, and the table marks what is missing
 
 import json
 import re
+import shutil
 
 import pytest
 from test_benchmarks import load, no_write  # noqa: F401  (a fixture)
@@ -60,7 +61,10 @@ def test_cells_run_store_and_tabulate(seed_table):
     again = seed_table.table(write=False)
     assert again["rows"] == result["rows"]  # the cell itself is unchanged
     assert "sst2 mezo-ce to step 5: " in again["notes"] and "--cell sst2/mezo-ce --steps 5" in again["notes"]
-    with pytest.raises(SystemExit, match="no finished 3-step run"):
+    assert "steps 4-5;" in again["notes"]  # the wall time of the steps it added
+    shutil.rmtree(seed_table.RUNS / "sst2-mezo-ce-5")  # a fresh clone has no run folders: the plot reads the JSON
+    assert ("mezo-ce", 5) in seed_table.longer_runs("sst2", {("sst2", "mezo-ce", 5): longer})
+    with pytest.raises(SystemExit, match="no finished 3-step run folder"):
         seed_table.run_cell("rte", "mezo-ce", 5)
 
 
@@ -88,7 +92,8 @@ def test_cells_run_in_the_order_given_and_write_readme(seed_table, no_write, mon
     assert "old" not in text and text.endswith("kept\n") and "| mezo-prefix |" in text
     with pytest.raises(SystemExit):
         seed_table.main(["--cells", "rte/nothing"])
-    for wrong in (["--steps", "300"], ["--cell", "rte/icl", "--steps", "300"], ["--cell", "rte/mezo-ce", "--steps", "2"]):
+    for wrong in (["--steps", "300"], ["--cell", "rte/icl", "--steps", "300"],
+                  ["--cell", "rte/mezo-ce", "--steps", "2"]):
         with pytest.raises(SystemExit):
             seed_table.main(wrong)
 

@@ -17,6 +17,7 @@ import re
 import shutil
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -340,7 +341,13 @@ def _prefix_from_real_tokens(model: torch.nn.Module, seed: int) -> None:
         cache = model.get_base_model()(input_ids=prefix_tokens(model, seed).to(weight.device),
                                        use_cache=True).past_key_values
         # peft reads a row as (layers x 2, heads, head dim): layer l's keys at 2l, its values at 2l + 1
-        per_token = [t.permute(2, 0, 1, 3)[:, 0] for layer in cache.layers for t in (layer.keys, layer.values)]
+        per_token = [t.permute(2, 0, 1, 3)[:, 0] for layer in getattr(cache, "layers", [])
+                     for t in (getattr(layer, "keys", None), getattr(layer, "values", None)) if t is not None]
+        shapes = {t.shape for t in per_token}
+        if len(shapes) != 1 or len(per_token) * per_token[0].shape[1:].numel() != weight.shape[1]:
+            warnings.warn(f"prefix tuning: {type(model.get_base_model()).__name__}'s cache does not match peft's "
+                          "prefix layout; the prefix keeps peft's random start", stacklevel=3)
+            return
         weight.copy_(torch.stack(per_token, dim=1).reshape(weight.shape))
 
 

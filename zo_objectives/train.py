@@ -251,7 +251,8 @@ def load_checkpoint(run_dir: Path, base_sha256: str | None = None) -> dict:
         raise ValueError(f"cannot resume: {'' if message.startswith(str(path)) else f'{path} '}{message}") from None
     if base_sha256 is not None and saved["integrity"]["base_sha256"] != base_sha256:
         raise ValueError(f"cannot resume: {path} was written for other base weights (another model, dtype, peft "
-                         "or set of trainable parameters)")
+                         "or set of trainable parameters; or a prefix adapter, whose start the model computes, "
+                         "started on another machine or by a version before prefixes started from real activations)")
     return saved
 
 
