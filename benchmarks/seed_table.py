@@ -15,8 +15,9 @@ say why they are missing.
 
 A longer run (``--steps`` above the table's 100) continues the cell's own finished run from a copy of its folder:
 the steps' seeds and the constant lr do not depend on ``--steps``, so it is the run the cell would have been with
-more steps. It is stored beside the cells (``<task>__<method>__<steps>.json``), listed under the table and drawn
-on the task's plot.
+more steps (without that folder, as on a fresh clone, it runs from step 0: its first 100 steps are the cell's).
+It is stored beside the cells (``<task>__<method>__<steps>.json``), listed under the table and drawn on the task's
+plot.
 """
 
 from __future__ import annotations
@@ -272,17 +273,14 @@ def backprop(task: str, method: str) -> dict:
 
 def mezo(task: str, method: str, steps: int | None = None) -> dict:
     """A zo-tune run (resumed from its checkpoint when a previous attempt was stopped); its dev curve. A longer run
-    (``steps``) starts from a copy of the cell's finished run folder."""
+    (``steps``) starts from a copy of the cell's finished run folder where there is one."""
     from zo_objectives.cli import tune_main
 
     argv = mezo_argv(task, method, steps)
     run = ROOT / argv[argv.index("--output-dir") + 1]
-    if _longer(steps) and not run.exists():  # a copy of the cell's finished run, whole or not at all
-        cell_run, tmp = run_dir(task, method), run.with_name(run.name + ".tmp")
-        if not (cell_path(task, method).exists() and (cell_run / "eval.json").exists()
-                and curve(cell_run)["last_step"] == STEPS):
-            raise SystemExit(f"{task}/{method} has no finished {STEPS}-step run folder ({_shown(cell_run)}) to "
-                             f"continue: run `{cell_command(task, method)}` first")
+    cell_run, tmp = run_dir(task, method), run.with_name(run.name + ".tmp")
+    if _longer(steps) and not run.exists() and (cell_run / "eval.json").exists() and (
+            curve(cell_run)["last_step"] == STEPS):  # a copy of the cell's finished run, whole or not at all
         shutil.rmtree(tmp, ignore_errors=True)  # an interrupted copy
         shutil.copytree(cell_run, tmp)
         tmp.rename(run)

@@ -64,8 +64,8 @@ def test_cells_run_store_and_tabulate(seed_table):
     assert "steps 4-5;" in again["notes"]  # the wall time of the steps it added
     shutil.rmtree(seed_table.RUNS / "sst2-mezo-ce-5")  # a fresh clone has no run folders: the plot reads the JSON
     assert ("mezo-ce", 5) in seed_table.longer_runs("sst2", {("sst2", "mezo-ce", 5): longer})
-    with pytest.raises(SystemExit, match="no finished 3-step run folder"):
-        seed_table.run_cell("rte", "mezo-ce", 5)
+    fresh = seed_table.run_cell("rte", "mezo-ce", 4)  # no cell folder to continue (a fresh clone): from step 0
+    assert fresh["resumed_at_step"] == 0 and [p[0] for p in fresh["curve"]] == [0, 1, 2, 3, 4]
 
 
 def test_estimate_scales_the_finished_cells_pace_by_tokens_read(seed_table):
