@@ -627,8 +627,8 @@ def longer_notes(cells: dict, longer: dict) -> str:
             f"last quarter {slope(c['curve']):+.1f} per 100 steps; {c['wall_s'] / 60:.0f} min for steps "
             f"{c['resumed_at_step'] + 1}-{c['last_step']}; "
             f"`{c['command']}`)" for (t, m, _), c in sorted(longer.items()) if (t, m) in cells]
-    return ("" if not runs else " Longer MeZO runs (a cell's finished run continued with the same seeds and lr; "
-            "dashed on the task's plot): " + "; ".join(runs) + ".")
+    return ("" if not runs else " Longer MeZO runs (a cell run for more steps with the same seeds and lr: its "
+            "finished run continued, or run again from step 0; dashed on the task's plot): " + "; ".join(runs) + ".")
 
 
 def readme_glance(result: dict) -> str:
