@@ -614,7 +614,10 @@ def table(write: bool) -> dict:
     title = (f"{MODEL} (bf16) against the MeZO paper's baselines on the six shipped tasks, {TRAIN} training "
              f"examples per task, MeZO at {STEPS} steps: dev metric x 100, peak memory and wall time per cell.")
     result = publish("seed_table", "Seed comparison table", title, header, rows, "cpu", write, notes=notes,
-                     params={"model": MODEL, "train": TRAIN, "steps": STEPS, "dev": DEV})
+                     params={"model": MODEL, "train": TRAIN, "steps": STEPS, "dev": DEV,
+                             "longer": [{"task": t, "method": m, "steps": n, "value": 100 * c["value"],
+                                         "best": 100 * max(p[1] for p in c["curve"])}
+                                        for (t, m, n), c in sorted(longer.items())]})
     if write:
         write_section("seed_table", readme_glance(result), README)
     return result
@@ -633,10 +636,13 @@ def longer_notes(cells: dict, longer: dict) -> str:
 
 def readme_glance(result: dict) -> str:
     """README's at-a-glance block: the grid with a caption linking to the full table."""
+    longer = "; ".join(f"{r['task']} {r['method']} {r['value']:.1f} at step {r['steps']} (best {r['best']:.1f})"
+                       for r in result["params"].get("longer", []))
     return ("[Seed comparison](BENCHMARKS.md#seed-comparison-table): dev metric x 100 (-: no result, the full table "
             "says why); "
-            f"peak RSS, backprop / MeZO: {memory_ratios(result)}; what it shows at this budget: "
-            "[docs/seed_comparison.md](docs/seed_comparison.md).\n\n" + glance(result))
+            f"peak RSS, backprop / MeZO: {memory_ratios(result)}; "
+            + (f"run on for more steps: {longer}; " if longer else "")
+            + "what it shows at this budget: [docs/seed_comparison.md](docs/seed_comparison.md).\n\n" + glance(result))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,6 +62,7 @@ def test_cells_run_store_and_tabulate(seed_table):
     assert again["rows"] == result["rows"]  # the cell itself is unchanged
     assert "sst2 mezo-ce to step 5: " in again["notes"] and "--cell sst2/mezo-ce --steps 5" in again["notes"]
     assert "steps 4-5;" in again["notes"]  # the wall time of the steps it added
+    assert f"sst2 mezo-ce {100 * longer['value']:.1f} at step 5" in seed_table.readme_glance(again)
     shutil.rmtree(seed_table.RUNS / "sst2-mezo-ce-5")  # a fresh clone has no run folders: the plot reads the JSON
     assert ("mezo-ce", 5) in seed_table.longer_runs("sst2", {("sst2", "mezo-ce", 5): longer})
     fresh = seed_table.run_cell("rte", "mezo-ce", 4)  # no cell folder to continue (a fresh clone): from step 0
