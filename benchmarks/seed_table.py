@@ -616,17 +616,22 @@ def table(write: bool) -> dict:
     result = publish("seed_table", "Seed comparison table", title, header, rows, "cpu", write, notes=notes,
                      params={"model": MODEL, "train": TRAIN, "steps": STEPS, "dev": DEV,
                              "longer": [{"task": t, "method": m, "steps": n, "value": 100 * c["value"],
-                                         "best": 100 * max(p[1] for p in c["curve"])}
+                                         "best": best(c["curve"])}
                                         for (t, m, n), c in sorted(longer.items())]})
     if write:
         write_section("seed_table", readme_glance(result), README)
     return result
 
 
+def best(points: list[list[float]]) -> float:
+    """A curve's best dev metric, x 100."""
+    return 100 * max(p[1] for p in points)
+
+
 def longer_notes(cells: dict, longer: dict) -> str:
     """A sentence per longer run: where it ended against the cell's 100 steps, its slope, its command."""
     runs = [f"{t} {m} to step {c['last_step']}: {100 * c['value']:.1f} (at step {STEPS}: "
-            f"{100 * cells[(t, m)]['value']:.1f}; best {100 * max(p[1] for p in c['curve']):.1f}; slope over its "
+            f"{100 * cells[(t, m)]['value']:.1f}; best {best(c['curve']):.1f}; slope over its "
             f"last quarter {slope(c['curve']):+.1f} per 100 steps; {c['wall_s'] / 60:.0f} min for steps "
             f"{c['resumed_at_step'] + 1}-{c['last_step']}; "
             f"`{c['command']}`)" for (t, m, _), c in sorted(longer.items()) if (t, m) in cells]

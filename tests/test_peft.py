@@ -123,3 +123,19 @@ def test_prefix_starts_as_the_activations_of_real_tokens():
         plain = model.get_base_model()(input_ids=torch.cat([prefix_tokens(model, 3), ids], 1)).logits
     torch.testing.assert_close(prefixed, plain[:, -ids.shape[1]:], atol=1e-5, rtol=0)
     assert not torch.equal(prefix_tokens(model, 3), prefix_tokens(model, 4))
+
+
+def test_a_prefix_run_resumed_from_another_start_is_refused(tmp_path, monkeypatch, capsys):
+    """A prefix's start is computed by the model: where it comes out otherwise (another machine's kernels), the
+    resume is refused in one line that says so, not replayed onto other weights."""
+    from zo_objectives import models
+
+    run = tmp_path / "prefix"
+    args = ["--model", "tiny-random", "--task", "sst2", "--train-size", "16", "--batch-size", "8", "--eval-every", "0",
+            "--eval-size", "8", "--no-progress", "--no-eval-before", "--peft", "prefix", "--output-dir", str(run)]
+    assert tune_main([*args, "--steps", "1"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(models, "prefix_tokens", lambda model, seed: torch.ones((1, 5), dtype=torch.long))
+    assert tune_main([*args, "--steps", "2", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot resume" in err[0] and "prefix adapter" in err[0]
