@@ -21,18 +21,18 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from zo_objectives.optimizer import MeZO  # noqa: E402
+from zo_objectives.checkpoint import canonical, save_checkpoint, text_sha256  # noqa: E402
+from zo_objectives.estimators import MeZO  # noqa: E402
 from zo_objectives.runfolder import atomic_write  # noqa: E402
-from zo_objectives.train import _canonical, _sha256, save_checkpoint  # noqa: E402
 
 
 def rewrite_checkpoint(run_dir: Path, optimizer: MeZO, step: int, base_sha256: str) -> None:
     """The former checkpoint: the whole state with every record, its checksum, one file written atomically."""
     state = optimizer.state_dict()
     state["mezo"]["trajectory"] = state["mezo"]["trajectory"][:step]
-    body = _canonical({"step": step, "optimizer": state})
-    integrity = {"records": step, "sha256": _sha256(body), "base_sha256": base_sha256}
-    text = f'{body[:-1]},"integrity":{_canonical(integrity)}}}'
+    body = canonical({"step": step, "optimizer": state})
+    integrity = {"records": step, "sha256": text_sha256(body), "base_sha256": base_sha256}
+    text = f'{body[:-1]},"integrity":{canonical(integrity)}}}'
     atomic_write(run_dir / "trajectory.json", lambda tmp: Path(tmp).write_text(text))
 
 

@@ -38,8 +38,8 @@ def projected_gradients(model_name: str, dtype: str, eps: float, batches: list[l
     grads = []
     for i, batch in enumerate(batches):
         seed = mix(0, i)  # the same z for every setting: only the dtype and eps differ
-        plus = opt._score(lambda b=batch: objective(model, b), seed, 1.0)
-        minus = opt._score(lambda b=batch: objective(model, b), seed, -1.0)
+        plus = opt.score(lambda b=batch: objective(model, b), seed, 1.0)
+        minus = opt.score(lambda b=batch: objective(model, b), seed, -1.0)
         grads.append((plus - minus) / (2 * eps))
     return grads
 

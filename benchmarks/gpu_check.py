@@ -39,8 +39,8 @@ import _common  # noqa: E402
 import step_speed  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
-from zo_objectives.optimizer import MeZO  # noqa: E402
-from zo_objectives.replay import replay  # noqa: E402
+from zo_objectives.checkpoint import replay  # noqa: E402
+from zo_objectives.estimators import MeZO  # noqa: E402
 
 LLAMA_33B = dict(hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
                  num_key_value_heads=52, vocab_size=32000, tie_word_embeddings=False)

@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DTYPES, publish  # noqa: E402
 
 from tasks import get_task  # noqa: E402
+from zo_objectives.estimators import MeZO  # noqa: E402
 from zo_objectives.models import load_model  # noqa: E402
 from zo_objectives.objectives import make_objective  # noqa: E402
-from zo_objectives.optimizer import MeZO  # noqa: E402
 from zo_objectives.scoring import predictor_for  # noqa: E402
 
 

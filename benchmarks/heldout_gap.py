@@ -31,9 +31,10 @@ from _common import publish  # noqa: E402
 
 from metrics import get_metric  # noqa: E402
 from tasks import SQUAD_DEV_SLICES, get_task  # noqa: E402
+from zo_objectives.evaluate import evaluate_model  # noqa: E402
 from zo_objectives.models import load_model, load_run_weights  # noqa: E402
+from zo_objectives.runfolder import write_json  # noqa: E402
 from zo_objectives.scoring import predictor_for  # noqa: E402
-from zo_objectives.train import evaluate_model, write_json  # noqa: E402
 
 
 def result_path(folder: Path, args: argparse.Namespace) -> Path:

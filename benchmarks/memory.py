@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DTYPES, RANDOM_LLAMAS, forward, label_word_loss, publish, setup  # noqa: E402
 from reference_mezo import reference_step  # noqa: E402
 
+from zo_objectives.estimators import MeZO  # noqa: E402
 from zo_objectives.models import apply_peft  # noqa: E402
-from zo_objectives.optimizer import MeZO  # noqa: E402
 
 CONFIGS = {
     "inference": "one forward pass (logits_to_keep=1, inference mode)",
@@ -109,7 +109,7 @@ def run_steps(name: str, model: torch.nn.Module, batch: dict, steps: int) -> Non
         for _ in range(steps):
             opt.step(closure)
     elif name == "population":  # the same rows as inference: 2 members, each on half of the batch
-        from zo_objectives.population import Population
+        from zo_objectives.estimators import Population
 
         opt = Population(params, lr=1e-6, eps=1e-3, population=2)
         labels = batch["labels"]

@@ -46,10 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import ROOT, _relative, forward, publish, setup  # noqa: E402
 
+from zo_objectives.estimators import (
+    MeZO,  # noqa: E402
+    Population,  # noqa: E402
+)
+from zo_objectives.estimators.hooks import Members  # noqa: E402
 from zo_objectives.noise import mix  # noqa: E402
-from zo_objectives.optimizer import MeZO  # noqa: E402
-from zo_objectives.perturb import _Members  # noqa: E402
-from zo_objectives.population import Population  # noqa: E402
 
 
 def _time(fn) -> float:
@@ -66,8 +68,8 @@ def throughput(args: argparse.Namespace) -> list[list]:
 
     opts = {(n, r): Population(params, lr=0.0, eps=1e-3, population=n, perturbation_rank=r) for n, r in configs}
 
-    def members(n: int, r: int) -> _Members:  # the optimizers built once: each builds its noise table on first use
-        return _Members(opts[(n, r)], [mix(0, k) for k in range(n // 2)])
+    def members(n: int, r: int) -> Members:  # the optimizers built once: each builds its noise table on first use
+        return Members(opts[(n, r)], [mix(0, k) for k in range(n // 2)])
 
     def generate() -> None:
         with torch.inference_mode(), torch.random.fork_rng(devices=[]):

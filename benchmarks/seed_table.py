@@ -242,9 +242,9 @@ def backprop(task: str, method: str) -> dict:
     weights (full parameters, or a LoRA adapter); then the dev metric, under the same autocast."""
     import random
 
+    from zo_objectives.evaluate import evaluate_model
     from zo_objectives.models import apply_peft
     from zo_objectives.scoring import model_device
-    from zo_objectives.train import evaluate_model
 
     spec, model, tokenizer, predictor, metric, train_set, dev_set = load(task, dtype="fp32")
     if method == "backprop-lora":

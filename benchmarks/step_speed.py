@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DTYPES, forward, label_word_loss, publish, setup  # noqa: E402
 from reference_mezo import reference_step  # noqa: E402
 
+from zo_objectives.estimators import MeZO  # noqa: E402
+from zo_objectives.estimators.hooks import Perturbed  # noqa: E402
 from zo_objectives.noise import NOISE_KINDS  # noqa: E402
-from zo_objectives.optimizer import MeZO  # noqa: E402
-from zo_objectives.perturb import _Perturbed  # noqa: E402
 
 LR, EPS = 1e-6, 1e-3
 
@@ -78,7 +78,7 @@ def configurations(model: torch.nn.Module, batch: dict, overhead: bool = True,
     default = optimizers["MeZO table (default)"]
 
     def perturbed_forward() -> torch.Tensor:  # one closure call of a step: weights perturbed inside the forward
-        with torch.no_grad(), _Perturbed(default, seed=next(seeds), scale=1.0, layout=default._layout()):
+        with torch.no_grad(), Perturbed(default, seed=next(seeds), scale=1.0, layout=default.layout()):
             return forward(model, batch, keep=1)
 
     configs["forward with perturbed weights (table)"] = ("perturbed forward", perturbed_forward)
@@ -150,7 +150,7 @@ def proxy(repeats: int, warmup: int, dtype: str, write: bool) -> list[list]:
     update_only = MeZO(params, lr=LR, eps=EPS)
 
     def perturbed_closure() -> float:  # one closure call of a step (a new seed): weights perturbed inside the forward
-        with torch.no_grad(), _Perturbed(opt, seed=next(seeds), scale=1.0, layout=opt._layout()):
+        with torch.no_grad(), Perturbed(opt, seed=next(seeds), scale=1.0, layout=opt.layout()):
             return closure()
 
     configs = {"closure (forward pass and loss)": ("forward", closure),

@@ -15,7 +15,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 
-from metrics.squad import _token_f1, normalize_answer
+from metrics.squad import answer_f1, normalize_answer
 
 RewardFn = Callable[..., list[float]]
 
@@ -93,7 +93,7 @@ def token_f1(prompts: list[str], completions: list[str], answer: Sequence | None
     [0.8, 0.0]
     """
     golds = _golds(len(completions), answer, answers)
-    return [max(_token_f1(c, g) for g in gs) for c, gs in zip(completions, golds)]
+    return [max(answer_f1(c, g) for g in gs) for c, gs in zip(completions, golds)]
 
 
 def format_match(prompts: list[str], completions: list[str], pattern: Sequence[str] | None = None,

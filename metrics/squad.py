@@ -25,7 +25,7 @@ def normalize_answer(text: str) -> str:
     return " ".join(_ARTICLES.sub(" ", text).split())
 
 
-def _token_f1(prediction: str, gold: str) -> float:
+def answer_f1(prediction: str, gold: str) -> float:
     pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
     common = sum((Counter(pred) & Counter(ref)).values())
     if common == 0:
@@ -74,4 +74,4 @@ def squad_f1(predictions: Sequence[str], references: Sequence[Reference]) -> flo
     0.8
     """
     pairs = _checked(predictions, references)
-    return sum(max(_token_f1(p, g) for g in golds) for p, golds in pairs) / len(pairs)
+    return sum(max(answer_f1(p, g) for g in golds) for p, golds in pairs) / len(pairs)

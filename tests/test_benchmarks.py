@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from zo_objectives.optimizer import MeZO
+from zo_objectives.estimators import MeZO
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 SMALL = ["--model", "tiny-random", "--batch-size", "2", "--seq-len", "8"]
@@ -321,8 +321,7 @@ def test_objective_gap_step_length_is_median_lr_times_grad(tmp_path):
 
 
 def test_heldout_gap_evaluates_saved_runs_once(no_write, tmp_path):
-    from zo_objectives.models import load_model
-    from zo_objectives.train import save_weights
+    from zo_objectives.models import load_model, save_weights
 
     model = load_model("tiny-random")[0]
     runs = tmp_path / "runs"

@@ -16,13 +16,13 @@ import torch
 from safetensors.torch import load_file
 
 import metrics
+from zo_objectives.checkpoint import load_checkpoint
 from zo_objectives.cli import eval_main, tune_main, tune_parser
 from zo_objectives.cli import tune as tune_run
 from zo_objectives.config import DEFAULT_EPS, GREEDY_REWARD_EPS, TuneConfig, UsageError
+from zo_objectives.estimators import UPDATES
 from zo_objectives.models import DTYPES, PEFT_KINDS, load_model, tiny_random_model
-from zo_objectives.optimizer import UPDATES
 from zo_objectives.runfolder import write_sealed
-from zo_objectives.train import load_checkpoint
 
 # make_scheduler(last_step=...) on --resume steps the scheduler before any optimizer step, by design
 pytestmark = [pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`"),
@@ -294,17 +294,17 @@ def test_dtype_auto_picks_bf16_on_a_cpu_with_bf16_and_says_so(tmp_path, monkeypa
 def test_the_first_evaluation_shows_a_bar_over_the_dev_batches(tmp_path, monkeypatch, capsys):
     from zo_objectives import cli
 
-    train = importlib.import_module("zo_objectives.train")  # the module (the package exports the function)
+    evaluate = importlib.import_module("zo_objectives.evaluate")
 
     class Constant:
         def predict(self, model, batch):
             return [0] * len(batch)
 
     examples = [{"prompt": str(i), "label": 0} for i in range(5)]
-    assert train.evaluate_model(None, Constant(), examples, metrics.get_metric("accuracy"), 2, progress=True) == 1.0
+    assert evaluate.evaluate_model(None, Constant(), examples, metrics.get_metric("accuracy"), 2, progress=True) == 1.0
     err = capsys.readouterr().err
     assert "evaluating:" in err and "0/3 " in err  # a bar over the 3 batches
-    train.evaluate_model(None, Constant(), examples, metrics.get_metric("accuracy"), 2)
+    evaluate.evaluate_model(None, Constant(), examples, metrics.get_metric("accuracy"), 2)
     assert "evaluating" not in capsys.readouterr().err
     shown, real = [], cli.predict_all  # zo-tune: a bar over the evaluation before tuning only (with progress)
     monkeypatch.setattr(cli, "predict_all", lambda *a, progress=False, **k: shown.append(progress) or real(*a, **k))

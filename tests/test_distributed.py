@@ -16,8 +16,10 @@ import torch.nn.functional as F
 
 from metrics import get_metric
 from zo_objectives import Objective, distributed, make_objective
-from zo_objectives.optimizer import MeZO
-from zo_objectives.train import evaluate_model, train
+from zo_objectives.estimators import MeZO
+from zo_objectives.evaluate import evaluate_model, sharded_evaluate_model
+from zo_objectives.objectives import ShardedObjective
+from zo_objectives.train import train
 
 WORLD = 2
 STEPS, BATCH = 4, 5  # an odd batch: uneven shards (3 and 2 examples) exercise the size weighting
@@ -57,9 +59,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     try:
         model = toy_model()
         params = list(model.parameters())
-        opt = run_mezo(model, distributed.ShardedObjective(toy_cross_entropy))
+        opt = run_mezo(model, ShardedObjective(toy_cross_entropy))
         assert distributed.check_in_sync(params)
-        accuracy = distributed.evaluate_model(model, ToyPredictor(), DATA[:7], get_metric("accuracy"), batch_size=2)
+        accuracy = sharded_evaluate_model(model, ToyPredictor(), DATA[:7], get_metric("accuracy"), batch_size=2)
         weights = [p.detach().clone() for p in params]
         with torch.no_grad():  # a one-ulp difference on one rank is caught on every rank
             if rank == 1:
@@ -118,12 +120,12 @@ def test_single_process_path(monkeypatch):
         assert not dist.is_initialized()
     assert distributed.is_main() and distributed.shard(DATA) == DATA
     model = toy_model()
-    sharded = distributed.ShardedObjective(toy_cross_entropy)
+    sharded = ShardedObjective(toy_cross_entropy)
     assert sharded(model, DATA[:5]) == toy_cross_entropy(model, DATA[:5])
     assert isinstance(sharded, Objective) and make_objective(sharded, ToyPredictor()) is sharded  # not a metric
     assert distributed.check_in_sync(model.parameters())
     metric = get_metric("accuracy")
-    assert distributed.evaluate_model(model, ToyPredictor(), DATA, metric, 5) == evaluate_model(
+    assert sharded_evaluate_model(model, ToyPredictor(), DATA, metric, 5) == evaluate_model(
         model, ToyPredictor(), DATA, metric, 5)
     assert distributed.checksum(model.parameters()) == distributed.checksum(toy_model().parameters())
     with torch.no_grad():

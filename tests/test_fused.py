@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from zo_objectives import fused
-from zo_objectives.noise import _eager_update
-from zo_objectives.optimizer import MeZO
+from zo_objectives.estimators import MeZO
+from zo_objectives.noise import eager_update
 
 CUDA = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
 
@@ -18,7 +18,7 @@ def test_the_eager_path_runs_where_the_fused_kernel_does_not_apply():
     weight = torch.randn(100).to(torch.bfloat16)
     z, bits = torch.randn(100).to(torch.bfloat16), torch.randint(0, 1 << 16, (100,), dtype=torch.int32)
     before = weight.clone()
-    assert not fused.update(weight, z, bits, 1.0, -1e-3, _eager_update)  # on the CPU: nothing done
+    assert not fused.update(weight, z, bits, 1.0, -1e-3, eager_update)  # on the CPU: nothing done
     assert torch.equal(weight, before) and not fused._checked
 
 
@@ -31,8 +31,8 @@ def test_fused_update_is_bitwise_the_eager_one(n, decay):
     z = torch.randn(n, generator=gen).to("cuda", torch.bfloat16)
     bits = torch.randint(0, 1 << 16, (n,), generator=gen, dtype=torch.int32).cuda()
     a, b = weight.clone(), weight.clone()
-    assert fused.update(a, z, bits, decay, -3e-3, _eager_update)
-    _eager_update(b, z, bits, decay, -3e-3)
+    assert fused.update(a, z, bits, decay, -3e-3, eager_update)
+    eager_update(b, z, bits, decay, -3e-3)
     assert torch.equal(a.view(torch.int16), b.view(torch.int16)) and not torch.equal(a, weight)
 
 

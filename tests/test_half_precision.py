@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import build_small_lm
+from zo_objectives.checkpoint import replay
+from zo_objectives.estimators import MeZO
 from zo_objectives.noise import round_stochastic
-from zo_objectives.optimizer import MeZO
-from zo_objectives.replay import replay
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 VARIANTS = {"central": {}, "forward": {"difference": "forward"}, "n3": {"n_perturbations": 3},
@@ -230,7 +230,7 @@ def test_lora_in_half_precision_is_exact_at_lr_zero(dtype):
 def test_large_weights_are_perturbed_through_their_output_without_a_copy(dtype):
     """An embedding's output gets z of its looked-up rows (bitwise what the perturbed copy gives); a linear
     layer on a few rows of input (an LM head under logits_to_keep) gets x @ z.T; on many rows it takes the copy."""
-    from zo_objectives.perturb import _Perturbed
+    from zo_objectives.estimators.hooks import Perturbed
 
     dt = DTYPES[dtype]
     torch.manual_seed(0)
@@ -244,7 +244,7 @@ def test_large_weights_are_perturbed_through_their_output_without_a_copy(dtype):
         z = torch.cat([c for _, c in opt.noise.chunks(7, index, flat)])
         return torch.add(flat, z, alpha=-1e-2).view_as(w)
 
-    with torch.no_grad(), _Perturbed(opt, 7, -1.0) as p:
+    with torch.no_grad(), Perturbed(opt, 7, -1.0) as p:
         looked_up, small, large = embedding(ids), head(few), head(many)
         assert not p.swapped and p.seen == {0, 1}
     assert torch.equal(looked_up, torch.nn.functional.embedding(ids, perturbed(0, embedding.weight)))
@@ -263,12 +263,12 @@ def test_a_layers_weights_perturbed_at_once_are_one_add_per_weight(dtype, noise)
     """A decoder layer's weights are perturbed together at its entry (one multi-tensor add): the forward sees
     bitwise what it sees with every weight replaced by ``w + alpha * z`` made by one add per weight, chunk by chunk
     (a chunk smaller than some weights here), and the model's own weights are back afterwards."""
-    from zo_objectives.perturb import _Perturbed
+    from zo_objectives.estimators.hooks import Perturbed
 
     model = lm(DTYPES[dtype])
     opt = MeZO(model.parameters(), lr=1e-3, eps=1e-2, table_size=TABLE, chunk_size=1 << 11, noise=noise)
     before = snapshot(model)
-    with torch.no_grad(), _Perturbed(opt, 7, -1.0) as perturbed:
+    with torch.no_grad(), Perturbed(opt, 7, -1.0) as perturbed:
         got = model(input_ids=IDS).logits
     assert perturbed.seen == set(range(len(before))) and bitwise(snapshot(model), before)
     copy = lm(DTYPES[dtype])
@@ -303,11 +303,11 @@ def test_the_module_layout_is_kept_across_steps_and_rebuilt_when_the_model_chang
         for step in range(8):
             changes(model, step)
             if fresh_layouts:
-                opt._layout_kept = None
+                opt._kept_layout = None
             with torch.no_grad():  # warns once the head's own weight is unused
                 opt.step(lambda: float(model(input_ids=IDS, logits_to_keep=1).logits.float().logsumexp(-1).mean()))
             weights.append(snapshot(model))
-            layouts.append(id(opt._layout_kept))
+            layouts.append(id(opt._kept_layout))
         return weights, layouts
 
     hooks = len(nn_module._global_parameter_registration_hooks)
@@ -328,18 +328,18 @@ def test_an_embedding_of_one_noise_chunk_gets_the_z_of_its_looked_up_rows(dtype)
     """An embedding of at most one noise chunk looks its z rows up as it looks up its weight's, and adds them to its
     output by blocks of rows: in fp32 bitwise the output of the perturbed weight (in half precision an add's last
     elements may round apart from the same add over the whole weight)."""
-    from zo_objectives.perturb import _Perturbed
+    from zo_objectives.estimators.hooks import Perturbed
 
     torch.manual_seed(0)
     embedding = torch.nn.Embedding(500, 40).to(DTYPES[dtype])
     opt = MeZO(embedding.parameters(), lr=1e-3, eps=1e-2, table_size=TABLE)
     ids = torch.randint(0, 500, (6, 9))
-    _Perturbed.GATHER, gather = 120, _Perturbed.GATHER  # rows looked up in blocks of 3
+    Perturbed.GATHER, gather = 120, Perturbed.GATHER  # rows looked up in blocks of 3
     try:
-        with torch.no_grad(), _Perturbed(opt, 7, -1.0) as p:
+        with torch.no_grad(), Perturbed(opt, 7, -1.0) as p:
             looked_up = embedding(ids)
     finally:
-        _Perturbed.GATHER = gather
+        Perturbed.GATHER = gather
     assert p.through_output == {} and p.seen == {0}
     flat = embedding.weight.detach().view(-1)
     z = torch.cat([c for _, c in opt.noise.chunks(7, 0, flat)])

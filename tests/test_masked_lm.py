@@ -12,9 +12,9 @@ from transformers import AutoModelForMaskedLM, PreTrainedTokenizerFast, RobertaC
 from tasks import get_task
 from zo_objectives import MeZO, make_objective, train
 from zo_objectives.cli import eval_main, tune_main
+from zo_objectives.evaluate import evaluate_model
 from zo_objectives.models import apply_peft, is_masked_lm, load_model
 from zo_objectives.scoring import LabelWordPredictor, MaskedLabelWordPredictor, predictor_for
-from zo_objectives.train import evaluate_model
 
 SPECIALS = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]  # RoBERTa's ids: bos 0, pad 1, eos 2, mask after unk
 

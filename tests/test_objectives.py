@@ -9,7 +9,6 @@ import torch
 
 import metrics
 from metrics import Metric, MetricError, get_metric, register_metric
-from zo_objectives.distributed import ShardedObjective
 from zo_objectives.objectives import (
     CROSS_ENTROPY,
     DEFAULT_SMOOTHING,
@@ -17,6 +16,7 @@ from zo_objectives.objectives import (
     MetricObjective,
     Objective,
     RewardObjective,
+    ShardedObjective,
     WeightedSum,
     make_objective,
     references,
@@ -449,7 +449,7 @@ def test_generation_options_are_greedy_and_gold_answers_scored_by_likelihood():
 def test_generated_options_are_generated_again_at_each_step_of_a_repeated_batch():
     """Both sides of an estimate score the same greedy answers; the next step (the same batch in a later epoch)
     gets the model's new ones, not the ones cached by the prompts (issue 25)."""
-    from zo_objectives.optimizer import MeZO
+    from zo_objectives.estimators import MeZO
 
     model = Scale()
     model.w = torch.nn.Parameter(torch.zeros(1))

@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from metrics import get_metric
+from zo_objectives.checkpoint import replay
+from zo_objectives.estimators import MeZO
 from zo_objectives.noise import NOISE_KINDS, Noise, mix
 from zo_objectives.objectives import MetricObjective
-from zo_objectives.optimizer import MeZO, make_scheduler
-from zo_objectives.replay import replay
+from zo_objectives.train import make_scheduler
 
 SMALL_TABLE = 1 << 21  # the smallest table MeZO accepts (2 * its chunk size): cheap to build in tests
 EPS = 1e-3
@@ -22,7 +23,7 @@ EPS = 1e-3
 # make_scheduler(last_step=...) steps the scheduler before any optimizer step, by design
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
 
-_real_table = Noise._table
+_real_table = Noise.table
 _tables: dict = {}
 
 
@@ -38,7 +39,7 @@ def shared_noise_tables(monkeypatch):
         self._tables[(device, dtype)] = _tables[key]
         return _tables[key]
 
-    monkeypatch.setattr(Noise, "_table", table)
+    monkeypatch.setattr(Noise, "table", table)
 
 
 def make_opt(params, **kw):

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from tasks import get_task
 from zo_objectives.cli import eval_main, tune_main
+from zo_objectives.estimators import MeZO
 from zo_objectives.models import apply_peft, load_model, prefix_tokens, select_trainable, tiny_random_model
-from zo_objectives.optimizer import MeZO
 from zo_objectives.scoring import ChoicePredictor, GenerationPredictor, LabelWordPredictor
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")

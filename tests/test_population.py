@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from conftest import build_small_lm
 
 from metrics import get_metric
-from zo_objectives.objectives import CrossEntropy, MetricObjective, RewardObjective
-from zo_objectives.population import Population, PopulationObjective
-from zo_objectives.replay import replay
+from zo_objectives.checkpoint import replay
+from zo_objectives.estimators import Population
+from zo_objectives.objectives import CrossEntropy, MetricObjective, PopulationObjective, RewardObjective
 from zo_objectives.scoring import GenerationPredictor, LabelWordPredictor
 
 VOCAB = 100
@@ -55,8 +55,8 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 def materialized(opt: Population, model: torch.nn.Module, seed: int, sign: float) -> None:
     """Write W + sign * eps * A B^T / sqrt(r) (vectors: + sign * eps * z) into the weights."""
     with torch.no_grad():
-        for index, p, _ in opt._params():
-            a, b = opt._factors(seed, index, p)
+        for index, p, _ in opt.trainable():
+            a, b = opt.factors(seed, index, p)
             delta = a @ b.T / math.sqrt(opt.perturbation_rank) if b is not None else a[:, 0]
             p.add_(delta.view_as(p), alpha=sign * opt.eps)
 
@@ -396,7 +396,7 @@ def test_an_interrupt_inside_a_swapped_norm_leaves_its_weight_as_it_was():
 def test_each_step_is_named_to_its_objective_as_in_mezo():
     """A reward objective keys its sampled candidates and sampling seeds by current_step(): under a population too,
     else a repeated batch would reuse one step's candidates and draw the same samples every step."""
-    from zo_objectives.optimizer import current_step
+    from zo_objectives.step import current_step
 
     model = lm()
     opt = Population(model.parameters(), lr=1e-3, population=4, seed=7)

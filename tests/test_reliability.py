@@ -21,11 +21,14 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from zo_objectives import models
-from zo_objectives.optimizer import MeZO
+from zo_objectives.checkpoint import resume, save_checkpoint, weights_sha256
+from zo_objectives.estimators import MeZO
+from zo_objectives.runfolder import CHECKPOINT, LOG
 from zo_objectives.runfolder import RECORDS as RECORDS_FILE
-from zo_objectives.train import CHECKPOINT, LOG, resume, save_checkpoint, train, weights_sha256
+from zo_objectives.train import train
 
 train_mod = importlib.import_module("zo_objectives.train")  # the package exports the function train
+checkpoint = importlib.import_module("zo_objectives.checkpoint")
 
 
 # --- the model cache ----------------------------------------------------------------------------------------
@@ -360,15 +363,15 @@ def edit(path: Path, change, rehash: bool = False) -> None:
     saved = {**head, "optimizer": {**head["optimizer"], "mezo": {**head["optimizer"]["mezo"],
                                                                  "trajectory": [json.loads(x) for x in lines]}}}
     change(saved)
-    lines = [train_mod._canonical(r) + "\n" for r in saved["optimizer"]["mezo"]["trajectory"]]
+    lines = [checkpoint.canonical(r) + "\n" for r in saved["optimizer"]["mezo"]["trajectory"]]
     if rehash:
-        previous = train_mod._chain("", lines[:-1])
-        saved["records"].update(bytes=len("".join(lines).encode()), sha256=train_mod._chain(previous, lines[-1:]),
-                                previous=previous)
+        previous = checkpoint.chain_sha256("", lines[:-1])
+        saved["records"].update(bytes=len("".join(lines).encode()), previous=previous,
+                                sha256=checkpoint.chain_sha256(previous, lines[-1:]))
     del saved["optimizer"]["mezo"]["trajectory"]
     if rehash:
-        body = train_mod._canonical({k: saved[k] for k in ("step", "optimizer", "records")})
-        saved["integrity"]["sha256"] = train_mod._sha256(body)
+        body = checkpoint.canonical({k: saved[k] for k in ("step", "optimizer", "records")})
+        saved["integrity"]["sha256"] = checkpoint.text_sha256(body)
     path.write_text(json.dumps(saved))
     (path.parent / RECORDS_FILE).write_text("".join(lines))
 

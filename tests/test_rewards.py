@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from zo_objectives.estimators import MeZO
 from zo_objectives.objectives import RewardError, RewardObjective
-from zo_objectives.optimizer import MeZO
 
 
 class EchoGenerator:

@@ -19,11 +19,11 @@ import torch
 from filelock import FileLock
 
 from zo_objectives import cli, runfolder
+from zo_objectives.checkpoint import replay, resume, save_checkpoint, weights_sha256
 from zo_objectives.cli import eval_main, tune_main
-from zo_objectives.optimizer import MeZO
-from zo_objectives.replay import replay
+from zo_objectives.estimators import MeZO
 from zo_objectives.runfolder import CHECKPOINT, CONFIG, EVAL, LOCK, LOG, RECORDS, WEIGHTS
-from zo_objectives.train import resume, save_checkpoint, train, weights_sha256
+from zo_objectives.train import train
 
 pytestmark = [pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")]
 

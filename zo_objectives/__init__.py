@@ -1,4 +1,5 @@
-"""zo-objectives: fine-tune language models on objectives without a gradient, with MeZO.
+"""zo-objectives: fine-tune language models on objectives without a gradient, with seeded zeroth-order
+estimators (MeZO and its peers).
 
 >>> from zo_objectives import MeZO, load_model, make_objective, predictor_for
 
@@ -33,32 +34,40 @@ def _check_top_level_packages() -> None:
 
 _check_top_level_packages()
 
+from zo_objectives.checkpoint import replay  # noqa: E402
+from zo_objectives.estimators import (  # noqa: E402
+    FZOO,
+    Estimator,
+    MeZO,
+    Population,
+    get_estimator,
+    list_estimators,
+    register_estimator,
+)
 from zo_objectives.objectives import (  # noqa: E402 (after the check, which names a shadowing file)
     DEFAULT_SMOOTHING,
     CrossEntropy,
     MetricObjective,
     Objective,
+    PopulationObjective,  # noqa: E402
     RewardError,
     RewardObjective,
     WeightedSum,
     make_objective,
 )
-from zo_objectives.optimizer import MeZO, make_scheduler  # noqa: E402
-from zo_objectives.population import Population, PopulationObjective  # noqa: E402
-from zo_objectives.replay import replay  # noqa: E402
 from zo_objectives.scoring import (  # noqa: E402
     ChoicePredictor,
     GenerationPredictor,
     LabelWordPredictor,
     predictor_for,
 )
-from zo_objectives.train import train  # noqa: E402 (eager: the function's name is the module's)
+from zo_objectives.train import make_scheduler, train  # noqa: E402 (eager: the function's name is the module's)
 
 _LAZY = {  # name -> module, imported on first access (PEP 562)
     "apply_peft": "zo_objectives.models",
     "load_model": "zo_objectives.models",
     "select_trainable": "zo_objectives.models",
-    "evaluate_model": "zo_objectives.train",
+    "evaluate_model": "zo_objectives.evaluate",
 }
 
 
@@ -78,6 +87,8 @@ __all__ = [
     "DEFAULT_SMOOTHING",
     "ChoicePredictor",
     "CrossEntropy",
+    "Estimator",
+    "FZOO",
     "GenerationPredictor",
     "LabelWordPredictor",
     "MeZO",
@@ -90,10 +101,13 @@ __all__ = [
     "WeightedSum",
     "apply_peft",
     "evaluate_model",
+    "get_estimator",
+    "list_estimators",
     "load_model",
     "make_objective",
     "make_scheduler",
     "predictor_for",
+    "register_estimator",
     "replay",
     "select_trainable",
     "train",

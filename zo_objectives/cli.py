@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -33,6 +34,8 @@ from metrics import Metric, get_metric, list_metrics
 from metrics.rewards import get_reward, list_rewards
 from tasks import Task, get_task, task_from_file, with_demonstrations
 from zo_objectives import distributed
+from zo_objectives.checkpoint import check_run_folder
+from zo_objectives.checkpoint import resume as replay_checkpoint
 from zo_objectives.config import (
     DEFAULT_EPS,
     DEFAULT_LR,
@@ -49,6 +52,8 @@ from zo_objectives.config import (
     flag,
     read_config,
 )
+from zo_objectives.estimators import get_estimator
+from zo_objectives.evaluate import evaluate_metrics, predict_all, sharded_predict_all
 from zo_objectives.models import (
     apply_peft,
     auto_dtype,
@@ -58,18 +63,18 @@ from zo_objectives.models import (
     load_model,
     load_run_weights,
     select_trainable,
+    trainable_state,
 )
 from zo_objectives.objectives import (
     CROSS_ENTROPY,
     MetricObjective,
     RewardObjective,
+    ShardedObjective,
     check_metric,
     make_objective,
     reward_columns,
 )
-from zo_objectives.optimizer import MeZO, make_scheduler
 from zo_objectives.plots import plot_run
-from zo_objectives.population import Population
 from zo_objectives.runfolder import (
     CHECKPOINT,
     CONFIG,
@@ -87,16 +92,11 @@ from zo_objectives.runfolder import (
     write_sealed,
 )
 from zo_objectives.scoring import chat_formatted, predictor_for
-from zo_objectives.train import (
-    Stopped,
-    check_run_folder,
-    evaluate_metrics,
-    predict_all,
-    sigterm_as_interrupt,
-    train,
-    trainable_state,
-)
-from zo_objectives.train import resume as replay_checkpoint
+from zo_objectives.train import Stopped, make_scheduler, sigterm_as_interrupt, train
+
+DEFAULT_ESTIMATOR = "mezo"  # --estimator auto without --population
+# settings whose default is the estimator's, and the value written for an estimator that does not take them
+ESTIMATOR_DEFAULTS = {"n_perturbations": 1, "perturbation_rank": 1, "noise": "table"}
 
 
 def _fmt(value: float | None) -> str:
@@ -196,7 +196,17 @@ def resolve(config: TuneConfig) -> tuple[TuneConfig, Task]:
     if objective not in (REWARD, CROSS_ENTROPY, *list_metrics()):
         raise UsageError(f"unknown objective {objective!r}; available: {', '.join([CROSS_ENTROPY, *list_metrics()])}")
     output_dir = config.output_dir or f"runs/{task.name}-{objective}-s{config.seed}"
-    config = replace(config, task=task.name, objective=objective, output_dir=output_dir)
+    estimator = config.estimator if config.estimator != "auto" else "population" if config.population else (
+        DEFAULT_ESTIMATOR)
+    try:
+        accepted = inspect.signature(get_estimator(estimator).__init__).parameters
+    except ValueError as err:
+        raise UsageError(f"--estimator: {err}") from None
+    # settings left unset take the estimator's own default (else the neutral one: it does not read them)
+    unset = {name: accepted[name].default if name in accepted else neutral
+             for name, neutral in ESTIMATOR_DEFAULTS.items() if getattr(config, name) is None}
+    config = replace(config, task=task.name, objective=objective, output_dir=output_dir, estimator=estimator,
+                     **unset)
     return replace(config, metrics=[m.name for m in evaluation_metrics(config, task)]), task
 
 
@@ -384,9 +394,11 @@ def stop_message(run_dir: Path, signum: int) -> str:
             f"zo-tune --output-dir {run_dir} --resume")
 
 
-MEZO_SETTINGS = ("lr", "eps", "weight_decay", "n_perturbations", "seed", "noise", "difference", "update",
-                 "fitness_shaping", "momentum", "momentum_window", "on_nonfinite")
-POPULATION_SETTINGS = ("lr", "eps", "weight_decay", "seed", "noise", "update", "fitness_shaping", "on_nonfinite")
+def build_estimator(config: TuneConfig, params: list) -> Any:
+    """The estimator ``config.estimator`` names, given the settings of ``config`` its constructor takes."""
+    cls = get_estimator(config.estimator)
+    accepted = [name for name in inspect.signature(cls.__init__).parameters if name != "params"]
+    return cls(params, **{name: getattr(config, name) for name in accepted if hasattr(config, name)})
 
 
 def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
@@ -430,8 +442,6 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
     metric, split = metrics[0], run.split  # the headline metric, and what the evaluation set is
     resumed = check_resume(run_dir, config, allow_changed_settings, step) if resume and main else []
     params = [p for p in model.parameters() if p.requires_grad]
-    # distributed: MeZO splits the batch (batch[rank::world]); a population splits its members instead
-    objective = distributed.ShardedObjective(run.objective) if world > 1 and not config.population else run.objective
 
     held_out_rewards: dict[str, float] = {}  # reward runs: each reward's mean at the last evaluation
 
@@ -446,7 +456,7 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
         if world > 1:  # distributed: verify the ranks' weights agree, split the dev set across ranks
             distributed.check_in_sync(params)
             values.update(evaluate_metrics(model, run.predictor, dev_set, others, config.batch_size,
-                                           distributed.predict_all))
+                                           sharded_predict_all))
         else:
             values.update(evaluate_metrics(model, run.predictor, dev_set, others, config.batch_size,
                                            functools.partial(predict_all, progress=progress)))  # a bar on stderr
@@ -461,11 +471,10 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
         saved = read_json(run_dir / EVAL)
         before = saved.get("before_metrics") or ({metric.name: saved["before"]} if saved.get("before") is not None
                                                  else None)
-    elif not config.population:
-        optimizer = MeZO(params, **{name: getattr(config, name) for name in MEZO_SETTINGS})
     else:
-        optimizer = Population(params, population=config.population, perturbation_rank=config.perturbation_rank,
-                               **{name: getattr(config, name) for name in POPULATION_SETTINGS})
+        optimizer = build_estimator(config, params)
+    # distributed: MeZO splits the batch (batch[rank::world]); a batched estimator splits its members instead
+    objective = ShardedObjective(run.objective) if world > 1 and not optimizer.members else run.objective
     scheduler = make_scheduler(optimizer, config.schedule, config.steps, last_step=start)
     if main:  # every check passed: from here on the run folder is written
         if not claimed:  # a new folder: claimed as it is created

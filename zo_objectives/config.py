@@ -22,10 +22,11 @@ from transformers import HfArgumentParser
 
 from metrics.rewards import list_rewards
 from tasks import HUB_ONLY_TASKS, SOURCES, get_task, list_tasks
+from zo_objectives.estimators import DIFFERENCES, NONFINITE_POLICIES, SHAPINGS, UPDATES
 from zo_objectives.models import DEFAULT_MODEL, DTYPES, PEFT_KINDS
 from zo_objectives.noise import NOISE_KINDS
 from zo_objectives.objectives import DEFAULT_SMOOTHING, FORMS, SEQUENCE_SCORES, SUPPORTS
-from zo_objectives.optimizer import DIFFERENCES, NONFINITE_POLICIES, SCHEDULES, SHAPINGS, UPDATES
+from zo_objectives.train import SCHEDULES
 
 # Defaults chosen from measurements on SmolLM2-135M / SST-2 (docs/objectives.md).
 # A metric in log form has cross-entropy's scale; the expected metric itself ("mean" form) is flatter.
@@ -158,11 +159,16 @@ class TuneConfig(CommonConfig):
     eps: float | None = arg(None, f"perturbation scale (default {DEFAULT_EPS['fp32']}, {DEFAULT_EPS['bf16']} in bf16, "
                                   f"whose rounding swamps smaller loss differences; {GREEDY_REWARD_EPS} for --reward "
                                   "on greedy completions with --update normalized or sign)", above=0, resume=FIXED)
-    n_perturbations: int = arg(1, "SPSA estimates averaged per step", above=0, resume=FIXED)
+    estimator: str = arg("auto", "how each step estimates the gradient: a registered estimator (mezo, population, "
+                                 "fzoo, or one a --plugin registers; docs/estimators.md); auto: population with "
+                                 "--population N, else mezo", resume=FIXED)
+    n_perturbations: int | None = arg(None, "perturbations per step: SPSA estimates averaged (mezo, default 1), "
+                                            "one-sided members (fzoo, default 8)", above=0, resume=FIXED)
     population: int = arg(0, "members per step of the population estimator (an even number: antithetic pairs, "
-                             "all scored in one batched pass; docs/mezo.md); 0: MeZO", at_least=0, resume=FIXED)
-    perturbation_rank: int = arg(1, "rank of each population member's perturbation of a matrix", above=0,
-                                 resume=FIXED)
+                             "all scored in one batched pass; docs/mezo.md); 0: MeZO, or 8 with --estimator "
+                             "population", at_least=0, resume=FIXED)
+    perturbation_rank: int | None = arg(None, "rank of each member's perturbation of a matrix (population: default "
+                                              "1; fzoo: default 0, full rank)", at_least=0, resume=FIXED)
     smoothing: float | None = arg(None, "metric objectives optimize the metric's expectation over each example's "
                                         "options (classes, candidates; for generation the greedy answer and the gold "
                                         "answers) drawn from softmax(log-likelihood / T) (default "
@@ -182,7 +188,8 @@ class TuneConfig(CommonConfig):
                        above=0)
     weight_decay: float = arg(0.0, "decoupled weight decay", at_least=0, resume=FIXED)
     schedule: str = arg("constant", "learning-rate schedule over --steps", choices=SCHEDULES)
-    noise: str = arg("table", "how the perturbations are drawn", choices=NOISE_KINDS, resume=FIXED)
+    noise: str | None = arg(None, "how the perturbations are drawn (default: table; fzoo: rademacher, as published)",
+                            choices=NOISE_KINDS, resume=FIXED)
     difference: str = arg("central", "central: losses at x +- eps z; forward: at x and x + eps z",
                           choices=DIFFERENCES, resume=FIXED)
     update: str = arg("sgd", "sgd, sign, or normalized: g over the running RMS of g (one lr for any loss scale)",
@@ -215,9 +222,15 @@ class TuneConfig(CommonConfig):
         if self.momentum >= 1 or (self.momentum > 0) != (self.momentum_window > 1):
             raise UsageError(f"--momentum must be in [0, 1) with --momentum-window > 1 (or both 0), got "
                              f"{self.momentum}, {self.momentum_window}")
+        if self.population and self.estimator not in ("auto", "population"):
+            raise UsageError(f"--population is the population estimator's; with --estimator {self.estimator} leave "
+                             "it at 0")
+        if self.estimator == "population" and not self.population:
+            self.population = 8  # the estimator's own default
         if self.population % 2:
             raise UsageError(f"--population must be even (antithetic pairs) or 0 (MeZO), got {self.population}")
-        if self.population and (self.n_perturbations != 1 or self.momentum or self.difference != "central"):
+        if self.population and (self.n_perturbations not in (None, 1) or self.momentum
+                                or self.difference != "central"):
             raise UsageError("--population replaces --n-perturbations, --momentum and --difference forward: "
                              "leave them at their defaults")
         if self.reward and self.objective not in (None, REWARD):
@@ -307,7 +320,10 @@ def settings(cls: type, values: dict, source: str) -> dict:
     unknown = sorted(set(values) - set(names) - set(DERIVED))
     if unknown:
         raise UsageError(f"{source}: unknown settings {unknown}; accepted: {', '.join(names)}")
-    return {k: v for k, v in values.items() if k in names}
+    out = {k: v for k, v in values.items() if k in names}
+    if "estimator" in names and "estimator" not in out and "optimizer" in values:  # a run's, before --estimator
+        out["estimator"] = "population" if out.get("population") else "mezo"
+    return out
 
 
 def read_config(cls: type, path: str | Path) -> dict:

@@ -17,12 +17,9 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import torch
 import torch.distributed as dist
-
-from zo_objectives.objectives import Objective
 
 _HASH_MOD = (1 << 61) - 1
 _INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -74,10 +71,10 @@ def shard(items: Sequence) -> list:
     return list(items[rank()::world_size()])
 
 
-def _device() -> torch.device:
+def device() -> torch.device:
     """Where collective tensors live: the current GPU for nccl, the CPU otherwise."""
     if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", torch.cuda.currentdevice())
     return torch.device("cpu")
 
 
@@ -85,44 +82,12 @@ def weighted_mean(value: float, weight: float) -> float:
     """The mean over ranks of ``value`` weighted by ``weight`` (one all-reduce of two float64 numbers)."""
     if world_size() == 1:
         return float(value)
-    t = torch.tensor([value * weight if weight else 0.0, float(weight)], dtype=torch.float64, device=_device())
+    t = torch.tensor([value * weight if weight else 0.0, float(weight)], dtype=torch.float64, device=device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     total, count = t.tolist()
     if count == 0:
         raise ValueError("cannot average an objective over an empty batch")
     return total / count
-
-
-class ShardedObjective(Objective):
-    """``objective`` on the whole batch, computed as ``batch[rank::world]`` on each rank and all-reduced.
-
-    Returns the mean of the shards' losses weighted by shard size, identical on every rank. This equals the
-    single-process loss on the whole batch (up to float rounding) for objectives that are means over
-    examples: accuracy, per-example cross-entropy, exact match, SQuAD EM/F1, mean rewards. Corpus-level
-    metrics that are not means over examples, such as macro-F1, become a size-weighted mean of per-shard
-    values: a different (noisier) objective whose estimate still agrees on every rank. Objectives with
-    sampled predictions (``MetricObjective(samples > 0)``, sampled generation) seed their noise by the
-    prompts they see, so a sharded run draws other (equally valid) random numbers than a single-process one;
-    both sides of an SPSA estimate still share them. A rank with an empty shard (batch smaller than the
-    world) contributes weight 0. If the objective raises on one rank only, the others wait in the all-reduce
-    until torchrun ends them.
-    """
-
-    def __init__(self, objective: Any):
-        self.objective = objective
-
-    def __call__(self, model: torch.nn.Module, batch: Sequence[dict]) -> float:
-        part = shard(batch)
-        loss = float(self.objective(model, part)) if part else 0.0
-        return weighted_mean(loss, len(part))
-
-    def __getattr__(self, name: str) -> Any:  # name, metric, samples, ... of the wrapped objective
-        if name == "objective":
-            raise AttributeError(name)
-        return getattr(self.objective, name)
-
-    def __repr__(self) -> str:
-        return f"ShardedObjective({self.objective!r})"
 
 
 def gather(items: Sequence, total: int) -> list:
@@ -137,22 +102,6 @@ def gather(items: Sequence, total: int) -> list:
     for r, part in enumerate(parts):
         out[r::world] = part
     return out
-
-
-def predict_all(model: torch.nn.Module, predictor: Any, examples: Sequence[dict], batch_size: int = 16) -> list:
-    """Predictions for every example, each rank predicting its ``[rank::world]`` share; all ranks get all."""
-    from zo_objectives.train import predict_all as local_predict_all
-
-    return gather(local_predict_all(model, predictor, shard(examples), batch_size), len(examples))
-
-
-def evaluate_model(model: torch.nn.Module, predictor: Any, examples: Sequence[dict], metric: Any,
-                   batch_size: int = 16) -> float:
-    """``zo_objectives.train.evaluate_model`` split across ranks: each rank predicts its share, the predictions are
-    all-gathered, and every rank computes the metric on the full set (exact for any metric, macro-F1 too)."""
-    from zo_objectives.objectives import references
-
-    return metric(predict_all(model, predictor, examples, batch_size), references(examples))
 
 
 def checksum(params: Iterable[torch.Tensor]) -> int:
@@ -173,7 +122,7 @@ def check_in_sync(params: Iterable[torch.Tensor], raise_error: bool = True) -> b
     if world_size() == 1:
         return True
     h = checksum(params)
-    t = torch.tensor([h, -h], dtype=torch.int64, device=_device())
+    t = torch.tensor([h, -h], dtype=torch.int64, device=device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     same = int(t[0]) == -int(t[1])
     if not same and raise_error:

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import torch
 from filelock import FileLock
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -33,6 +34,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.utils import logging as hf_logging
+
+from zo_objectives.runfolder import atomic_write
 
 DEFAULT_MODEL = "smollm2-135m"
 ALIASES = (DEFAULT_MODEL, "tiny-random")
@@ -363,10 +366,24 @@ def select_trainable(model: torch.nn.Module, pattern: str | None) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable tensors by name (tied weights once): what a tuned model adds to its base."""
+    seen: set[int] = set()
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            out[name] = p.detach().contiguous()
+    return out
+
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """Write the trainable tensors to ``path`` (safetensors), atomically."""
+    atomic_write(path, lambda tmp: save_file(trainable_state(model), tmp))
+
+
 def load_run_weights(model: torch.nn.Module, run_dir: Path) -> None:
     """Load a run's tuned tensors (``model.safetensors``) over the base model's."""
-    from safetensors.torch import load_file
-
     path = Path(run_dir) / "model.safetensors"
     if not path.exists():
         raise ValueError(f"no model.safetensors in {run_dir}: is it a finished zo-tune run folder?")

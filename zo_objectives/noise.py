@@ -47,7 +47,8 @@ class Noise:
         self.kind, self.table_size, self.table_seed, self.chunk_size = kind, table_size, table_seed, chunk_size
         self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def _table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The standardized Gaussian table in ``dtype`` on ``device``, made once."""
         key, base = (device, dtype), (device, torch.float32)
         if base not in self._tables:
             gen = torch.Generator().manual_seed(self.table_seed)
@@ -75,7 +76,7 @@ class Noise:
         fp32 buffer is a same-dtype kernel, twice as fast there as adding the half-precision table."""
         key = (device, dtype, torch.float32)
         if key not in self._tables:
-            self._tables[key] = self._table(device, dtype).float()
+            self._tables[key] = self.table(device, dtype).float()
         return self._tables[key]
 
     def chunks(self, seed: int, index: int, flat: torch.Tensor,
@@ -84,7 +85,7 @@ class Noise:
         ``flat``'s precision (``wide``, table noise only: the same values in fp32)."""
         n, c = flat.numel(), self.chunk_size
         if self.kind == "table":
-            table = self._wide_table(flat.device, flat.dtype) if wide else self._table(flat.device, flat.dtype)
+            table = self._wide_table(flat.device, flat.dtype) if wide else self.table(flat.device, flat.dtype)
             for k, start in enumerate(range(0, n, c)):
                 length = min(c, n - start)
                 offset = self._offset(length, seed, index, k)
@@ -103,7 +104,7 @@ class Noise:
     def one_chunk(self, seed: int, index: int, like: torch.Tensor) -> torch.Tensor:
         """z of a contiguous tensor of at most one chunk, shaped like it (table noise): the slice ``chunks`` yields
         for it, made as one view."""
-        table = self._table(like.device, like.dtype)
+        table = self.table(like.device, like.dtype)
         return table.as_strided(like.shape, like.stride(), self._offset(like.numel(), seed, index, 0))
 
     def offsets(self, seed: int, index: int, n: int) -> list[int]:
@@ -115,11 +116,11 @@ class Noise:
     def gather(self, flat: torch.Tensor, offsets: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """z at the given positions of ``flat`` (``offsets`` as a tensor): the values ``chunks`` yields there."""
         c = self.chunk_size
-        return self._table(flat.device, flat.dtype)[offsets[positions // c] + positions % c]
+        return self.table(flat.device, flat.dtype)[offsets[positions // c] + positions % c]
 
     def span(self, flat: torch.Tensor, offsets: list[int], start: int, stop: int) -> torch.Tensor:
         """z of ``flat[start:stop]``: the table slices ``chunks`` yields there, joined."""
-        c, table = self.chunk_size, self._table(flat.device, flat.dtype)
+        c, table = self.chunk_size, self.table(flat.device, flat.dtype)
         pieces = [table[offsets[k] + max(start, k * c) - k * c: offsets[k] + min(stop, (k + 1) * c) - k * c]
                   for k in range(start // c, (stop - 1) // c + 1)]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
@@ -129,7 +130,7 @@ class Noise:
         seed: the low mantissa bits of the fp32 table at a hashed offset (a read, not a random draw)."""
         key = (device, torch.int32)
         if key not in self._tables:
-            self._tables[key] = self._table(device, torch.float32).view(torch.int32) & 0xFFFF
+            self._tables[key] = self.table(device, torch.float32).view(torch.int32) & 0xFFFF
         offset = self._offset(length, seed, index, chunk, ROUNDING_SALT)
         return self._tables[key][offset:offset + length]
 
@@ -171,7 +172,7 @@ def chunk_update(weight: torch.Tensor, decay: float, bits: torch.Tensor | None =
         round_stochastic(acc.view(-1), bits, out=weight.view(-1))
 
 
-def _eager_update(weight: torch.Tensor, z: torch.Tensor, bits: torch.Tensor, decay: float, alpha: float) -> None:
+def eager_update(weight: torch.Tensor, z: torch.Tensor, bits: torch.Tensor, decay: float, alpha: float) -> None:
     """One chunk of a half-precision update with one term (what the fused kernel is checked against): widen,
     decay, add alpha * z, round."""
     with chunk_update(weight, decay, bits) as acc:

@@ -22,6 +22,7 @@ units and direction (``{"accuracy": expected accuracy}``, ``{"cross_entropy": ..
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import math
 import numbers
@@ -36,8 +37,9 @@ from typing import Any
 import torch
 
 from metrics import Metric, MetricError, get_metric, list_metrics
-from zo_objectives.optimizer import current_step
+from zo_objectives import distributed
 from zo_objectives.scoring import Batch, prompts_seed, sampling_seed
+from zo_objectives.step import current_step
 
 CROSS_ENTROPY = "cross_entropy"
 DEFAULT_SMOOTHING = 1.0  # metric objectives on predictors with scores optimize the expected metric (docs/objectives.md)
@@ -590,3 +592,123 @@ def make_objective(spec: str | Callable | Any, predictor: Any, *, greater_is_bet
         metric = replace(metric, per_example=per_example)
     return MetricObjective(metric, predictor, smoothing=smoothing, samples=samples, form=form,
                            sequence_score=sequence_score, support=support)
+
+
+# Wrappers: an objective scored for every member of a population at once, or split across ranks
+
+
+class _Shared:
+    """One pass for all members: a predictor's passes (``_forward``, ``candidate_scores``, ``generate``) run on the
+    arguments repeated once per member, rows grouped by member, and are split; each member reads its part."""
+
+    PASSES = ("_forward", "candidate_scores", "generate")
+
+    def __init__(self, predictor: Any, members: int):
+        self.predictor, self.members = predictor, members
+        self.shared = copy.copy(predictor)
+        self.shared.members = members
+        self.results: dict[tuple, list] = {}
+
+    def view(self, member: int) -> Any:
+        """The predictor as member ``member`` sees it."""
+        view = copy.copy(self.predictor)
+        for name in self.PASSES:
+            if hasattr(view, name):
+                setattr(view, name, self._pass(name, member))
+        return view
+
+    def _pass(self, name: str, member: int) -> Callable:
+        def run(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            key = (name, repr(args), repr(sorted(kwargs.items())))
+            if key not in self.results:
+                n = self.members
+                repeated = [a * n if isinstance(a, list | tuple) else a for a in args]
+                out = getattr(type(self.predictor), name)(self.shared, model, *repeated, **kwargs)
+                per = len(out) // n
+                self.results[key] = [out[m * per:(m + 1) * per] for m in range(n)]
+            return self.results[key][member]
+        return run
+
+
+PREDICTOR_FIELDS = ("predictor", "generator")
+
+
+class PopulationObjective(Objective):
+    """``objective`` scored for every member in one pass: returns one loss per member.
+
+    ``members`` is the count (or a function returning it, e.g. ``lambda: optimizer.members``). The objective's
+    predictor runs its passes once on the batch repeated once per member (rows grouped by member, as
+    :class:`Population` expects); then the objective is computed for each member from that member's part, so
+    any objective built on a predictor (metric, cross-entropy, reward, weighted sums of them) works unchanged.
+    Generation decodes all members' completions in one ``generate`` call; sampled completions draw different
+    random numbers per member (the rows of one call), not the same as MeZO's two sides share. Caches an
+    objective keeps between calls (a batch's candidates) are those the first member built.
+    """
+
+    def __init__(self, objective: Any, members: int | Callable[[], int]):
+        self.objective, self._members = objective, members
+        self.name = getattr(objective, "name", type(objective).__name__)
+
+    def __getattr__(self, name: str) -> Any:  # greater_is_better, last_means, ... of the wrapped objective
+        if name == "objective":
+            raise AttributeError(name)
+        return getattr(self.objective, name)
+
+    def __call__(self, model: torch.nn.Module, batch: Sequence[dict]) -> list[float]:
+        n = self._members() if callable(self._members) else self._members
+        shared: dict[int, _Shared] = {}
+        return [float(self._member(self.objective, model, batch, n, m, shared)) for m in range(n)]
+
+    def _member(self, objective: Any, model: torch.nn.Module, batch: Sequence[dict], n: int, m: int,
+                shared: dict) -> float:
+        terms = getattr(objective, "terms", None)
+        if terms is not None:  # a WeightedSum
+            return sum(w * self._member(o, model, batch, n, m, shared) for w, o in terms)
+        field = next((f for f in PREDICTOR_FIELDS if hasattr(objective, f)), None)
+        if field is None:
+            raise TypeError(f"PopulationObjective needs an objective that scores through a predictor (metric, "
+                            f"cross-entropy, reward); {type(objective).__name__} has none: write a closure that "
+                            "returns one loss per member")
+        predictor = getattr(objective, field)
+        view = shared.setdefault(id(predictor), _Shared(predictor, n)).view(m)
+        mine = copy.copy(objective)
+        setattr(mine, field, view)
+        loss = mine(model, batch)
+        kept = {k: v for k, v in vars(mine).items() if k != field}
+        vars(objective).update(kept)  # caches (a batch's candidates) and last_means: the next member reads them
+        return loss
+
+    def __repr__(self) -> str:
+        return f"PopulationObjective({self.objective!r})"
+
+
+class ShardedObjective(Objective):
+    """``objective`` on the whole batch, computed as ``batch[rank::world]`` on each rank and all-reduced.
+
+    Returns the mean of the shards' losses weighted by shard size, identical on every rank. This equals the
+    single-process loss on the whole batch (up to float rounding) for objectives that are means over
+    examples: accuracy, per-example cross-entropy, exact match, SQuAD EM/F1, mean rewards. Corpus-level
+    metrics that are not means over examples, such as macro-F1, become a size-weighted mean of per-shard
+    values: a different (noisier) objective whose estimate still agrees on every rank. Objectives with
+    sampled predictions (``MetricObjective(samples > 0)``, sampled generation) seed their noise by the
+    prompts they see, so a sharded run draws other (equally valid) random numbers than a single-process one;
+    both sides of an SPSA estimate still share them. A rank with an empty shard (batch smaller than the
+    world) contributes weight 0. If the objective raises on one rank only, the others wait in the all-reduce
+    until torchrun ends them.
+    """
+
+    def __init__(self, objective: Any):
+        self.objective = objective
+
+    def __call__(self, model: torch.nn.Module, batch: Sequence[dict]) -> float:
+        part = distributed.shard(batch)
+        loss = float(self.objective(model, part)) if part else 0.0
+        return distributed.weighted_mean(loss, len(part))
+
+    def __getattr__(self, name: str) -> Any:  # name, metric, samples, ... of the wrapped objective
+        if name == "objective":
+            raise AttributeError(name)
+        return getattr(self.objective, name)
+
+    def __repr__(self) -> str:
+        return f"ShardedObjective({self.objective!r})"

@@ -191,3 +191,40 @@ def check_sealed(run_dir: Path, name: str, manifest: dict | None = None) -> dict
             return recorded
     raise ValueError(f"{path} was changed, damaged or replaced after the run wrote it (its sha256 is not the one "
                      f"in {MANIFEST})")
+
+
+def checked_log(path: Path, step: int) -> list[str]:
+    """The rows of steps 1..``step`` of a metrics.jsonl (a row per step, in order). Rows past ``step`` (logged
+    after the checkpoint by a killed run: they rerun) and a line torn by a kill are left out. A ValueError
+    naming the file when a row up to ``step`` is missing, repeated or unreadable."""
+    if not path.exists():
+        if step:
+            raise ValueError(f"{path} is missing: the checkpoint is at step {step}")
+        return []
+    try:
+        lines = path.read_bytes().decode().splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is damaged (not UTF-8: {err})") from None
+    kept: list[str] = []
+    for number, line in enumerate(lines, 1):
+        if len(kept) == step:
+            break
+        try:
+            logged = json.loads(line)["step"]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            raise ValueError(f"{path} line {number} is not a metrics row ({line[:40]!r}): it was damaged") from None
+        if logged != len(kept) + 1:
+            raise ValueError(f"{path} line {number} logs step {logged!r} after step {len(kept)}: rows are "
+                             f"{'repeated' if isinstance(logged, int) and logged <= len(kept) else 'missing'}")
+        kept.append(line + "\n")
+    if len(kept) < step:
+        raise ValueError(f"{path} ends at step {len(kept)} but the checkpoint is at step {step}: rows were cut")
+    return kept
+
+
+def truncate_log(path: Path, step: int) -> None:
+    """Keep the rows of steps up to ``step`` in a metrics.jsonl (:func:`checked_log`): a run killed after
+    logging a step but before checkpointing it logs the step again on resume."""
+    if path.exists():
+        kept = checked_log(path, step)
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))

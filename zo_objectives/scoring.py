@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from zo_objectives.noise import mix
-from zo_objectives.optimizer import current_step
+from zo_objectives.step import current_step
 
 if TYPE_CHECKING:  # type hints only: importing transformers' tokenizers is not needed to score
     from transformers import PreTrainedTokenizerBase
@@ -36,7 +36,7 @@ def prompts_seed(prompts: Sequence[str], salt: int = 0) -> int:
 
 def sampling_seed(prompts: Sequence[str], salt: int = 0) -> int:
     """The seed of sampled completions: fixed by the prompts and ``salt``, and inside a MeZO step by the
-    optimizer's seed and the step's index too (:func:`zo_objectives.optimizer.current_step`)."""
+    optimizer's seed and the step's index too (:func:`zo_objectives.step.current_step`)."""
     step = current_step()
     return prompts_seed(prompts, salt if step is None else mix(*step, salt) & 0xFFFFFFFF)
 
@@ -100,7 +100,7 @@ class Predictor:
         self.group_size = group_size
         self._warned_cut = False
 
-    members = 1  # a population's batch holds its examples once per member (zo_objectives.population)
+    members = 1  # a population's batch holds its examples once per member (zo_objectives.estimators.population)
 
     def _groups(self, lengths: list[int], keep: list[bool] | None = None) -> list[list[int]]:
         """The rows of each model call: up to ``group_size`` examples, sorted by length (those ``keep`` marks).

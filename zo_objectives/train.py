@@ -1,53 +1,34 @@
-"""The training loop, evaluation, metrics.jsonl and checkpoints.
+"""The training loop: batches, steps, metrics.jsonl, evaluations and checkpoints at their times.
 
-A checkpoint is the optimizer's trajectory (kilobytes): resuming reloads the base weights and replays it,
-which rebuilds the weights bitwise, so a run stopped anywhere resumes exactly. Its records are appended to
-trajectory.jsonl and a small head, trajectory.json, written atomically after them, says how many records the
-checkpoint covers, with their running checksum, its own checksum and the base weights' checksum, which
-resume checks. Every other file is written to a temporary name and renamed into place, so a crash never leaves
-a half-written file. Only JSON and safetensors are read or written: nothing is unpickled.
+Each step asks the estimator to score the objective on a batch and update; the loop logs the step's row, and
+checkpoints (:mod:`zo_objectives.checkpoint`) every ``checkpoint_every`` steps, at evaluations and when stopped.
+Every file is written to a temporary name and renamed into place, so a crash never leaves a half-written file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import random
 import signal
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from torch.optim import Optimizer
 from tqdm.auto import tqdm
 
-from metrics import Metric
-from zo_objectives.objectives import Objective, references
-from zo_objectives.optimizer import MeZO
-from zo_objectives.population import Population, PopulationObjective
-from zo_objectives.replay import replay
-from zo_objectives.runfolder import (
-    CHECKPOINT,
-    CONFIG,
-    EVAL,
-    LOG,
-    MANIFEST,
-    RECORDS,
-    atomic_write,
-    check_sealed,
-    clean,
-    lock,
-    read_json,
-    read_manifest,
-    write_json,
-)
+from zo_objectives.checkpoint import base_checksum, save_checkpoint
+from zo_objectives.estimators import Estimator
+from zo_objectives.objectives import Objective, PopulationObjective
+from zo_objectives.runfolder import LOG, clean, lock, truncate_log
+
+SCHEDULES = ("constant", "linear", "cosine")
 
 
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
@@ -62,250 +43,6 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
         random.Random(seed * 1_000_003 + epoch).shuffle(order)
         out += order[offset: offset + batch_size - len(out)]
     return out
-
-
-def predict_all(model: torch.nn.Module, predictor: Any, examples: Sequence[dict], batch_size: int = 16,
-                progress: bool = False) -> list:
-    """Predictions for every example, in batches (``progress``: a bar over the batches on stderr)."""
-    preds: list = []
-    starts = range(0, len(examples), batch_size)
-    for i in tqdm(starts, desc="evaluating", unit="batch", disable=not progress, dynamic_ncols=True, leave=False):
-        preds += predictor.predict(model, examples[i:i + batch_size])
-    return preds
-
-
-def evaluate_model(model: torch.nn.Module, predictor: Any, examples: Sequence[dict], metric: Metric,
-                   batch_size: int = 16, progress: bool = False) -> float:
-    """The metric on ``examples`` (predictions batched, no perturbation; ``progress``: a bar on stderr)."""
-    return metric(predict_all(model, predictor, examples, batch_size, progress), references(examples))
-
-
-def evaluate_metrics(model: torch.nn.Module, predictor: Any, examples: Sequence[dict], metrics: Sequence[Metric],
-                     batch_size: int = 16, predict: Callable = predict_all) -> dict[str, float]:
-    """Each metric on ``examples``, by name, from one pass of predictions (``predict``: how they are made)."""
-    predictions, refs = predict(model, predictor, examples, batch_size), references(examples)
-    return {metric.name: metric(predictions, refs) for metric in metrics}
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors by name (tied weights once): what a tuned model adds to its base."""
-    seen: set[int] = set()
-    out = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            out[name] = p.detach().contiguous()
-    return out
-
-
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    atomic_write(path, lambda tmp: save_file(trainable_state(model), tmp))
-
-
-def weights_sha256(params: Iterable[torch.Tensor]) -> str:
-    """sha256 over the tensors' dtypes, shapes and bytes, in order: identifies the weights a trajectory must
-    be replayed onto."""
-    digest = hashlib.sha256()
-    for p in params:
-        t = p.detach().cpu().contiguous()
-        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def _trainable(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    return [p for p in params if p.requires_grad]
-
-
-def _optimizer_params(optimizer: MeZO) -> list[torch.Tensor]:
-    return _trainable(p for group in optimizer.param_groups for p in group["params"])
-
-
-def _canonical(data: Any) -> str:
-    """Compact JSON (json's fast C encoder), keys in insertion order: what a loaded file re-encodes to."""
-    return json.dumps(data, separators=(",", ":"))
-
-
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _chain(digest: str, lines: Iterable[str]) -> str:
-    """The running checksum of trajectory records: each line's sha256 taken over the previous checksum too,
-    so it covers every record, their order and their count, and extends by the new lines alone."""
-    for line in lines:
-        digest = _sha256(digest + line)
-    return digest
-
-
-def _head(run_dir: Path) -> dict | None:
-    path = Path(run_dir) / CHECKPOINT
-    return read_json(path) if path.exists() else None
-
-
-def save_checkpoint(run_dir: Path, optimizer: MeZO, step: int, base_sha256: str) -> None:
-    """Checkpoint the optimizer's first ``step`` trajectory records: append the records the checkpoint does
-    not hold yet to trajectory.jsonl, then write the head (trajectory.json) atomically. The head holds the
-    optimizer's settings, the records' count, byte length and running checksum, a sha256 of itself, the base
-    weights' checksum (:func:`weights_sha256`) and the run's id. A kill before the head is renamed into place
-    leaves the previous head, which covers a prefix of trajectory.jsonl: the bytes past it are ignored and
-    written over. Cost: the new records and the head, whatever the run's length."""
-    run_dir = Path(run_dir)
-    records = optimizer.trajectory
-    if len(records) < step:
-        raise ValueError(f"cannot checkpoint step {step}: the optimizer holds {len(records)} trajectory records")
-    head = _head(run_dir)
-    if head:
-        done, size, chain, previous, run = (head["records"][k] for k in ("count", "bytes", "sha256", "previous",
-                                                                          "run"))
-        if step < done or (done and _chain(previous, [_canonical(records[done - 1]) + "\n"]) != chain):
-            raise ValueError(f"cannot checkpoint step {step} in {run_dir}: its {CHECKPOINT} is of another run or "
-                             "a later step")
-    else:  # the first checkpoint: the run id of the folder's manifest (a zo-tune run) or a new one
-        done, size, chain, previous = 0, 0, "", ""
-        run = read_manifest(run_dir)["run"] if (run_dir / MANIFEST).exists() else uuid.uuid4().hex
-    lines = [_canonical(r) + "\n" for r in records[done:step]]
-    data = "".join(lines).encode()
-    path = run_dir / RECORDS
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(path, "r+b" if path.exists() else "wb") as f:
-        if f.seek(0, os.SEEK_END) < size:
-            raise ValueError(f"{path} is shorter than {run_dir / CHECKPOINT} says: it was cut")
-        f.seek(size)
-        f.write(data)
-        f.truncate()
-    trajectory, optimizer.trajectory = optimizer.trajectory, []  # the state without its records, in O(1)
-    try:
-        state = optimizer.state_dict()
-    finally:
-        optimizer.trajectory = trajectory
-    # an interrupted step (not logged yet) is left out: it reruns
-    state["mezo"]["num_perturbations_done"] -= sum(len(r["seeds"]) for r in records[step:])
-    del state["mezo"]["trajectory"]
-    if lines:  # the checksum before the last record too: the next checkpoint checks it continues this one
-        previous = _chain(chain, lines[:-1])
-        chain = _chain(previous, lines[-1:])
-    body = {"step": step, "optimizer": state, "records": {"count": step, "bytes": size + len(data), "run": run,
-                                                          "sha256": chain, "previous": previous}}
-    integrity = {"sha256": _sha256(_canonical(body)), "base_sha256": base_sha256}
-    write_json(run_dir / CHECKPOINT, {**body, "integrity": integrity})
-
-
-def _finite_numbers(values: Any, allow_none: bool = False) -> bool:
-    return isinstance(values, list) and all(
-        (v is None and allow_none) or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
-        for v in values)
-
-
-def _load(run_dir: Path) -> dict:
-    """The checkpoint as one ``{"step", "optimizer", "integrity"}`` dict (the optimizer state with its
-    trajectory), every check made but the base weights'; a ValueError saying what is wrong."""
-    head = read_json(Path(run_dir) / CHECKPOINT)
-    if not isinstance(head, dict) or not {"step", "optimizer"} <= set(head):
-        raise ValueError("is not a zo-objectives checkpoint (no step and optimizer)")
-    if not isinstance(head.get("integrity"), dict) or not isinstance(head.get("records"), dict):
-        raise ValueError("has no integrity record (an older version wrote it): start the run again")
-    try:
-        step, integrity, records = head["step"], head["integrity"], head["records"]
-        body = {k: head[k] for k in ("step", "optimizer", "records")}
-        if (_sha256(_canonical(body)) != integrity["sha256"] or not isinstance(records["run"], str)
-                or not isinstance(integrity["base_sha256"], str)):
-            raise ValueError("fails its sha256 checksum: it was changed or damaged after it was written")
-        if not (isinstance(step, int) and not isinstance(step, bool) and step == records["count"] >= 0):
-            raise ValueError(f"says step {step!r} but holds {records['count']!r} trajectory records")
-        path = Path(run_dir) / RECORDS
-        data = path.read_bytes() if path.exists() else b""
-        if len(data) < records["bytes"]:
-            raise ValueError(f"covers {records['bytes']} bytes of {RECORDS} but it holds {len(data)}: {path} "
-                             "was cut or deleted")
-        try:
-            lines = data[:records["bytes"]].decode().splitlines(keepends=True)
-        except UnicodeDecodeError:
-            lines = []
-        if (len(lines) != step or _chain("", lines) != records["sha256"]
-                or (step and _chain(records["previous"], lines[-1:]) != records["sha256"])):
-            raise ValueError(f"fails its sha256 checksum: {path} was changed, damaged or replaced")
-        trajectory = [json.loads(line) for line in lines]
-        for i, record in enumerate(trajectory):
-            if not (_finite_numbers(record["grads"], allow_none=True) and _finite_numbers(record["lrs"])
-                    and len(record["grads"]) == len(record["seeds"])):
-                raise ValueError(f"has a non-finite or malformed gradient or lr in trajectory record {i} "
-                                 f"(step {i + 1})")
-        optimizer = {**head["optimizer"], "mezo": {**head["optimizer"]["mezo"], "trajectory": trajectory}}
-    except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
-        raise ValueError(f"is malformed ({type(err).__name__}: {err})") from None
-    return {"step": step, "optimizer": optimizer, "integrity": integrity, "run": records["run"]}
-
-
-def load_checkpoint(run_dir: Path, base_sha256: str | None = None) -> dict:
-    """The run folder's checkpoint, checked (``base_sha256``: also that it was written for those base weights),
-    as ``{"step", "optimizer": a MeZO.state_dict(), "integrity"}``. A ValueError naming the file when it is
-    missing, damaged, truncated, cut from its records, or written for other base weights."""
-    path = Path(run_dir) / CHECKPOINT
-    if not path.exists():
-        raise ValueError(f"cannot resume: no {CHECKPOINT} in {run_dir}")
-    try:
-        saved = _load(run_dir)
-    except ValueError as err:
-        message = str(err)
-        raise ValueError(f"cannot resume: {'' if message.startswith(str(path)) else f'{path} '}{message}") from None
-    if base_sha256 is not None and saved["integrity"]["base_sha256"] != base_sha256:
-        raise ValueError(f"cannot resume: {path} was written for other base weights (another model, dtype, peft "
-                         "or set of trainable parameters; or a prefix adapter, whose start the model computes, "
-                         "started on another machine or by a version before prefixes started from real activations)")
-    return saved
-
-
-def resume(run_dir: Path, params: list) -> tuple[MeZO, int]:
-    """Check the run folder's checkpoint, replay it onto ``params`` (the base weights); return (optimizer,
-    next step). Raises ValueError naming the file when the checkpoint is damaged, was written for other
-    base weights, or would give non-finite weights."""
-    path = Path(run_dir) / CHECKPOINT
-    saved = load_checkpoint(run_dir, weights_sha256(_trainable(params)))
-    try:
-        optimizer = replay(params, saved["optimizer"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:  # RuntimeError: e.g. a step past float range
-        raise ValueError(f"cannot resume: {path} does not replay ({type(err).__name__}: {err})") from None
-    if not all(torch.isfinite(p).all() for p in _trainable(params)):
-        raise ValueError(f"cannot resume: replaying {path} gives non-finite weights")
-    return optimizer, saved["step"]
-
-
-def checked_log(path: Path, step: int) -> list[str]:
-    """The rows of steps 1..``step`` of a metrics.jsonl (a row per step, in order). Rows past ``step`` (logged
-    after the checkpoint by a killed run: they rerun) and a line torn by a kill are left out. A ValueError
-    naming the file when a row up to ``step`` is missing, repeated or unreadable."""
-    if not path.exists():
-        if step:
-            raise ValueError(f"{path} is missing: the checkpoint is at step {step}")
-        return []
-    try:
-        lines = path.read_bytes().decode().splitlines()
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path} is damaged (not UTF-8: {err})") from None
-    kept: list[str] = []
-    for number, line in enumerate(lines, 1):
-        if len(kept) == step:
-            break
-        try:
-            logged = json.loads(line)["step"]
-        except (json.JSONDecodeError, TypeError, KeyError):
-            raise ValueError(f"{path} line {number} is not a metrics row ({line[:40]!r}): it was damaged") from None
-        if logged != len(kept) + 1:
-            raise ValueError(f"{path} line {number} logs step {logged!r} after step {len(kept)}: rows are "
-                             f"{'repeated' if isinstance(logged, int) and logged <= len(kept) else 'missing'}")
-        kept.append(line + "\n")
-    if len(kept) < step:
-        raise ValueError(f"{path} ends at step {len(kept)} but the checkpoint is at step {step}: rows were cut")
-    return kept
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Keep the rows of steps up to ``step`` in a metrics.jsonl (:func:`checked_log`): a run killed after
-    logging a step but before checkpointing it logs the step again on resume."""
-    if path.exists():
-        kept = checked_log(path, step)
-        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
 
 
 class Stopped(KeyboardInterrupt):
@@ -335,30 +72,12 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-def _base_sha256(run_dir: Path, optimizer: MeZO, start_step: int) -> str:
-    """The base weights' checksum: of the weights now for a new run, else the checkpoint's it resumed from,
-    whose records must be the optimizer's (a ValueError otherwise, before anything is written)."""
-    head = _head(run_dir)
-    if start_step == 0:
-        if head:
-            raise ValueError(f"{run_dir} holds a run at step {head.get('step')} ({CHECKPOINT}): continue it with "
-                             "resume(), or train in an empty folder")
-        return weights_sha256(_optimizer_params(optimizer))
-    saved = load_checkpoint(run_dir) if head else {}
-    if saved.get("step") != start_step:
-        raise ValueError(f"cannot continue {run_dir} at step {start_step}: its {CHECKPOINT} is not at that step")
-    lines = (_canonical(r) + "\n" for r in optimizer.trajectory)
-    if _chain("", lines) != head["records"]["sha256"]:
-        raise ValueError(f"cannot continue {run_dir}: the optimizer's trajectory is not the one in its {RECORDS}")
-    return saved["integrity"]["base_sha256"]
-
-
-def train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, examples: Sequence[dict], *,
+def train(model: torch.nn.Module, optimizer: Estimator, objective: Objective, examples: Sequence[dict], *,
           steps: int, batch_size: int = 16, seed: int = 0, start_step: int | None = None,
           evaluate_fn: Callable[[], float | dict[str, float]] | None = None, eval_every: int = 0,
           run_dir: Path | None = None,
           checkpoint_every: int = 1, scheduler: Any = None, progress: bool = True) -> list[dict]:
-    """Run MeZO steps ``start_step..steps-1``; log each to ``run_dir/metrics.jsonl`` and checkpoint every
+    """Run estimator steps ``start_step..steps-1``; log each to ``run_dir/metrics.jsonl`` and checkpoint every
     ``checkpoint_every`` steps (0: only at evaluations), at evaluations and when stopped.
 
     ``steps`` is the total to reach; ``start_step`` (default: the steps the optimizer has taken, so a second
@@ -373,13 +92,14 @@ def train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, example
     past ``start_step`` are dropped first, so metrics.jsonl matches the checkpoint after any kill; a new run
     (``start_step`` 0) refuses a folder that holds a checkpoint. ``evaluate_fn`` returns the evaluation metric,
     or several by name (the first logged as ``"eval"``, all of them as ``"eval_metrics"``). With a
-    :class:`~zo_objectives.population.Population` optimizer the objective is wrapped in a PopulationObjective
-    (one loss per member) unless it has no predictor: it must then return one loss per member itself.
+    batched estimator (one whose ``members`` is set, e.g. a Population) the objective is wrapped in a
+    PopulationObjective (one loss per member) unless it has no predictor: it must then return one loss per member
+    itself.
     """
     if not (isinstance(checkpoint_every, int) and checkpoint_every >= 0):
         raise ValueError(f"checkpoint_every must be an int >= 0 (0: only at evaluations), got {checkpoint_every!r}")
     splittable = any(hasattr(objective, f) for f in ("predictor", "generator", "terms"))  # else: per member already
-    if isinstance(optimizer, Population) and splittable and not isinstance(objective, PopulationObjective):
+    if optimizer.members and splittable and not isinstance(objective, PopulationObjective):
         objective = PopulationObjective(objective, lambda: optimizer.members)  # one loss per member, one pass
     start_step = len(optimizer.trajectory) if start_step is None else start_step
     if len(optimizer.trajectory) != start_step:
@@ -395,7 +115,7 @@ def train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, example
                       checkpoint_every=checkpoint_every, scheduler=scheduler, progress=progress)
 
 
-def _train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, examples: Sequence[dict], *,
+def _train(model: torch.nn.Module, optimizer: Estimator, objective: Objective, examples: Sequence[dict], *,
            steps: int, batch_size: int, seed: int, start_step: int, evaluate_fn: Callable[[], float] | None,
            eval_every: int, run_dir: Path | None, checkpoint_every: int, scheduler: Any,
            progress: bool) -> list[dict]:
@@ -403,7 +123,7 @@ def _train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, exampl
     log, base, saved_step = None, "", start_step
     if run_dir:
         clean(Path(run_dir))  # temporaries a killed run left
-        base = _base_sha256(Path(run_dir), optimizer, start_step)
+        base = base_checksum(Path(run_dir), optimizer, start_step)
         truncate_log(Path(run_dir) / LOG, start_step)
         log = open(Path(run_dir) / LOG, "a")
     bar = tqdm(range(start_step, steps), desc="zo-tune", disable=not progress, dynamic_ncols=True)
@@ -458,16 +178,17 @@ def _train(model: torch.nn.Module, optimizer: MeZO, objective: Objective, exampl
     return history
 
 
-def check_run_folder(run_dir: Path) -> int:
-    """Check that a run folder's files belong together before it is resumed: config.json and eval.json as the
-    run wrote them (manifest.json), the checkpoint sound and this run's, metrics.jsonl a row for each step up
-    to it. Return the checkpoint's step; a ValueError naming the file otherwise."""
-    manifest = read_manifest(run_dir)
-    for name in (CONFIG, EVAL):
-        check_sealed(run_dir, name, manifest)
-    saved = load_checkpoint(run_dir)
-    if saved["run"] != manifest["run"]:
-        raise ValueError(f"cannot resume: {Path(run_dir) / CHECKPOINT} belongs to another run (its run id is not "
-                         f"the one in {MANIFEST}): it was copied in from another run folder")
-    checked_log(Path(run_dir) / LOG, saved["step"])
-    return saved["step"]
+def make_scheduler(optimizer: Optimizer, kind: str, total_steps: int,
+                   last_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """A constant, linear-decay or cosine-decay learning-rate schedule over ``total_steps``."""
+    if kind not in SCHEDULES:
+        raise ValueError(f"unknown schedule {kind!r}; accepted: {', '.join(SCHEDULES)}")
+    shapes = {"constant": lambda t: 1.0, "linear": lambda t: 1.0 - t,
+              "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * t))}
+    shape = shapes[kind]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: shape(min(step, total_steps) / total_steps))
+    with warnings.catch_warnings():  # fast-forwarding a resumed run steps the schedule before the optimizer
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(last_step):
+            scheduler.step()
+    return scheduler

@@ -1,12 +1,13 @@
-"""MeZO: the seeded zeroth-order (SPSA) estimator as a ``torch.optim.Optimizer``, exact in every dtype.
+"""The shared core of every estimator, and the registry that names them.
 
-One step per perturbation k: draw a seed, score the loss at x + eps*z and at x - eps*z, and move
-x <- x - lr*(g*z + wd*x) with g = (loss_plus - loss_minus) / (2*eps). The noise z is never stored: it is
-regenerated from (seed, tensor index, chunk) (:mod:`zo_objectives.noise`). The stored weights are never perturbed:
-the closure's forward passes see them perturbed through module hooks (:mod:`zo_objectives.perturb`), so a closure
-that raises, a NaN or a KeyboardInterrupt leaves them bitwise as they were. The only write is the update, which
-:class:`~zo_objectives.population.Population` shares; ``state_dict()`` holds the trajectory that
-:func:`zo_objectives.replay.replay` rebuilds the weights from.
+An estimator is a ``torch.optim.Optimizer`` whose ``step(closure)`` scores the objective under seeded
+perturbations and moves the weights along the same regenerated noise. What every estimator shares lives here, in
+:class:`Estimator`: the stream of seeds, the trajectory (one record per step: the seeds, the coefficient of each
+seed's noise, the learning rates), the update (the only write to the weights, whole or not at all, computed in fp32
+and stochastically rounded for bf16/fp16 weights: :func:`~zo_objectives.noise.chunk_update`), ``state_dict()`` and
+``replay_record``, which replays a record with the training arithmetic (bitwise). A subclass adds how a step scores
+and what coefficient each seed gets (:mod:`.mezo`, :mod:`.population`), and registers itself by name
+(:func:`register_estimator`), so a new estimator is one file.
 """
 
 from __future__ import annotations
@@ -18,31 +19,57 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from typing import ClassVar
 
 import torch
 from torch.optim import Optimizer
 
 from zo_objectives import fused
-from zo_objectives.noise import HALF, Noise, _eager_update, chunk_update, mix
-from zo_objectives.perturb import _Layout, _Perturbed
+from zo_objectives.noise import HALF, Noise, chunk_update, eager_update, mix
+from zo_objectives.step import in_step
 
 NONFINITE_POLICIES = ("raise", "skip")
-DIFFERENCES = ("central", "forward")
 UPDATES = ("sgd", "sign", "normalized")
 RMS_BETA = 0.99  # decay of the running mean square that "normalized" updates divide by
 SHAPINGS = ("none", "rank")
-SCHEDULES = ("constant", "linear", "cosine")
+NOISE_FIELDS = ("noise", "table_size", "chunk_size")  # the Noise settings a state holds (table_seed is the seed)
+
+ESTIMATORS: dict[str, type[Estimator]] = {}
 
 
-_STEP: ContextVar[tuple[int, int] | None] = ContextVar("zo_objectives_step", default=None)
+def register_estimator(name: str) -> Callable[[type[Estimator]], type[Estimator]]:
+    """Class decorator: register an :class:`Estimator` subclass under ``name`` (``--estimator NAME``, and the name
+    its ``state_dict()`` carries, by which :func:`estimator_from_state` finds it again)."""
+    def register(cls: type[Estimator]) -> type[Estimator]:
+        if not (isinstance(cls, type) and issubclass(cls, Estimator)):
+            raise TypeError(f"register_estimator({name!r}) takes an Estimator subclass, got {cls!r}")
+        if ESTIMATORS.get(name, cls).__qualname__ != cls.__qualname__:
+            raise ValueError(f"estimator {name!r} is already registered ({ESTIMATORS[name].__qualname__})")
+        ESTIMATORS[name] = cls
+        cls.name = name
+        return cls
+    return register
 
 
-def current_step() -> tuple[int, int] | None:
-    """(seed, index) of the MeZO step whose closure is running, None outside one. An objective keys by it what it
-    keeps for one step (a reward's sampled candidates), and sampling draws new numbers each step; the index is
-    the number of steps before (a resumed run replays its trajectory, so it counts on where it stopped)."""
-    return _STEP.get()
+def list_estimators() -> list[str]:
+    return sorted(ESTIMATORS)
+
+
+def get_estimator(name: str) -> type[Estimator]:
+    """The estimator class registered as ``name``; a ValueError naming the accepted ones otherwise."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {name!r}; accepted: {', '.join(list_estimators())}")
+    return ESTIMATORS[name]
+
+
+def estimator_from_state(state: dict) -> type[Estimator]:
+    """The class of the estimator whose ``state_dict()`` this is (states written before estimators carried their
+    name: a Population's by its ``population`` setting, else MeZO)."""
+    if not (isinstance(state, dict) and isinstance(state.get("mezo"), dict)):
+        raise TypeError("need an estimator's state_dict(), as MeZO.state_dict() returns (a dict with a 'mezo' "
+                        f"entry: the settings and the trajectory), got {type(state).__name__}")
+    saved = state["mezo"]
+    return get_estimator(saved.get("estimator") or ("population" if "population" in saved else "mezo"))
 
 
 @contextmanager
@@ -62,45 +89,43 @@ def signals_deferred():
             signal.raise_signal(s)
 
 
-class MeZO(Optimizer):
-    """Memory-efficient zeroth-order SGD (Malladi et al., 2023) as a ``torch.optim.Optimizer``.
-
-    Differs from a gradient optimizer: ``step(closure)`` calls the closure 2 * ``n_perturbations`` times
-    without gradients, and the closure must compute the loss through the modules' forward (the perturbed
-    weights exist only there; a tensor read directly is the unperturbed one). Put the model in ``eval()``
-    mode. ``state_dict()`` holds the trajectory; ``load_state_dict`` does not move the weights: use
-    :func:`~zo_objectives.replay.replay` on the base weights.
+class Estimator(Optimizer):
+    """The shared core: seeds, trajectory, update, ``state_dict()``. Subclasses implement ``step(closure)``, which
+    scores the perturbations of ``self.next_seeds(n)`` inside ``with self.in_step():`` and ends with
+    ``self.commit(seeds, coefficients, loss)``; a coefficient g_k moves the weights by ``-lr * g_k * z_k / n``.
 
     Args:
         params: parameters or param groups, as for any torch optimizer. Groups may set ``lr``,
             ``weight_decay`` and ``decay_1d`` (decay tensors with one dimension: biases and norm weights;
             off by default, as in MeZO).
-        lr: learning rate. eps: perturbation scale (one value for all groups); for a bf16 model 3e-3, where
-            the rounding of a forward pass swamps the loss differences of smaller ones (docs/half_precision.md).
-        weight_decay: decoupled weight decay. n_perturbations: SPSA estimates averaged per step.
-        seed: seeds the stream of step seeds. noise: "table" (default), "gaussian" or "rademacher".
+        lr: learning rate. eps: perturbation scale (one value for all groups).
+        weight_decay: decoupled weight decay. seed: seeds the stream of step seeds.
+        noise: "table" (default), "gaussian" or "rademacher".
         table_size, chunk_size: values in the noise table, and elements per chunk of every pass over a tensor
             (the bound on its buffers). Default 2^22 and 2^18, or 2^25 and 2^24 when the parameters are on a GPU,
-            where each chunk's kernel launches dominate (a 1.1B model's step: 2.8 x two forward passes instead of
-            18.5, BENCHMARKS.md). A checkpoint keeps them, so replay draws the same noise on any device.
-        difference: "central" (losses at x +- eps z) or "forward" (x and x + eps z).
+            where each chunk's kernel launches dominate. A checkpoint keeps them, so replay draws the same noise on
+            any device.
         update: "sgd" (move by g), "sign" (experimental: move by sign(g)) or "normalized" (move by g divided by
             the running root mean square of the estimates so far, bias-corrected as in Adam: the step length no
             longer depends on the scale of the loss, so one lr suits objectives on different scales).
-        fitness_shaping: "none" or "rank" (experimental): replace the 2n losses of a step by their centered
+        fitness_shaping: "none" or "rank" (experimental): replace the losses of a step by their centered
             ranks (as evolution strategies do), robust to the scale and outliers of a reward. The estimate is
-            then the rank difference itself, in [-1, 1], not divided by eps: scale-free like ``update="sign"``,
-            so the lr is the largest step (zo-tune's default for it: 1e-4, as for sign and normalized updates).
+            then the rank difference itself, in [-1, 1], not divided by eps.
         momentum, momentum_window: (experimental) heavy-ball momentum without a buffer: each step also moves by
             momentum**lag times the estimates of the previous ``momentum_window - 1`` steps, regenerated from
             their seeds.
         on_nonfinite: "raise" or "skip" (warn and leave the weights unchanged) on a NaN/inf loss.
     """
 
+    name: ClassVar[str] = ""  # set by register_estimator
+    # the keyword arguments config() stores and from_config() passes back (besides the noise's)
+    settings: ClassVar[tuple[str, ...]] = ("eps", "seed", "update", "fitness_shaping")
+    members: int | None = None  # set when the closure must return one loss per member (a batched population)
+    difference = "central"  # how a pair of losses makes an estimate (MeZO may score x and x + eps z instead)
+
     def __init__(self, params: Iterable, *, lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0,
-                 n_perturbations: int = 1, seed: int = 0, noise: str = "table", table_size: int | None = None,
-                 chunk_size: int | None = None, difference: str = "central", update: str = "sgd",
-                 fitness_shaping: str = "none", momentum: float = 0.0, momentum_window: int = 0,
+                 seed: int = 0, noise: str = "table", table_size: int | None = None, chunk_size: int | None = None,
+                 update: str = "sgd", fitness_shaping: str = "none", momentum: float = 0.0, momentum_window: int = 0,
                  on_nonfinite: str = "raise"):
         for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay), ("momentum", momentum)):
             if not (isinstance(value, (int, float)) and math.isfinite(value)):
@@ -111,19 +136,15 @@ class MeZO(Optimizer):
             raise ValueError(f"eps must be > 0, got {eps}")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if not (isinstance(n_perturbations, int) and n_perturbations >= 1):
-            raise ValueError(f"n_perturbations must be an int >= 1, got {n_perturbations!r}")
         if not 0.0 <= momentum < 1.0 or momentum_window < 0 or (momentum > 0) != (momentum_window > 1):
             raise ValueError(f"momentum must be in [0, 1) with momentum_window > 1 (or 0 and 0), got {momentum}, "
                              f"{momentum_window}")
-        for name, value, accepted in (("difference", difference, DIFFERENCES), ("update", update, UPDATES),
-                                      ("fitness_shaping", fitness_shaping, SHAPINGS),
+        for name, value, accepted in (("update", update, UPDATES), ("fitness_shaping", fitness_shaping, SHAPINGS),
                                       ("on_nonfinite", on_nonfinite, NONFINITE_POLICIES)):
             if value not in accepted:
                 raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(accepted)}")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, decay_1d=False))
-        self.eps, self.n_perturbations, self.seed = eps, n_perturbations, seed
-        self.difference, self.update, self.on_nonfinite = difference, update, on_nonfinite
+        self.eps, self.seed, self.update, self.on_nonfinite = eps, seed, update, on_nonfinite
         self.fitness_shaping, self.momentum, self.momentum_window = fitness_shaping, momentum, momentum_window
         # Each chunk of a pass costs a few kernel launches: on a GPU, fewer and larger chunks (and a table to match)
         on_gpu = any(p.is_cuda for group in self.param_groups for p in group["params"])
@@ -131,15 +152,17 @@ class MeZO(Optimizer):
                            chunk_size=chunk_size or (1 << 24 if on_gpu else 1 << 18))
         self.num_perturbations_done = 0
         self.trajectory: list[dict] = []
-        self._warned_training = self._warned_unused = False
+        self.warned_training = False
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         for p in self.param_groups[-1]["params"]:
             if not p.is_contiguous():
-                raise ValueError("MeZO needs contiguous parameters; call .contiguous() on the model first")
+                raise ValueError(f"{type(self).__name__} needs contiguous parameters; call .contiguous() on the "
+                                 "model first")
 
-    def _params(self) -> Iterator[tuple[int, torch.Tensor, dict]]:
+    def trainable(self) -> Iterator[tuple[int, torch.Tensor, dict]]:
+        """(index, tensor, group) of each trainable tensor; the index counts every tensor of the groups."""
         index = 0
         for group in self.param_groups:
             for p in group["params"]:
@@ -147,73 +170,24 @@ class MeZO(Optimizer):
                     yield index, p, group
                 index += 1
 
-    def _score(self, closure: Callable[[], float], seed: int, scale: float | None,
-               layout: _Layout | None = None) -> float:
-        """The closure's loss, with the weights perturbed by scale*eps*z inside every forward (none if None);
-        ``layout``: the step's (see :class:`_Layout`)."""
-        with torch.no_grad():
-            if scale is None:
-                return float(closure())
-            with _Perturbed(self, seed, scale, layout) as perturbed:
-                loss = float(closure())
-        missed = len(perturbed.targets) - len(perturbed.seen)
-        if perturbed.seen and missed and not self._warned_unused:
-            self._warned_unused = True
-            warnings.warn(f"MeZO: {missed} of {len(perturbed.targets)} trainable tensors were not used by any "
-                          "module's forward in the closure (unused, or read directly): their estimates are noise. "
-                          "Freeze them, or compute the loss through the model's forward", stacklevel=3)
-        return loss
-
     def step(self, closure: Callable[[], float | torch.Tensor]) -> float:  # type: ignore[override]
-        """Run ``n_perturbations`` SPSA estimates and update; return the mean loss seen.
+        raise NotImplementedError
 
-        The weights are written only by the final update, so a closure that raises (KeyboardInterrupt
-        included) or a non-finite loss leaves them bitwise unchanged, and the step's seeds are not used up.
-        """
-        if closure is None:
-            raise ValueError("MeZO.step needs a closure that returns the loss to minimize")
-        seeds = self._seeds()
-        pairs: list[tuple[float, float]] = []
-        layout = self._layout()
-        with self._in_step():
-            for seed in seeds:
-                if self.difference == "forward":
-                    minus = self._score(closure, seed, None)
-                    plus = self._score(closure, seed, 1.0, layout)
-                else:
-                    plus = self._score(closure, seed, 1.0, layout)
-                    minus = self._score(closure, seed, -1.0, layout)
-                pairs.append((plus, minus))
-        return self._update(seeds, pairs, sum(map(sum, pairs)) / (2 * len(seeds)), layout.z)
-
-    def _layout(self) -> _Layout:
-        """Where the step's closure calls find each module's work: the last step's layout while it still fits the
-        trainable tensors and the modules (walking the modules again each step costs as much as a layer's add)."""
-        layout = getattr(self, "_layout_kept", None)
-        if layout is None or not layout.fits(self):
-            layout = self._layout_kept = _Layout(self)
-        else:
-            layout.new_step()
-        return layout
+    def next_seeds(self, count: int) -> list[int]:
+        """The seeds of the step's ``count`` perturbations: the next ones of the stream."""
+        return [mix(self.seed, self.num_perturbations_done + k) for k in range(count)]
 
     @contextmanager
-    def _in_step(self) -> Iterator[None]:
-        """While the step's closure calls run: :func:`current_step` says which step it is."""
-        token = _STEP.set((self.seed, len(self.trajectory)))
-        try:
+    def in_step(self) -> Iterator[None]:
+        """While the step's closure calls run: :func:`zo_objectives.step.current_step` says which step it is."""
+        with in_step(self.seed, len(self.trajectory)):
             yield
-        finally:
-            _STEP.reset(token)
 
-    def _seeds(self) -> list[int]:
-        """The seeds of the step's ``n_perturbations`` estimates: the next ones of the stream."""
-        return [mix(self.seed, self.num_perturbations_done + k) for k in range(self.n_perturbations)]
-
-    def _update(self, seeds: list[int], pairs: list[tuple[float, float]], loss: float,
-                kept: dict[tuple[int, int], torch.Tensor] | None = None) -> float:
-        """Update from the (plus, minus) losses of the estimates ``seeds``; return ``loss``, the step's mean.
-        ``kept``: z already made by the step's closure calls, (seed, index) -> z (see :meth:`_move`)."""
-        grads = self._projected_grads(pairs)
+    def commit(self, seeds: list[int], grads: list[float | None], loss: float,
+               kept: dict[tuple[int, int], torch.Tensor] | None = None) -> float:
+        """Record the step (seed k's noise moves the weights by ``-lr * grads[k] / len(seeds)``; None: skipped)
+        and update; return ``loss``, the step's mean. ``kept``: z already made by the closure calls (see
+        :meth:`_move`)."""
         record = {"seeds": seeds, "grads": grads, "loss": loss, "lrs": [g["lr"] for g in self.param_groups]}
         if self.update == "normalized":
             record["grads"], record["second_moment"] = self._normalized(grads)
@@ -235,7 +209,7 @@ class MeZO(Optimizer):
         terms = self._terms(record)
         with signals_deferred():
             moving = []
-            for index, p, group in self._params():
+            for index, p, group in self.trainable():
                 lr = group["lr"]
                 wd = group["weight_decay"] if (p.ndim >= 2 or group["decay_1d"]) else 0.0
                 if lr and (terms or wd):  # else nothing moves: the weights stay bitwise as they are
@@ -261,7 +235,7 @@ class MeZO(Optimizer):
                 continue
             flat = p.detach().view(-1)
             if half and p.device not in buffers:
-                size = min(c, max(q.numel() for _, q, _ in self._params()))
+                size = min(c, max(q.numel() for _, q, _ in self.trainable()))
                 buffers[p.device] = torch.empty(size, device=p.device, dtype=torch.float32)
             # z as fp32 values on the CPU, where adding a half tensor to an fp32 one is a slow mixed-dtype
             # kernel; on a GPU reading half the bytes is faster and the sum is the same
@@ -272,7 +246,7 @@ class MeZO(Optimizer):
                 chunk, zs = flat[start:start + c], [next(stream)[1] for stream in streams]
                 bits = self.noise.rounding_bits(seed, index, k, chunk.numel(), chunk.device) if half else None
                 if half and len(zs) == 1 and flat.is_cuda:  # one kernel in place of five, the same values
-                    if fused.update(chunk, zs[0], bits, decay, -lr * terms[0][1], _eager_update):
+                    if fused.update(chunk, zs[0], bits, decay, -lr * terms[0][1], eager_update):
                         continue
                 with chunk_update(chunk, decay, bits, buffers.get(p.device)) as acc:
                     for z, (_, coeff) in zip(zs, terms):
@@ -288,7 +262,7 @@ class MeZO(Optimizer):
                 zs = [self.noise.one_chunk(term_seed, index, p) if z is None else z for z, (index, p) in zip(zs, items)]
                 torch._foreach_add_(weights, zs, alpha=-lr * coeff)
 
-    def _projected_grads(self, pairs: list[tuple[float, float]]) -> list[float | None]:
+    def spsa_grads(self, pairs: list[tuple[float, float]]) -> list[float | None]:
         """(plus - minus) / (2 eps) per perturbation (eps for forward differences); when shaping, the difference
         of the centered ranks (in [-1, 1]: ranks have no scale for eps to divide)."""
         scale = 1.0 if self.fitness_shaping == "rank" else self.eps if self.difference == "forward" else 2 * self.eps
@@ -339,33 +313,31 @@ class MeZO(Optimizer):
 
     def config(self) -> dict:
         """Everything besides the weights and the trajectory that a replay needs."""
-        return {"eps": self.eps, "n_perturbations": self.n_perturbations, "seed": self.seed,
-                "difference": self.difference, "update": self.update, "fitness_shaping": self.fitness_shaping,
-                "momentum": self.momentum, "momentum_window": self.momentum_window, **self.noise.config()}
+        return {**{k: getattr(self, k) for k in self.settings}, **self.noise.config()}
 
     @classmethod
-    def from_config(cls, params: Iterable, config: dict) -> MeZO:
-        """An optimizer over ``params`` with the settings of :meth:`config` (as a state_dict holds them)."""
-        keys = ("eps", "n_perturbations", "seed", "difference", "update", "fitness_shaping", "momentum",
-                "momentum_window", "noise", "table_size", "chunk_size")
-        return cls(params, **{k: config[k] for k in keys})
+    def from_config(cls, params: Iterable, config: dict) -> Estimator:
+        """An estimator over ``params`` with the settings of :meth:`config` (as a state_dict holds them)."""
+        return cls(params, **{k: config[k] for k in cls.settings + NOISE_FIELDS})
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["mezo"] = {**self.config(), "num_perturbations_done": self.num_perturbations_done,
+        state["mezo"] = {"estimator": self.name, **self.config(), "num_perturbations_done": self.num_perturbations_done,
                          "params": describe_params(p for group in self.param_groups for p in group["params"]),
                          "trajectory": [dict(r) for r in self.trajectory]}
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
         state_dict = dict(state_dict)
-        mezo = state_dict.pop("mezo")
-        mismatched = {k: (v, mezo[k]) for k, v in self.config().items() if mezo.get(k) != v}
+        saved = state_dict.pop("mezo")
+        if estimator_from_state({"mezo": saved}) is not type(self):
+            raise ValueError(f"the state is of estimator {saved.get('estimator')!r}, not {self.name!r}")
+        mismatched = {k: (v, saved.get(k)) for k, v in self.config().items() if saved.get(k) != v}
         if mismatched:
             raise ValueError(f"optimizer settings differ from the checkpoint's (now, saved): {mismatched}")
         super().load_state_dict(state_dict)
-        self.num_perturbations_done = mezo["num_perturbations_done"]
-        self.trajectory = [dict(r) for r in mezo["trajectory"]]
+        self.num_perturbations_done = saved["num_perturbations_done"]
+        self.trajectory = [dict(r) for r in saved["trajectory"]]
 
     def replay_record(self, record: dict) -> None:
         """Apply one trajectory record to the weights with the same arithmetic as training (bitwise)."""
@@ -377,19 +349,3 @@ class MeZO(Optimizer):
 def describe_params(params: Iterable[torch.Tensor]) -> list[list]:
     """[dtype, shape] of each parameter: what replay checks the parameters it is given against."""
     return [[str(p.dtype).removeprefix("torch."), list(p.shape)] for p in params]
-
-
-def make_scheduler(optimizer: Optimizer, kind: str, total_steps: int,
-                   last_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
-    """A constant, linear-decay or cosine-decay learning-rate schedule over ``total_steps``."""
-    if kind not in SCHEDULES:
-        raise ValueError(f"unknown schedule {kind!r}; accepted: {', '.join(SCHEDULES)}")
-    shapes = {"constant": lambda t: 1.0, "linear": lambda t: 1.0 - t,
-              "cosine": lambda t: 0.5 * (1.0 + math.cos(math.pi * t))}
-    shape = shapes[kind]
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: shape(min(step, total_steps) / total_steps))
-    with warnings.catch_warnings():  # fast-forwarding a resumed run steps the schedule before the optimizer
-        warnings.simplefilter("ignore", UserWarning)
-        for _ in range(last_step):
-            scheduler.step()
-    return scheduler

@@ -5,7 +5,7 @@ by ``+eps * A_k B_k^T / sqrt(r)`` and member 2k+1 by its negative, with A_k (out
 from (the pair's seed, the tensor's index) by the same :class:`~zo_objectives.noise.Noise` MeZO uses (unit
 variance per entry of A B^T / sqrt(r)); vectors (norms, biases) get full-rank noise z_k, as in MeZO. The closure
 scores all members at once, on the batch repeated once per member with the rows grouped by member: forward hooks
-add each member's perturbation to its rows only (:class:`~zo_objectives.perturb._Members`), and the weights are
+add each member's perturbation to its rows only (:class:`~zo_objectives.estimators.hooks.Members`), and the weights are
 never written while scoring: a closure that raises leaves them bitwise unchanged.
 
 The update, the only write, is the low-rank sum of the pairs' estimates g_k = (loss_2k - loss_2k+1) / (2 eps), as
@@ -18,7 +18,6 @@ across ranks; each rank scores its members on the whole batch and only the losse
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -29,28 +28,31 @@ import torch
 import torch.distributed as dist
 
 from zo_objectives import distributed
+from zo_objectives.estimators.base import Estimator, register_estimator
+from zo_objectives.estimators.hooks import Members
 from zo_objectives.noise import HALF, chunk_update
-from zo_objectives.objectives import Objective
-from zo_objectives.optimizer import MeZO
-from zo_objectives.perturb import _Members
 
 EXCHANGE_TIMEOUT = timedelta(seconds=60)  # a rank that stops answering stops the others within this
 
 
-class Population(MeZO):
+@register_estimator("population")
+class Population(Estimator):
     """Evolution strategies with low-rank perturbations (EGGROLL, 2025), all members scored in one batched pass.
 
-    ``step(closure)`` calls the closure once, with the weights perturbed per row block (:mod:`zo_objectives.perturb`);
-    the closure returns one loss per member (:attr:`members` of them: all of ``population`` in one process, this
+    ``step(closure)`` calls the closure once, with the weights perturbed per row block (:mod:`.hooks`); the
+    closure returns one loss per member (:attr:`members` of them: all of ``population`` in one process, this
     rank's share under torchrun), for the batch repeated once per member with the rows grouped by member
-    (:class:`PopulationObjective` does this for the objectives of this package). The model must be in ``eval()``.
-    Settings as MeZO's (``eps`` is sigma, the perturbation scale), plus:
+    (:class:`~zo_objectives.objectives.PopulationObjective` does this for the objectives of this package). The
+    model must be in ``eval()``. Settings as :class:`~.base.Estimator`'s (``eps`` is sigma, the perturbation
+    scale), plus:
 
     Args:
         population: members per step, an even number (antithetic pairs); under torchrun a multiple of
             2 * world size.
         perturbation_rank: r, the rank of each member's perturbation of a matrix.
     """
+
+    settings = ("eps", "population", "perturbation_rank", "seed", "update", "fitness_shaping")
 
     def __init__(self, params: Iterable, *, lr: float = 1e-5, eps: float = 1e-3, population: int = 8,
                  perturbation_rank: int = 1, weight_decay: float = 0.0, seed: int = 0, noise: str = "table",
@@ -66,22 +68,22 @@ class Population(MeZO):
         if population % (2 * world):
             raise ValueError(f"population {population} does not split into pairs over {world} ranks: use a "
                              f"multiple of {2 * world}")
-        super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, n_perturbations=population // 2,
-                         seed=seed, noise=noise, table_size=table_size, chunk_size=chunk_size, update=update,
-                         fitness_shaping=fitness_shaping, on_nonfinite=on_nonfinite)
+        super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, noise=noise,
+                         table_size=table_size, chunk_size=chunk_size, update=update, fitness_shaping=fitness_shaping,
+                         on_nonfinite=on_nonfinite)
         self.population, self.perturbation_rank = population, perturbation_rank
         self.members = population // world
         self._reported = False
 
-    def _factor_shape(self, p: torch.Tensor) -> tuple[int, int]:
+    def factor_shape(self, p: torch.Tensor) -> tuple[int, int]:
         """(rows, columns) of A and B for a matrix (viewed as (shape[0], rest)); (n, 0) for a vector."""
         return (p.shape[0], p.numel() // p.shape[0]) if p.ndim >= 2 else (p.numel(), 0)
 
-    def _factors(self, seed: int, index: int, p: torch.Tensor,
-                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def factors(self, seed: int, index: int, p: torch.Tensor,
+                out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """fp32 (A (out, r), B (in, r)) of a matrix, (z (n, 1), None) of a vector: views of ``out`` (their values
         one after the other) when given."""
-        (rows, cols), r = self._factor_shape(p), self.perturbation_rank
+        (rows, cols), r = self.factor_shape(p), self.perturbation_rank
         values = torch.empty((rows + cols) * r if cols else rows, device=p.device) if out is None else out
         for where, z in self.noise.chunks(seed, index, values):
             values[where] = z
@@ -91,7 +93,7 @@ class Population(MeZO):
 
     def score(self, closure: Callable[[], Any], seeds: Sequence[int]) -> list[float]:
         """The closure's losses, one per member of the pairs ``seeds``, with no weight written."""
-        with torch.no_grad(), _Members(self, seeds):
+        with torch.no_grad(), Members(self, seeds):
             losses = closure()
         losses = [float(v) for v in (losses.reshape(-1).tolist() if isinstance(losses, torch.Tensor) else losses)]
         if len(losses) != 2 * len(seeds):
@@ -103,27 +105,27 @@ class Population(MeZO):
         """Score the population, update; return the mean loss. A closure that raises leaves the weights as they were."""
         if closure is None:
             raise ValueError("Population.step needs a closure that returns one loss per member")
-        seeds = self._seeds()
+        seeds = self.next_seeds(self.population // 2)
         mine = seeds[distributed.rank() * self.members // 2:][: self.members // 2]  # this rank's pairs
-        with self._in_step():
+        with self.in_step():
             losses = exchange_losses(self.score(closure, mine))
         if not self._reported and distributed.world_size() > 1:
             self._reported = True
             if distributed.is_main():
                 print(f"population: {exchange_bytes(self)} bytes sent per rank per step (a gradient all-reduce "
                       f"would send {allreduce_bytes(self)})", file=sys.stderr)
-        return self._update(seeds, list(zip(losses[0::2], losses[1::2])), sum(losses) / len(losses))
+        return self.commit(seeds, self.spsa_grads(list(zip(losses[0::2], losses[1::2]))), sum(losses) / len(losses))
 
     def _move(self, moving: list[tuple[int, torch.Tensor, float, float]], terms: list[tuple[int, float]],
               seed: int, kept: dict) -> None:
-        """The writes of :meth:`MeZO._apply`, low-rank: per block of a tensor's rows, ``rows.addmm_(A_stack,
+        """The writes of :meth:`Estimator._apply`, low-rank: per block of a tensor's rows, ``rows.addmm_(A_stack,
         (B_stack * c).T)`` with c_k = coeff_k / sqrt(r), by :func:`chunk_update` (in fp32, stochastically rounded,
         for half-precision weights)."""
         for index, p, lr, wd in moving:
             matrix = p.detach().view(p.shape[0], -1) if p.ndim >= 2 else p.detach().view(-1, 1)
             a = b = None
             if terms:
-                factors = [self._factors(term_seed, index, p) for term_seed, _ in terms]
+                factors = [self.factors(term_seed, index, p) for term_seed, _ in terms]
                 coeff = torch.tensor([c for _, c in terms], device=p.device)
                 if p.ndim >= 2:  # A (out, terms*r) @ (B (in, terms*r) * c).T
                     r = self.perturbation_rank
@@ -140,22 +142,13 @@ class Population(MeZO):
                     if a is not None:
                         acc.addmm_(a[start:start + step_rows].to(acc.dtype), b.T.to(acc.dtype), alpha=-lr)
 
-    def config(self) -> dict:
-        return {**super().config(), "population": self.population, "perturbation_rank": self.perturbation_rank}
-
-    @classmethod
-    def from_config(cls, params: Iterable, config: dict) -> Population:
-        keys = ("eps", "population", "perturbation_rank", "seed", "update", "fitness_shaping", "noise", "table_size",
-                "chunk_size")
-        return cls(params, **{k: config[k] for k in keys})
-
 
 def exchange_losses(losses: list[float]) -> list[float]:
     """Every rank's member losses, in member order, on every rank (one all_gather of float64 numbers; ``losses``
     in one process). A rank that stopped makes the others raise within EXCHANGE_TIMEOUT, naming it."""
     if distributed.world_size() == 1:
         return losses
-    device = distributed._device()
+    device = distributed.device()
     mine = torch.tensor(losses, dtype=torch.float64, device=device)
     parts = [torch.empty(len(losses), dtype=torch.float64, device=device) for _ in range(distributed.world_size())]
     try:
@@ -176,90 +169,5 @@ def exchange_bytes(opt: Population) -> int:
 def allreduce_bytes(opt: Population) -> int:
     """Bytes one rank would send per step to all-reduce an fp32 gradient of the trainable weights (a ring)."""
     world = distributed.world_size()
-    numel = sum(p.numel() for _, p, _ in opt._params())
+    numel = sum(p.numel() for _, p, _ in opt.trainable())
     return int(2 * (world - 1) / world * numel * 4)
-
-
-class _Shared:
-    """One pass for all members: a predictor's passes (``_forward``, ``candidate_scores``, ``generate``) run on the
-    arguments repeated once per member, rows grouped by member, and are split; each member reads its part."""
-
-    PASSES = ("_forward", "candidate_scores", "generate")
-
-    def __init__(self, predictor: Any, members: int):
-        self.predictor, self.members = predictor, members
-        self.shared = copy.copy(predictor)
-        self.shared.members = members
-        self.results: dict[tuple, list] = {}
-
-    def view(self, member: int) -> Any:
-        """The predictor as member ``member`` sees it."""
-        view = copy.copy(self.predictor)
-        for name in self.PASSES:
-            if hasattr(view, name):
-                setattr(view, name, self._pass(name, member))
-        return view
-
-    def _pass(self, name: str, member: int) -> Callable:
-        def run(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-            key = (name, repr(args), repr(sorted(kwargs.items())))
-            if key not in self.results:
-                n = self.members
-                repeated = [a * n if isinstance(a, list | tuple) else a for a in args]
-                out = getattr(type(self.predictor), name)(self.shared, model, *repeated, **kwargs)
-                per = len(out) // n
-                self.results[key] = [out[m * per:(m + 1) * per] for m in range(n)]
-            return self.results[key][member]
-        return run
-
-
-PREDICTOR_FIELDS = ("predictor", "generator")
-
-
-class PopulationObjective(Objective):
-    """``objective`` scored for every member in one pass: returns one loss per member.
-
-    ``members`` is the count (or a function returning it, e.g. ``lambda: optimizer.members``). The objective's
-    predictor runs its passes once on the batch repeated once per member (rows grouped by member, as
-    :class:`Population` expects); then the objective is computed for each member from that member's part, so
-    any objective built on a predictor (metric, cross-entropy, reward, weighted sums of them) works unchanged.
-    Generation decodes all members' completions in one ``generate`` call; sampled completions draw different
-    random numbers per member (the rows of one call), not the same as MeZO's two sides share. Caches an
-    objective keeps between calls (a batch's candidates) are those the first member built.
-    """
-
-    def __init__(self, objective: Any, members: int | Callable[[], int]):
-        self.objective, self._members = objective, members
-        self.name = getattr(objective, "name", type(objective).__name__)
-
-    def __getattr__(self, name: str) -> Any:  # greater_is_better, last_means, ... of the wrapped objective
-        if name == "objective":
-            raise AttributeError(name)
-        return getattr(self.objective, name)
-
-    def __call__(self, model: torch.nn.Module, batch: Sequence[dict]) -> list[float]:
-        n = self._members() if callable(self._members) else self._members
-        shared: dict[int, _Shared] = {}
-        return [float(self._member(self.objective, model, batch, n, m, shared)) for m in range(n)]
-
-    def _member(self, objective: Any, model: torch.nn.Module, batch: Sequence[dict], n: int, m: int,
-                shared: dict) -> float:
-        terms = getattr(objective, "terms", None)
-        if terms is not None:  # a WeightedSum
-            return sum(w * self._member(o, model, batch, n, m, shared) for w, o in terms)
-        field = next((f for f in PREDICTOR_FIELDS if hasattr(objective, f)), None)
-        if field is None:
-            raise TypeError(f"PopulationObjective needs an objective that scores through a predictor (metric, "
-                            f"cross-entropy, reward); {type(objective).__name__} has none: write a closure that "
-                            "returns one loss per member")
-        predictor = getattr(objective, field)
-        view = shared.setdefault(id(predictor), _Shared(predictor, n)).view(m)
-        mine = copy.copy(objective)
-        setattr(mine, field, view)
-        loss = mine(model, batch)
-        kept = {k: v for k, v in vars(mine).items() if k != field}
-        vars(objective).update(kept)  # caches (a batch's candidates) and last_means: the next member reads them
-        return loss
-
-    def __repr__(self) -> str:
-        return f"PopulationObjective({self.objective!r})"

@@ -1,9 +1,9 @@
 """Perturbing inside the forward: what both estimators' closures see, with the stored weights never written.
 
-While a closure runs under :class:`_Perturbed` (MeZO) or :class:`_Members` (populations), process-wide module hooks
+While a closure runs under :class:`Perturbed` (MeZO) or :class:`Members` (populations), process-wide module hooks
 show each module's forward its trainable weights perturbed, and put the stored ones back when it returns. The
 weights themselves are never written while scoring: a closure that raises, a NaN or a KeyboardInterrupt leaves them
-bitwise as they were (:class:`_Hooks` puts back whatever is still swapped when the block ends).
+bitwise as they were (:class:`Hooks` puts back whatever is still swapped when the block ends).
 
 MeZO: each module's forward sees its trainable weights as a fresh tensor w + eps*z (built chunk by chunk from the
 regenerated noise, dropped when the module returns; an embedding and an LM head get the perturbation added to their
@@ -26,27 +26,47 @@ from __future__ import annotations
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple, Protocol
 
 import torch
 from torch.nn.modules import module as nn_module
 
-if TYPE_CHECKING:
-    from zo_objectives.optimizer import MeZO
-    from zo_objectives.population import Population
+from zo_objectives.noise import Noise
+
+
+class Perturbing(Protocol):
+    """What the hooks ask of an estimator (:class:`~zo_objectives.estimators.base.Estimator` has it all)."""
+
+    noise: Noise
+    eps: float
+    warned_training: bool  # the dropout warning is given once per estimator
+
+    def trainable(self) -> Iterator[tuple[int, torch.Tensor, dict]]:
+        """(index, tensor, its param group) of every trainable tensor, the index counting all tensors."""
+
+
+class LowRank(Perturbing, Protocol):
+    """What :class:`Members` asks of a population estimator: each member's factors of each tensor."""
+
+    perturbation_rank: int
+
+    def factor_shape(self, p: torch.Tensor) -> tuple[int, int]: ...
+
+    def factors(self, seed: int, index: int, p: torch.Tensor,
+                out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]: ...
 
 # modules whose functional form checks the weight's shape: a weight per row of input cannot stand in for theirs
 SHAPE_CHECKED = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm, torch.nn.modules.batchnorm._NormBase)
 CACHE_SHARE = 0.02  # factors kept between the forwards of one scoring, as a share of the trainable values
 
 
-class _Hooks:
+class Hooks:
     """While active (``with``), a subclass's ``_pre`` runs before every module's forward and its ``_post`` after it
     (even when the forward raises), through process-wide module hooks. A weight swapped in with :meth:`_put` is put
     back when its module returns, and at the latest when the block ends (a KeyboardInterrupt skips the hooks)."""
 
-    def __init__(self, opt: MeZO, targets: dict[int, int]):
+    def __init__(self, opt: Perturbing, targets: dict[int, int]):
         self.opt, self.targets = opt, targets  # targets: id(trainable tensor) -> its index
         self.swapped: dict[int, list] = {}  # id(module) -> [(module, name, original)] put back when it returns
 
@@ -63,7 +83,7 @@ class _Hooks:
         for sub, name, p in self.swapped.pop(key, ()):
             sub._parameters[name] = p
 
-    def __enter__(self) -> _Hooks:
+    def __enter__(self) -> Hooks:
         self.handles = [nn_module.register_module_forward_pre_hook(self._pre),
                         nn_module.register_module_forward_hook(self._post, always_call=True)]
         return self
@@ -90,9 +110,9 @@ def _normal_no_grad(build: Callable[[], dict]) -> dict:
 
 
 def _by_output_kind(module: torch.nn.Module, name: str, p: torch.Tensor) -> bool:
-    """Whether a weight may be perturbed through its module's output (table noise; see :class:`_Perturbed`)."""
+    """Whether a weight may be perturbed through its module's output (table noise; see :class:`Perturbed`)."""
     return name == "weight" and (type(module) is torch.nn.Embedding or (
-        type(module) is torch.nn.Linear and p.numel() >= _Perturbed.BY_OUTPUT))
+        type(module) is torch.nn.Linear and p.numel() >= Perturbed.BY_OUTPUT))
 
 
 class _Flats(dict):
@@ -118,7 +138,7 @@ class _Group(NamedTuple):
     members: dict[int, tuple]  # the same modules -> their entries, put back when the entry returns
 
 
-class _Layout:
+class Layout:
     """What the hooks need to know of each module, found on a module's first forward (for it and every module
     under it) instead of at every forward, and kept by the optimizer from step to step while :meth:`fits` (the
     same trainable tensors, no parameter or module registered since). A group is the trainable tensors under one
@@ -127,8 +147,8 @@ class _Layout:
     (their hooks return at once) and at most one layer's perturbed copy exists at a time. Modules with nothing to do
     map to None: their hooks return at once."""
 
-    def __init__(self, opt: MeZO):
-        self.params = {index: p for index, p, _ in opt._params()}
+    def __init__(self, opt: Perturbing):
+        self.params = {index: p for index, p, _ in opt.trainable()}
         self.targets = {id(p): index for index, p in self.params.items()}
         self.table = opt.noise.kind == "table"
         # id(module) -> None, or (own: its (name, index, tensor) that its own hook perturbs, group: the _Group it
@@ -156,16 +176,16 @@ class _Layout:
         """Forget what belongs to one step: its noise, and views of the tensors' data (replaceable between steps)."""
         self.flats = _Flats(self.params)
         self.z: dict[tuple[int, int], torch.Tensor] = {}  # (seed, index) -> z of a one-chunk tensor: a table view
-        self.batches: dict[tuple, tuple] = {}  # indices perturbed together -> what _Perturbed._copies needs
+        self.batches: dict[tuple, tuple] = {}  # indices perturbed together -> what Perturbed._copies needs
         self.zs: dict[tuple, list[torch.Tensor]] = {}  # (seed, indices) -> their z, shaped (table noise)
 
-    def fits(self, opt: MeZO) -> bool:
+    def fits(self, opt: Perturbing) -> bool:
         """Whether this layout still describes ``opt``'s trainable tensors and the modules holding them."""
         if self.changed:
             return False
         params = self.params
         count = 0
-        for index, p, _ in opt._params():
+        for index, p, _ in opt.trainable():
             if params.get(index) is not p:
                 return False
             count += 1
@@ -223,12 +243,12 @@ class _Layout:
         return _Group(tuple(slots), sum(not by_output for *_, by_output in slots), dict.fromkeys(members), members)
 
 
-class _Perturbed(_Hooks):
+class Perturbed(Hooks):
     """While active, every module forward sees its trainable weights as ``w + scale * eps * z`` (MeZO).
 
     Usually a weight is swapped for a temporary perturbed copy while its module runs: for the weights of a
     decoder layer, all at once at the layer's entry (one multi-tensor add, the same values as one add per
-    weight), dropped when the layer returns (see :class:`_Layout`). With table noise, two large weights are
+    weight), dropped when the layer returns (see :class:`Layout`). With table noise, two large weights are
     perturbed through their output instead, so that no copy of them is made: an embedding's output gets
     ``eps * z`` of the rows it looked up (the same values, bitwise), and a linear layer of at least
     ``BY_OUTPUT`` values applied to at most ``SMALL_INPUT`` rows (an LM head under ``logits_to_keep``) gets
@@ -238,8 +258,8 @@ class _Perturbed(_Hooks):
     BY_OUTPUT = 1 << 16  # values under which a weight's copy costs less than the extra kernels of x @ z.T
     GATHER = 1 << 18  # values of z gathered at a time for an embedding's output: bounds the index buffers
 
-    def __init__(self, opt: MeZO, seed: int, scale: float, layout: _Layout | None = None):
-        self.layout = layout or _Layout(opt)
+    def __init__(self, opt: Perturbing, seed: int, scale: float, layout: Layout | None = None):
+        self.layout = layout or Layout(opt)
         super().__init__(opt, self.layout.targets)
         self.seed, self.alpha = seed, scale * opt.eps
         self.seen: set[int] = set()
@@ -310,10 +330,10 @@ class _Perturbed(_Hooks):
         self.seen.update(key)
 
     def _pre(self, module: torch.nn.Module, args) -> None:
-        info = self.active.get(id(module), _Layout)  # _Layout: a module not met before
+        info = self.active.get(id(module), Layout)  # Layout: a module not met before
         if info is None:
             return
-        if info is _Layout:
+        if info is Layout:
             info = self.active[id(module)] = self.layout.find(module)
             if info is None:
                 return
@@ -339,8 +359,8 @@ class _Perturbed(_Hooks):
                 self.active.update(group.quiet)
                 self.quieted[id(module)] = group.members
         if dropout and module.training and module.p > 0:
-            if not self.opt._warned_training:
-                self.opt._warned_training = True
+            if not self.opt.warned_training:
+                self.opt.warned_training = True
                 warnings.warn("MeZO: dropout is active (the model is in training mode): it makes the two losses of "
                               "an estimate differ. Call model.eval() first", stacklevel=2)
 
@@ -381,25 +401,25 @@ class _Perturbed(_Hooks):
         return output
 
 
-class _Members(_Hooks):
+class Members(Hooks):
     """While active, row block i of every module's input sees the perturbation of member i of the pairs ``seeds``
     (a population's; see the module docstring)."""
 
-    def __init__(self, opt: Population, seeds: Sequence[int]):
-        super().__init__(opt, {id(p): index for index, p, _ in opt._params()})
+    def __init__(self, opt: LowRank, seeds: Sequence[int]):
+        super().__init__(opt, {id(p): index for index, p, _ in opt.trainable()})
         self.seeds, self.alpha = list(seeds), opt.eps
         self.outputs: dict[int, list[tuple[str, int, torch.Tensor]]] = {}  # id(module) -> perturbed via its output
         self.positions: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         # Factors kept for the next forward (each decoding step of generate runs every module again), up to
         # CACHE_SHARE of the trainable values: beyond that they are regenerated, so memory stays near inference's
         self.cache: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self.room = CACHE_SHARE * sum(p.numel() for _, p, _ in opt._params())
+        self.room = CACHE_SHARE * sum(p.numel() for _, p, _ in opt.trainable())
 
     def _stack(self, index: int, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Every local pair's factors in ``p``'s dtype: A (pairs, out, r) and B (pairs, in, r), or z (pairs, n)."""
         if index in self.cache:
             return self.cache[index]
-        (rows, cols), r, noise = self.opt._factor_shape(p), self.opt.perturbation_rank, self.opt.noise
+        (rows, cols), r, noise = self.opt.factor_shape(p), self.opt.perturbation_rank, self.opt.noise
         n = (rows + cols) * r if cols else rows
         if noise.kind == "table":  # one gather for all pairs: the values _factors reads, chunk by chunk
             if (n, p.device) not in self.positions:  # (chunk, place in it) of each value; tensors share shapes
@@ -407,11 +427,11 @@ class _Members(_Hooks):
                 self.positions[(n, p.device)] = at // noise.chunk_size, at % noise.chunk_size
             chunk, within = self.positions[(n, p.device)]
             offsets = torch.tensor([noise.offsets(seed, index, n) for seed in self.seeds], device=p.device)
-            values = noise._table(p.device, p.dtype)[offsets[:, chunk] + within]
+            values = noise.table(p.device, p.dtype)[offsets[:, chunk] + within]
         else:
             values = torch.empty(len(self.seeds), n, device=p.device)
             for k, seed in enumerate(self.seeds):
-                self.opt._factors(seed, index, p, out=values[k])
+                self.opt.factors(seed, index, p, out=values[k])
             values = values.to(p.dtype)
         factors = (values, None) if not cols else (values[:, : rows * r].view(-1, rows, r),
                                                    values[:, rows * r:].view(-1, cols, r))

@@ -1,0 +1,296 @@
+"""Estimators against each other at equal work: how much does a forward pass teach the model?
+
+Protocol 1 (the ``make run`` setting): SmolLM2-135M on SST-2, 1,000 training rows, batches of 16, the whole dev
+set (872 rows) scored at fixed points. Each row is one estimator (``zo-tune --estimator NAME``) or backpropagation
+with AdamW on the same rows, run for MeZO's 400-step budget of process CPU time; per row and seed the dev accuracy
+against forward rows (examples x passes: a MeZO step scores 2 x 16 rows, an FZOO step (N + 1) x 16, a population
+step N x 16) and against the process CPU time of the tuning steps (evaluations excluded), and the peak RSS beside an
+inference process's. Settings are chosen on training data only (``--grid``: the training loss after a fixed budget,
+the same number of lrs for every method).
+
+Every (row, seed) cell runs in its own process and writes ``benchmarks/results/estimators/sst2/<row>-s<seed>.json``
+when it finishes; a finished cell is never run again, a stopped one resumes from its run folder's checkpoint
+(``runs/estimators/``).
+
+    python benchmarks/estimators.py --cell mezo/0              # one cell (the command printed beside it)
+    python benchmarks/estimators.py --cells mezo/0,fzoo/0 --workers 2
+    python benchmarks/estimators.py --grid fzoo --seed 0       # the lr grid on training data (a JSON per point)
+    python benchmarks/estimators.py --table --write            # BENCHMARKS.md "Estimators" and estimators.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import RESULTS, ROOT, markdown_table, publish  # noqa: E402
+
+CELLS = RESULTS / "estimators" / "sst2"
+RUNS = ROOT / "runs" / "estimators" / "sst2"
+MODEL, TASK, TRAIN, BATCH, DEV = "smollm2-135m", "sst2", 1000, 16, 872
+MEZO_STEPS = 400  # the make run budget: MeZO's 400 steps of CPU time is every row's budget
+# the rows: zo-tune flags per estimator (lr chosen by --grid on training data; see LRS)
+ROWS = {
+    "mezo": ["--estimator", "mezo"],
+    "fzoo": ["--estimator", "fzoo", "--n-perturbations", "8"],
+    "population": ["--estimator", "population", "--population", "8", "--update", "normalized"],
+}
+ROWS_PER_STEP = {"mezo": 2 * BATCH, "fzoo": 9 * BATCH, "population": 8 * BATCH}
+LRS = {"mezo": 1e-5, "fzoo": 1e-7, "population": 1e-4}  # chosen by --grid (see GRID and the table's notes)
+GRID = {"mezo": [3e-6, 1e-5, 3e-5], "fzoo": [3e-8, 1e-7, 3e-7], "population": [3e-5, 1e-4, 3e-4],
+        "backprop": [3e-6, 1e-5, 3e-5]}
+EVALS = 8  # dev evaluations per run, evenly spaced in steps
+BACKPROP_LR = 1e-5  # the seed table's AdamW lr for full fine-tuning (chosen by --grid as the others)
+
+
+def steps_for(row: str) -> int:
+    """Steps that score as many rows as MeZO's 400 (rounded up to a multiple of EVALS)."""
+    steps = -(-MEZO_STEPS * ROWS_PER_STEP["mezo"] // ROWS_PER_STEP[row])
+    return -(-steps // EVALS) * EVALS
+
+
+def argv_for(row: str, seed: int, steps: int, lr: float, run: Path, eval_every: int, dev: int = DEV,
+             train: int = TRAIN) -> list[str]:
+    return ["--model", MODEL, "--task", TASK, "--objective", "accuracy", "--dtype", "fp32", "--seed", str(seed),
+            "--train-size", str(train), "--batch-size", str(BATCH), "--eval-size", str(dev), "--steps", str(steps),
+            "--eval-every", str(eval_every), "--lr", str(lr), "--no-progress", "--output-dir", str(run), *ROWS[row]]
+
+
+def cell_path(row: str, seed: int) -> Path:
+    return CELLS / f"{row}-s{seed}.json"
+
+
+def curve(run: Path, rows_per_step: int) -> dict:
+    """The run's dev accuracy against steps, forward rows and tuning CPU seconds (0: before tuning)."""
+    summary = json.loads((run / "eval.json").read_text())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    points, cpu = [[0, 0, 0.0, summary.get("before")]], 0.0
+    for r in rows:
+        cpu += r["cpu_seconds"]
+        if "eval" in r:
+            points.append([r["step"], r["step"] * rows_per_step, round(cpu, 2), r["eval"]])
+    config = json.loads((run / "config.json").read_text())
+    return {"curve": points, "cpu_seconds": round(cpu, 2), "steps": len(rows), "lr": config["lr"],
+            "eps": config["eps"], "tied_fraction": summary.get("tied_fraction"), "optimizer": config.get("optimizer")}
+
+
+def zo_cell(row: str, seed: int) -> dict:
+    from zo_objectives.cli import tune_main
+
+    steps = steps_for(row)
+    run = RUNS / f"{row}-s{seed}"
+    argv = argv_for(row, seed, steps, LRS[row], run, steps // EVALS)
+    resume = (run / "trajectory.json").exists() and (run / "eval.json").exists()
+    code = tune_main([*argv, "--resume" if resume else "--overwrite"])
+    if code != 0:
+        raise SystemExit(f"zo-tune exited with {code}; the cell resumes from its checkpoint")
+    return {**curve(run, ROWS_PER_STEP[row]), "command": "zo-tune " + " ".join(argv)}
+
+
+def backprop_cell(seed: int, budget: float, lr: float = BACKPROP_LR, dev: int = DEV, train: int = TRAIN) -> dict:
+    """AdamW (fp32) on the same rows, batches of 16 in the same seeded order, until its tuning CPU time reaches
+    ``budget``; the dev accuracy at EVALS evenly spaced CPU times."""
+    from seed_table import backprop_loss
+
+    from metrics import get_metric
+    from tasks import get_task
+    from zo_objectives.evaluate import evaluate_model
+    from zo_objectives.models import load_model
+    from zo_objectives.scoring import model_device, predictor_for
+    from zo_objectives.train import batch_indices
+
+    torch.manual_seed(seed)
+    task = get_task(TASK)
+    model, tokenizer = load_model(MODEL, dtype=torch.float32)
+    model_device(model)
+    predictor, metric = predictor_for(task, tokenizer), get_metric("accuracy")
+    train_set, dev_set = task.examples("train", n=train, seed=seed), task.examples("dev")[:dev]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    points = [[0, 0, 0.0, evaluate_model(model, predictor, dev_set, metric)]]
+    cpu, step, marks = 0.0, 0, [budget * (k + 1) / EVALS for k in range(EVALS)]
+    while marks:
+        batch = [train_set[i] for i in batch_indices(len(train_set), BATCH, seed, step)]
+        c0 = time.process_time()
+        model.train()
+        loss = backprop_loss(model, tokenizer, task.kind, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        cpu += time.process_time() - c0
+        step += 1
+        if cpu >= marks[0]:
+            marks.pop(0)
+            model.eval()
+            with torch.no_grad():
+                points.append([step, step * BATCH * 3, round(cpu, 2), evaluate_model(model, predictor, dev_set,
+                                                                                      metric)])
+    # a backprop step: a forward, and a backward of about twice its cost: counted as 3 forward passes of its rows
+    return {"curve": points, "cpu_seconds": round(cpu, 2), "steps": step, "lr": lr,
+            "command": f"python benchmarks/estimators.py --cell backprop/{seed}"}
+
+
+def inference_cell() -> dict:
+    """Peak RSS of loading the model and scoring the dev set: the memory every row is compared with."""
+    from metrics import get_metric
+    from tasks import get_task
+    from zo_objectives.evaluate import evaluate_model
+    from zo_objectives.models import load_model
+    from zo_objectives.scoring import predictor_for
+
+    model, tokenizer = load_model(MODEL, dtype=torch.float32)
+    task = get_task(TASK)
+    value = evaluate_model(model, predictor_for(task, tokenizer), task.examples("dev")[:DEV], get_metric("accuracy"))
+    return {"curve": [[0, 0, 0.0, value]], "cpu_seconds": 0.0, "steps": 0,
+            "command": "python benchmarks/estimators.py --cell inference/0"}
+
+
+def run_cell(row: str, seed: int) -> dict:
+    torch.set_num_threads(1)  # every row on one thread: CPU seconds compare
+    os.chdir(ROOT)
+    t0 = time.perf_counter()
+    if row == "inference":
+        result = inference_cell()
+    elif row == "backprop":
+        mezo = cell_path("mezo", seed)
+        if not mezo.exists():
+            raise SystemExit(f"backprop/{seed} runs for MeZO's CPU time: run mezo/{seed} first")
+        result = backprop_cell(seed, json.loads(mezo.read_text())["cpu_seconds"])
+    else:
+        result = zo_cell(row, seed)
+    from zo_objectives.models import cpu_name
+
+    result.update(row=row, seed=seed, wall_s=round(time.perf_counter() - t0, 1), cpu=cpu_name(),
+                  peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                  date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    CELLS.mkdir(parents=True, exist_ok=True)
+    tmp = cell_path(row, seed).with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(cell_path(row, seed))
+    return result
+
+
+def grid_point(row: str, lr: float, seed: int) -> dict:
+    """The training objective after a short run at ``lr``: 1,000 training rows, 25% of MeZO's budget in forward
+    rows, the train loss of the last quarter of steps (no dev row is read)."""
+    from zo_objectives.cli import tune_main
+
+    torch.set_num_threads(1)
+    run = RUNS.parent / "grid" / f"{row}-lr{lr:g}-s{seed}"
+    if row == "backprop":
+        raise SystemExit("the backprop grid reads the dev set in its curve: not implemented")
+    steps = steps_for(row) // 4
+    argv = argv_for(row, seed, steps, lr, run, 0, dev=8)[:]
+    argv += ["--no-eval-before"]
+    assert tune_main([*argv, "--overwrite"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    tail = rows[-max(1, len(rows) // 4):]
+    result = {"row": row, "lr": lr, "seed": seed, "steps": steps,
+              "train_accuracy_last_quarter": sum(r.get("accuracy", float("nan")) for r in tail) / len(tail),
+              "loss_last_quarter": sum(r["loss"] for r in tail) / len(tail)}
+    out = RESULTS / "estimators" / "grid" / f"{row}-lr{lr:g}-s{seed}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def drive(cells: list[str], workers: int) -> None:
+    """Run the cells not finished yet, ``workers`` processes at a time, each with its log beside its run folder."""
+    pending = [c for c in cells if not cell_path(c.split("/")[0], int(c.split("/")[1])).exists()]
+    running: list[subprocess.Popen] = []
+    RUNS.mkdir(parents=True, exist_ok=True)
+    while pending or running:
+        running = [p for p in running if p.poll() is None]
+        while pending and len(running) < workers:
+            cell = pending.pop(0)
+            log = open(RUNS / f"{cell.replace('/', '-s')}.log", "a")
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            running.append(subprocess.Popen([sys.executable, __file__, "--cell", cell], cwd=ROOT, env=env,
+                                            stdout=log, stderr=subprocess.STDOUT))
+        time.sleep(5)
+
+
+def at_budget(points: list, budget: float) -> float | None:
+    """The dev accuracy of the last evaluation within ``budget`` CPU seconds."""
+    within = [p for p in points if p[2] <= budget * 1.02 and p[3] is not None]
+    return within[-1][3] if within else None
+
+
+def first_reaching(points: list, target: float) -> tuple[int, float] | tuple[None, None]:
+    """(forward rows, CPU seconds) of the first evaluation at or above ``target``."""
+    for _, rows, cpu, value in points[1:]:
+        if value is not None and value >= target:
+            return rows, cpu
+    return None, None
+
+
+def table(write: bool) -> dict:
+    cells = {p.stem: json.loads(p.read_text()) for p in sorted(CELLS.glob("*.json"))}
+    mezo = [c for c in cells.values() if c["row"] == "mezo"]
+    if not mezo:
+        raise SystemExit("no MeZO cell yet: run --cell mezo/0 first")
+    target = sum(c["curve"][-1][3] for c in mezo) / len(mezo)
+    budget = sum(c["cpu_seconds"] for c in mezo) / len(mezo)
+    mezo_rows = MEZO_STEPS * ROWS_PER_STEP["mezo"]
+    inference = next((c["peak_rss_mib"] for c in cells.values() if c["row"] == "inference"), None)
+    out = []
+    for row in ["mezo", "fzoo", "population", "backprop"]:
+        mine = sorted((c for c in cells.values() if c["row"] == row), key=lambda c: c["seed"])
+        if not mine:
+            continue
+        reach = [first_reaching(c["curve"], target) for c in mine]
+        at = [at_budget(c["curve"], budget) for c in mine]
+        rows_to = [r for r, _ in reach if r is not None]
+        out.append([row, ", ".join(str(c["seed"]) for c in mine), f"{mine[0]['lr']:g}",
+                    f"{len(rows_to)}/{len(mine)}: " + (", ".join(f"{r / mezo_rows:.2f}" for r in rows_to) or "-"),
+                    ", ".join(f"{cpu:.0f}" for _, cpu in reach if cpu is not None) or "-",
+                    ", ".join("-" if a is None else f"{100 * a:.2f}" for a in at),
+                    ", ".join(f"{100 * c['curve'][-1][3]:.2f}" for c in mine),
+                    ", ".join(f"{c['peak_rss_mib'] / inference:.2f}" if inference else f"{c['peak_rss_mib']:.0f} MiB"
+                              for c in mine)])
+    header = ["row", "seeds", "lr", "forward rows to MeZO's accuracy (x MeZO's 400 steps)",
+              "CPU s to it", "dev acc. at MeZO's CPU time", "dev acc. at the end", "peak RSS / inference"]
+    notes = (f"Target: MeZO's mean dev accuracy at step {MEZO_STEPS} over its seeds ({100 * target:.2f}); budget: "
+             f"MeZO's mean tuning CPU time ({budget:.0f} s, one thread). CPU: {mezo[0]['cpu']}. Forward rows: a "
+             "step's scored rows (MeZO 2 x 16, FZOO 9 x 16, population 8 x 16; backprop counts 3 x 16: a forward "
+             "and a backward of about twice its cost). Commands: " + "; ".join(
+                 f"`{c['command']}`" for c in cells.values() if c.get("command")))
+    print(markdown_table(header, out))
+    print(notes)
+    return publish("estimators", "Estimators", "Estimators: SST-2 at MeZO's budget", header, out, "cpu", write,
+                   notes=notes, cells=cells) if write else {}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cell", help="ROW/SEED: run one cell in this process")
+    parser.add_argument("--cells", help="ROW/SEED,...: run these cells, --workers at a time")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--grid", help="ROW: its lr grid on training data")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--table", action="store_true")
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args()
+    if args.cell:
+        row, seed = args.cell.split("/")
+        print(json.dumps(run_cell(row, int(seed)), indent=1))
+    elif args.cells:
+        drive(args.cells.split(","), args.workers)
+    elif args.grid:
+        for lr in GRID[args.grid]:
+            print(json.dumps(grid_point(args.grid, lr, args.seed)))
+    if args.table:
+        table(args.write)
+
+
+if __name__ == "__main__":
+    main()
