@@ -296,3 +296,53 @@ def test_trains_from_the_library_and_resumes_bitwise(tokenizer, tmp_path):
     assert isinstance(cont, FZOO) and step == 2
     run(4, tmp_path / "resumed", model, cont)
     assert same(weights(model), weights(straight))
+
+
+CLI = ["--model", "tiny-random", "--task", "sst2", "--train-size", "32", "--batch-size", "4", "--no-progress",
+       "--eval-size", "8", "--eval-every", "0", "--no-eval-before", "--estimator", "fzoo", "--n-perturbations", "4"]
+
+
+def test_cli_fzoo_killed_then_resumed_is_bitwise_with_a_row_per_step(tmp_path):
+    """zo-tune --estimator fzoo: SIGKILL mid-run, --resume to a later step: the weights of a straight run, one
+    metrics row per step; config.json names the estimator and its resolved defaults."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from zo_objectives.cli import tune_main
+
+    run = tmp_path / "killed"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "zo_objectives.cli", *CLI, "--steps", "1000", "--output-dir",
+                             str(run)], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "trajectory.json").exists() and
+                                          json.loads((run / "trajectory.json").read_text())["step"] >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = json.loads((run / "trajectory.json").read_text())["step"]
+    assert 2 <= step < 1000
+    assert tune_main(["--output-dir", str(run), "--resume", "--steps", str(step + 2), "--no-progress"]) == 0
+    straight = tmp_path / "straight"
+    assert tune_main([*CLI, "--steps", str(step + 2), "--output-dir", str(straight)]) == 0
+    a, b = load_file(run / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(
+        range(1, step + 3))
+    config = json.loads((straight / "config.json").read_text())
+    assert (config["estimator"], config["n_perturbations"], config["perturbation_rank"], config["noise"]) == (
+        "fzoo", 4, 0, "rademacher")
+    assert config["lr"] == FZOO.__init__.__kwdefaults__["lr"]
+
+
+def test_cli_refuses_another_estimators_setting(tmp_path, capsys):
+    from zo_objectives.cli import tune_main
+
+    assert tune_main([*CLI, "--update", "normalized", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "--update is not a setting of --estimator fzoo; it takes: --n-perturbations" in capsys.readouterr().err

@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -97,6 +97,8 @@ from zo_objectives.train import Stopped, make_scheduler, sigterm_as_interrupt, t
 DEFAULT_ESTIMATOR = "mezo"  # --estimator auto without --population
 # settings whose default is the estimator's, and the value written for an estimator that does not take them
 ESTIMATOR_DEFAULTS = {"n_perturbations": 1, "perturbation_rank": 1, "noise": "table"}
+ESTIMATOR_SETTINGS = ("n_perturbations", "population", "perturbation_rank", "noise", "difference", "update",
+                      "fitness_shaping", "momentum", "momentum_window")
 
 
 def _fmt(value: float | None) -> str:
@@ -205,6 +207,11 @@ def resolve(config: TuneConfig) -> tuple[TuneConfig, Task]:
     # settings left unset take the estimator's own default (else the neutral one: it does not read them)
     unset = {name: accepted[name].default if name in accepted else neutral
              for name, neutral in ESTIMATOR_DEFAULTS.items() if getattr(config, name) is None}
+    for f in fields(config):  # an estimator's setting given to another estimator would be silently ignored
+        if f.name in ESTIMATOR_SETTINGS and f.name not in accepted and getattr(config, f.name) not in (
+                None, f.default, ESTIMATOR_DEFAULTS.get(f.name)):
+            raise UsageError(f"{flag(f.name)} is not a setting of --estimator {estimator}; it takes: "
+                             f"{', '.join(flag(n) for n in ESTIMATOR_SETTINGS if n in accepted)}")
     config = replace(config, task=task.name, objective=objective, output_dir=output_dir, estimator=estimator,
                      **unset)
     return replace(config, metrics=[m.name for m in evaluation_metrics(config, task)]), task
@@ -311,7 +318,12 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
     greedy = not (config.reward_candidates or config.sample_temperature)
     greedy_reward = config.reward and greedy and kind == "scale-free"
     eps = config.eps or (GREEDY_REWARD_EPS if greedy_reward else DEFAULT_EPS[config.dtype])
-    config = replace(config, lr=config.lr or DEFAULT_LR[kind], eps=eps, smoothing=smoothing)
+    estimator = get_estimator(config.estimator)
+    if estimator.scale_free:  # a step length of its own (FZOO divides by the losses' spread): its class's lr
+        lr = inspect.signature(estimator.__init__).parameters["lr"].default
+    else:
+        lr = DEFAULT_LR[kind]
+    config = replace(config, lr=config.lr or lr, eps=eps, smoothing=smoothing)
     metrics = evaluation_metrics(config, task)
     for metric in metrics:  # a metric that cannot score these predictions fails now, not at the first evaluation
         check_metric(metric, predictor, "hard")

@@ -122,6 +122,7 @@ class Estimator(Optimizer):
     settings: ClassVar[tuple[str, ...]] = ("eps", "seed", "update", "fitness_shaping")
     members: int | None = None  # set when the closure must return one loss per member (a batched population)
     difference = "central"  # how a pair of losses makes an estimate (MeZO may score x and x + eps z instead)
+    scale_free: ClassVar[bool] = False  # the step's length does not follow the loss's scale (its own lr default)
 
     def __init__(self, params: Iterable, *, lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0,
                  seed: int = 0, noise: str = "table", table_size: int | None = None, chunk_size: int | None = None,

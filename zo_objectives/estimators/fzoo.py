@@ -69,6 +69,7 @@ class FZOO(Estimator):
         self.members = n_perturbations + 1
 
     settings = ("eps", "n_perturbations", "perturbation_rank", "seed")
+    scale_free = True  # the step is divided by the losses' spread
     # the low-rank factors and their move: the population's, for perturbation_rank > 0
     factor_shape = Population.factor_shape
     factors = Population.factors
