@@ -191,3 +191,17 @@ def check_sealed(run_dir: Path, name: str, manifest: dict | None = None) -> dict
             return recorded
     raise ValueError(f"{path} was changed, damaged or replaced after the run wrote it (its sha256 is not the one "
                      f"in {MANIFEST})")
+
+
+def check_run_weights(run_dir: Path) -> None:
+    """Refuse a run folder whose weights or settings are not the ones its run wrote, or whose weights are of
+    an earlier step than its checkpoint (a resumed run that has not finished)."""
+    manifest = read_manifest(run_dir)
+    check_sealed(run_dir, CONFIG, manifest)
+    if not (run_dir / WEIGHTS).exists():
+        raise ValueError(f"no {WEIGHTS} in {run_dir}: is it a finished zo-tune run folder?")
+    weights = check_sealed(run_dir, WEIGHTS, manifest)
+    step = read_json(run_dir / CHECKPOINT).get("step") if (run_dir / CHECKPOINT).exists() else None
+    if step is not None and step != weights.get("step"):
+        raise ValueError(f"{run_dir / WEIGHTS} holds the weights of step {weights.get('step')} but the run's "
+                         f"checkpoint is at step {step}: finish it with zo-tune --output-dir {run_dir} --resume")
