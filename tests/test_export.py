@@ -210,7 +210,8 @@ def test_the_folder_holds_the_task_a_model_card_and_the_padding_side(run, tmp_pa
         assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "tiny-random"
 
 
-def test_a_stopped_run_exports_its_checkpoint_rebuilt_by_replay(plain, tmp_path, monkeypatch, capsys):
+def test_a_stopped_run_exports_its_checkpoint_rebuilt_by_replay(run, tmp_path, monkeypatch, capsys):
+    kind, finished = run
     real = cli.train
 
     def stopped_after(*args, **kwargs):  # stopped after its last checkpoint, before its weights were written
@@ -219,13 +220,15 @@ def test_a_stopped_run_exports_its_checkpoint_rebuilt_by_replay(plain, tmp_path,
 
     monkeypatch.setattr(cli, "train", stopped_after)
     stopped = tmp_path / "stopped"
-    assert tune_main([*TUNE, "--output-dir", str(stopped)]) == 130
+    assert tune_main([*TUNE, "--peft", kind, "--output-dir", str(stopped)]) == 130
     assert not (stopped / "model.safetensors").exists()
     monkeypatch.undo()
     assert export_main([str(stopped), str(tmp_path / "out")]) == 0, capsys.readouterr().err
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
-    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    assert torch.equal(logits(exported, tokenizer), logits(tuned_model(plain[0]), tokenizer))  # the same 2 steps
+    exported = (AutoModelForCausalLM.from_pretrained(tmp_path / "out") if kind == "none"
+                else PeftModel.from_pretrained(load_model("tiny-random")[0], tmp_path / "out"))
+    assert torch.equal(logits(exported.eval(), tokenizer), logits(tuned_model(finished), tokenizer))  # same 2 steps
+    assert "the run stopped before its final evaluation" in (tmp_path / "out" / "README.md").read_text()
 
 
 def test_best_exports_the_weights_of_the_best_evaluation(tmp_path, capsys):
@@ -239,7 +242,8 @@ def test_best_exports_the_weights_of_the_best_evaluation(tmp_path, capsys):
     assert torch.equal(logits(exported, tokenizer), logits(tuned_model(reference), tokenizer))
     if best != 3:
         assert not torch.equal(logits(exported, tokenizer), logits(tuned_model(folder), tokenizer))
-    assert f"step {best}" in (tmp_path / "best" / "README.md").read_text()
+    value = next(r["eval"] for r in rows if r["step"] == best)
+    assert f"step {best}, is the run's best evaluation: {value:.4f}" in (tmp_path / "best" / "README.md").read_text()
     no_eval = tune(tmp_path / "no-eval")
     capsys.readouterr()
     line = one_error_line(capsys, export_main([str(no_eval), str(tmp_path / "x"), "--best"]))

@@ -62,9 +62,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, merge: bool = False,
     model, tokenizer = rebuilt_model(run_dir, settings, step, source)
     if merge:
         model = model.merge_and_unload()
-    if hasattr(model, "peft_config"):  # the model the user named, not the folder it was loaded from
-        for config in model.peft_config.values():
-            config.base_model_name_or_path = settings["model"]
     tokenizer.init_kwargs["padding_side"] = tokenizer.padding_side  # saved: batches pad as the run's did
     task = task_record(settings, tokenizer)
     evaluation = read_json(run_dir / EVAL) if (run_dir / EVAL).is_file() else {}
@@ -72,9 +69,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, merge: bool = False,
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
+        adapter = folder / "adapter_config.json"
+        if adapter.is_file():  # the model the user named, not the folder it was loaded from (set after saving:
+            config = json.loads(adapter.read_text())  # peft looks the base model's name up on the hub as it saves)
+            adapter.write_text(json.dumps({**config, "base_model_name_or_path": settings["model"]}, indent=2))
         tokenizer.save_pretrained(folder)
         (folder / TASK_FILE).write_text(json.dumps(task, indent=1))
-        (folder / CARD).write_text(model_card(settings, task, evaluation, step, source, merge, run_dir))
+        (folder / CARD).write_text(model_card(settings, task, evaluation, step, source, merge, run_dir,
+                                             evaluated(run_dir, step) if best else None))
 
     write_folder(out_dir, write)
     return out_dir
@@ -125,6 +127,15 @@ def best_step(run_dir: Path, settings: dict, last: int) -> int:
     metric = (settings.get("metrics") or [None])[0]
     greater = get_metric(metric).greater_is_better if metric in list_metrics() else True
     return (max if greater else min)(evaluated, key=lambda r: r["eval"])["step"]
+
+
+def evaluated(run_dir: Path, step: int) -> float | None:
+    """The headline evaluation metrics.jsonl logged at ``step`` (None where it logged none)."""
+    for line in (run_dir / LOG).read_text().splitlines():
+        row = json.loads(line)
+        if row.get("step") == step:
+            return row.get("eval")
+    return None
 
 
 def rebuilt_model(run_dir: Path, settings: dict, step: int | None, source: str) -> tuple[torch.nn.Module, Any]:
@@ -178,11 +189,9 @@ def task_record(settings: dict, tokenizer: Any) -> dict:
             record["example"] = {k: example[k] for k in ("prompt", "label", "target", "candidates") if k in example}
         except Exception:  # noqa: BLE001  (a data file no longer there: the record goes without an example)
             pass
-        if task.kind == "generation":
-            record["generation"] = {"max_new_tokens": task.max_new_tokens, "stop": "\n", "do_sample": False}
-    record.setdefault("generation", {}).update({k: settings[k] for k in GENERATION_SETTINGS if k in settings})
-    if not record["generation"]:
-        del record["generation"]
+        if task.kind == "generation":  # as GenerationPredictor generates: greedy, cut at the first newline
+            record["generation"] = {"max_new_tokens": task.max_new_tokens, "stop": "\n", "do_sample": False,
+                                    **{k: settings[k] for k in GENERATION_SETTINGS if k in settings}}
     record["padding_side"] = tokenizer.padding_side
     return record
 
@@ -209,7 +218,7 @@ def _fmt(value: Any) -> str:
 
 
 def model_card(settings: dict, task: dict, evaluation: dict, step: int | None, source: str, merge: bool,
-               run_dir: Path) -> str:
+               run_dir: Path, best_value: float | None = None) -> str:
     """README.md of the exported folder: base model, what was tuned and how, the evaluation, how to load it."""
     name, kind, dtype = settings["model"], settings.get("peft", "none"), settings.get("dtype", "fp32")
     adapter = kind != "none" and not merge
@@ -232,9 +241,10 @@ def model_card(settings: dict, task: dict, evaluation: dict, step: int | None, s
         after = evaluation.get("after")
         figures = (f"{evaluation.get('split', 'dev')} {evaluation.get('metric', 'metric')} on "
                    f"{evaluation.get('examples', '?')} examples: {_fmt(evaluation.get('before'))} before tuning, "
-                   f"{_fmt(after)} after {settings.get('steps')} steps (eval.json of the run).")
-        if source == "replay" or after is None:
-            figures += (f" This export is of step {step}; the run's metrics.jsonl holds its evaluations by step.")
+                   + (f"{_fmt(after)} after {settings.get('steps')} steps (the run's eval.json)." if after is not None
+                      else "the run stopped before its final evaluation."))
+        if best_value is not None:
+            figures += f" This export, step {step}, is the run's best evaluation: {_fmt(best_value)} (metrics.jsonl)."
     load = (f"base = AutoModelForCausalLM.from_pretrained({name!r}, dtype={torch_dtype})\n"
             "model = PeftModel.from_pretrained(base, FOLDER).eval()" if adapter else
             f"model = AutoModelForCausalLM.from_pretrained(FOLDER, dtype={torch_dtype}).eval()")
@@ -254,9 +264,9 @@ with torch.no_grad():
     logits = model(**batch, position_ids=positions).logits[:, -1, label_ids]
 predictions = logits.argmax(-1).tolist()  # label ids: index task["label_words"] (and task["labels"])
 """
+    front = f"base_model: {name}\n" if not alias else ""
     return f"""---
-{"base_model: " + name if not alias else ""}
-library_name: {"peft" if adapter else "transformers"}
+{front}library_name: {"peft" if adapter else "transformers"}
 tags: [zo-objectives, mezo]
 ---
 
