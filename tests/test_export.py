@@ -7,8 +7,10 @@ import errno
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -151,6 +153,27 @@ def test_a_write_that_fails_is_one_line_and_leaves_nothing(plain, fault, tmp_pat
     monkeypatch.setattr("transformers.modeling_utils.safe_save_file", failing)
     line = one_error_line(capsys, export_main([str(plain[0]), str(tmp_path / "out")]))
     assert line.startswith("zo-export: error: cannot write") and os.strerror(code) in line, line
+    assert nothing_left(tmp_path)
+
+
+def test_an_export_stopped_by_sigterm_is_one_line_and_leaves_nothing(plain, tmp_path, capsys, monkeypatch):
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler runs before this returns
+        pytest.fail("SIGTERM did not stop the export")
+
+    def unhandled(signum, frame):  # (without it, an export that does not handle SIGTERM would end pytest)
+        raise RuntimeError("zo-export left SIGTERM to the handler it found")
+
+    monkeypatch.setattr("transformers.modeling_utils.safe_save_file", stopped)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        code = export_main([str(plain[0]), str(tmp_path / "out")])
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # put back
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    line = one_error_line(capsys, code, 128 + signal.SIGTERM)
+    assert line == f"zo-export: stopped by SIGTERM; {tmp_path / 'out'} was not written"
     assert nothing_left(tmp_path)
 
 

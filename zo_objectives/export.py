@@ -24,7 +24,15 @@ from typing import Any
 
 import torch
 
-from zo_objectives.models import ALIASES, DEFAULT_MODEL, apply_peft, load_model, load_run_weights, select_trainable
+from zo_objectives.models import (
+    ALIASES,
+    DEFAULT_MODEL,
+    apply_peft,
+    is_masked_lm,
+    load_model,
+    load_run_weights,
+    select_trainable,
+)
 from zo_objectives.runfolder import (
     CHECKPOINT,
     CONFIG,
@@ -76,7 +84,7 @@ def export_run(run_dir: str | Path, out_dir: str | Path, *, merge: bool = False,
         tokenizer.save_pretrained(folder)
         (folder / TASK_FILE).write_text(json.dumps(task, indent=1))
         (folder / CARD).write_text(model_card(settings, task, evaluation, step, source, merge, run_dir,
-                                             evaluated(run_dir, step) if best else None))
+                                             evaluated(run_dir, step) if best else None, is_masked_lm(model)))
 
     write_folder(out_dir, write)
     return out_dir
@@ -218,7 +226,7 @@ def _fmt(value: Any) -> str:
 
 
 def model_card(settings: dict, task: dict, evaluation: dict, step: int | None, source: str, merge: bool,
-               run_dir: Path, best_value: float | None = None) -> str:
+               run_dir: Path, best_value: float | None = None, masked: bool = False) -> str:
     """README.md of the exported folder: base model, what was tuned and how, the evaluation, how to load it."""
     name, kind, dtype = settings["model"], settings.get("peft", "none"), settings.get("dtype", "fp32")
     adapter = kind != "none" and not merge
@@ -245,15 +253,16 @@ def model_card(settings: dict, task: dict, evaluation: dict, step: int | None, s
                       else "the run stopped before its final evaluation."))
         if best_value is not None:
             figures += f" This export, step {step}, is the run's best evaluation: {_fmt(best_value)} (metrics.jsonl)."
-    load = (f"base = AutoModelForCausalLM.from_pretrained({name!r}, dtype={torch_dtype})\n"
+    auto = "AutoModelForMaskedLM" if masked else "AutoModelForCausalLM"
+    load = (f"base = {auto}.from_pretrained({name!r}, dtype={torch_dtype})\n"
             "model = PeftModel.from_pretrained(base, FOLDER).eval()" if adapter else
-            f"model = AutoModelForCausalLM.from_pretrained(FOLDER, dtype={torch_dtype}).eval()")
+            f"model = {auto}.from_pretrained(FOLDER, dtype={torch_dtype}).eval()")
     if adapter and alias:
-        load = load.replace(f"AutoModelForCausalLM.from_pretrained({name!r}, dtype={torch_dtype})",
+        load = load.replace(f"{auto}.from_pretrained({name!r}, dtype={torch_dtype})",
                             f"load_model({name!r}, dtype={dtype!r})[0]  # from zo_objectives.models import load_model")
     imports = "from peft import PeftModel\n" if adapter else ""
     predict = ""
-    if task.get("kind") == "classification" and task.get("label_words"):
+    if task.get("kind") == "classification" and task.get("label_words") and not masked:
         predict = """
 # predict: the label word with the highest next-token logit after each prompt (prompts as task.json builds them)
 task = json.load(open(f"{FOLDER}/task.json"))
@@ -289,7 +298,7 @@ Tuned with zeroth-order optimization (MeZO-style, `zo-tune`): {tuned}. This fold
 ```python
 import json
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import {auto}, AutoTokenizer
 {imports}
 FOLDER = "path/to/this/folder"
 tokenizer = AutoTokenizer.from_pretrained(FOLDER)
