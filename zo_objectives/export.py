@@ -41,7 +41,6 @@ from zo_objectives.runfolder import (
     WEIGHTS,
     check_run_weights,
     read_json,
-    read_manifest,
 )
 
 TASK_FILE, CARD = "task.json", "README.md"
@@ -108,8 +107,8 @@ def verified_source(run_dir: Path, best: bool) -> tuple[dict, int | None, str]:
     if not (run_dir / CONFIG).is_file():
         raise ValueError(f"{run_dir} is not a zo-tune run folder: it has no {CONFIG}")
     if not best and (run_dir / WEIGHTS).exists():
-        check_run_weights(run_dir)
-        return read_json(run_dir / CONFIG), read_manifest(run_dir)["files"][WEIGHTS].get("step"), "weights"
+        weights = check_run_weights(run_dir)
+        return read_json(run_dir / CONFIG), weights.get("step"), "weights"
     if not (run_dir / CHECKPOINT).exists():
         raise ValueError(f"no {WEIGHTS} and no {CHECKPOINT} in {run_dir}: the run stopped before its first "
                          "checkpoint (nothing to export), or it is not a zo-tune run folder")
