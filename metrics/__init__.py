@@ -93,8 +93,11 @@ def list_metrics() -> list[str]:
 for _fn in (accuracy, exact_match, squad_em, squad_f1):
     register_metric(_fn.__name__, _fn, per_example=True)
 register_metric("f1", f1)
+register_metric("macro_f1", f1)  # the same on predictions; as an objective it counts every class of the task
+
+MACRO_F1 = "macro_f1"
 
 __all__ = [
-    "Metric", "MetricError", "accuracy", "exact_match", "f1", "get_metric", "list_metrics", "register_metric",
-    "squad_em", "squad_f1",
+    "MACRO_F1", "Metric", "MetricError", "accuracy", "exact_match", "f1", "get_metric", "list_metrics",
+    "register_metric", "squad_em", "squad_f1",
 ]

@@ -507,3 +507,12 @@ def test_reward_comparison_driver_order_and_shared_queue(tmp_path, monkeypatch):
         driver.kill()
     assert [c for c, _ in ran] == [dead] and not rc.cell_path(folder, live).exists()
     assert not list(folder.glob(".best_of_4*.pid"))  # the marker goes when the cell is done
+
+
+def test_macro_f1_benchmark_runs_quick_and_reads_finished_runs_back(no_write, tmp_path, monkeypatch):
+    bench = load("macro_f1")
+    rows = bench.main(["--quick", "--output", str(tmp_path / "runs"), "--write"])
+    assert [r[:2] for r in rows[:2]] == [[0, "cross_entropy"], [0, "macro_f1"]] and rows[-1][0] == "mean"
+    assert not (tmp_path / "results" / "macro_f1.json").exists()  # --quick never stores a result
+    monkeypatch.setattr(bench, "tune", lambda *a, **k: pytest.fail("a finished run is read back, not tuned again"))
+    assert bench.main(["--quick", "--output", str(tmp_path / "runs")]) == rows

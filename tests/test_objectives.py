@@ -600,3 +600,30 @@ def test_a_registered_metric_of_another_kind_is_refused_when_built():
 def test_compute_object_without_key_says_what_key_is():
     with pytest.raises(ValueError, match=r"ComputeMetric has \.compute\(\): pass key= naming the result"):
         make_objective(ComputeMetric(), ScorePredictor())
+
+
+def test_macro_f1_objective_scores_every_class_of_the_task_even_those_the_batch_lacks():
+    from sklearn.metrics import f1_score
+
+    gen = torch.Generator().manual_seed(0)
+    batch = [{"prompt": str(i), "label": i % 2, "scores": torch.randn(3, generator=gen)} for i in range(6)]  # no 2s
+    objective = make_objective("macro_f1", ScorePredictor(), smoothing=1.0)
+    probs = torch.stack([ex["scores"] for ex in batch]).double().softmax(-1)
+    labels = [ex["label"] for ex in batch]
+    per_class = []
+    for c in range(3):  # expected counts for the classes present; P(no row predicted c) for the absent one
+        tp = sum(float(p[c]) for p, y in zip(probs, labels) if y == c)
+        fp = sum(float(p[c]) for p, y in zip(probs, labels) if y != c)
+        fn = sum(1 - float(p[c]) for p, y in zip(probs, labels) if y == c)
+        per_class.append(2 * tp / (2 * tp + fp + fn) if c in labels else math.prod(1 - float(p[c]) for p in probs))
+    assert -objective(MODEL, batch) == pytest.approx(sum(per_class) / 3, abs=1e-9)
+    assert objective.last_values == {"macro_f1": pytest.approx(sum(per_class) / 3, abs=1e-9)}
+    # the absent class counts: leaning a row towards it lowers the score
+    leaning = [{**ex, "scores": ex["scores"] + torch.tensor([0.0, 0.0, 2.0]) * (i == 0)} for i, ex in enumerate(batch)]
+    assert -objective(MODEL, leaning) < -objective(MODEL, batch)
+    # at a low temperature it is scikit-learn's macro-F1 over all three labels (an absent, unpredicted class: 1)
+    cold = make_objective("macro_f1", ScorePredictor(), smoothing=1e-4)
+    predictions = probs.argmax(-1).tolist()
+    hard = f1_score(labels, predictions, labels=[0, 1, 2], average="macro", zero_division=1)
+    assert -cold(MODEL, batch) == pytest.approx(hard, abs=1e-6)
+    assert get_metric("macro_f1")([0, 1, 1], [0, 1, 0]) == get_metric("f1")([0, 1, 1], [0, 1, 0])

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from zo_objectives.estimators import Estimator, estimator_from_state
-from zo_objectives.estimators.base import describe_params
+from zo_objectives.estimators.base import describe_params, weights_sha256
 from zo_objectives.runfolder import (
     CHECKPOINT,
     CONFIG,
@@ -39,17 +39,6 @@ from zo_objectives.runfolder import (
     read_manifest,
     write_json,
 )
-
-
-def weights_sha256(params: Iterable[torch.Tensor]) -> str:
-    """sha256 over the tensors' dtypes, shapes and bytes, in order: identifies the weights a trajectory must
-    be replayed onto."""
-    digest = hashlib.sha256()
-    for p in params:
-        t = p.detach().cpu().contiguous()
-        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def trainable_only(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -130,6 +119,19 @@ def save_checkpoint(run_dir: Path, optimizer: Estimator, step: int, base_sha256:
     write_json(run_dir / CHECKPOINT, {**body, "integrity": integrity})
 
 
+def check_records(trajectory: Any) -> None:
+    """A ValueError naming the first trajectory record that is not a list of seeds (integers) with one finite
+    coefficient (or None: skipped) each and finite learning rates."""
+    if not isinstance(trajectory, list):
+        raise ValueError(f"has no trajectory list (got {type(trajectory).__name__})")
+    for i, record in enumerate(trajectory):
+        seeds = record.get("seeds") if isinstance(record, dict) else None
+        if not (isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+                and finite_numbers(record.get("grads"), allow_none=True) and finite_numbers(record.get("lrs"))
+                and len(record["grads"]) == len(seeds)):
+            raise ValueError(f"has a non-finite or malformed gradient or lr in trajectory record {i} (step {i + 1})")
+
+
 def finite_numbers(values: Any, allow_none: bool = False) -> bool:
     return isinstance(values, list) and all(
         (v is None and allow_none) or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
@@ -165,11 +167,7 @@ def _read(run_dir: Path) -> dict:
                 or (step and chain_sha256(records["previous"], lines[-1:]) != records["sha256"])):
             raise ValueError(f"fails its sha256 checksum: {path} was changed, damaged or replaced")
         trajectory = [json.loads(line) for line in lines]
-        for i, record in enumerate(trajectory):
-            if not (finite_numbers(record["grads"], allow_none=True) and finite_numbers(record["lrs"])
-                    and len(record["grads"]) == len(record["seeds"])):
-                raise ValueError(f"has a non-finite or malformed gradient or lr in trajectory record {i} "
-                                 f"(step {i + 1})")
+        check_records(trajectory)
         optimizer = {**head["optimizer"], "mezo": {**head["optimizer"]["mezo"], "trajectory": trajectory}}
     except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
         raise ValueError(f"is malformed ({type(err).__name__}: {err})") from None
@@ -199,13 +197,19 @@ def replay(params: Iterable, state: dict, steps: int | None = None) -> Estimator
     """Rebuild tuned weights in place from the base weights and an estimator's ``state_dict()``.
 
     ``params`` must be the same parameters (same order, same groups) the optimizer was built with, holding
-    the base weights: their count, dtypes and shapes (and, when the state carries ``base_sha256``, the
-    weights' checksum) are checked first, and a mismatch is a ValueError with the weights untouched. Returns
+    the base weights: their count, dtypes and shapes, and the weights' checksum (``base_sha256``, which every
+    ``state_dict()`` of an estimator that took a step carries) are checked first, and so is every record (finite
+    coefficients and learning rates): a mismatch is a ValueError with the weights untouched. Returns
     an optimizer of the state's class positioned after the replayed steps (``steps``: the first ones only),
     ready to continue training.
     """
-    mezo = state["mezo"] if isinstance(state, dict) else None
-    opt = estimator_from_state(state).from_config(params, mezo)
+    estimator = estimator_from_state(state)
+    mezo = state["mezo"]
+    try:  # every record checked before any weight is written
+        check_records(mezo.get("trajectory"))
+    except ValueError as err:
+        raise ValueError(f"replay: the state {err}") from None
+    opt = estimator.from_config(params, mezo)
     given = [p for group in opt.param_groups for p in group["params"]]
     described = mezo.get("params") or []  # [dtype, shape] of each (a state_dict() of an older version: none)
     count = len(described) or sum(len(g["params"]) for g in state.get("param_groups", []))
@@ -218,6 +222,7 @@ def replay(params: Iterable, state: dict, steps: int | None = None) -> Estimator
     if mezo.get("base_sha256"):
         if weights_sha256(p for p in given if p.requires_grad) != mezo["base_sha256"]:
             raise ValueError("replay: the parameters do not hold the base weights the state was made from")
+        opt.base_sha256 = mezo["base_sha256"]
     if "param_groups" in state:
         for group, saved in zip(opt.param_groups, state["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
@@ -249,7 +254,9 @@ def base_checksum(run_dir: Path, optimizer: Estimator, start_step: int) -> str:
         if head:
             raise ValueError(f"{run_dir} holds a run at step {head.get('step')} ({CHECKPOINT}): continue it with "
                              "resume(), or train in an empty folder")
-        return weights_sha256(optimizer_params(optimizer))
+        if optimizer.base_sha256 is None:  # (kept: the first step does not hash the weights again)
+            optimizer.base_sha256 = weights_sha256(optimizer_params(optimizer))
+        return optimizer.base_sha256
     saved = load_checkpoint(run_dir) if head else {}
     if saved.get("step") != start_step:
         raise ValueError(f"cannot continue {run_dir} at step {start_step}: its {CHECKPOINT} is not at that step")

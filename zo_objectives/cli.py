@@ -54,12 +54,12 @@ from zo_objectives.config import (
 )
 from zo_objectives.estimators import get_estimator
 from zo_objectives.evaluate import evaluate_metrics, predict_all, sharded_predict_all
+from zo_objectives.export import export_run
 from zo_objectives.models import (
     apply_peft,
     auto_dtype,
     cpu_has_bf16,
     cpu_name,
-    export_run,
     load_model,
     load_run_weights,
     select_trainable,
@@ -81,14 +81,13 @@ from zo_objectives.runfolder import (
     EVAL,
     RUN_FILES,
     WEIGHTS,
-    check_sealed,
+    check_run_weights,
     clean,
     holds_files,
     left_before_first_checkpoint,
     lock,
     new_manifest,
     read_json,
-    read_manifest,
     write_sealed,
 )
 from zo_objectives.scoring import chat_formatted, predictor_for
@@ -544,20 +543,6 @@ def _json_writer(data: Any) -> Callable[[str], None]:
     return lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1))
 
 
-def check_run_weights(run_dir: Path) -> None:
-    """Refuse a run folder whose weights or settings are not the ones its run wrote, or whose weights are of
-    an earlier step than its checkpoint (a resumed run that has not finished)."""
-    manifest = read_manifest(run_dir)
-    check_sealed(run_dir, CONFIG, manifest)
-    if not (run_dir / WEIGHTS).exists():
-        raise ValueError(f"no {WEIGHTS} in {run_dir}: is it a finished zo-tune run folder?")
-    weights = check_sealed(run_dir, WEIGHTS, manifest)
-    step = read_json(run_dir / CHECKPOINT).get("step") if (run_dir / CHECKPOINT).exists() else None
-    if step is not None and step != weights.get("step"):
-        raise ValueError(f"{run_dir / WEIGHTS} holds the weights of step {weights.get('step')} but the run's "
-                         f"checkpoint is at step {step}: finish it with zo-tune --output-dir {run_dir} --resume")
-
-
 def evaluate_run(config: EvalConfig) -> dict:
     """Evaluate ``config.model`` (or the tuned weights of ``config.run``) on the task; print and return the result."""
     for plugin in config.plugin:
@@ -711,8 +696,9 @@ def eval_main(argv: list[str] | None = None) -> int:
 
 def export_parser() -> Parser:
     parser = Parser(ExportConfig, "zo-export", "Write a zo-tune run's tuned model as a Hugging Face folder: a full "
-                                               "model, or a PEFT adapter for --peft lora/prefix runs.")
-    parser.add_argument("run_dir", help="a finished zo-tune run folder")
+                                               "model, or a PEFT adapter for --peft lora/prefix runs, with the task "
+                                               "(task.json) and a model card (README.md).")
+    parser.add_argument("run_dir", help="a zo-tune run folder (a stopped run: its checkpoint's step)")
     parser.add_argument("out_dir", help="the folder to write (new or empty)")
     return parser
 
@@ -721,9 +707,19 @@ def export_main(argv: list[str] | None = None) -> int:
     parser = export_parser()
     try:
         args, given = parser.given(argv)
-        out = export_run(args.run_dir, args.out_dir, merge=ExportConfig(**given).merge)
+        config = ExportConfig(**given)
+        with sigterm_as_interrupt():  # a stop removes the export's temporary folder
+            out = export_run(args.run_dir, args.out_dir, merge=config.merge, best=config.best)
     except (ValueError, FileNotFoundError) as err:
         return _fail(parser.prog, err)
+    except OSError as err:  # a full disk, a read-only folder: nothing is left behind
+        where = f"{err.filename}: " if err.filename else ""
+        return _fail(parser.prog, f"cannot write {args.out_dir}: {where}{err.strerror or err} (nothing was written)")
+    except KeyboardInterrupt as err:
+        signum = getattr(err, "signum", signal.SIGINT)
+        print(f"{parser.prog}: stopped by {signal.Signals(signum).name}; {args.out_dir} was not written",
+              file=sys.stderr)
+        return 128 + signum
     print(f"zo-export: wrote {out}", file=sys.stderr)
     return 0
 

@@ -266,6 +266,8 @@ class ExportConfig:
     """A ``zo-export`` export (the run folder and output folder are its two positional arguments)."""
 
     merge: bool = arg(False, "LoRA runs: merge the adapter into the weights and write a full model folder")
+    best: bool = arg(False, "export the weights of the run's best evaluation in its metrics.jsonl (rebuilt by "
+                            "replaying its trajectory to that step) instead of its last step")
 
     def __post_init__(self) -> None:
         check(self)

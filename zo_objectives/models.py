@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import json
 import os
 import platform
 import re
@@ -128,6 +127,20 @@ def tiny_random_model(seed: int = 0, vocab_size: int = 512) -> torch.nn.Module:
     )
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
+
+
+def to_dtype_as_loaded(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``model.to(dtype)`` as ``from_pretrained(..., dtype=dtype)`` would build it: the buffers a checkpoint does
+    not hold (non-persistent, such as the rotary ``inv_freq``) keep the dtype the model's code computed them in.
+
+    Why: ``.to(bf16)`` rounds Llama's fp32 ``inv_freq`` to bf16, ``from_pretrained`` keeps it fp32; a bf16 run of
+    a model built one way and exported to be loaded the other way gave logits 0.0039 apart (issue 35)."""
+    kept = [(module, name, buffer) for module in model.modules() for name, buffer in module._buffers.items()
+            if buffer is not None and name in module._non_persistent_buffers_set]
+    model.to(dtype)
+    for module, name, buffer in kept:
+        module._buffers[name] = buffer
+    return model
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -282,7 +295,7 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: str | torch.dtype = "fp
         path = smollm2_folder()
         tokenizer = AutoTokenizer.from_pretrained(path)
         if name_or_path == "tiny-random":
-            model = tiny_random_model(vocab_size=len(tokenizer)).to(dtype)
+            model = to_dtype_as_loaded(tiny_random_model(vocab_size=len(tokenizer)), dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     else:
@@ -395,46 +408,3 @@ def load_run_weights(model: torch.nn.Module, run_dir: Path) -> None:
     with torch.no_grad():
         for name, value in tuned.items():
             params[name].copy_(value)
-
-
-def export_run(run_dir: str | Path, out_dir: str | Path, *, merge: bool = False) -> Path:
-    """Write a zo-tune run's tuned model as a Hugging Face ``save_pretrained`` folder, with its tokenizer.
-
-    A run that tuned the weights gives a model folder that ``AutoModelForCausalLM.from_pretrained(out_dir)`` loads.
-    A LoRA or prefix run gives a PEFT adapter folder (``adapter_config.json``, ``adapter_model.safetensors``) that
-    ``PeftModel.from_pretrained(base, out_dir)`` loads over the run's base model (``base_model_name_or_path`` names
-    its folder; ``tiny-random`` has none: build it with ``load_model("tiny-random")``); with ``merge`` (LoRA only),
-    the adapter merged into a full model folder instead. ``out_dir`` must not exist or be empty; it is written
-    whole or not at all. Returns ``out_dir``.
-    """
-    run_dir, out_dir = Path(run_dir), Path(out_dir)
-    try:
-        run = json.loads((run_dir / "config.json").read_text())
-        name, kind, dtype = run["model"], run.get("peft", "none"), run.get("dtype", "fp32")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{run_dir} is not a zo-tune run folder: its config.json does not load or names no "
-                         f"model ({type(err).__name__}: {_first_line(err)})") from None
-    if not (run_dir / "model.safetensors").is_file():
-        raise ValueError(f"no model.safetensors in {run_dir}: is it a finished zo-tune run folder?")
-    if merge and kind != "lora":
-        raise ValueError(f"merge applies to LoRA runs; {run_dir} tuned {'the weights' if kind == 'none' else kind}")
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise ValueError(f"{out_dir} exists and is not an empty folder: choose a new output folder")
-    model, tokenizer = load_model(name, dtype=dtype)
-    model = apply_peft(model, kind)
-    load_run_weights(model, run_dir)
-    if merge:
-        model = model.merge_and_unload()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")  # mkdir, not mkdtemp: the umask's permissions
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            out_dir.rmdir()  # empty: checked above
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from metrics import Metric, MetricError, get_metric, list_metrics
+from metrics import MACRO_F1, Metric, MetricError, get_metric, list_metrics
 from zo_objectives import distributed
 from zo_objectives.scoring import Batch, prompts_seed, sampling_seed
 from zo_objectives.step import current_step
@@ -239,6 +239,43 @@ class MetricObjective(Objective):
     @property
     def greater_is_better(self) -> bool:
         return self.metric.greater_is_better
+
+
+def soft_macro_f1(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Macro-F1 over every class (the columns of ``probs``, shape (examples, classes)), the examples' predictions
+    drawn from ``probs``: each class counts, whether the batch holds it or not.
+
+    A class the labels hold scores 2 TP / (2 TP + FP + FN) from its expected counts (TP = sum of its probability
+    on its rows, FP on the other rows, FN = its rows' probability of other classes). A class they do not hold
+    has F1 1 when no row is predicted as it and 0 otherwise (scikit-learn's ``zero_division=1`` over all labels):
+    its expectation, the probability that no row is, prod_i (1 - p_ic), falls as the batch leans towards it.
+    """
+    onehot = torch.nn.functional.one_hot(labels, probs.shape[1]).to(probs.dtype)
+    tp, fp, fn = (probs * onehot).sum(0), (probs * (1 - onehot)).sum(0), ((1 - probs) * onehot).sum(0)
+    present = onehot.sum(0) > 0
+    f1 = torch.where(present, 2 * tp / (2 * tp + fp + fn).clamp(min=1e-12), (1 - probs).prod(0))
+    return f1.mean()
+
+
+@dataclass
+class MacroF1Objective(MetricObjective):
+    """``macro_f1`` as an objective: macro-F1 over all the task's classes, every class counted even when the batch
+    has no example of it (:func:`soft_macro_f1`), from predictions drawn from softmax(scores / T).
+
+    Why: ``f1``'s expectation is taken per batch over the classes it holds or predicts; with 6 of 40 rows of one
+    class and batches of 8, many batches hold none of it, and those steps give that class no weight. Stateless
+    (a function of the weights and the batch), so a resumed run replays as the uninterrupted one. Generation
+    tasks (no class scores) and ``smoothing=0`` fall back to the metric objective's expectation and hard metric.
+    """
+
+    def expected(self, model: torch.nn.Module, batch: Batch) -> float:
+        if not hasattr(self.predictor, "scores"):
+            return super().expected(model, batch)
+        scores = self.predictor.scores(model, batch).double()
+        probs = (scores / self.smoothing).log_softmax(-1).exp().nan_to_num(0.0)
+        value = float(soft_macro_f1(probs, torch.tensor(references(batch))))
+        self.last_values = {self.name: value}
+        return value
 
 
 @dataclass
@@ -547,6 +584,8 @@ def make_objective(spec: str | Callable | Any, predictor: Any, *, greater_is_bet
       multiple-choice tasks this is cross-entropy under another name (the same loss and projected gradients).
     - ``form="mean"``: the expected metric itself; ``smoothing=0``: the hard metric (it ties on most steps).
       Metrics that are not means over examples (macro ``"f1"``) are optimized in the mean form.
+    - ``"macro_f1"``: macro-F1 over every class of the task, those a batch lacks included
+      (:class:`MacroF1Objective`); ``"f1"`` takes each batch's classes only.
 
     ``greater_is_better`` and ``per_example`` (the metric is a mean of per-example scores, so its expectation
     is exact; registered metrics declare it, functions and ``.compute`` objects default to False) override
@@ -590,7 +629,8 @@ def make_objective(spec: str | Callable | Any, predictor: Any, *, greater_is_bet
         metric = replace(metric, greater_is_better=greater_is_better)  # a copy: the registry keeps its own
     if per_example is not None and metric.per_example != per_example:
         metric = replace(metric, per_example=per_example)
-    return MetricObjective(metric, predictor, smoothing=smoothing, samples=samples, form=form,
+    kind = MacroF1Objective if metric.name == MACRO_F1 and metric.fn is get_metric(MACRO_F1).fn else MetricObjective
+    return kind(metric, predictor, smoothing=smoothing, samples=samples, form=form,
                            sequence_score=sequence_score, support=support)
 
 

@@ -4,8 +4,9 @@ A ``zo-tune`` run folder holds ``config.json`` (the settings), ``eval.json``, ``
 step), the checkpoint (``trajectory.json``, a small head, and ``trajectory.jsonl``, the records it covers),
 ``model.safetensors`` and ``curve.png``. ``manifest.json`` names the run (a random id the checkpoint repeats)
 and holds the sha256 of config.json, eval.json and model.safetensors (with the step the weights are of), so a
-file edited, damaged or copied in from another run is refused on ``--resume`` and by ``zo-eval --run`` with
-one line naming it. A run holds an exclusive lock on its folder (``.zo-lock``) from its checks to its end.
+file edited, damaged or copied in from another run is refused on ``--resume``, by ``zo-eval --run`` and by
+``zo-export`` with one line naming it. A run holds an exclusive lock on its folder (``.zo-lock``) from its
+checks to its end.
 
 Every file is written to a hidden temporary name beside it and renamed into place (a crash leaves the old
 file or the new one); a run removes the temporaries a killed run left.
@@ -228,3 +229,19 @@ def truncate_log(path: Path, step: int) -> None:
     if path.exists():
         kept = checked_log(path, step)
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
+
+
+def check_run_weights(run_dir: Path) -> dict:
+    """Refuse a run folder whose weights or settings are not the ones its run wrote, or whose weights are of
+    an earlier step than its checkpoint (a resumed run that has not finished); return what the manifest records
+    of the weights (their step)."""
+    manifest = read_manifest(run_dir)
+    check_sealed(run_dir, CONFIG, manifest)
+    if not (run_dir / WEIGHTS).exists():
+        raise ValueError(f"no {WEIGHTS} in {run_dir}: is it a finished zo-tune run folder?")
+    weights = check_sealed(run_dir, WEIGHTS, manifest)
+    step = read_json(run_dir / CHECKPOINT).get("step") if (run_dir / CHECKPOINT).exists() else None
+    if step is not None and step != weights.get("step"):
+        raise ValueError(f"{run_dir / WEIGHTS} holds the weights of step {weights.get('step')} but the run's "
+                         f"checkpoint is at step {step}: finish it with zo-tune --output-dir {run_dir} --resume")
+    return weights

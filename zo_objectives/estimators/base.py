@@ -13,6 +13,7 @@ and what coefficient each seed gets (:mod:`.mezo`, :mod:`.population`), and regi
 from __future__ import annotations
 
 import bisect
+import hashlib
 import math
 import signal
 import threading
@@ -153,6 +154,7 @@ class Estimator(Optimizer):
                            chunk_size=chunk_size or (1 << 24 if on_gpu else 1 << 18))
         self.num_perturbations_done = 0
         self.trajectory: list[dict] = []
+        self.base_sha256: str | None = None  # the weights before the first step (replay checks it)
         self.warned_training = False
 
     def add_param_group(self, param_group: dict) -> None:
@@ -208,6 +210,8 @@ class Estimator(Optimizer):
         """The update, the only write to the weights, whole or not at all (signals wait for it): every tensor that
         moves (a learning rate, and terms or weight decay) by :meth:`_move`; then the record is kept."""
         terms = self._terms(record)
+        if not self.trajectory and self.base_sha256 is None:  # the weights the trajectory must be replayed onto
+            self.base_sha256 = weights_sha256(p for _, p, _ in self.trainable())
         with signals_deferred():
             moving = []
             for index, p, group in self.trainable():
@@ -323,7 +327,8 @@ class Estimator(Optimizer):
 
     def state_dict(self) -> dict:
         state = super().state_dict()
-        state["mezo"] = {"estimator": self.name, **self.config(), "num_perturbations_done": self.num_perturbations_done,
+        state["mezo"] = {"estimator": self.name, **self.config(), "base_sha256": self.base_sha256,
+                         "num_perturbations_done": self.num_perturbations_done,
                          "params": describe_params(p for group in self.param_groups for p in group["params"]),
                          "trajectory": [dict(r) for r in self.trajectory]}
         return state
@@ -339,6 +344,7 @@ class Estimator(Optimizer):
         super().load_state_dict(state_dict)
         self.num_perturbations_done = saved["num_perturbations_done"]
         self.trajectory = [dict(r) for r in saved["trajectory"]]
+        self.base_sha256 = saved.get("base_sha256")
 
     def replay_record(self, record: dict) -> None:
         """Apply one trajectory record to the weights with the same arithmetic as training (bitwise)."""
@@ -350,3 +356,14 @@ class Estimator(Optimizer):
 def describe_params(params: Iterable[torch.Tensor]) -> list[list]:
     """[dtype, shape] of each parameter: what replay checks the parameters it is given against."""
     return [[str(p.dtype).removeprefix("torch."), list(p.shape)] for p in params]
+
+
+def weights_sha256(params: Iterable[torch.Tensor]) -> str:
+    """sha256 over the tensors' dtypes, shapes and bytes, in order: identifies the weights a trajectory must
+    be replayed onto."""
+    digest = hashlib.sha256()
+    for p in params:
+        t = p.detach().cpu().contiguous()
+        digest.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()

@@ -1,0 +1,106 @@
+"""Macro-F1 as the objective against cross-entropy on an imbalanced task: held-out macro-F1, seed by seed.
+
+CB (shipped: 32 rows, 19 entailment / 10 contradiction / 3 neutral) is tuned with ``--objective macro_f1`` (macro-F1
+over every class, those a batch lacks included: ``zo_objectives.objectives.MacroF1Objective``) and with
+``--objective cross_entropy``, each with its default lr, on the rows of the training pool that
+``--heldout-fraction`` leaves, and evaluated on the rows it holds out (drawn by the seed, never trained on):
+macro-F1 first, accuracy beside it. Each run is a zo-tune run folder under ``--output``; a folder whose run
+finished is read back, so an interrupted invocation picks up where it stopped.
+
+    python benchmarks/macro_f1.py --write          # smollm2-135m, 300 steps, seeds 0 1 2 (the lead's full run)
+    python benchmarks/macro_f1.py --quick          # tiny-random, 2 steps, one seed: checks that the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import publish  # noqa: E402
+
+from zo_objectives.cli import tune  # noqa: E402
+from zo_objectives.config import TuneConfig  # noqa: E402
+
+OBJECTIVES = ("cross_entropy", "macro_f1")
+METRICS = ["macro_f1", "accuracy"]  # held-out, the headline first
+
+
+def run_one(args: argparse.Namespace, objective: str, seed: int) -> dict:
+    """One run's eval.json (tuned now, or read back from a finished run folder) with its minutes."""
+    folder = Path(args.output) / args.task / f"{objective}-s{seed}"
+    done = folder / "eval.json"
+    if done.exists() and json.loads(done.read_text()).get("after") is not None:
+        return json.loads(done.read_text())
+    config = TuneConfig(model=args.model, task=args.task, objective=objective, seed=seed, steps=args.steps,
+                        batch_size=args.batch_size, heldout_fraction=args.heldout_fraction, metrics=METRICS,
+                        eval_every=0, output_dir=str(folder), progress=False, dtype=args.dtype)
+    began = time.time()
+    summary = tune(config, overwrite=True)
+    print(f"{objective} seed {seed}: held-out macro-F1 {summary['before']:.4f} -> {summary['after']:.4f} "
+          f"({(time.time() - began) / 60:.1f} min)", flush=True)
+    return summary
+
+
+def mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.1f} (sd {100 * sd:.1f})"
+
+
+def main(argv: list[str] | None = None) -> list[list]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--task", default="cb", help="an imbalanced classification task (default: CB)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--heldout-fraction", type=float, default=0.5,
+                        help="the share of the training pool held out for evaluation (CB: 16 of 32 rows at 0.5)")
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--output", default="runs/macro_f1", help="where the run folders go")
+    parser.add_argument("--quick", action="store_true", help="tiny-random, 2 steps, seed 0: check that it runs")
+    parser.add_argument("--write", action="store_true", help="store benchmarks/results/macro_f1.json and its "
+                                                             "BENCHMARKS.md section")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.model, args.steps, args.seeds = "tiny-random", 2, [0]
+        args.output = str(Path(args.output) / "quick")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {(o, s): run_one(args, o, s) for s in args.seeds for o in OBJECTIVES}
+    rows = []
+    for seed in args.seeds:
+        for objective in OBJECTIVES:
+            r = results[objective, seed]
+            rows.append([seed, objective, f"{100 * r['before']:.1f}", f"{100 * r['after']:.1f}",
+                         f"{100 * r['after_metrics']['accuracy']:.1f}", f"{r['train_seconds'] / 60:.1f}"])
+    for objective in OBJECTIVES:
+        mine = [results[objective, s] for s in args.seeds]
+        rows.append(["mean", objective, mean_sd([r["before"] for r in mine]), mean_sd([r["after"] for r in mine]),
+                     mean_sd([r["after_metrics"]["accuracy"] for r in mine]), ""])
+    first = results[OBJECTIVES[0], args.seeds[0]]
+    header = ["seed", "objective", "held-out macro-F1 before", "held-out macro-F1 after", "held-out accuracy after",
+              "minutes"]
+    title = (f"{args.model} on {args.task}, {args.steps} steps, batch {args.batch_size}, each objective with its "
+             f"default lr; evaluated on the {first['examples']} rows of the training pool held out by "
+             f"--heldout-fraction {args.heldout_fraction} (drawn by the seed, never trained on), x 100. macro_f1 "
+             "counts every class in every batch; cross_entropy is MeZO's objective.")
+    publish("macro_f1", f"Macro-F1 objective against cross-entropy ({args.task})", title, header, rows, "cpu",
+            args.write and not args.quick,
+            params={"task": args.task, "model": args.model, "steps": args.steps, "seeds": args.seeds,
+                    "batch_size": args.batch_size, "heldout_fraction": args.heldout_fraction,
+                    "after": {o: [results[o, s]["after"] for s in args.seeds] for o in OBJECTIVES}})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
