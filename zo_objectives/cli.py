@@ -86,7 +86,7 @@ from zo_objectives.runfolder import (
     read_manifest,
     write_sealed,
 )
-from zo_objectives.scoring import chat_formatted, predictor_for
+from zo_objectives.scoring import chat_formatted, conversational, predictor_for
 from zo_objectives.train import (
     Stopped,
     check_run_folder,
@@ -271,16 +271,17 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
         select_trainable(model, config.trainable)
     except re.error as err:
         raise UsageError(f"--trainable {config.trainable!r} is not a regular expression: {err}") from err
-    predictor = predictor_for(task, tokenizer, max_length=config.max_length, model=model)
+    generation = {"max_new_tokens": config.max_new_tokens, "stop": config.stop}
+    predictor = predictor_for(task, tokenizer, max_length=config.max_length, model=model, **generation)
     if config.reward:
         generator = predictor_for(task, tokenizer, max_length=config.max_length,
-                                  temperature=config.sample_temperature)
+                                  temperature=config.sample_temperature, top_p=config.top_p, **generation)
         if not hasattr(generator, "generate"):
             raise UsageError(f"--reward needs a generation task (such as squad); {task.name} is {task.kind}")
         objective = RewardObjective(generator, reward_functions(config.reward), config.reward_weights,
                                     candidates=config.reward_candidates, timeout=config.reward_timeout or None)
         # a reward that fails fails now, on a gold answer
-        ex = task.examples("train", n=1, seed=config.seed, source=config.data_source)[0]
+        ex = conversational(task.examples("train", n=1, seed=config.seed, source=config.data_source), tokenizer)[0]
         score = objective.scores([ex["prompt"]], [ex["target"].strip()], reward_columns([ex]))[0]
         if not math.isfinite(score):
             raise UsageError(f"--reward gives {score} on a gold answer: rewards must be finite numbers")
@@ -306,6 +307,7 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
     for metric in metrics:  # a metric that cannot score these predictions fails now, not at the first evaluation
         check_metric(metric, predictor, "hard")
     train_set, dev_set, split = split_examples(config, task)
+    train_set, dev_set = conversational(train_set, tokenizer), conversational(dev_set, tokenizer)  # prompts as messages
     if config.chat_template:
         train_set, dev_set = chat_formatted(train_set, tokenizer), chat_formatted(dev_set, tokenizer)
     if config.batch_size > len(train_set):
@@ -558,7 +560,8 @@ def evaluate_run(config: EvalConfig) -> dict:
     model.to(device)
     if config.chat_template:
         examples = chat_formatted(examples, tokenizer)
-    predictor = predictor_for(task, tokenizer, max_length=config.max_length, model=model)
+    predictor = predictor_for(task, tokenizer, max_length=config.max_length, model=model,
+                              max_new_tokens=config.max_new_tokens, stop=config.stop)
     for metric in metrics:
         check_metric(metric, predictor, "hard")
     values = evaluate_metrics(model, predictor, examples, metrics, config.batch_size)
@@ -589,7 +592,8 @@ TRUST_HELP = ("import the plugins and reward modules that --config or a run fold
 
 # The settings a zo-eval --run takes from the run's config.json unless given
 RUN_SETTINGS = ("model", "task", "data_source", "data", "dev_data", "template", "label_words", "labels", "label_column",
-                "answer_column", "plugin", "max_length", "dtype", "metrics", "chat_template", "heldout_fraction")
+                "answer_column", "plugin", "max_length", "dtype", "metrics", "chat_template", "heldout_fraction",
+                "max_new_tokens", "stop")
 
 
 def tune_parser() -> Parser:

@@ -1,0 +1,144 @@
+"""Issue 34: the reward and metric paths as a TRL or Trainer user meets them: generation settings, TRL's
+conversational format, the measured reward defaults, completions in the open, names, one set of defaults and a
+Trainer-style entry (ZOTrainer)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from zo_objectives.cli import tune_main, tune_parser
+from zo_objectives.config import OBJECTIVE_DEFAULTS, REWARD, TuneConfig
+from zo_objectives.scoring import GenerationPredictor
+
+pytestmark = [pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`"),
+              pytest.mark.filterwarnings("ignore:.* prompts cut from the left")]
+
+BASE = ["--model", "tiny-random", "--batch-size", "2", "--eval-size", "2", "--no-progress", "--no-eval-before"]
+
+
+def rows(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+class Scripted(torch.nn.Module):
+    """A 'model' whose generate() returns the token ids of scripted texts: the predictor's cutting and warnings
+    are tested on text a real instruct model writes."""
+
+    def __init__(self, tokenizer, texts: list[str], width: int | None = None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = type("C", (), {"max_position_embeddings": 512})()
+        self.tokenizer, self.texts, self.width = tokenizer, texts, width
+
+    def generate(self, input_ids, max_new_tokens, **kwargs):
+        rows = [self.tokenizer.encode(t, add_special_tokens=False)[:max_new_tokens] for t in self.texts]
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        new = torch.tensor([r + [pad] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, new], 1)
+
+
+# 1. Generation settings
+def test_generation_flags_reach_the_generator_and_are_recorded(tmp_path, capsys, monkeypatch):
+    import zo_objectives.scoring as scoring
+
+    built = []
+    init = scoring.GenerationPredictor.__init__
+    monkeypatch.setattr(scoring.GenerationPredictor, "__init__",
+                        lambda self, *a, **kw: built.append(kw) or init(self, *a, **kw))
+    run = tmp_path / "run"
+    code = tune_main([*BASE, "--task", "squad", "--reward", "token_f1", "--max-new-tokens", "24", "--stop", "\\n\\n",
+                      "}", "--temperature", "0.7", "--top-p", "0.9", "--steps", "1", "--population", "0",
+                      "--output-dir", str(run)])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((run / "config.json").read_text())
+    assert (config["max_new_tokens"], config["stop"], config["sample_temperature"], config["top_p"]) == (
+        24, ["\n\n", "}"], 0.7, 0.9)
+    sampler = [kw for kw in built if kw.get("temperature")]
+    assert sampler and sampler[0]["max_new_tokens"] == 24 and sampler[0]["stop"] == ["\n\n", "}"]
+    assert sampler[0]["top_p"] == 0.9
+    assert TuneConfig().stop == ["\n"]  # the default made explicit (and written to config.json)
+    assert TuneConfig(stop=[""]).stop == []  # --stop '' : none
+    assert "--max-new-tokens" in tune_parser().format_help() and "--top-p" in tune_parser().format_help()
+
+
+def test_a_stop_that_cuts_json_to_a_brace_is_warned(tokenizer):
+    model = Scripted(tokenizer, ['{\n  "answer": 3\n}', '{\n  "answer": 4\n}'])
+    generator = GenerationPredictor(tokenizer, max_new_tokens=32)
+    with pytest.warns(UserWarning, match=r"2 of 2 completions were cut at a stop string .*'\{'.*--stop"):
+        assert generator.generate(model, ["a", "b"]) == ["{", "{"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert generator.generate(model, ["a", "b"]) == ["{", "{"]  # warned once
+        whole = GenerationPredictor(tokenizer, max_new_tokens=32, stop=[])
+        assert json.loads(whole.generate(model, ["a", "b"])[0]) == {"answer": 3}  # no stop: the whole answer
+        fine = GenerationPredictor(tokenizer, max_new_tokens=32)
+        assert fine.generate(Scripted(tokenizer, ["Paris\n", "Rome\n"]), ["a", "b"]) == ["Paris", "Rome"]
+
+
+def test_completions_cut_by_the_length_limit_are_warned(tokenizer):
+    model = Scripted(tokenizer, ["one two three four five six seven eight nine ten"] * 3)
+    with pytest.warns(UserWarning, match="3 of 3 completions reached max_new_tokens=4 unfinished"):
+        GenerationPredictor(tokenizer, max_new_tokens=4).generate(model, ["a", "b", "c"])
+
+
+# 9. TRL's conversational format
+CONVERSATIONAL_REWARD = '''
+import json
+
+
+def short_reply(prompts, completions, **kwargs):
+    """TRL's conversational reward: each completion a list of one assistant message."""
+    with open("seen.jsonl", "a") as f:
+        f.write(json.dumps({"prompts": prompts, "completions": completions}) + "\\n")
+    return [1.0 / (1 + len(c[0]["content"])) for c in completions]
+'''
+
+
+def test_conversational_prompts_and_rewards_as_trl_gives_them(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conv.py").write_text(CONVERSATIONAL_REWARD)
+    lines = [{"prompt": [{"role": "system", "content": "Answer in one word."},
+                         {"role": "user", "content": f"Name a {w}."}], "topic": w}
+             for w in ["colour", "fruit", "city", "river"]]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    run = tmp_path / "run"
+    code = tune_main([*BASE, "--data", "chat.jsonl", "--reward", "conv.py:short_reply", "--steps", "1",
+                      "--population", "0", "--output-dir", str(run)])
+    assert code == 0, capsys.readouterr().err  # was: IndexError: string index out of range
+    seen = [json.loads(line) for line in (tmp_path / "seen.jsonl").read_text().splitlines()]
+    assert seen and all(isinstance(p, list) and p[-1]["role"] == "user" for call in seen for p in call["prompts"])
+    assert all(c[0]["role"] == "assistant" and isinstance(c[0]["content"], str)
+               for call in seen for c in call["completions"])
+    assert {p[-1]["content"] for call in seen for p in call["prompts"]} <= {r["prompt"][-1]["content"] for r in lines}
+
+
+def test_conversational_examples_are_put_in_the_chat_template(tokenizer):
+    from zo_objectives.scoring import MESSAGES, conversational
+
+    messages = [{"role": "user", "content": "Hi?"}]
+    plain, chat = conversational([{"prompt": "x", "raw": {"prompt": "x"}},
+                                  {"prompt": str(messages), "raw": {"prompt": messages}}], tokenizer)
+    assert plain == {"prompt": "x", "raw": {"prompt": "x"}}
+    assert chat["prompt"] == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert chat[MESSAGES] == messages
+
+
+# 2. The measured reward setting by default
+def test_reward_runs_default_to_the_measured_setting_and_flags_override(tmp_path, capsys):
+    measured = OBJECTIVE_DEFAULTS[REWARD]
+    run = tmp_path / "run"
+    assert tune_main([*BASE, "--task", "arith", "--steps", "1", "--output-dir", str(run)]) == 0, (
+        capsys.readouterr().err)
+    config = json.loads((run / "config.json").read_text())
+    assert {k: config[k] for k in measured} == measured
+    assert config["optimizer"]["population"] == measured["population"]  # the estimator that ran
+    old = TuneConfig(task="arith", population=0)  # the old behaviour, one flag away: MeZO, sgd, generic lr/eps
+    assert (old.population, old.update, old.lr, old.eps) == (0, "sgd", None, None)
+    assert TuneConfig(task="arith", lr=5e-4).lr == 5e-4 and TuneConfig(task="arith", update="sgd").population == 0
+    plain = TuneConfig(task="sst2")
+    assert (plain.population, plain.update, plain.lr) == (0, "sgd", None)  # other objectives as before
