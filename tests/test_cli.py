@@ -56,7 +56,7 @@ def test_tune_writes_the_run_folder(straight_run):
     log = rows(run)
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     # the loss minimized (log form: -mean log expected accuracy > 0) and the batch's expected accuracy
-    assert all(r["loss"] > 0 and 0 < r["accuracy"] < 1 and "objective" not in r for r in log)
+    assert all(r["loss"] > 0 and 0 < r["train/accuracy"] < 1 and "objective" not in r for r in log)
     assert [("eval" in r) for r in log] == [False, True, False, True]
     assert all(r["seconds"] > 0 and r["cpu_seconds"] > 0 for r in log)  # each step's wall and process CPU time
     config = json.loads((run / "config.json").read_text())
@@ -623,7 +623,7 @@ def test_the_optimized_metric_is_reported_and_metric_adds_others(tmp_path, capsy
     result = json.loads((run / "eval.json").read_text())
     assert result["metric"] == "accuracy" and set(result["after_metrics"]) == {"accuracy", "f1"}
     assert result["after"] == result["after_metrics"]["accuracy"]
-    assert all(set(r["eval_metrics"]) == {"accuracy", "f1"} for r in rows(run))
+    assert all({k for k in r if k.startswith("eval/")} == {"eval/accuracy", "eval/f1"} for r in rows(run))
     # zo-eval --run reports the run's metrics
     capsys.readouterr()
     assert eval_main(["--run", str(run)]) == 0

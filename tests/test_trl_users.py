@@ -142,3 +142,53 @@ def test_reward_runs_default_to_the_measured_setting_and_flags_override(tmp_path
     assert TuneConfig(task="arith", lr=5e-4).lr == 5e-4 and TuneConfig(task="arith", update="sgd").population == 0
     plain = TuneConfig(task="sst2")
     assert (plain.population, plain.update, plain.lr) == (0, "sgd", None)  # other objectives as before
+
+
+# 3. Completions in the open, TensorBoard, callbacks
+def test_completions_sample_tensorboard_and_callbacks(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from zo_objectives.cli import tune
+    from zo_objectives.reporting import SAMPLE
+
+    seen = []
+    run = tmp_path / "run"
+    config = TuneConfig(model="tiny-random", task="squad", reward=["token_f1"], population=0, steps=4, batch_size=2,
+                        eval_size=3, eval_every=2, log_completions_every=3, report_to=["tensorboard"],
+                        progress=False, output_dir=str(run))
+    tune(config, callbacks=[seen.append])
+    assert [r["step"] for r in seen] == [1, 2, 3, 4]  # each row, once logged
+    assert [r["loss"] for r in seen] == [r["loss"] for r in rows(run)]
+    samples = [json.loads(line) for line in (run / "completions.jsonl").read_text().splitlines()]
+    at = {(s["step"], s["split"]) for s in samples}
+    assert at == {(0, "eval"), (2, "eval"), (3, "train"), (4, "eval")}  # before, at evaluations, every 3 steps
+    assert all(isinstance(s["completion"], str) and isinstance(s["reward"], float) for s in samples)
+    assert sum(s["step"] == 2 for s in samples) == min(3, SAMPLE)
+    events = EventAccumulator(str(run / "tb")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "train/reward", "rewards/token_f1", "eval/reward", "tied"} <= tags
+    assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in rows(run)])
+
+
+def test_completions_log_drops_a_torn_line(tmp_path):
+    from zo_objectives.reporting import append_jsonl
+
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "compl')  # a kill mid-line
+    append_jsonl(path, [{"step": 3}])
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [{"step": 1}, {"step": 3}]
+
+
+# 5. One name, one number
+def test_training_and_evaluation_values_have_their_own_names(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert tune_main(["--model", "tiny-random", "--task", "sst2", "--train-size", "16", "--batch-size", "4",
+                      "--eval-size", "8", "--objective", "f1", "--steps", "2", "--eval-every", "2",
+                      "--output-dir", str(run)]) == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "train/f1 (expected, batch)" in err and "eval/f1" in err  # the progress bar
+    log = rows(run)
+    assert all("train/f1" in r and "f1" not in r for r in log) and "eval/f1" in log[-1]
+    summary = json.loads((run / "eval.json").read_text())
+    assert summary["after"] == log[-1]["eval/f1"]

@@ -19,7 +19,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -50,6 +50,7 @@ from zo_objectives.config import (
     read_config,
 )
 from zo_objectives.models import (
+    DTYPES,
     apply_peft,
     auto_dtype,
     cpu_has_bf16,
@@ -70,8 +71,16 @@ from zo_objectives.objectives import (
 from zo_objectives.optimizer import MeZO, make_scheduler
 from zo_objectives.plots import plot_run
 from zo_objectives.population import Population
+from zo_objectives.reporting import (
+    SAMPLE,
+    TENSORBOARD,
+    CompletionsLog,
+    tensorboard_callback,
+    tensorboard_writer,
+)
 from zo_objectives.runfolder import (
     CHECKPOINT,
+    COMPLETIONS,
     CONFIG,
     EVAL,
     RUN_FILES,
@@ -261,11 +270,15 @@ class Run:
     facts: dict  # what config.json holds beside the settings
 
 
-def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
-    """Load the model and build the objective; resolve lr, eps, smoothing and dtype. Nothing is written."""
+def prepare(config: TuneConfig, task: Task, device: torch.device, loaded: tuple | None = None) -> Run:
+    """Load the model (or take ``loaded``: a model and its tokenizer, already in memory) and build the objective;
+    resolve lr, eps, smoothing and dtype. Nothing is written."""
+    if loaded:  # its dtype is the one it has
+        dtype = next(loaded[0].parameters()).dtype
+        config = replace(config, dtype=next((k for k, v in DTYPES.items() if v == dtype), config.dtype))
     config = replace(config, dtype=_dtype(config.dtype, device))
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    model, tokenizer = loaded or load_model(config.model, dtype=config.dtype)
     model = apply_peft(model, config.peft, seed=config.seed).to(device)
     try:
         select_trainable(model, config.trainable)
@@ -392,7 +405,8 @@ POPULATION_SETTINGS = ("lr", "eps", "weight_decay", "seed", "noise", "update", "
 
 
 def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
-         allow_changed_settings: bool = False) -> dict:
+         allow_changed_settings: bool = False, callbacks: Sequence[Callable[[dict], None]] = (),
+         loaded: tuple | None = None) -> dict:
     """Tune a model as ``config`` says, in its run folder; return the summary that eval.json holds.
 
     ``resume`` continues the run folder from its checkpoint, with the settings of its config.json:
@@ -401,7 +415,9 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
     ``allow_changed_settings`` (config.json then records it under "resumed"). ``overwrite`` replaces an
     existing run folder: every file a run writes is removed before anything is written. The run holds the
     folder's lock from its checks to its end; a stop by SIGINT or SIGTERM raises :class:`Stopped` saying
-    where the run stopped and how to continue it.
+    where the run stopped and how to continue it. Each of ``callbacks`` is called with each row of
+    metrics.jsonl as it is logged (rank 0); ``loaded`` is (model, tokenizer) already in memory, tuned in place,
+    instead of loading ``config.model`` (which config.json then names).
     """
     rank, world = distributed.init()  # distributed: (0, 1) unless torchrun set WORLD_SIZE > 1
     main = rank == 0  # distributed: only rank 0 checks and writes the run folder, prints, shows progress
@@ -410,14 +426,16 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
     run_dir = Path(config.output_dir)
     with ExitStack() as held:
         try:
-            return _tune(config, task, run_dir, main, world, held, resume, overwrite, allow_changed_settings)
+            return _tune(config, task, run_dir, main, world, held, resume, overwrite, allow_changed_settings,
+                         callbacks, loaded)
         except KeyboardInterrupt as err:
             signum = getattr(err, "signum", signal.SIGINT)
             raise Stopped(stop_message(run_dir, signum), signum) from None
 
 
 def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int, held: ExitStack, resume: bool,
-          overwrite: bool, allow_changed_settings: bool) -> dict:
+          overwrite: bool, allow_changed_settings: bool, callbacks: Sequence[Callable[[dict], None]] = (),
+          loaded: tuple | None = None) -> dict:
     step, claimed = 0, False
     if main:
         check_run_dir(run_dir, resume, overwrite)
@@ -426,7 +444,12 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
             claimed = True
         if resume:
             step = check_resume_early(run_dir, config)
-    run = prepare(config, task, _device(config.device))
+    if main and "tensorboard" in config.report_to:  # checked before the folder is written
+        try:
+            import torch.utils.tensorboard  # noqa: F401
+        except ImportError as err:
+            raise UsageError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from err
+    run = prepare(config, task, _device(config.device), loaded)
     auto = config.dtype == "auto"
     config, model, metrics, dev_set = run.config, run.model, run.metrics, run.dev_set
     metric, split = metrics[0], run.split  # the headline metric, and what the evaluation set is
@@ -496,13 +519,15 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
     if main:
         print(f"zo-tune: {task.name}, objective {config.objective}, {run.facts['trainable_parameters']:,} trainable "
               f"parameters, {split} {metric.name} before: {_fmt(headline(before))}", file=sys.stderr)
+    hooks = [*reporters(config, run, run_dir, held, before_step=start if not resume else None), *callbacks] if (
+        main) else []
     t0 = time.perf_counter()
     history = train(model, optimizer, objective, run.train_set, steps=config.steps, batch_size=config.batch_size,
                     seed=config.seed, start_step=start, evaluate_fn=dev_metrics, eval_every=config.eval_every,
                     run_dir=run_dir if main else None, scheduler=scheduler, progress=main and config.progress,
-                    checkpoint_every=config.checkpoint_every)
+                    checkpoint_every=config.checkpoint_every, callbacks=hooks)
     last = history[-1] if history and "eval" in history[-1] else {}
-    after = last.get("eval_metrics") or ({metric.name: last["eval"]} if last else dev_metrics())
+    after = eval_values(last) or ({metric.name: last["eval"]} if last else dev_metrics())
     seconds = time.perf_counter() - t0
     ties = sum(r["tied"] for r in history) / max(1, len(history))
     summary = {"metric": metric.name, "split": split, "examples": len(dev_set), "before": headline(before),
@@ -519,6 +544,33 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
               f"{config.steps} steps ({seconds / 60:.1f} min, {ties:.0%} of steps tied). Run folder: {run_dir} "
               f"({', '.join(RUN_FILES)})", file=sys.stderr)
     return summary
+
+
+def eval_values(row: dict) -> dict[str, float]:
+    """A metrics.jsonl row's evaluation metrics by name: its ``eval/<name>`` values (``eval_metrics`` in rows
+    written before issue 34)."""
+    return {k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")} or dict(row.get("eval_metrics") or {})
+
+
+def reporters(config: TuneConfig, run: Run, run_dir: Path, held: ExitStack,
+              before_step: int | None = None) -> list[Callable[[dict], None]]:
+    """The run's own callbacks: a sample of completions in completions.jsonl (generation tasks and rewards: at
+    each evaluation, before tuning when ``before_step`` is given, and every ``log_completions_every`` steps), and
+    TensorBoard (``report_to``)."""
+    hooks: list[Callable[[dict], None]] = []
+    generator = run.predictor if hasattr(run.predictor, "generate") else None
+    if generator is not None:
+        log = CompletionsLog(run_dir / COMPLETIONS, run.model, generator, run.train_set, run.dev_set,
+                             config.batch_size, config.seed, config.log_completions_every,
+                             run.objective if config.reward else None)
+        if before_step is not None and config.eval_before:
+            log.write(before_step, "eval", run.dev_set[:SAMPLE])
+        hooks.append(log)
+    if "tensorboard" in config.report_to:
+        writer = tensorboard_writer(run_dir / TENSORBOARD)
+        held.callback(writer.close)
+        hooks.append(tensorboard_callback(writer))
+    return hooks
 
 
 def _json_writer(data: Any) -> Callable[[str], None]:
