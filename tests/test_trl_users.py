@@ -192,3 +192,79 @@ def test_training_and_evaluation_values_have_their_own_names(tmp_path, capsys):
     assert all("train/f1" in r and "f1" not in r for r in log) and "eval/f1" in log[-1]
     summary = json.loads((run / "eval.json").read_text())
     assert summary["after"] == log[-1]["eval/f1"]
+
+
+# A Trainer-style entry: a TRL GRPO script with only its import and class names changed
+GRPO_SCRIPT = '''
+from datasets import Dataset
+from zo_objectives import ZOConfig, ZOTrainer            # was: from trl import GRPOConfig, GRPOTrainer
+
+dataset = Dataset.from_dict({"prompt": ["The sky is", "Once upon a time", "My favourite food is", "Water is"]})
+
+
+def reward_len(completions, **kwargs):                    # TRL's quickstart reward: completions near 20 characters
+    return [-abs(20 - len(completion)) for completion in completions]
+
+
+training_args = ZOConfig(output_dir=OUTPUT, logging_steps=1, learning_rate=1e-3, per_device_train_batch_size=2,
+                         num_generations=4, max_completion_length=8, max_steps=2, report_to="none")
+trainer = ZOTrainer(model="tiny-random", reward_funcs=reward_len, args=training_args, train_dataset=dataset)
+trainer.train()
+trainer.save_model()
+'''
+
+
+def test_a_trl_grpo_script_runs_through_zotrainer(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "zo"
+    namespace = {"OUTPUT": str(out)}
+    exec(GRPO_SCRIPT, namespace)  # noqa: S102 (the user's script, as written)
+    trainer = namespace["trainer"]
+    log = rows(out)
+    assert [r["step"] for r in log] == [1, 2] and all("reward_len" in r["rewards"] for r in log)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["population"], config["max_new_tokens"], config["lr"], config["stop"]) == (4, 8, 1e-3, [])
+    assert [r["step"] for r in trainer.state.log_history] == [1, 2]
+    tuned = AutoModelForCausalLM.from_pretrained(out / "model")  # save_model: a Hugging Face folder
+    assert all(torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), trainer.model.state_dict().values()))
+    assert (out / "completions.jsonl").exists() and json.loads((out / "eval.json").read_text())["metric"] == "reward"
+
+
+def test_zotrainer_conversational_dataset_loaded_model_and_metric_form(tmp_path, capsys):
+    from datasets import Dataset
+
+    from zo_objectives import ZOConfig, ZOTrainer, load_model
+
+    model, tokenizer = load_model("tiny-random")
+    chats = Dataset.from_list([{"prompt": [{"role": "user", "content": f"Say {w}."}], "word": w}
+                               for w in ["yes", "no", "up", "down"]])
+    got = []
+
+    def says_word(completions, word, **kwargs):
+        got.extend(completions)
+        return [float(w in c[0]["content"]) for c, w in zip(completions, word)]
+
+    args = ZOConfig(output_dir=str(tmp_path / "chat"), per_device_train_batch_size=2, num_generations=2,
+                    max_completion_length=4, max_steps=1)
+    result = ZOTrainer(model=model, processing_class=tokenizer, reward_funcs=[says_word], args=args,
+                       train_dataset=chats, eval_dataset=chats).train()
+    assert got and all(c[0]["role"] == "assistant" for c in got) and result.global_step == 1
+    assert result.metrics["metric"] == "reward"
+
+    calls = []
+
+    def compute_metrics(eval_pred):  # a Trainer user's: an EvalPrediction in, a dict of figures out
+        calls.append(eval_pred)
+        return {"accuracy": float((eval_pred.predictions == eval_pred.label_ids).mean())}
+
+    reviews = Dataset.from_list([{"text": t, "label": y} for t, y in
+                                 [("great film", 1), ("awful film", 0), ("loved it", 1), ("hated it", 0)]])
+    args = ZOConfig(output_dir=str(tmp_path / "metric"), per_device_train_batch_size=2, max_steps=2,
+                    template="{text}. It was", label_words=[" bad", " good"], eval_strategy="steps", eval_steps=1)
+    result = ZOTrainer(model=model, processing_class=tokenizer, compute_metrics=compute_metrics, args=args,
+                       train_dataset=reviews, eval_dataset=reviews).train()
+    config = json.loads((tmp_path / "metric" / "config.json").read_text())
+    assert config["objective"] == "compute_metrics" and config["population"] == 0
+    assert calls and hasattr(calls[0], "label_ids") and 0 <= result.metrics["after"] <= 1
+    assert [("eval" in r) for r in rows(tmp_path / "metric")] == [True, True]

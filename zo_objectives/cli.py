@@ -528,6 +528,10 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
                     checkpoint_every=config.checkpoint_every, callbacks=hooks)
     last = history[-1] if history and "eval" in history[-1] else {}
     after = eval_values(last) or ({metric.name: last["eval"]} if last else dev_metrics())
+    if not last:  # evaluated after the loop: its sample of completions too
+        for hook in hooks:
+            if isinstance(hook, CompletionsLog):
+                hook.write(config.steps, "eval", dev_set[:SAMPLE])
     seconds = time.perf_counter() - t0
     ties = sum(r["tied"] for r in history) / max(1, len(history))
     summary = {"metric": metric.name, "split": split, "examples": len(dev_set), "before": headline(before),
