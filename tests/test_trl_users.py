@@ -268,3 +268,30 @@ def test_zotrainer_conversational_dataset_loaded_model_and_metric_form(tmp_path,
     assert config["objective"] == "compute_metrics" and config["population"] == 0
     assert calls and hasattr(calls[0], "label_ids") and 0 <= result.metrics["after"] <= 1
     assert [("eval" in r) for r in rows(tmp_path / "metric")] == [True, True]
+
+
+# 8. One set of defaults for the library and the CLI
+def test_library_and_cli_share_their_defaults(tmp_path, capsys, tokenizer):
+    from tasks import task_from_file
+    from zo_objectives import CrossEntropy, RewardObjective, make_objective, predictor_for
+    from zo_objectives.config import DEFAULT_LR, default_lr
+
+    (tmp_path / "reviews.csv").write_text("prompt,label\ngreat film. It was,1\nawful film. It was,0\n"
+                                          "loved it. It was,1\nhated it. It was,0\n")
+    task = task_from_file(tmp_path / "reviews.csv", name="reviews", label_words=[" bad", " good"])  # no template=
+    assert [ex["prompt"] for ex in task.examples("dev")][:1] == ["great film. It was"]
+    run = tmp_path / "run"
+    assert tune_main(["--model", "tiny-random", "--data", str(tmp_path / "reviews.csv"), "--label-words", " bad",
+                      " good", "--objective", "f1", "--steps", "1", "--batch-size", "2", "--no-progress",
+                      "--no-eval-before", "--output-dir", str(run)]) == 0, capsys.readouterr().err  # no --template
+    config = json.loads((run / "config.json").read_text())
+    predictor = predictor_for(task, tokenizer)
+    assert config["template"] == "{prompt}"
+    assert default_lr(make_objective("f1", predictor)) == config["lr"] == DEFAULT_LR["mean"]  # the library's lr
+    assert default_lr(make_objective("accuracy", predictor)) == DEFAULT_LR["log"]
+    assert default_lr(CrossEntropy(predictor)) == DEFAULT_LR["cross_entropy"]
+    greedy = GenerationPredictor(tokenizer)
+    measured = OBJECTIVE_DEFAULTS[REWARD]
+    reward = RewardObjective(greedy, [lambda prompts, completions, **kw: [0.0] * len(completions)])
+    assert default_lr(reward, measured["update"], population=measured["population"]) == measured["lr"]
+    assert default_lr(reward) == DEFAULT_LR["mean"]  # MeZO, sgd: the old setting's lr

@@ -35,7 +35,6 @@ from tasks import Task, get_task, task_from_file, with_demonstrations
 from zo_objectives import distributed
 from zo_objectives.config import (
     DEFAULT_EPS,
-    DEFAULT_LR,
     GREEDY_REWARD_EPS,
     REWARD,
     CommonConfig,
@@ -44,6 +43,7 @@ from zo_objectives.config import (
     Parser,
     TuneConfig,
     UsageError,
+    default_lr,
     describe,
     differences,
     flag,
@@ -315,7 +315,8 @@ def prepare(config: TuneConfig, task: Task, device: torch.device, loaded: tuple 
     greedy = not (config.reward_candidates or config.sample_temperature)
     greedy_reward = config.reward and greedy and kind == "scale-free"
     eps = config.eps or (GREEDY_REWARD_EPS if greedy_reward else DEFAULT_EPS[config.dtype])
-    config = replace(config, lr=config.lr or DEFAULT_LR[kind], eps=eps, smoothing=smoothing)
+    lr = config.lr or default_lr(objective, config.update, config.fitness_shaping, config.population)
+    config = replace(config, lr=lr, eps=eps, smoothing=smoothing)
     metrics = evaluation_metrics(config, task)
     for metric in metrics:  # a metric that cannot score these predictions fails now, not at the first evaluation
         check_metric(metric, predictor, "hard")

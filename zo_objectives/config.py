@@ -24,7 +24,14 @@ from metrics.rewards import list_rewards
 from tasks import HUB_ONLY_TASKS, SOURCES, get_task, list_tasks
 from zo_objectives.models import DEFAULT_MODEL, DTYPES, PEFT_KINDS
 from zo_objectives.noise import NOISE_KINDS
-from zo_objectives.objectives import DEFAULT_SMOOTHING, FORMS, SEQUENCE_SCORES, SUPPORTS
+from zo_objectives.objectives import (
+    DEFAULT_SMOOTHING,
+    FORMS,
+    SEQUENCE_SCORES,
+    SUPPORTS,
+    CrossEntropy,
+    RewardObjective,
+)
 from zo_objectives.optimizer import DIFFERENCES, NONFINITE_POLICIES, SCHEDULES, SHAPINGS, UPDATES
 
 # Defaults chosen from measurements on SmolLM2-135M / SST-2 (docs/objectives.md).
@@ -59,6 +66,24 @@ DEFAULT_STOP = ["\n"]
 # What a setting may do on --resume: "free" ones may differ, "fixed" ones never (the checkpoint replays them or
 # the run's data and weights depend on them); the others only with --allow-changed-settings.
 FREE, FIXED = "free", "fixed"
+
+
+def default_lr(objective: Any, update: str = "sgd", fitness_shaping: str = "none", population: int = 0) -> float:
+    """The lr zo-tune takes for ``objective`` (an Objective: ``make_objective``'s, ``RewardObjective``) under this
+    estimator, so that a library run and a CLI run of the same objective start from the same lr: the measured
+    reward setting (OBJECTIVE_DEFAULTS, greedy completions) when the estimator is its own; else by the scale of the
+    loss (DEFAULT_LR): scale-free updates, cross-entropy, a smoothed metric's form, or the mean form (a hard
+    metric, rewards)."""
+    bundle = OBJECTIVE_DEFAULTS.get(REWARD, {}) if isinstance(objective, RewardObjective) else {}
+    greedy = not getattr(getattr(objective, "generator", None), "temperature", 0)
+    if bundle and greedy and (population, update) == (bundle.get("population"), bundle.get("update")):
+        return bundle["lr"]
+    if update != "sgd" or fitness_shaping == "rank":
+        return DEFAULT_LR["scale-free"]
+    if isinstance(objective, CrossEntropy):
+        return DEFAULT_LR["cross_entropy"]
+    form = getattr(objective, "form", None) if getattr(objective, "smoothing", None) else None
+    return DEFAULT_LR[form or "mean"]
 
 
 class UsageError(ValueError):
@@ -141,8 +166,8 @@ class CommonConfig:
                 raise UsageError(f"{flag(name)} describes a custom data file: it needs --data")
         if self.data and self.data_source != "local":
             raise UsageError(f"--data-source {self.data_source} loads a built-in task; --data is a local file")
-        if self.data and not self.template:
-            raise UsageError("--data needs --template (a format string over the file's columns)")
+        if self.data and not self.template:  # as task_from_file: the file's "prompt" column as it is
+            self.template = "{prompt}"
         if self.heldout_fraction >= 1:
             raise UsageError(f"--heldout-fraction must be < 1 (the rest trains), got {self.heldout_fraction}")
 
