@@ -295,3 +295,24 @@ def test_library_and_cli_share_their_defaults(tmp_path, capsys, tokenizer):
     reward = RewardObjective(greedy, [lambda prompts, completions, **kw: [0.0] * len(completions)])
     assert default_lr(reward, measured["update"], population=measured["population"]) == measured["lr"]
     assert default_lr(reward) == DEFAULT_LR["mean"]  # MeZO, sgd: the old setting's lr
+
+
+# Every snippet that uses rewards runs as written, with its lr
+def test_readme_reward_and_one_call_snippets_run_as_written(tmp_path):
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = root / "README.md"
+    blocks = re.findall(r"```python\n(.*?)```", readme.read_text(), re.S)
+    rewards = next(b for b in blocks if "RewardObjective(" in b)
+    one_call = next(b for b in blocks if "tune(TuneConfig(" in b)
+    assert "lr=" in rewards and 'load_model("tiny-random")' in rewards and 'model="tiny-random"' in one_call
+    for code in (rewards, one_call):
+        out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             env={"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1", "PATH": ""})
+        assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "runs" / "q" / "eval.json").exists()
+    assert len(readme.read_bytes()) <= 12 * 1024
