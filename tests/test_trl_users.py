@@ -316,3 +316,14 @@ def test_readme_reward_and_one_call_snippets_run_as_written(tmp_path):
         assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "runs" / "q" / "eval.json").exists()
     assert len(readme.read_bytes()) <= 12 * 1024
+
+
+def test_ready_rewards_read_conversational_completions():
+    from metrics.rewards import get_reward
+
+    as_messages = [[{"role": "assistant", "content": "Answer: 4"}], [{"role": "assistant", "content": "five"}]]
+    as_text = ["Answer: 4", "five"]
+    columns = {"answer": ["4", "5"], "answers": [["4"], ["5"]]}
+    for name in ("exact_answer", "number_close", "token_f1", "format_match", "length_limit", "answer_check"):
+        reward = get_reward(name)
+        assert reward(["q", "q"], as_messages, **columns) == reward(["q", "q"], as_text, **columns), name
