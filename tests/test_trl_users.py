@@ -327,3 +327,24 @@ def test_ready_rewards_read_conversational_completions():
     for name in ("exact_answer", "number_close", "token_f1", "format_match", "length_limit", "answer_check"):
         reward = get_reward(name)
         assert reward(["q", "q"], as_messages, **columns) == reward(["q", "q"], as_text, **columns), name
+
+
+def test_zo_tune_warns_when_chat_answers_are_cut_to_a_brace(tmp_path, capsys, monkeypatch, tokenizer):
+    """Finding 1 as reported: an instruct model's JSON answers, cut at the first newline to '{' (every reward 0):
+    the run says why and how to change it."""
+    from transformers.generation.utils import GenerationMixin
+
+    answer = tokenizer.encode('{\n  "answer": "Paris"\n}', add_special_tokens=False)
+
+    def writes_json(self, input_ids, max_new_tokens, **kwargs):
+        return torch.cat([input_ids, torch.tensor([answer[:max_new_tokens]] * len(input_ids))], 1)
+
+    monkeypatch.setattr(GenerationMixin, "generate", writes_json)
+    with pytest.warns(UserWarning, match=r"cut at a stop string \['\\n'\] before any letter or digit .*'\{'.*--stop"):
+        assert tune_main([*BASE, "--task", "squad", "--chat-template", "--reward", "token_f1", "--steps", "1",
+                          "--population", "0", "--output-dir", str(tmp_path / "run")]) == 0, capsys.readouterr().err
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", "completions were cut")
+        assert tune_main([*BASE, "--task", "squad", "--chat-template", "--reward", "token_f1", "--steps", "1",
+                          "--population", "0", "--max-new-tokens", "32", "--stop", "", "--output-dir",
+                          str(tmp_path / "whole")]) == 0, capsys.readouterr().err
