@@ -348,3 +348,17 @@ def test_zo_tune_warns_when_chat_answers_are_cut_to_a_brace(tmp_path, capsys, mo
         assert tune_main([*BASE, "--task", "squad", "--chat-template", "--reward", "token_f1", "--steps", "1",
                           "--population", "0", "--max-new-tokens", "32", "--stop", "", "--output-dir",
                           str(tmp_path / "whole")]) == 0, capsys.readouterr().err
+
+
+def test_report_to_tensorboard_without_the_package_is_one_line(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if not installed
+    run = tmp_path / "run"
+    assert tune_main([*BASE, "--task", "sst2", "--steps", "1", "--report-to", "tensorboard", "--output-dir",
+                      str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "pip install tensorboard" in err and len(err.splitlines()) == 1 and not run.exists()
+    with pytest.raises(SystemExit) as exited:  # argparse's choices, as for every flag
+        tune_main([*BASE, "--report-to", "wandb", "--output-dir", str(run)])
+    assert exited.value.code == 2 and "choose from 'tensorboard'" in capsys.readouterr().err

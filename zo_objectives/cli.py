@@ -75,6 +75,7 @@ from zo_objectives.reporting import (
     SAMPLE,
     TENSORBOARD,
     CompletionsLog,
+    require_tensorboard,
     tensorboard_callback,
     tensorboard_writer,
 )
@@ -446,10 +447,7 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
         if resume:
             step = check_resume_early(run_dir, config)
     if main and "tensorboard" in config.report_to:  # checked before the folder is written
-        try:
-            import torch.utils.tensorboard  # noqa: F401
-        except ImportError as err:
-            raise UsageError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") from err
+        require_tensorboard()
     run = prepare(config, task, _device(config.device), loaded)
     auto = config.dtype == "auto"
     config, model, metrics, dev_set = run.config, run.model, run.metrics, run.dev_set
@@ -615,6 +613,7 @@ def evaluate_run(config: EvalConfig) -> dict:
         model = apply_peft(model, read_config(TuneConfig, Path(config.run) / "config.json").get("peft", "none"))
         load_run_weights(model, Path(config.run))
     model.to(device)
+    examples = conversational(examples, tokenizer)  # prompts given as messages: in the chat template
     if config.chat_template:
         examples = chat_formatted(examples, tokenizer)
     predictor = predictor_for(task, tokenizer, max_length=config.max_length, model=model,

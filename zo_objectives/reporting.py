@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from zo_objectives.config import UsageError
 from zo_objectives.objectives import reward_columns
 from zo_objectives.scoring import MESSAGES
 from zo_objectives.train import batch_indices
@@ -91,13 +92,20 @@ def scalars(row: dict) -> dict[str, float]:
     return out
 
 
-def tensorboard_writer(log_dir: Path) -> Any:
-    """A ``torch.utils.tensorboard.SummaryWriter`` in ``log_dir``; ValueError when tensorboard is missing."""
+def require_tensorboard() -> None:
+    """A UsageError (one line) when the tensorboard package is missing."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        import torch.utils.tensorboard  # noqa: F401
     except ImportError as err:
-        raise ValueError("--report-to tensorboard needs the tensorboard package: pip install tensorboard "
+        raise UsageError("--report-to tensorboard needs the tensorboard package: pip install tensorboard "
                          "(or pip install 'zo-objectives[tensorboard]')") from err
+
+
+def tensorboard_writer(log_dir: Path) -> Any:
+    """A ``torch.utils.tensorboard.SummaryWriter`` writing to ``log_dir``."""
+    require_tensorboard()
+    from torch.utils.tensorboard import SummaryWriter
+
     return SummaryWriter(log_dir=str(log_dir))
 
 
