@@ -181,7 +181,7 @@ def test_completions_log_drops_a_torn_line(tmp_path):
 
 
 # 5. One name, one number
-def test_training_and_evaluation_values_have_their_own_names(tmp_path, capsys):
+def test_training_and_evaluation_values_have_their_own_names(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert tune_main(["--model", "tiny-random", "--task", "sst2", "--train-size", "16", "--batch-size", "4",
                       "--eval-size", "8", "--objective", "f1", "--steps", "2", "--eval-every", "2",
@@ -192,6 +192,16 @@ def test_training_and_evaluation_values_have_their_own_names(tmp_path, capsys):
     assert all("train/f1" in r and "f1" not in r for r in log) and "eval/f1" in log[-1]
     summary = json.loads((run / "eval.json").read_text())
     assert summary["after"] == log[-1]["eval/f1"]
+    import matplotlib.axes
+
+    from zo_objectives.plots import plot_run
+
+    titles = []
+    set_axes = matplotlib.axes.Axes.set
+    monkeypatch.setattr(matplotlib.axes.Axes, "set", lambda self, **kw: titles.append(kw.get("title")) or set_axes(
+        self, **kw))
+    plot_run(run)  # curve.png
+    assert titles[0].startswith("train/f1 (expected") and titles[1].startswith("eval/f1")
 
 
 # A Trainer-style entry: a TRL GRPO script with only its import and class names changed
