@@ -201,10 +201,11 @@ class TuneConfig(CommonConfig):
                                        "(its last checkpoint kept; a hung judge or test run stalls nothing); 0: no "
                                        "limit", at_least=0, resume=FREE)
     steps: int = arg(400, "training steps (on --resume: the total to reach)", above=0, resume=FREE)
-    lr: float | None = arg(None, f"default {DEFAULT_LR['cross_entropy']} for cross-entropy and metric objectives "
-                                 f"in log form, {DEFAULT_LR['mean']} in mean form, as the hard metric or for --reward, "
-                                 f"{DEFAULT_LR['scale-free']} with --update sign or normalized or --fitness-shaping "
-                                 "rank", above=0)
+    lr: float | None = arg(None, f"default {OBJECTIVE_DEFAULTS[REWARD]['lr']} for --reward with its default "
+                                 f"estimator; {DEFAULT_LR['cross_entropy']} for cross-entropy and metric objectives "
+                                 f"in log form, {DEFAULT_LR['mean']} in mean form, as the hard metric or for --reward "
+                                 f"under sgd, {DEFAULT_LR['scale-free']} with --update sign or normalized or "
+                                 "--fitness-shaping rank (config.default_lr)", above=0)
     eps: float | None = arg(None, f"perturbation scale (default {DEFAULT_EPS['fp32']}, {DEFAULT_EPS['bf16']} in bf16, "
                                   f"whose rounding swamps smaller loss differences; {GREEDY_REWARD_EPS} for --reward "
                                   "on greedy completions with --update normalized or sign)", above=0, resume=FIXED)
