@@ -99,15 +99,18 @@ class TrainerState:
     global_step: int = 0
 
 
-def _registered(fn: Callable, names: Callable[[], list[str]], get: Callable[[str], Any], register: Callable) -> str:
-    """The name ``fn`` is registered under: its own, or with a suffix where another function holds that name."""
+def _registered(fn: Callable, names: Callable[[], list[str]], get: Callable[[str], Any], register: Callable,
+                key: Callable | None = None) -> str:
+    """The name ``fn`` is registered under: its own, or with a suffix where another function holds that name;
+    ``key``: the user's function ``fn`` wraps (registered once, however many trainers take it)."""
     base = getattr(fn, "__name__", type(fn).__name__)
+    key = key or fn
     for k in range(1000):
         name = base if k == 0 else f"{base}_{k}"
         if name not in names():
             register(name, fn)
             return name
-        if get(name) is fn or getattr(get(name), "fn", None) is fn:
+        if get(name) is key or getattr(get(name), "fn", None) is key:
             return name
     raise ValueError(f"cannot register {base!r}: too many functions of that name")
 
@@ -127,7 +130,7 @@ def _metric(compute_metrics: Callable) -> str:
 
     metric.__name__ = getattr(compute_metrics, "__name__", "compute_metrics")
     metric.fn = compute_metrics  # how _registered finds it again
-    return _registered(metric, list_metrics, lambda n: get_metric(n).fn, register_metric)
+    return _registered(metric, list_metrics, lambda n: get_metric(n).fn, register_metric, key=compute_metrics)
 
 
 def _jsonl(dataset: Any, what: str) -> str:
