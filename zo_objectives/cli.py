@@ -163,6 +163,10 @@ def _task(config: CommonConfig) -> Task:
             raise UsageError(f"{name} {path}: no such file")
     if config.data:
         rewards = bool(getattr(config, "reward", None))  # a file of prompts for rewards: generation, answers optional
+        if not (config.label_words or config.answer_column or rewards):
+            raise UsageError(f"--data {config.data}: say what it holds: --label-words (classification), "
+                             "--answer-column (generation) or --reward (a file of prompts); --template makes a row a "
+                             "prompt (default: its 'prompt' column)")
         return task_from_file(config.data, name=Path(config.data).stem, template=config.template,
                               label_words=config.label_words, labels=config.labels, label_column=config.label_column,
                               answer_column=config.answer_column, dev_path=config.dev_data,
