@@ -1,4 +1,5 @@
-"""Populations (zo_objectives.population): throughput of scoring N members in one pass, and estimate quality per row.
+"""Populations (zo_objectives.estimators.population): throughput of
+scoring N members in one pass, and estimate quality per row.
 
 Throughput: one forward of N members x B examples (the batch repeated once per member, each row block seeing its
 member's rank-r perturbation) against one unperturbed forward of the same N*B rows; and sampled generation of

@@ -155,7 +155,7 @@ def tune_mezo(method: str, lr: float, eps: float, seed: int, args, model, tokeni
     extra = {"population": args.population, "perturbation_rank": args.perturbation_rank} if isinstance(
         optimizer, Population) else {}
     return {"steps": steps, "batch": batch, "update": update, "eps": eps, **extra,
-            "train_reward_curve": quarters([r.get("reward") for r in history]),
+            "train_reward_curve": quarters([r.get("train/reward", r.get("reward")) for r in history]),
             "scored_completions": 0 if method == "mezo_ce" else steps * per_step,
             "tied_fraction": sum(r["tied"] for r in history) / len(history)}
 

@@ -11,6 +11,7 @@ other columns: ``answer`` (one gold string) or ``answers`` (a list of gold strin
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -41,10 +42,23 @@ def _golds(n: int, answer: Sequence | None, answers: Sequence | None) -> list[li
     return out
 
 
+def text_completions(fn: RewardFn) -> RewardFn:
+    """``fn`` taking completions as text also when they come as TRL's conversational messages
+    (``[{"role": "assistant", "content": ...}]``): each is read as its last message's content."""
+
+    @functools.wraps(fn)
+    def reward(prompts: list, completions: list, **columns) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) and c and isinstance(c[-1], dict) else c for c in completions]
+        return fn(prompts, texts, **columns)
+
+    return reward
+
+
 def _per_row(column: Sequence | None, n: int, default):
     return [default if v is None else v for v in column] if column is not None else [default] * n
 
 
+@text_completions
 def exact_answer(prompts: list[str], completions: list[str], answer: Sequence | None = None,
                  answers: Sequence | None = None, **columns) -> list[float]:
     """1.0 when the completion equals a gold answer after SQuAD's normalization (case, punctuation,
@@ -67,6 +81,7 @@ def first_number(text: str) -> float | None:
     return float(match.group()) if match else None
 
 
+@text_completions
 def number_close(prompts: list[str], completions: list[str], answer: Sequence | None = None,
                  answers: Sequence | None = None, tolerance: Sequence[float] | None = None, **columns) -> list[float]:
     """1.0 when the first number in the completion is within ``tolerance`` (relative, with the same absolute
@@ -85,6 +100,7 @@ def number_close(prompts: list[str], completions: list[str], answer: Sequence | 
     return out
 
 
+@text_completions
 def token_f1(prompts: list[str], completions: list[str], answer: Sequence | None = None,
              answers: Sequence | None = None, **columns) -> list[float]:
     """SQuAD token F1 of the completion against its best gold answer, in [0, 1].
@@ -96,6 +112,7 @@ def token_f1(prompts: list[str], completions: list[str], answer: Sequence | None
     return [max(answer_f1(c, g) for g in gs) for c, gs in zip(completions, golds)]
 
 
+@text_completions
 def format_match(prompts: list[str], completions: list[str], pattern: Sequence[str] | None = None,
                  **columns) -> list[float]:
     """1.0 when the whole completion (stripped) matches the regular expression in the ``pattern`` column
@@ -110,6 +127,7 @@ def format_match(prompts: list[str], completions: list[str], pattern: Sequence[s
     return [float(re.fullmatch(p, c.strip()) is not None) for c, p in zip(completions, patterns)]
 
 
+@text_completions
 def length_limit(prompts: list[str], completions: list[str], max_words: Sequence[int] | None = None,
                  **columns) -> list[float]:
     """1.0 when the completion has 1 to ``max_words`` words (a column, default 8), else 0.0.
@@ -124,6 +142,7 @@ def length_limit(prompts: list[str], completions: list[str], max_words: Sequence
 INTEGER_ALONE = re.compile(r"(-?\d+)\.?")
 
 
+@text_completions
 def answer_check(prompts: list[str], completions: list[str], answer: Sequence | None = None,
                  answers: Sequence | None = None, **columns) -> list[float]:
     """A checker with a strict answer format, the answer alone: 1.0 for a completion that is just the gold

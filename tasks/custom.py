@@ -90,7 +90,7 @@ def task_from_file(
     path: str | Path,
     *,
     name: str,
-    template: str,
+    template: str = "{prompt}",
     label_words: list[str] | None = None,
     labels: list | None = None,
     label_column: str = "label",
@@ -102,7 +102,8 @@ def task_from_file(
 ) -> Task:
     """A :class:`Task` whose training pool is ``path`` (CSV/TSV/JSONL) and dev set is ``dev_path``.
 
-    ``template`` is a format string over the columns, e.g. ``"{text} It was"``. Classification (the default
+    ``template`` is a format string over the columns, e.g. ``"{text} It was"`` (default: the ``prompt`` column as
+    it is, as ``zo-tune --data`` takes it). Classification (the default
     when ``label_words`` is given): int labels index ``label_words``; other labels (e.g. strings) are mapped
     through ``labels``, the label values in ``label_words`` order. Generation (the default when
     ``answer_column`` is given): the column holds a gold answer string or a list of them; ``kind="generation"``

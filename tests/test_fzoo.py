@@ -72,7 +72,7 @@ def perturbed_losses(opt: FZOO, model: torch.nn.Module, seeds: list[int], score)
     return out
 
 
-@pytest.mark.parametrize("noise,rank,tie", [("rademacher", 0, True), ("rademacher", 0, False), ("table", 0, True),
+@pytest.mark.parametrize("noise,rank,tie", [("rademacher", 0, True), ("signs", 0, False), ("table", 0, True),
                                             ("gaussian", 0, False), ("rademacher", 2, True), ("table", 3, False)])
 def test_member_losses_equal_explicitly_perturbed_weights(noise, rank, tie):
     model = lm(tie=tie)
@@ -83,7 +83,7 @@ def test_member_losses_equal_explicitly_perturbed_weights(noise, rank, tie):
     alone = perturbed_losses(opt, model, seeds, lambda m: member_losses(m, 1)[0])
     assert batched == pytest.approx(alone, abs=2e-5)
     assert len(set(batched)) == 4  # every member saw its own perturbation, member 0 none
-    if noise == "rademacher" and not rank:  # u is +-1, as published
+    if noise in ("rademacher", "signs") and not rank:  # u is +-1, as published
         assert set(direction(opt, 11, 0, model.model.embed_tokens.weight).unique().tolist()) == {-1.0, 1.0}
 
 
@@ -155,7 +155,7 @@ def test_lr_zero_and_exceptions_leave_weights_bitwise(dtype, rank):
     assert not same(weights(model), base)
 
 
-@pytest.mark.parametrize("dtype,rank,noise", [(torch.float32, 0, "rademacher"), (torch.bfloat16, 0, "rademacher"),
+@pytest.mark.parametrize("dtype,rank,noise", [(torch.float32, 0, "signs"), (torch.bfloat16, 0, "rademacher"),
                                               (torch.bfloat16, 0, "table"), (torch.bfloat16, 2, "rademacher")])
 def test_replay_and_resume_are_bitwise(dtype, rank, noise):
     model = lm(dtype)
@@ -337,7 +337,7 @@ def test_cli_fzoo_killed_then_resumed_is_bitwise_with_a_row_per_step(tmp_path):
         range(1, step + 3))
     config = json.loads((straight / "config.json").read_text())
     assert (config["estimator"], config["n_perturbations"], config["perturbation_rank"], config["noise"]) == (
-        "fzoo", 4, 0, "rademacher")
+        "fzoo", 4, 0, "signs")
     assert config["lr"] == FZOO.__init__.__kwdefaults__["lr"]
 
 

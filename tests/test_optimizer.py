@@ -24,22 +24,23 @@ EPS = 1e-3
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")
 
 _real_table = Noise.table
+_real_gaussian = Noise.gaussian
 _tables: dict = {}
 
 
 @pytest.fixture(autouse=True)
 def shared_noise_tables(monkeypatch):
-    """Build each (table_size, table_seed, device, dtype) noise table once for the whole module: the tables
-    are pure functions of those, and building one per optimizer would dominate the module's run time."""
+    """Build each (table_size, table_seed, device) Gaussian table once for the whole module: the tables are pure
+    functions of those, and building one per optimizer would dominate the module's run time."""
 
-    def table(self, device, dtype):
-        key = (self.table_size, self.table_seed, device, dtype)
+    def gaussian(self, device):
+        key = (self.table_size, self.table_seed, device)
         if key not in _tables:
-            _tables[key] = _real_table(self, device, dtype)
-        self._tables[(device, dtype)] = _tables[key]
+            _tables[key] = _real_gaussian(self, device)
+        self._tables[(device, torch.float32)] = _tables[key]
         return _tables[key]
 
-    monkeypatch.setattr(Noise, "table", table)
+    monkeypatch.setattr(Noise, "gaussian", gaussian)
 
 
 def make_opt(params, **kw):

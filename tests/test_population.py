@@ -1,5 +1,5 @@
-"""The population estimator (zo_objectives.population): each member's loss from the one batched pass equals the
-loss of the model with its perturbation written into the weights; the update is exact (lr 0, exceptions, replay,
+"""The population estimator (zo_objectives.estimators.population): each member's loss from the one batched pass equals
+the loss of the model with its perturbation written into the weights; the update is exact (lr 0, exceptions, replay,
 resume, bf16 rounding) and points along the gradient; PopulationObjective scores every kind of objective."""
 
 from __future__ import annotations

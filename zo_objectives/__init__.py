@@ -68,6 +68,8 @@ _LAZY = {  # name -> module, imported on first access (PEP 562)
     "load_model": "zo_objectives.models",
     "select_trainable": "zo_objectives.models",
     "evaluate_model": "zo_objectives.evaluate",
+    "ZOConfig": "zo_objectives.trainer",  # a Trainer-style entry for TRL users (imports transformers' tokenizers)
+    "ZOTrainer": "zo_objectives.trainer",
 }
 
 
@@ -99,6 +101,8 @@ __all__ = [
     "RewardError",
     "RewardObjective",
     "WeightedSum",
+    "ZOConfig",
+    "ZOTrainer",
     "apply_peft",
     "evaluate_model",
     "get_estimator",

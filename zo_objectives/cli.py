@@ -20,9 +20,9 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -38,7 +38,6 @@ from zo_objectives.checkpoint import check_run_folder
 from zo_objectives.checkpoint import resume as replay_checkpoint
 from zo_objectives.config import (
     DEFAULT_EPS,
-    DEFAULT_LR,
     GREEDY_REWARD_EPS,
     REWARD,
     CommonConfig,
@@ -47,6 +46,7 @@ from zo_objectives.config import (
     Parser,
     TuneConfig,
     UsageError,
+    default_lr,
     describe,
     differences,
     flag,
@@ -56,6 +56,7 @@ from zo_objectives.estimators import get_estimator
 from zo_objectives.evaluate import evaluate_metrics, predict_all, sharded_predict_all
 from zo_objectives.export import export_run
 from zo_objectives.models import (
+    DTYPES,
     apply_peft,
     auto_dtype,
     cpu_has_bf16,
@@ -75,8 +76,17 @@ from zo_objectives.objectives import (
     reward_columns,
 )
 from zo_objectives.plots import plot_run
+from zo_objectives.reporting import (
+    SAMPLE,
+    TENSORBOARD,
+    CompletionsLog,
+    require_tensorboard,
+    tensorboard_callback,
+    tensorboard_writer,
+)
 from zo_objectives.runfolder import (
     CHECKPOINT,
+    COMPLETIONS,
     CONFIG,
     EVAL,
     RUN_FILES,
@@ -90,14 +100,16 @@ from zo_objectives.runfolder import (
     read_json,
     write_sealed,
 )
-from zo_objectives.scoring import chat_formatted, predictor_for
+from zo_objectives.scoring import chat_formatted, conversational, predictor_for
 from zo_objectives.train import Stopped, make_scheduler, sigterm_as_interrupt, train
 
 DEFAULT_ESTIMATOR = "mezo"  # --estimator auto without --population
 # settings whose default is the estimator's, and the value written for an estimator that does not take them
 ESTIMATOR_DEFAULTS = {"n_perturbations": 1, "perturbation_rank": 1, "noise": "table"}
-ESTIMATOR_SETTINGS = ("n_perturbations", "population", "perturbation_rank", "noise", "difference", "update",
-                      "fitness_shaping", "momentum", "momentum_window")
+# every estimator's setting, at the value that means "not asked for": another value given to an estimator that
+# does not take the setting is refused
+ESTIMATOR_SETTINGS = {**ESTIMATOR_DEFAULTS, "population": 0, "difference": "central", "update": "sgd",
+                      "fitness_shaping": "none", "momentum": 0.0, "momentum_window": 0}
 
 
 def _fmt(value: float | None) -> str:
@@ -154,6 +166,10 @@ def _task(config: CommonConfig) -> Task:
             raise UsageError(f"{name} {path}: no such file")
     if config.data:
         rewards = bool(getattr(config, "reward", None))  # a file of prompts for rewards: generation, answers optional
+        if not (config.label_words or config.answer_column or rewards):
+            raise UsageError(f"--data {config.data}: say what it holds: --label-words (classification), "
+                             "--answer-column (generation) or --reward (a file of prompts); --template makes a row a "
+                             "prompt (default: its 'prompt' column)")
         return task_from_file(config.data, name=Path(config.data).stem, template=config.template,
                               label_words=config.label_words, labels=config.labels, label_column=config.label_column,
                               answer_column=config.answer_column, dev_path=config.dev_data,
@@ -161,7 +177,7 @@ def _task(config: CommonConfig) -> Task:
     return get_task(config.task)
 
 
-def _dtype(name: str, device: torch.device) -> str:
+def pick_dtype(name: str, device: torch.device) -> str:
     """The dtype a run uses: ``auto`` resolves by the device (``models.auto_dtype``)."""
     return auto_dtype(device) if name == "auto" else name
 
@@ -173,7 +189,7 @@ def hardware(device: torch.device) -> dict:
     return {"device": device.type, "name": cpu_name(), "native_bf16": cpu_has_bf16()}
 
 
-def _device(name: str | None) -> torch.device:
+def pick_device(name: str | None) -> torch.device:
     """The requested device; by default CUDA when available (under torchrun, this rank's GPU)."""
     if name is None:
         name = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"
@@ -206,10 +222,9 @@ def resolve(config: TuneConfig) -> tuple[TuneConfig, Task]:
     # settings left unset take the estimator's own default (else the neutral one: it does not read them)
     unset = {name: accepted[name].default if name in accepted else neutral
              for name, neutral in ESTIMATOR_DEFAULTS.items() if getattr(config, name) is None}
-    for f in fields(config):  # an estimator's setting given to another estimator would be silently ignored
-        if f.name in ESTIMATOR_SETTINGS and f.name not in accepted and getattr(config, f.name) not in (
-                None, f.default, ESTIMATOR_DEFAULTS.get(f.name)):
-            raise UsageError(f"{flag(f.name)} is not a setting of --estimator {estimator}; it takes: "
+    for name, neutral in ESTIMATOR_SETTINGS.items():  # another estimator's setting would be silently ignored
+        if name not in accepted and getattr(config, name) not in (None, neutral):
+            raise UsageError(f"{flag(name)} is not a setting of --estimator {estimator}; it takes: "
                              f"{', '.join(flag(n) for n in ESTIMATOR_SETTINGS if n in accepted)}")
     config = replace(config, task=task.name, objective=objective, output_dir=output_dir, estimator=estimator,
                      **unset)
@@ -277,26 +292,31 @@ class Run:
     facts: dict  # what config.json holds beside the settings
 
 
-def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
-    """Load the model and build the objective; resolve lr, eps, smoothing and dtype. Nothing is written."""
-    config = replace(config, dtype=_dtype(config.dtype, device))
+def prepare(config: TuneConfig, task: Task, device: torch.device, loaded: tuple | None = None) -> Run:
+    """Load the model (or take ``loaded``: a model and its tokenizer, already in memory) and build the objective;
+    resolve lr, eps, smoothing and dtype. Nothing is written."""
+    if loaded:  # its dtype is the one it has
+        dtype = next(loaded[0].parameters()).dtype
+        config = replace(config, dtype=next((k for k, v in DTYPES.items() if v == dtype), config.dtype))
+    config = replace(config, dtype=pick_dtype(config.dtype, device))
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    model, tokenizer = loaded or load_model(config.model, dtype=config.dtype)
     model = apply_peft(model, config.peft, seed=config.seed).to(device)
     try:
         select_trainable(model, config.trainable)
     except re.error as err:
         raise UsageError(f"--trainable {config.trainable!r} is not a regular expression: {err}") from err
-    predictor = predictor_for(task, tokenizer, max_length=config.max_length, model=model)
+    generation = {"max_new_tokens": config.max_new_tokens, "stop": config.stop}
+    predictor = predictor_for(task, tokenizer, max_length=config.max_length, model=model, **generation)
     if config.reward:
         generator = predictor_for(task, tokenizer, max_length=config.max_length,
-                                  temperature=config.sample_temperature)
+                                  temperature=config.sample_temperature, top_p=config.top_p, **generation)
         if not hasattr(generator, "generate"):
             raise UsageError(f"--reward needs a generation task (such as squad); {task.name} is {task.kind}")
         objective = RewardObjective(generator, reward_functions(config.reward), config.reward_weights,
                                     candidates=config.reward_candidates, timeout=config.reward_timeout or None)
         # a reward that fails fails now, on a gold answer
-        ex = task.examples("train", n=1, seed=config.seed, source=config.data_source)[0]
+        ex = conversational(task.examples("train", n=1, seed=config.seed, source=config.data_source), tokenizer)[0]
         score = objective.scores([ex["prompt"]], [ex["target"].strip()], reward_columns([ex]))[0]
         if not math.isfinite(score):
             raise UsageError(f"--reward gives {score} on a gold answer: rewards must be finite numbers")
@@ -321,12 +341,13 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
     if estimator.scale_free:  # a step length of its own (FZOO divides by the losses' spread): its class's lr
         lr = inspect.signature(estimator.__init__).parameters["lr"].default
     else:
-        lr = DEFAULT_LR[kind]
+        lr = default_lr(objective, config.update, config.fitness_shaping, config.population)
     config = replace(config, lr=config.lr or lr, eps=eps, smoothing=smoothing)
     metrics = evaluation_metrics(config, task)
     for metric in metrics:  # a metric that cannot score these predictions fails now, not at the first evaluation
         check_metric(metric, predictor, "hard")
     train_set, dev_set, split = split_examples(config, task)
+    train_set, dev_set = conversational(train_set, tokenizer), conversational(dev_set, tokenizer)  # prompts as messages
     if config.chat_template:
         train_set, dev_set = chat_formatted(train_set, tokenizer), chat_formatted(dev_set, tokenizer)
     if config.batch_size > len(train_set):
@@ -413,7 +434,8 @@ def build_estimator(config: TuneConfig, params: list) -> Any:
 
 
 def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
-         allow_changed_settings: bool = False) -> dict:
+         allow_changed_settings: bool = False, callbacks: Sequence[Callable[[dict], None]] = (),
+         loaded: tuple | None = None) -> dict:
     """Tune a model as ``config`` says, in its run folder; return the summary that eval.json holds.
 
     ``resume`` continues the run folder from its checkpoint, with the settings of its config.json:
@@ -422,7 +444,9 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
     ``allow_changed_settings`` (config.json then records it under "resumed"). ``overwrite`` replaces an
     existing run folder: every file a run writes is removed before anything is written. The run holds the
     folder's lock from its checks to its end; a stop by SIGINT or SIGTERM raises :class:`Stopped` saying
-    where the run stopped and how to continue it.
+    where the run stopped and how to continue it. Each of ``callbacks`` is called with each row of
+    metrics.jsonl as it is logged (rank 0); ``loaded`` is (model, tokenizer) already in memory, tuned in place,
+    instead of loading ``config.model`` (which config.json then names).
     """
     rank, world = distributed.init()  # distributed: (0, 1) unless torchrun set WORLD_SIZE > 1
     main = rank == 0  # distributed: only rank 0 checks and writes the run folder, prints, shows progress
@@ -431,14 +455,16 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
     run_dir = Path(config.output_dir)
     with ExitStack() as held:
         try:
-            return _tune(config, task, run_dir, main, world, held, resume, overwrite, allow_changed_settings)
+            return _tune(config, task, run_dir, main, world, held, resume, overwrite, allow_changed_settings,
+                         callbacks, loaded)
         except KeyboardInterrupt as err:
             signum = getattr(err, "signum", signal.SIGINT)
             raise Stopped(stop_message(run_dir, signum), signum) from None
 
 
 def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int, held: ExitStack, resume: bool,
-          overwrite: bool, allow_changed_settings: bool) -> dict:
+          overwrite: bool, allow_changed_settings: bool, callbacks: Sequence[Callable[[dict], None]] = (),
+          loaded: tuple | None = None) -> dict:
     step, claimed = 0, False
     if main:
         check_run_dir(run_dir, resume, overwrite)
@@ -447,7 +473,9 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
             claimed = True
         if resume:
             step = check_resume_early(run_dir, config)
-    run = prepare(config, task, _device(config.device))
+    if main and "tensorboard" in config.report_to:  # checked before the folder is written
+        require_tensorboard()
+    run = prepare(config, task, pick_device(config.device), loaded)
     auto = config.dtype == "auto"
     config, model, metrics, dev_set = run.config, run.model, run.metrics, run.dev_set
     metric, split = metrics[0], run.split  # the headline metric, and what the evaluation set is
@@ -514,13 +542,19 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
     if main:
         print(f"zo-tune: {task.name}, objective {config.objective}, {run.facts['trainable_parameters']:,} trainable "
               f"parameters, {split} {metric.name} before: {_fmt(headline(before))}", file=sys.stderr)
+    hooks = [*reporters(config, run, run_dir, held, before_step=start if not resume else None), *callbacks] if (
+        main) else []
     t0 = time.perf_counter()
     history = train(model, optimizer, objective, run.train_set, steps=config.steps, batch_size=config.batch_size,
                     seed=config.seed, start_step=start, evaluate_fn=dev_metrics, eval_every=config.eval_every,
                     run_dir=run_dir if main else None, scheduler=scheduler, progress=main and config.progress,
-                    checkpoint_every=config.checkpoint_every)
+                    checkpoint_every=config.checkpoint_every, callbacks=hooks)
     last = history[-1] if history and "eval" in history[-1] else {}
-    after = last.get("eval_metrics") or ({metric.name: last["eval"]} if last else dev_metrics())
+    after = eval_values(last) or ({metric.name: last["eval"]} if last else dev_metrics())
+    if not last:  # evaluated after the loop: its sample of completions too
+        for hook in hooks:
+            if isinstance(hook, CompletionsLog):
+                hook.write(config.steps, "eval", dev_set[:SAMPLE])
     seconds = time.perf_counter() - t0
     ties = sum(r["tied"] for r in history) / max(1, len(history))
     summary = {"metric": metric.name, "split": split, "examples": len(dev_set), "before": headline(before),
@@ -539,6 +573,33 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
     return summary
 
 
+def eval_values(row: dict) -> dict[str, float]:
+    """A metrics.jsonl row's evaluation metrics by name: its ``eval/<name>`` values (``eval_metrics`` in rows
+    written before issue 34)."""
+    return {k[len("eval/"):]: v for k, v in row.items() if k.startswith("eval/")} or dict(row.get("eval_metrics") or {})
+
+
+def reporters(config: TuneConfig, run: Run, run_dir: Path, held: ExitStack,
+              before_step: int | None = None) -> list[Callable[[dict], None]]:
+    """The run's own callbacks: a sample of completions in completions.jsonl (generation tasks and rewards: at
+    each evaluation, before tuning when ``before_step`` is given, and every ``log_completions_every`` steps), and
+    TensorBoard (``report_to``)."""
+    hooks: list[Callable[[dict], None]] = []
+    generator = run.predictor if hasattr(run.predictor, "generate") else None
+    if generator is not None:
+        log = CompletionsLog(run_dir / COMPLETIONS, run.model, generator, run.train_set, run.dev_set,
+                             config.batch_size, config.seed, config.log_completions_every,
+                             run.objective if config.reward else None)
+        if before_step is not None and config.eval_before:
+            log.write(before_step, "eval", run.dev_set[:SAMPLE])
+        hooks.append(log)
+    if "tensorboard" in config.report_to:
+        writer = tensorboard_writer(run_dir / TENSORBOARD)
+        held.callback(writer.close)
+        hooks.append(tensorboard_callback(writer))
+    return hooks
+
+
 def _json_writer(data: Any) -> Callable[[str], None]:
     return lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1))
 
@@ -549,7 +610,7 @@ def evaluate_run(config: EvalConfig) -> dict:
         import_source(plugin, "--plugin")
     task = _task(config)
     metrics = evaluation_metrics(config, task)
-    device = _device(config.device)
+    device = pick_device(config.device)
     if config.heldout_fraction:  # the rows a zo-tune run with this fraction and seed held out
         examples = heldout_split(task, config.heldout_fraction, config.seed, config.data_source)[1][: config.eval_size]
     else:
@@ -557,14 +618,16 @@ def evaluate_run(config: EvalConfig) -> dict:
     if config.shots:
         demonstrations = task.examples("train", n=config.shots, seed=config.seed, source=config.data_source)
         examples = with_demonstrations(examples, demonstrations)
-    model, tokenizer = load_model(config.model, dtype=_dtype(config.dtype, device))
+    model, tokenizer = load_model(config.model, dtype=pick_dtype(config.dtype, device))
     if config.run:
         model = apply_peft(model, read_config(TuneConfig, Path(config.run) / "config.json").get("peft", "none"))
         load_run_weights(model, Path(config.run))
     model.to(device)
+    examples = conversational(examples, tokenizer)  # prompts given as messages: in the chat template
     if config.chat_template:
         examples = chat_formatted(examples, tokenizer)
-    predictor = predictor_for(task, tokenizer, max_length=config.max_length, model=model)
+    predictor = predictor_for(task, tokenizer, max_length=config.max_length, model=model,
+                              max_new_tokens=config.max_new_tokens, stop=config.stop)
     for metric in metrics:
         check_metric(metric, predictor, "hard")
     values = evaluate_metrics(model, predictor, examples, metrics, config.batch_size)
@@ -595,7 +658,8 @@ TRUST_HELP = ("import the plugins and reward modules that --config or a run fold
 
 # The settings a zo-eval --run takes from the run's config.json unless given
 RUN_SETTINGS = ("model", "task", "data_source", "data", "dev_data", "template", "label_words", "labels", "label_column",
-                "answer_column", "plugin", "max_length", "dtype", "metrics", "chat_template", "heldout_fraction")
+                "answer_column", "plugin", "max_length", "dtype", "metrics", "chat_template", "heldout_fraction",
+                "max_new_tokens", "stop")
 
 
 def tune_parser() -> Parser:

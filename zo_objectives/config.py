@@ -25,7 +25,14 @@ from tasks import HUB_ONLY_TASKS, SOURCES, get_task, list_tasks
 from zo_objectives.estimators import DIFFERENCES, NONFINITE_POLICIES, SHAPINGS, UPDATES
 from zo_objectives.models import DEFAULT_MODEL, DTYPES, PEFT_KINDS
 from zo_objectives.noise import NOISE_KINDS
-from zo_objectives.objectives import DEFAULT_SMOOTHING, FORMS, SEQUENCE_SCORES, SUPPORTS
+from zo_objectives.objectives import (
+    DEFAULT_SMOOTHING,
+    FORMS,
+    SEQUENCE_SCORES,
+    SUPPORTS,
+    CrossEntropy,
+    RewardObjective,
+)
 from zo_objectives.train import SCHEDULES
 
 # Defaults chosen from measurements on SmolLM2-135M / SST-2 (docs/objectives.md).
@@ -47,10 +54,37 @@ DEFAULT_EPS = {"fp32": 1e-3, "fp16": 1e-3, "bf16": 3e-3}
 GREEDY_REWARD_EPS = 1e-2
 SPLITS = ("dev", "validation")
 REWARD = "reward"  # the objective of --reward runs
+# The estimator each kind of objective gets by default: settings not given take these (zo-tune and ZOTrainer).
+# Rewards of greedy completions: a population of 8 in evolution-strategy form, normalized updates, eps 1e-2, lr 1e-3
+# was the measured setting (docs/rewards.md, BENCHMARKS.md "Reward comparison (arith)"); giving --population or
+# --update (e.g. --population 0: MeZO, sgd) leaves the other one, lr and eps to the generic defaults
+OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
+    REWARD: {"population": 8, "update": "normalized", "eps": GREEDY_REWARD_EPS, "lr": 1e-3},
+}
+# Where generated text ends unless --stop says otherwise: the first newline (short answers: SQuAD, arith)
+DEFAULT_STOP = ["\n"]
 
 # What a setting may do on --resume: "free" ones may differ, "fixed" ones never (the checkpoint replays them or
 # the run's data and weights depend on them); the others only with --allow-changed-settings.
 FREE, FIXED = "free", "fixed"
+
+
+def default_lr(objective: Any, update: str = "sgd", fitness_shaping: str = "none", population: int = 0) -> float:
+    """The lr zo-tune takes for ``objective`` (an Objective: ``make_objective``'s, ``RewardObjective``) under this
+    estimator, so that a library run and a CLI run of the same objective start from the same lr: the measured
+    reward setting (OBJECTIVE_DEFAULTS, greedy completions) when the estimator is its own; else by the scale of the
+    loss (DEFAULT_LR): scale-free updates, cross-entropy, a smoothed metric's form, or the mean form (a hard
+    metric, rewards)."""
+    bundle = OBJECTIVE_DEFAULTS.get(REWARD, {}) if isinstance(objective, RewardObjective) else {}
+    greedy = not getattr(getattr(objective, "generator", None), "temperature", 0)
+    if bundle and greedy and (population, update) == (bundle.get("population"), bundle.get("update")):
+        return bundle["lr"]
+    if update != "sgd" or fitness_shaping == "rank":
+        return DEFAULT_LR["scale-free"]
+    if isinstance(objective, CrossEntropy):
+        return DEFAULT_LR["cross_entropy"]
+    form = getattr(objective, "form", None) if getattr(objective, "smoothing", None) else None
+    return DEFAULT_LR[form or "mean"]
 
 
 class UsageError(ValueError):
@@ -59,11 +93,12 @@ class UsageError(ValueError):
 
 def arg(default: Any = None, help: str = "", *, choices: tuple | None = None, resume: str = "",
         at_least: float | None = None, above: float | None = None, repeat: bool = False,
-        aliases: tuple[str, ...] = ()) -> Any:
+        aliases: tuple[str, ...] = (), before: Any = None) -> Any:
     """A config field: its default, its flag's help, accepted values (``choices``, bounds; floats must be
-    finite), what it may do on resume, ``repeat`` for a flag that may be given several times, and other
-    spellings of its flag (``aliases``)."""
-    meta = {"help": help, "resume": resume, "at_least": at_least, "above": above}
+    finite), what it may do on resume, ``repeat`` for a flag that may be given several times, other
+    spellings of its flag (``aliases``) and ``before``: the value a run written before the field existed had, when
+    not its default (which ``__post_init__`` resolves)."""
+    meta = {"help": help, "resume": resume, "at_least": at_least, "above": above, "before": before}
     if aliases:
         meta["aliases"] = list(aliases)
     if choices is not None:
@@ -106,6 +141,11 @@ class CommonConfig:
                                   "metric the run optimizes; for cross_entropy, --reward and zo-eval, the task's)",
                              repeat=True, aliases=("--metric",))
     batch_size: int = arg(16, "examples per step (and per evaluation batch)", above=0)
+    max_new_tokens: int | None = arg(None, "generation tasks and --reward: most tokens generated per completion "
+                                           "(default: the task's, 16 for a --data file)", above=0)
+    stop: list[str] | None = arg(None, "generation tasks and --reward: strings that end a completion, cut there "
+                                       "(default: a newline, '\\n'; --stop '' for none, --stop '\\n\\n' '}' for "
+                                       "others; \\n and \\t are read as newline and tab)", before=DEFAULT_STOP)
     max_length: int | None = arg(None, "truncate prompts from the left to this many tokens", above=0)
     seed: int = arg(0, "seeds the training sample (zo-tune: its order and the perturbations; zo-eval: the "
                        "demonstrations)", resume=FIXED)
@@ -119,13 +159,16 @@ class CommonConfig:
 
     def __post_init__(self) -> None:
         check(self)
+        if self.stop is None:
+            self.stop = list(DEFAULT_STOP)
+        self.stop = [s.replace("\\n", "\n").replace("\\t", "\t") for s in self.stop if s]  # '' alone: none
         for name in ("template", "label_words", "labels", "answer_column", "dev_data"):
             if getattr(self, name) is not None and not self.data:
                 raise UsageError(f"{flag(name)} describes a custom data file: it needs --data")
         if self.data and self.data_source != "local":
             raise UsageError(f"--data-source {self.data_source} loads a built-in task; --data is a local file")
-        if self.data and not self.template:
-            raise UsageError("--data needs --template (a format string over the file's columns)")
+        if self.data and not self.template:  # as task_from_file: the file's "prompt" column as it is
+            self.template = "{prompt}"
         if self.heldout_fraction >= 1:
             raise UsageError(f"--heldout-fraction must be < 1 (the rest trains), got {self.heldout_fraction}")
 
@@ -147,26 +190,35 @@ class TuneConfig(CommonConfig):
     reward_candidates: int = arg(0, "sampled completions rewarded per prompt: optimizes their expected reward "
                                     "(needs --sample-temperature > 0; 0: one completion)", at_least=0)
     sample_temperature: float = arg(0.0, "sampling temperature of the completions --reward scores (0: greedy)",
-                                    at_least=0)
+                                    at_least=0, aliases=("--temperature",))
+    top_p: float = arg(1.0, "nucleus sampling of the completions --reward scores: the smallest set of tokens whose "
+                            "probability reaches top_p (1: all; needs --sample-temperature > 0)", above=0)
+    log_completions_every: int = arg(0, "also write a sample of prompts, completions and rewards to "
+                                        "completions.jsonl every this many steps (always at each evaluation of a "
+                                        "generation task; 0: only then)", at_least=0, resume=FREE)
+    report_to: list[str] = arg(help="also log metrics.jsonl's scalars to: tensorboard (in the run folder's tb/; "
+                                    "pip install tensorboard)", repeat=True, choices=("tensorboard",), resume=FREE)
     reward_timeout: float = arg(600.0, "seconds one call of a --reward may take before the run stops with one line "
                                        "(its last checkpoint kept; a hung judge or test run stalls nothing); 0: no "
                                        "limit", at_least=0, resume=FREE)
     steps: int = arg(400, "training steps (on --resume: the total to reach)", above=0, resume=FREE)
-    lr: float | None = arg(None, f"default {DEFAULT_LR['cross_entropy']} for cross-entropy and metric objectives "
-                                 f"in log form, {DEFAULT_LR['mean']} in mean form, as the hard metric or for --reward, "
-                                 f"{DEFAULT_LR['scale-free']} with --update sign or normalized or --fitness-shaping "
-                                 "rank", above=0)
+    lr: float | None = arg(None, f"default {OBJECTIVE_DEFAULTS[REWARD]['lr']} for --reward with its default "
+                                 f"estimator; {DEFAULT_LR['cross_entropy']} for cross-entropy and metric objectives "
+                                 f"in log form, {DEFAULT_LR['mean']} in mean form, as the hard metric or for --reward "
+                                 f"under sgd, {DEFAULT_LR['scale-free']} with --update sign or normalized or "
+                                 "--fitness-shaping rank (config.default_lr)", above=0)
     eps: float | None = arg(None, f"perturbation scale (default {DEFAULT_EPS['fp32']}, {DEFAULT_EPS['bf16']} in bf16, "
                                   f"whose rounding swamps smaller loss differences; {GREEDY_REWARD_EPS} for --reward "
                                   "on greedy completions with --update normalized or sign)", above=0, resume=FIXED)
     estimator: str = arg("auto", "how each step estimates the gradient: a registered estimator (mezo, population, "
                                  "fzoo, or one a --plugin registers; docs/estimators.md); auto: population with "
-                                 "--population N, else mezo", resume=FIXED)
+                                 "--population N (and for --reward), else mezo", resume=FIXED)
     n_perturbations: int | None = arg(None, "perturbations per step: SPSA estimates averaged (mezo, default 1), "
                                             "one-sided members (fzoo, default 8)", above=0, resume=FIXED)
-    population: int = arg(0, "members per step of the population estimator (an even number: antithetic pairs, "
-                             "all scored in one batched pass; docs/mezo.md); 0: MeZO, or 8 with --estimator "
-                             "population", at_least=0, resume=FIXED)
+    population: int | None = arg(None, "members per step of the population estimator (an even number: antithetic "
+                                       "pairs, all scored in one batched pass; docs/mezo.md); 0: MeZO (default: "
+                                       f"{OBJECTIVE_DEFAULTS[REWARD]['population']} for --reward and with --estimator "
+                                       "population, else 0)", at_least=0, resume=FIXED)
     perturbation_rank: int | None = arg(None, "rank of each member's perturbation of a matrix (population: default "
                                               "1; fzoo: default 0, full rank)", at_least=0, resume=FIXED)
     smoothing: float | None = arg(None, "metric objectives optimize the metric's expectation over each example's "
@@ -192,8 +244,9 @@ class TuneConfig(CommonConfig):
                             choices=NOISE_KINDS, resume=FIXED)
     difference: str = arg("central", "central: losses at x +- eps z; forward: at x and x + eps z",
                           choices=DIFFERENCES, resume=FIXED)
-    update: str = arg("sgd", "sgd, sign, or normalized: g over the running RMS of g (one lr for any loss scale)",
-                      choices=UPDATES, resume=FIXED)
+    update: str | None = arg(None, "sgd, sign, or normalized: g over the running RMS of g (one lr for any loss "
+                                   f"scale; default: {OBJECTIVE_DEFAULTS[REWARD]['update']} for --reward with a "
+                                   "population, else sgd)", choices=UPDATES, resume=FIXED)
     fitness_shaping: str = arg("none", "rank (experimental): replace each step's losses by centered ranks (evolution "
                                        "strategies); the estimate is then scale-free, in [-1, 1]",
                                choices=SHAPINGS, resume=FIXED)
@@ -219,14 +272,13 @@ class TuneConfig(CommonConfig):
         if self.reward and self.data and self.template is None:
             self.template = "{prompt}"  # a file of prompts for rewards: its "prompt" column as it is
         super().__post_init__()
+        self._estimator_defaults()
         if self.momentum >= 1 or (self.momentum > 0) != (self.momentum_window > 1):
             raise UsageError(f"--momentum must be in [0, 1) with --momentum-window > 1 (or both 0), got "
                              f"{self.momentum}, {self.momentum_window}")
         if self.population and self.estimator not in ("auto", "population"):
             raise UsageError(f"--population is the population estimator's; with --estimator {self.estimator} leave "
                              "it at 0")
-        if self.estimator == "population" and not self.population:
-            self.population = 8  # the estimator's own default
         if self.population % 2:
             raise UsageError(f"--population must be even (antithetic pairs) or 0 (MeZO), got {self.population}")
         if self.population and (self.n_perturbations not in (None, 1) or self.momentum
@@ -249,6 +301,28 @@ class TuneConfig(CommonConfig):
         if self.reward_candidates and not self.sample_temperature:
             raise UsageError("--reward-candidates needs --sample-temperature > 0: greedy decoding gives every "
                              "candidate the same text")
+        if self.top_p < 1 and not self.sample_temperature:
+            raise UsageError(f"--top-p {self.top_p} needs --sample-temperature > 0: greedy decoding samples nothing")
+        if self.top_p > 1:
+            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+    def _estimator_defaults(self) -> None:
+        """Fill ``population``, ``update``, ``lr`` and ``eps`` left unset from OBJECTIVE_DEFAULTS for this kind of
+        objective; lr and eps only when the estimator is the default one (else ``prepare`` resolves them)."""
+        checked = self.objective is None and not self.data and self.task in list_tasks() and get_task(self.task).reward
+        greedy = not (self.reward_candidates or self.sample_temperature)
+        bundle = OBJECTIVE_DEFAULTS.get(REWARD if self.reward or checked else self.objective or "", {})
+        if self.estimator != "auto":  # an estimator named: its own defaults, not the objective's bundle
+            bundle = {}
+        mezo_only = self.n_perturbations not in (None, 1) or self.momentum or self.difference != "central"
+        if self.population is None:
+            own = 8 if self.estimator == "population" else 0  # the population estimator's own default
+            self.population = own if self.update is not None or mezo_only else bundle.get("population", own)
+        if self.update is None:
+            self.update = bundle.get("update", "sgd") if self.population else "sgd"
+        if bundle and greedy and (self.population, self.update) == (bundle.get("population"), bundle.get("update")):
+            self.lr = self.lr or bundle.get("lr")
+            self.eps = self.eps or bundle.get("eps")
 
 
 @dataclass
@@ -356,7 +430,8 @@ class Parser(HfArgumentParser):
         self.add_argument("--config", help="a JSON file of settings, such as a run's config.json; flags given "
                                            "beside it override it")
 
-    def add_argument(self, *names: str, resume: str = "", at_least: Any = None, above: Any = None, **kwargs: Any):
+    def add_argument(self, *names: str, resume: str = "", at_least: Any = None, above: Any = None, before: Any = None,
+                     **kwargs: Any):
         return super().add_argument(*sorted(names, key=lambda n: "_" in n), **kwargs)
 
     def given(self, argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
@@ -377,7 +452,8 @@ def differences(saved: dict, config: Any) -> tuple[dict, dict]:
     since that run was written: the run had its default (as ``--data-source local``)."""
     allowed, fixed = {}, {}
     for f in fields(config):
-        old, new = saved.get(f.name, None if f.default is MISSING else f.default), getattr(config, f.name)
+        unset = f.metadata.get("before") or (None if f.default is MISSING else f.default)
+        old, new = saved.get(f.name, unset), getattr(config, f.name)
         if f.metadata["resume"] != FREE and old != new:
             (fixed if f.metadata["resume"] == FIXED else allowed)[f.name] = [old, new]
     return allowed, fixed

@@ -15,7 +15,8 @@ from contextlib import contextmanager
 import torch
 
 MASK64 = (1 << 64) - 1
-NOISE_KINDS = ("table", "gaussian", "rademacher")
+NOISE_KINDS = ("table", "gaussian", "rademacher", "signs")
+TABLED = ("table", "signs")  # read from the table at hashed offsets (a memory read, no random draw)
 HALF = (torch.bfloat16, torch.float16)
 ROUNDING_SALT = 0x5EED  # separates the rounding bits' offsets from the noise's
 
@@ -35,7 +36,8 @@ class Noise:
 
     ``table``: slices of one seeded, standardized Gaussian vector of ``table_size`` values at offsets hashed
     from (seed, tensor, chunk), as in Salimans et al. (2017): a memory-bound read instead of a random draw.
-    ``gaussian``: exact N(0, 1) per chunk from a private ``torch.Generator``. ``rademacher``: +-1 likewise.
+    ``signs``: the table's signs, Rademacher values read the same way. ``gaussian``: exact N(0, 1) per chunk from a
+    private ``torch.Generator``. ``rademacher``: +-1 likewise.
     """
 
     def __init__(self, kind: str = "table", table_size: int = 1 << 22, table_seed: int = 0,
@@ -47,17 +49,31 @@ class Noise:
         self.kind, self.table_size, self.table_seed, self.chunk_size = kind, table_size, table_seed, chunk_size
         self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
-    def table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """The standardized Gaussian table in ``dtype`` on ``device``, made once."""
-        key, base = (device, dtype), (device, torch.float32)
-        if base not in self._tables:
+    @property
+    def tabled(self) -> bool:
+        """Whether z is read from the table (``table``, ``signs``): slices are views, shared by a step's passes."""
+        return self.kind in TABLED
+
+    def gaussian(self, device: torch.device) -> torch.Tensor:
+        """The standardized fp32 Gaussian table on ``device``, made once (also the source of the rounding bits)."""
+        key = (device, torch.float32)
+        if key not in self._tables:
             gen = torch.Generator().manual_seed(self.table_seed)
             table = torch.randn(self.table_size, generator=gen)
             mean, std = table.double().mean().item(), table.double().std().item()
             table.sub_(mean).div_(std)  # exactly standardized, built in place: no temporary copies
-            self._tables[base] = table.to(device)
+            self._tables[key] = table.to(device)
+        return self._tables[key]
+
+    def table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The table z is read from, in ``dtype`` on ``device``, made once: the Gaussian one, or for ``signs`` its
+        signs (Rademacher values, +-1 with probability 1/2 each, exact in every dtype)."""
+        key = (device, dtype, self.kind)
         if key not in self._tables:
-            self._tables[key] = self._tables[base].to(dtype)
+            table = self.gaussian(device)
+            if self.kind == "signs":
+                table = torch.where(table >= 0, 1.0, -1.0)
+            self._tables[key] = table.to(dtype)
         return self._tables[key]
 
     def _offset(self, length: int, *key: int) -> int:
@@ -84,7 +100,7 @@ class Noise:
         """Yield (slice of ``flat``, z for that slice); the same arguments always yield the same z, in
         ``flat``'s precision (``wide``, table noise only: the same values in fp32)."""
         n, c = flat.numel(), self.chunk_size
-        if self.kind == "table":
+        if self.tabled:
             table = self._wide_table(flat.device, flat.dtype) if wide else self.table(flat.device, flat.dtype)
             for k, start in enumerate(range(0, n, c)):
                 length = min(c, n - start)
@@ -130,7 +146,7 @@ class Noise:
         seed: the low mantissa bits of the fp32 table at a hashed offset (a read, not a random draw)."""
         key = (device, torch.int32)
         if key not in self._tables:
-            self._tables[key] = self.table(device, torch.float32).view(torch.int32) & 0xFFFF
+            self._tables[key] = self.gaussian(device).view(torch.int32) & 0xFFFF
         offset = self._offset(length, seed, index, chunk, ROUNDING_SALT)
         return self._tables[key][offset:offset + length]
 

@@ -38,7 +38,7 @@ import torch
 
 from metrics import MACRO_F1, Metric, MetricError, get_metric, list_metrics
 from zo_objectives import distributed
-from zo_objectives.scoring import Batch, prompts_seed, sampling_seed
+from zo_objectives.scoring import MESSAGES, Batch, prompts_seed, sampling_seed
 from zo_objectives.step import current_step
 
 CROSS_ENTROPY = "cross_entropy"
@@ -420,9 +420,19 @@ class RewardObjective(Objective):
         self._cache: tuple[tuple, list[list[str]], list[list[float]]] | None = None
 
     def scores(self, prompts: list[str], completions: list[str], columns: dict[str, list]) -> list[float]:
-        """The weighted sum of the rewards for each completion (and each reward's mean in ``last_means``)."""
+        """The weighted sum of the rewards for each completion (and each reward's mean in ``last_means``).
+
+        Conversational examples (their prompt given as messages: a ``prompt_messages`` column) reach the rewards
+        as TRL hands them: ``prompts`` the message lists, each completion ``[{"role": "assistant", "content":
+        text}]``."""
         total = [0.0] * len(prompts)
         means = {}
+        if MESSAGES in columns:
+            columns = dict(columns)
+            messages = columns.pop(MESSAGES)
+            if all(m is not None for m in messages):
+                prompts = messages
+                completions = [[{"role": "assistant", "content": c}] for c in completions]
         for weight, fn, label in zip(self.weights or [1.0] * len(self.rewards), self.rewards, self._names):
             with time_limit(self.timeout, label, len(completions)):  # outside: its expiry is no reward's error
                 try:

@@ -28,13 +28,14 @@ def plot_run(run_dir: Path, window: int = 25) -> Path:
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     name = config["objective"]  # its own value where logged (expected accuracy, ...), else the loss minimized
-    key = name if rows and all(name in r for r in rows) else "loss"
+    # "train/<name>" since issue 34 (the batch's expected value, never the evaluation's), the bare name before
+    key = next((k for k in (f"train/{name}", name) if rows and all(k in r for r in rows)), "loss")
     axes[0].plot(steps, [r[key] for r in rows], alpha=0.3, lw=0.8)
     axes[0].plot(steps, rolling_mean([r[key] for r in rows], window), lw=1.5)
     t = config.get("smoothing", config.get("temperature"))  # (config.json before the rename: "temperature")
     form = f" (optimized in {config['form']} form)" if config.get("form") else ""
-    title = (f"expected {name} at T = {t:g} (training batch){form}" if t and key == name
-             else f"training {name}" if key == name else f"training loss ({name})")
+    title = (f"train/{name} (expected at T = {t:g}, batch){form}" if t and key != "loss"
+             else f"train/{name} (batch)" if key != "loss" else f"training loss ({name})")
     rewards = list(dict.fromkeys(k for r in rows for k in r.get("rewards", {})))  # reward runs: each reward's mean
     for reward in rewards:
         axes[0].plot(steps, rolling_mean([r.get("rewards", {}).get(reward, float("nan")) for r in rows], window),
@@ -49,7 +50,7 @@ def plot_run(run_dir: Path, window: int = 25) -> Path:
     if evals:
         axes[1].plot(*zip(*evals), marker="o")
     split = "held-out" if config.get("heldout_fraction") else "dev"
-    axes[1].set(title=f"{split} {config['metric']} ({config['eval_examples']} examples)", xlabel="step")
+    axes[1].set(title=f"eval/{config['metric']} ({split}, {config['eval_examples']} examples)", xlabel="step")
     axes[2].plot(steps, rolling_mean([float(r["tied"]) for r in rows], window))
     axes[2].set(title=f"steps whose two losses tie ({window}-step mean)", xlabel="step", ylim=(-0.02, 1.02))
     fig.suptitle(f"{config['model']} on {config['task']}")

@@ -30,6 +30,7 @@ CONFIG, EVAL, LOG, CURVE = "config.json", "eval.json", "metrics.jsonl", "curve.p
 CHECKPOINT, RECORDS = "trajectory.json", "trajectory.jsonl"
 WEIGHTS, MANIFEST, LOCK = "model.safetensors", "manifest.json", ".zo-lock"
 RUN_FILES = (CONFIG, EVAL, LOG, CURVE, CHECKPOINT, RECORDS, WEIGHTS, MANIFEST)  # what a run writes
+COMPLETIONS = "completions.jsonl"  # what a generation or reward run writes too: a sample of its completions
 
 
 def atomic_write(path: Path, write: Callable[[str], None], before_rename: Callable[[str], None] | None = None) -> None:
@@ -109,7 +110,7 @@ def lock(run_dir: Path) -> Iterator[None]:
 
 def _ours(name: str) -> bool:
     """A file a run writes, its lock, or a temporary left by one killed while writing."""
-    return name in RUN_FILES or name == LOCK or any(name.startswith(f".{f}.") for f in RUN_FILES)
+    return name in (*RUN_FILES, COMPLETIONS) or name == LOCK or any(name.startswith(f".{f}.") for f in RUN_FILES)
 
 
 def left_before_first_checkpoint(run_dir: Path) -> bool:

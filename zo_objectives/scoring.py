@@ -360,19 +360,26 @@ class ChoicePredictor(ClassScores):
 
 
 class GenerationPredictor(Predictor):
-    """Greedy generation, or sampling at ``temperature`` seeded by the prompts and ``sample_seed`` (and, inside a
-    MeZO step, by the optimizer's seed and the step's index), so that both sides of an SPSA estimate see the same
-    random numbers and each step (each epoch over repeated prompts) new ones; the text is cut at the first stop
-    string."""
+    """Greedy generation, or sampling at ``temperature`` (and ``top_p``) seeded by the prompts and ``sample_seed``
+    (and, inside a MeZO step, by the optimizer's seed and the step's index), so that both sides of an SPSA estimate
+    see the same random numbers and each step (each epoch over repeated prompts) new ones; the text is cut at the
+    first stop string (default: a newline), after at most ``max_new_tokens`` tokens.
+
+    When most completions of a batch run into ``max_new_tokens`` unfinished, or are cut at a stop string before any
+    letter or digit (an instruct model's JSON cut to ``{``), a warning says so once per predictor: every reward of
+    such text is the same, and nothing else would say why."""
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int = 16,
                  stop: Sequence[str] = ("\n",), max_length: int | None = None,
-                 temperature: float = 0.0, sample_seed: int = 0):
+                 temperature: float = 0.0, sample_seed: int = 0, top_p: float = 1.0):
         super().__init__(tokenizer, max_length)
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        self.max_new_tokens, self.stop = max_new_tokens, list(stop)
-        self.temperature, self.sample_seed = temperature, sample_seed
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        self.max_new_tokens, self.stop = max_new_tokens, [s for s in stop if s]
+        self.temperature, self.sample_seed, self.top_p = temperature, sample_seed, top_p
+        self._warned: set[str] = set()
 
     def generate(self, model: torch.nn.Module, prompts: Sequence[str], strip: bool = True) -> list[str]:
         """Completions for ``prompts``; sampling (temperature > 0) is seeded and leaves the global RNG as it was.
@@ -385,15 +392,40 @@ class GenerationPredictor(Predictor):
                              f"{self._limit(model)}-token limit")
         ids, mask, _ = left_pad(self._fit([self._tokens(p) for p in prompts], room), self.pad_id)
         device = model_device(model)
-        sampling = {"do_sample": True, "temperature": self.temperature, "top_k": 0} if self.temperature else {
-            "do_sample": False}
+        sampling = {"do_sample": True, "temperature": self.temperature, "top_k": 0, "top_p": self.top_p} if (
+            self.temperature) else {"do_sample": False}
         with torch.inference_mode(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(sampling_seed(prompts, self.sample_seed))
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                                  max_new_tokens=self.max_new_tokens, pad_token_id=self.pad_id,
                                  stop_strings=self.stop or None, tokenizer=self.tokenizer, **sampling)
-        texts = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-        return [self._cut(t, strip) for t in texts]
+        new = out[:, ids.shape[1]:]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        cut = [self._cut(t, strip) for t in texts]
+        self._check_cuts(new, texts, cut)
+        return cut
+
+    def _check_cuts(self, new: torch.Tensor, texts: list[str], cut: list[str]) -> None:
+        """Warn (once per predictor and cause) when most completions hit the length limit or stopped at once."""
+        ends = {self.pad_id, self.tokenizer.eos_token_id}
+        unfinished = [t for t, row in zip(texts, new.tolist()) if len(row) == self.max_new_tokens
+                      and row[-1] not in ends and not any(s in t for s in self.stop)]
+        empty = [(t, c) for t, c in zip(texts, cut) if any(s in t for s in self.stop)
+                 and not any(ch.isalnum() for ch in c)]
+        half = len(texts) / 2
+        if len(unfinished) > half and "length" not in self._warned:
+            self._warned.add("length")
+            warnings.warn(f"{len(unfinished)} of {len(texts)} completions reached max_new_tokens="
+                          f"{self.max_new_tokens} unfinished (e.g. {unfinished[0][-40:]!r}): they are cut there; "
+                          "raise it (zo-tune --max-new-tokens, ZOConfig(max_completion_length=...)) "
+                          "(warned once)", stacklevel=3)
+        if len(empty) > half and "stop" not in self._warned:
+            self._warned.add("stop")
+            raw, kept = empty[0]
+            warnings.warn(f"{len(empty)} of {len(texts)} completions were cut at a stop string {self.stop} before "
+                          f"any letter or digit ({raw[:40]!r} -> {kept!r}): a multi-line answer (JSON, code, a chat "
+                          "model's reply) needs other stop strings: zo-tune --stop '' (none) or --stop '\\n\\n' "
+                          "(warned once)", stacklevel=3)
 
     def _cut(self, text: str, strip: bool = True) -> str:
         for s in self.stop:
@@ -412,18 +444,50 @@ class GenerationPredictor(Predictor):
 
 def chat_formatted(examples: Sequence[dict], tokenizer: PreTrainedTokenizerBase) -> list[dict]:
     """The examples with each prompt put in the tokenizer's chat template as the user's turn, ending where the
-    assistant's answer begins (``add_generation_prompt``): how instruct models expect a question."""
+    assistant's answer begins (``add_generation_prompt``): how instruct models expect a question. Conversational
+    examples (:func:`conversational`) are already in it."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"the tokenizer ({type(tokenizer).__name__}) has no chat template: leave --chat-template off "
                          "for a base model")
-    return [{**ex, "prompt": tokenizer.apply_chat_template([{"role": "user", "content": ex["prompt"]}], tokenize=False,
-                                                           add_generation_prompt=True)} for ex in examples]
+    return [ex if MESSAGES in ex else {**ex, "prompt": tokenizer.apply_chat_template(
+        [{"role": "user", "content": ex["prompt"]}], tokenize=False, add_generation_prompt=True)} for ex in examples]
+
+
+MESSAGES = "prompt_messages"  # a conversational example's prompt as its data gave it: a list of messages
+
+
+def is_messages(value: Any) -> bool:
+    """Whether ``value`` is a conversation as TRL's conversational format gives one: [{"role", "content"}, ...]."""
+    return (isinstance(value, (list, tuple)) and bool(value)
+            and all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in value))
+
+
+def conversational(examples: Sequence[dict], tokenizer: PreTrainedTokenizerBase) -> list[dict]:
+    """The examples whose data gives the prompt as a list of messages (TRL's conversational format) with that
+    conversation in the tokenizer's chat template, ending where the assistant's turn begins, as the prompt; the
+    messages are kept under ``MESSAGES`` (reward functions get them as ``prompts`` and their completions as
+    messages). Other examples are returned as they are."""
+    out = []
+    for ex in examples:
+        messages = (ex.get("raw") or {}).get("prompt") if isinstance(ex.get("raw"), dict) else None
+        if MESSAGES in ex or not is_messages(messages):
+            out.append(ex)
+            continue
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(f"the data gives prompts as messages (conversational) but the tokenizer "
+                             f"({type(tokenizer).__name__}) has no chat template: use an instruct model's tokenizer")
+        prompt = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        out.append({**ex, "prompt": prompt, MESSAGES: list(messages)})
+    return out
 
 
 def predictor_for(task: Any, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None,
-                  temperature: float = 0.0, model: torch.nn.Module | None = None) -> Predictor:
-    """The predictor a task's kind calls for: label words, multiple choice, or generation; for a masked LM
-    ``model`` (RoBERTa, BERT), label words at a mask token (classification tasks only)."""
+                  temperature: float = 0.0, model: torch.nn.Module | None = None, *,
+                  max_new_tokens: int | None = None, stop: Sequence[str] = ("\n",),
+                  top_p: float = 1.0) -> Predictor:
+    """The predictor a task's kind calls for: label words, multiple choice, or generation (at most
+    ``max_new_tokens``, default the task's, cut at ``stop``); for a masked LM ``model`` (RoBERTa, BERT), label
+    words at a mask token (classification tasks only)."""
     if model is not None:
         from zo_objectives.models import is_masked_lm  # imports transformers: only when a model is given
 
@@ -436,5 +500,5 @@ def predictor_for(task: Any, tokenizer: PreTrainedTokenizerBase, max_length: int
         return LabelWordPredictor(tokenizer, task.label_words, max_length=max_length)
     if task.kind == "multiple_choice":
         return ChoicePredictor(tokenizer, max_length=max_length)
-    return GenerationPredictor(tokenizer, max_new_tokens=task.max_new_tokens, max_length=max_length,
-                               temperature=temperature)
+    return GenerationPredictor(tokenizer, max_new_tokens=max_new_tokens or task.max_new_tokens, stop=stop,
+                               max_length=max_length, temperature=temperature, top_p=top_p)

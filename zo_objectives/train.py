@@ -75,23 +75,25 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def train(model: torch.nn.Module, optimizer: Estimator, objective: Objective, examples: Sequence[dict], *,
           steps: int, batch_size: int = 16, seed: int = 0, start_step: int | None = None,
           evaluate_fn: Callable[[], float | dict[str, float]] | None = None, eval_every: int = 0,
-          run_dir: Path | None = None,
-          checkpoint_every: int = 1, scheduler: Any = None, progress: bool = True) -> list[dict]:
+          run_dir: Path | None = None, checkpoint_every: int = 1, scheduler: Any = None, progress: bool = True,
+          callbacks: Sequence[Callable[[dict], None]] = ()) -> list[dict]:
     """Run estimator steps ``start_step..steps-1``; log each to ``run_dir/metrics.jsonl`` and checkpoint every
     ``checkpoint_every`` steps (0: only at evaluations), at evaluations and when stopped.
 
     ``steps`` is the total to reach; ``start_step`` (default: the steps the optimizer has taken, so a second
     call continues where the first ended) must be the optimizer's. The loss of a step is the mean objective
     over its perturbed evaluations: what MeZO minimizes, logged as ``"loss"`` (lower is better). Beside it each
-    row holds the objective's own values (its ``last_values``), by name, in their own units and direction,
-    averaged over the step's evaluations: ``"accuracy"`` the batch's expected accuracy (higher is better),
-    ``"cross_entropy"``, ``"reward"``; under torchrun they are rank 0's share of the batch, the loss the whole
-    batch's. A step "ties" when both sides of its estimate scored the same (no signal: the weights do not move).
+    row holds the objective's own values (its ``last_values``), named ``train/<name>``, in their own units and
+    direction, averaged over the step's evaluations: ``"train/accuracy"`` the batch's expected accuracy (higher
+    is better), ``"train/cross_entropy"``, ``"train/reward"``; under torchrun they are rank 0's share of the
+    batch, the loss the whole batch's. A step "ties" when both sides of its estimate scored the same (no signal:
+    the weights do not move).
     SIGTERM stops a run as Ctrl-C does (:class:`Stopped`, a KeyboardInterrupt, after saving the checkpoint).
     With ``run_dir`` the run holds the folder's lock; a row is logged before its step is checkpointed, and rows
     past ``start_step`` are dropped first, so metrics.jsonl matches the checkpoint after any kill; a new run
     (``start_step`` 0) refuses a folder that holds a checkpoint. ``evaluate_fn`` returns the evaluation metric,
-    or several by name (the first logged as ``"eval"``, all of them as ``"eval_metrics"``). With a
+    or several by name (the first logged as ``"eval"``, each as ``"eval/<name>"``). Each of ``callbacks`` is
+    called with each row once it is logged (to log elsewhere: a tracker, a sample of completions). With a
     batched estimator (one whose ``members`` is set, e.g. a Population) the objective is wrapped in a
     PopulationObjective (one loss per member) unless it has no predictor: it must then return one loss per member
     itself.
@@ -112,13 +114,14 @@ def train(model: torch.nn.Module, optimizer: Estimator, objective: Objective, ex
             held.enter_context(lock(Path(run_dir)))
         return _train(model, optimizer, objective, examples, steps=steps, batch_size=batch_size, seed=seed,
                       start_step=start_step, evaluate_fn=evaluate_fn, eval_every=eval_every, run_dir=run_dir,
-                      checkpoint_every=checkpoint_every, scheduler=scheduler, progress=progress)
+                      checkpoint_every=checkpoint_every, scheduler=scheduler, progress=progress,
+                      callbacks=callbacks)
 
 
 def _train(model: torch.nn.Module, optimizer: Estimator, objective: Objective, examples: Sequence[dict], *,
            steps: int, batch_size: int, seed: int, start_step: int, evaluate_fn: Callable[[], float] | None,
            eval_every: int, run_dir: Path | None, checkpoint_every: int, scheduler: Any,
-           progress: bool) -> list[dict]:
+           progress: bool, callbacks: Sequence[Callable[[dict], None]] = ()) -> list[dict]:
     history: list[dict] = []
     log, base, saved_step = None, "", start_step
     if run_dir:
@@ -144,7 +147,8 @@ def _train(model: torch.nn.Module, optimizer: Estimator, objective: Objective, e
                 record = optimizer.trajectory[-1]
                 values = {name: sum(m[name] for m in measured) / len(measured)
                           for name in measured[-1] if all(name in m for m in measured)} if measured else {}
-                row = {**values, "step": step + 1, "loss": loss,
+                # "train/": the training batch's (expected) values, never mistaken for the evaluation's "eval/"
+                row = {**{f"train/{k}": v for k, v in values.items()}, "step": step + 1, "loss": loss,
                        "lr": optimizer.param_groups[0]["lr"], "tied": all(g == 0 for g in record["grads"]),
                        "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
                 if getattr(objective, "last_means", None):  # each reward function's mean on the last batch
@@ -155,19 +159,25 @@ def _train(model: torch.nn.Module, optimizer: Estimator, objective: Objective, e
                 if evaluated:
                     result = evaluate_fn()
                     if isinstance(result, dict):
-                        row["eval"], row["eval_metrics"] = next(iter(result.values())), dict(result)
+                        row["eval"] = next(iter(result.values()))
+                        row.update({f"eval/{k}": v for k, v in result.items()})
                     else:
                         row["eval"] = result
                 if log:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
                 history.append(row)
+                for callback in callbacks:
+                    callback(row)
                 if run_dir and (evaluated or (checkpoint_every and (step + 1) % checkpoint_every == 0)):
                     save_checkpoint(Path(run_dir), optimizer, step + 1, base)
                     saved_step = step + 1
                 ties = sum(r["tied"] for r in history) / len(history)
-                bar.set_postfix(**{k: f"{v:.4f}" for k, v in values.items()}, loss=f"{loss:.4f}", ties=f"{ties:.0%}",
-                                **({"eval": f"{row['eval']:.4f}"} if "eval" in row else {}))
+                bar.set_postfix({**{f"train/{k} (expected, batch)": f"{v:.4f}" for k, v in values.items()},
+                                 "loss": f"{loss:.4f}", "ties": f"{ties:.0%}",
+                                 **{k: f"{v:.4f}" for k, v in row.items() if k.startswith("eval/")},
+                                 **({"eval": f"{row['eval']:.4f}"} if "eval" in row and not isinstance(result, dict)
+                                    else {})})
     finally:
         if log:
             log.close()

@@ -232,7 +232,7 @@ class Estimator(Optimizer):
         calls: the same z, not made again."""
         buffers: dict[torch.device, torch.Tensor] = {}  # one fp32 chunk per device for half-precision weights
         batches: dict[tuple, list[tuple[int, torch.Tensor]]] = {}  # (device, lr, wd) -> one-chunk tensors
-        c, table = self.noise.chunk_size, self.noise.kind == "table"
+        c, table = self.noise.chunk_size, self.noise.tabled
         for index, p, lr, wd in moving:
             half = p.dtype in HALF
             if table and not half and 0 < p.numel() <= c:

@@ -150,7 +150,7 @@ class Layout:
     def __init__(self, opt: Perturbing):
         self.params = {index: p for index, p, _ in opt.trainable()}
         self.targets = {id(p): index for index, p in self.params.items()}
-        self.table = opt.noise.kind == "table"
+        self.table = opt.noise.tabled
         # id(module) -> None, or (own: its (name, index, tensor) that its own hook perturbs, group: the _Group it
         # is the entry of, or (), dropout: whether it is a dropout)
         self.modules: dict[int, tuple | None] = {}
@@ -273,7 +273,7 @@ class Perturbed(Hooks):
         """z of a tensor of one chunk, shaped like it (what ``Noise.chunks`` yields); table views kept for the step's
         other pass and its update."""
         noise = self.opt.noise
-        if noise.kind != "table":
+        if not noise.tabled:
             return next(noise.chunks(self.seed, index, p.detach().view(-1)))[1].view_as(p)
         z = self.layout.z.get((self.seed, index))
         if z is None:
@@ -421,7 +421,7 @@ class Members(Hooks):
             return self.cache[index]
         (rows, cols), r, noise = self.opt.factor_shape(p), self.opt.perturbation_rank, self.opt.noise
         n = (rows + cols) * r if cols else rows
-        if noise.kind == "table":  # one gather for all pairs: the values _factors reads, chunk by chunk
+        if noise.tabled:  # one gather for all pairs: the values _factors reads, chunk by chunk
             if (n, p.device) not in self.positions:  # (chunk, place in it) of each value; tensors share shapes
                 at = torch.arange(n, device=p.device)
                 self.positions[(n, p.device)] = at // noise.chunk_size, at % noise.chunk_size
