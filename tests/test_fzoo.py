@@ -87,6 +87,18 @@ def test_member_losses_equal_explicitly_perturbed_weights(noise, rank, tie):
         assert set(direction(opt, 11, 0, model.model.embed_tokens.weight).unique().tolist()) == {-1.0, 1.0}
 
 
+@pytest.mark.parametrize("noise", ["signs", "gaussian"])
+def test_member_losses_through_layer_copies_equal_explicitly_perturbed_weights(noise):
+    """Many rows per member (80 here): each member's rows go through its own perturbed copy of a linear layer."""
+    long = torch.randint(0, VOCAB, (4, 20), generator=torch.Generator().manual_seed(1))
+    model = lm(tie=False)
+    opt = FZOO(model.parameters(), lr=0.0, eps=1e-2, n_perturbations=3, noise=noise, chunk_size=CHUNK, seed=1)
+    seeds = [11, 22, 33]
+    batched = opt.score(lambda: member_losses(model, 4, long), seeds)
+    alone = perturbed_losses(opt, model, seeds, lambda m: member_losses(m, 1, long)[0])
+    assert batched == pytest.approx(alone, abs=2e-5) and len(set(batched)) == 4
+
+
 def largest_allocation(fn) -> int:
     """The largest block of CPU memory one operation allocated while ``fn`` ran (bytes, torch's profiler)."""
     from torch.profiler import ProfilerActivity, profile
@@ -97,8 +109,10 @@ def largest_allocation(fn) -> int:
 
 
 def test_no_member_holds_a_copy_of_a_layer():
-    """Full-rank members make their noise a chunk at a time for the layer being computed: no allocation comes near
-    the size of the largest layer (1 MiB), while MeZO's forward with a perturbed copy per layer makes one."""
+    """Full-rank members make their noise a chunk at a time for the layer being computed. With few rows per member
+    (a decoding step) no allocation comes near the size of the largest layer (1 MiB); with many, each member's rows
+    go through its own perturbed copy of the layer (one matmul instead of two), one copy at a time: never the N
+    copies of a layer at once. MeZO's forward with a perturbed copy per layer makes one."""
     from zo_objectives.estimators import MeZO
 
     torch.manual_seed(0)
@@ -109,7 +123,15 @@ def test_no_member_holds_a_copy_of_a_layer():
     for rank in (0, 2):
         opt = FZOO(model.parameters(), n_perturbations=4, perturbation_rank=rank, chunk_size=1 << 14)
         closure = lambda: model(ids.repeat(5, 1)).mean((1, 2)).view(5, -1).mean(1)  # noqa: E731
+        opt.score(closure, [1, 2, 3, 4])  # the noise table is built once, at the first use
         assert largest_allocation(lambda o=opt, c=closure: o.score(c, [1, 2, 3, 4])) < layer // 4, rank
+    long = torch.randint(0, 1000, (2, 60))  # 120 rows per member: each member's own copy of the first linear
+    opt = FZOO(model.parameters(), n_perturbations=4, chunk_size=1 << 14)
+    closure = lambda: model(long.repeat(5, 1)).mean((1, 2)).view(5, -1).mean(1)  # noqa: E731
+    opt.score(closure, [1, 2, 3, 4])
+    with torch.no_grad():
+        plain = largest_allocation(lambda: model(long.repeat(5, 1)))
+    assert largest_allocation(lambda: opt.score(closure, [1, 2, 3, 4])) < plain + 2 * layer  # 4 copies: + 4 layers
     mezo = MeZO(model.parameters(), noise="gaussian", chunk_size=1 << 14)
     assert largest_allocation(lambda: mezo.score(lambda: model(ids).mean(), 5, 1.0)) >= layer
 

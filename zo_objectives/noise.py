@@ -72,7 +72,7 @@ class Noise:
         if key not in self._tables:
             table = self.gaussian(device)
             if self.kind == "signs":
-                table = torch.where(table >= 0, 1.0, -1.0)
+                table = torch.ones_like(table).copysign_(table)  # (a standardized value is never 0)
             self._tables[key] = table.to(dtype)
         return self._tables[key]
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from zo_objectives import distributed
 from zo_objectives.estimators.base import Estimator, register_estimator
-from zo_objectives.estimators.hooks import SHAPE_CHECKED, Hooks
+from zo_objectives.estimators.hooks import SHAPE_CHECKED, Hooks, Perturbed
 from zo_objectives.estimators.population import Population
 
 
@@ -135,6 +135,7 @@ class _Members(Hooks):
         self.seeds, self.alpha, self.members = list(seeds), opt.eps, len(seeds) + 1
         self.rank = opt.perturbation_rank
         self.outputs: dict[int, list[tuple[str, int, torch.Tensor]]] = {}  # id(module) -> perturbed via its output
+        self.split: dict[int, torch.Tensor] = {}  # id(module) -> its whole input, while it computes member 0's rows
 
     def _check_rows(self, rows: int, module: torch.nn.Module) -> None:
         if rows % self.members:
@@ -163,7 +164,30 @@ class _Members(Hooks):
             block[where.start - first * width: where.stop - first * width] = z
             yield first, block.view(last - first, width)
 
-    def _pre(self, module: torch.nn.Module, args) -> None:
+    def _perturbed(self, seed: int, p: torch.Tensor | None) -> torch.Tensor | None:
+        """A temporary copy of ``p`` plus eps times its noise (None for a tensor not tuned), chunk by chunk."""
+        if p is None or id(p) not in self.targets:
+            return p
+        flat = p.detach().view(-1)
+        out = torch.empty_like(flat)
+        for where, z in self.opt.noise.chunks(seed, self.targets[id(p)], flat):
+            torch.add(flat[where], z, alpha=self.alpha, out=out[where])
+        return out.view_as(p)
+
+    def _by_copies(self, module: torch.nn.Module, args) -> bool:
+        """Whether a linear layer computes each member's rows with its own perturbed copy of the weight, one copy at
+        a time (full-rank members, many rows per member): one matmul per member, where adding ``x_i @ z_i^T`` to
+        the shared product costs a second one."""
+        x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        return (not self.rank and type(module) is torch.nn.Linear and x is not None and x.ndim >= 2
+                and id(module.weight) in self.targets and x.shape[0] % self.members == 0
+                and x.numel() // x.shape[-1] // self.members > Perturbed.SMALL_INPUT)
+
+    def _pre(self, module: torch.nn.Module, args):
+        if self._by_copies(module, args):  # the module computes member 0's rows; _post the others
+            x = args[0]
+            self.split[id(module)] = x
+            return (x[: x.shape[0] // self.members], *args[1:])
         swaps, outputs = [], []
         for name, p in module._parameters.items():
             index = self.targets.get(id(p)) if p is not None else None
@@ -195,6 +219,16 @@ class _Members(Hooks):
                 self._put(module, [(module, name, w.repeat_interleave(per, 0).view(shape))])
 
     def _post(self, module: torch.nn.Module, args, output):
+        x = self.split.pop(id(module), None)
+        if x is not None:
+            if output is None:  # the module's forward raised
+                return None
+            per = x.shape[0] // self.members
+            outs = [output]
+            for m, seed in enumerate(self.seeds, 1):  # one perturbed copy of the layer at a time, then dropped
+                outs.append(F.linear(x[m * per:(m + 1) * per], self._perturbed(seed, module.weight),
+                                     self._perturbed(seed, module.bias)))
+            return torch.cat(outs)
         self._restore(id(module))
         outputs = self.outputs.pop(id(module), None)
         if not outputs or output is None:  # None: the module's forward raised
