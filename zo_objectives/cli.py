@@ -63,6 +63,7 @@ from zo_objectives.objectives import (
     CROSS_ENTROPY,
     MetricObjective,
     RewardObjective,
+    UserCodeExit,
     check_metric,
     make_objective,
     reward_columns,
@@ -127,6 +128,9 @@ def import_source(source: str, flag: str) -> ModuleType:
         return importlib.import_module(source)
     except UsageError:
         raise
+    except SystemExit as err:  # the module's failure, not the command's exit
+        raise UserCodeExit(f"{flag} {source!r} raised SystemExit({err.code!r}) (sys.exit, exit()) as it was "
+                           "imported") from None
     except Exception as err:  # a module that raises as it is imported: ImportError, SyntaxError or its own
         raise UsageError(f"cannot import {flag} {source!r}: {type(err).__name__}: {err}") from err
 
@@ -271,6 +275,7 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
         select_trainable(model, config.trainable)
     except re.error as err:
         raise UsageError(f"--trainable {config.trainable!r} is not a regular expression: {err}") from err
+    check_sizes(config, model, device)
     predictor = predictor_for(task, tokenizer, max_length=config.max_length, model=model)
     if config.reward:
         generator = predictor_for(task, tokenizer, max_length=config.max_length,
@@ -316,6 +321,38 @@ def prepare(config: TuneConfig, task: Task, device: torch.device) -> Run:
              "train_examples": len(train_set), "eval_examples": len(dev_set), "trainable_parameters": trainable,
              "world_size": distributed.world_size(), "hardware": hardware(device)}
     return Run(config, model, predictor, objective, metrics, train_set, dev_set, split, facts)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the run may still allocate on ``device``: free GPU memory, or the system's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        return int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo)[1]) * 1024
+    except (OSError, TypeError):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_sizes(config: TuneConfig, model: torch.nn.Module, device: torch.device) -> None:
+    """Refuse a population or a number of sampled candidates that cannot fit, before the first step: each of the
+    ``rows`` a batched pass scores needs at least the logits of one position (vocabulary x 4 bytes), a lower bound
+    of its memory; and a perturbation rank above a trainable matrix's smaller side."""
+    if config.population:
+        matrices = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        side = min((min(p.shape[0], p.numel() // p.shape[0]) for p in matrices), default=None)
+        if side is not None and config.perturbation_rank > side:
+            raise UsageError(f"--perturbation-rank {config.perturbation_rank} is above the smallest side of the "
+                             f"model's trainable matrices ({side}); accepted: 1 to {side}")
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
+    for name, count in (("--population", config.population), ("--reward-candidates", config.reward_candidates)):
+        rows = count * config.batch_size
+        need, free = rows * vocab * 4, available_memory(device)
+        if need > free:
+            fits = max(0, free // (vocab * 4 * config.batch_size))
+            raise UsageError(f"{name} {count} x --batch-size {config.batch_size} = {rows:,} rows scored at once need "
+                             f"at least {need / 2**30:,.1f} GiB (their logits), more than the {free / 2**30:,.1f} GiB "
+                             f"available on {device.type}; accepted: up to about {fits:,}")
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -638,6 +675,9 @@ def tune_main(argv: list[str] | None = None) -> int:
                  allow_changed_settings=args.allow_changed_settings)
     except (ValueError, FileNotFoundError) as err:  # UsageError and the library's own input errors
         return _fail(parser.prog, err)
+    except UserCodeExit as err:  # a reward or plugin called sys.exit: a failure of that code
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
     except FloatingPointError as err:  # a NaN/inf loss: not bad input, the run stops (its checkpoint kept)
         print(f"{parser.prog}: error: {err} (--on-nonfinite skip skips them)", file=sys.stderr)
         return 1
@@ -685,6 +725,9 @@ def eval_main(argv: list[str] | None = None) -> int:
         evaluate_run(EvalConfig(**given))
     except (ValueError, FileNotFoundError) as err:
         return _fail(parser.prog, err)
+    except UserCodeExit as err:  # a plugin called sys.exit as it was imported
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

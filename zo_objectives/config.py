@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -47,6 +48,17 @@ GREEDY_REWARD_EPS = 1e-2
 SPLITS = ("dev", "validation")
 REWARD = "reward"  # the objective of --reward runs
 
+# Upper bounds of counts and times: beyond them a run cannot finish (or a timer overflows); checked before anything
+# is loaded. --population and --perturbation-rank are checked against the model and memory (cli.check_sizes)
+MAX_SEED = 2**63 - 1
+MAX_STEPS = 10**9
+MAX_PERTURBATIONS = 1024
+MAX_CANDIDATES = 1024
+MAX_SAMPLES = 100_000
+MAX_REWARD_TIMEOUT = 86_400.0
+# Below this a smoothing temperature is the hard metric in all but name, and log-likelihood / T overflows
+MIN_SMOOTHING = 1e-4
+
 # What a setting may do on --resume: "free" ones may differ, "fixed" ones never (the checkpoint replays them or
 # the run's data and weights depend on them); the others only with --allow-changed-settings.
 FREE, FIXED = "free", "fixed"
@@ -57,12 +69,14 @@ class UsageError(ValueError):
 
 
 def arg(default: Any = None, help: str = "", *, choices: tuple | None = None, resume: str = "",
-        at_least: float | None = None, above: float | None = None, repeat: bool = False,
-        aliases: tuple[str, ...] = ()) -> Any:
-    """A config field: its default, its flag's help, accepted values (``choices``, bounds; floats must be
-    finite), what it may do on resume, ``repeat`` for a flag that may be given several times, and other
-    spellings of its flag (``aliases``)."""
-    meta = {"help": help, "resume": resume, "at_least": at_least, "above": above}
+        at_least: float | None = None, above: float | None = None, at_most: float | None = None,
+        why_most: str = "", repeat: bool = False, aliases: tuple[str, ...] = (), switch: bool = False) -> Any:
+    """A config field: its default, its flag's help, accepted values (``choices``, bounds, ``why_most`` saying
+    why the upper one; floats must be finite), what it may do on resume, ``repeat`` for a flag that may be given
+    several times, other spellings of its flag (``aliases``), and ``switch`` for a boolean flag that takes no
+    value (so that it never swallows the positional argument after it)."""
+    meta = {"help": help, "resume": resume, "at_least": at_least, "above": above, "at_most": at_most,
+            "why_most": why_most, "switch": switch}
     if aliases:
         meta["aliases"] = list(aliases)
     if choices is not None:
@@ -107,7 +121,7 @@ class CommonConfig:
     batch_size: int = arg(16, "examples per step (and per evaluation batch)", above=0)
     max_length: int | None = arg(None, "truncate prompts from the left to this many tokens", above=0)
     seed: int = arg(0, "seeds the training sample (zo-tune: its order and the perturbations; zo-eval: the "
-                       "demonstrations)", resume=FIXED)
+                       "demonstrations)", resume=FIXED, at_least=0, at_most=MAX_SEED, why_most="a 63-bit seed")
     device: str | None = arg(None, "cpu, cuda, cuda:1, ... (default: cuda when available)", resume=FREE)
     dtype: str = arg("auto", f"weights' dtype; auto: {AUTO_DTYPE}", choices=("auto", *DTYPES), resume=FIXED)
 
@@ -144,13 +158,16 @@ class TuneConfig(CommonConfig):
                             repeat=True)
     reward_weights: list[float] | None = arg(None, "one weight per --reward (default: 1 each)")
     reward_candidates: int = arg(0, "sampled completions rewarded per prompt: optimizes their expected reward "
-                                    "(needs --sample-temperature > 0; 0: one completion)", at_least=0)
+                                    "(needs --sample-temperature > 0; 0: one completion)", at_least=0,
+                                 at_most=MAX_CANDIDATES, why_most="each is generated and rewarded every step")
     sample_temperature: float = arg(0.0, "sampling temperature of the completions --reward scores (0: greedy)",
                                     at_least=0)
     reward_timeout: float = arg(600.0, "seconds one call of a --reward may take before the run stops with one line "
                                        "(its last checkpoint kept; a hung judge or test run stalls nothing); 0: no "
-                                       "limit", at_least=0, resume=FREE)
-    steps: int = arg(400, "training steps (on --resume: the total to reach)", above=0, resume=FREE)
+                                       "limit", at_least=0, at_most=MAX_REWARD_TIMEOUT,
+                                why_most="a day; 0 for no limit", resume=FREE)
+    steps: int = arg(400, "training steps (on --resume: the total to reach)", above=0, at_most=MAX_STEPS,
+                     why_most="a billion steps", resume=FREE)
     lr: float | None = arg(None, f"default {DEFAULT_LR['cross_entropy']} for cross-entropy and metric objectives "
                                  f"in log form, {DEFAULT_LR['mean']} in mean form, as the hard metric or for --reward, "
                                  f"{DEFAULT_LR['scale-free']} with --update sign or normalized or --fitness-shaping "
@@ -158,7 +175,8 @@ class TuneConfig(CommonConfig):
     eps: float | None = arg(None, f"perturbation scale (default {DEFAULT_EPS['fp32']}, {DEFAULT_EPS['bf16']} in bf16, "
                                   f"whose rounding swamps smaller loss differences; {GREEDY_REWARD_EPS} for --reward "
                                   "on greedy completions with --update normalized or sign)", above=0, resume=FIXED)
-    n_perturbations: int = arg(1, "SPSA estimates averaged per step", above=0, resume=FIXED)
+    n_perturbations: int = arg(1, "SPSA estimates averaged per step", above=0, at_most=MAX_PERTURBATIONS,
+                               why_most="each costs two forward passes per step", resume=FIXED)
     population: int = arg(0, "members per step of the population estimator (an even number: antithetic pairs, "
                              "all scored in one batched pass; docs/mezo.md); 0: MeZO", at_least=0, resume=FIXED)
     perturbation_rank: int = arg(1, "rank of each population member's perturbation of a matrix", above=0,
@@ -179,7 +197,7 @@ class TuneConfig(CommonConfig):
                                       "(auto: model for generation metrics in log form, else options)",
                               choices=SUPPORTS)
     samples: int = arg(256, "Monte Carlo draws for that expectation when the metric is not a per-example mean",
-                       above=0)
+                       above=0, at_most=MAX_SAMPLES, why_most="each draw is one metric call per step")
     weight_decay: float = arg(0.0, "decoupled weight decay", at_least=0, resume=FIXED)
     schedule: str = arg("constant", "learning-rate schedule over --steps", choices=SCHEDULES)
     noise: str = arg("table", "how the perturbations are drawn", choices=NOISE_KINDS, resume=FIXED)
@@ -212,6 +230,9 @@ class TuneConfig(CommonConfig):
         if self.reward and self.data and self.template is None:
             self.template = "{prompt}"  # a file of prompts for rewards: its "prompt" column as it is
         super().__post_init__()
+        if self.smoothing is not None and 0 < self.smoothing < MIN_SMOOTHING:
+            raise UsageError(f"--smoothing must be 0 (the hard metric) or >= {MIN_SMOOTHING:g} (smaller temperatures "
+                             f"overflow log-likelihood / T), got {self.smoothing:g}")
         if self.momentum >= 1 or (self.momentum > 0) != (self.momentum_window > 1):
             raise UsageError(f"--momentum must be in [0, 1) with --momentum-window > 1 (or both 0), got "
                              f"{self.momentum}, {self.momentum_window}")
@@ -252,7 +273,8 @@ class EvalConfig(CommonConfig):
 class ExportConfig:
     """A ``zo-export`` export (the run folder and output folder are its two positional arguments)."""
 
-    merge: bool = arg(False, "LoRA runs: merge the adapter into the weights and write a full model folder")
+    merge: bool = arg(False, "LoRA runs: merge the adapter into the weights and write a full model folder",
+                      switch=True)
 
     def __post_init__(self) -> None:
         check(self)
@@ -294,6 +316,9 @@ def check(config: Any) -> None:
                 raise UsageError(f"{flag(f.name)} must be >= {meta['at_least']}, got {v}")
             if meta["above"] is not None and v <= meta["above"]:
                 raise UsageError(f"{flag(f.name)} must be > {meta['above']}, got {v}")
+            if meta["at_most"] is not None and v > meta["at_most"]:
+                why = f" ({meta['why_most']})" if meta["why_most"] else ""
+                raise UsageError(f"{flag(f.name)} must be <= {meta['at_most']}{why}, got {v}")
 
 
 # Facts about a run that config.json holds beside its settings (ignored when it is read back as settings)
@@ -338,8 +363,16 @@ class Parser(HfArgumentParser):
         self.add_argument("--config", help="a JSON file of settings, such as a run's config.json; flags given "
                                            "beside it override it")
 
-    def add_argument(self, *names: str, resume: str = "", at_least: Any = None, above: Any = None, **kwargs: Any):
+    def add_argument(self, *names: str, resume: str = "", at_least: Any = None, above: Any = None,
+                     at_most: Any = None, why_most: str = "", switch: bool = False, **kwargs: Any):
+        if switch:  # a flag without a value: ``--merge RUN OUT`` must not read RUN as the flag's value
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("type", "nargs", "const")} | {"action": "store_true"}
         return super().add_argument(*sorted(names, key=lambda n: "_" in n), **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        """A UsageError of one line, ``--flag: problem; accepted: ...``, instead of argparse's usage block and
+        exit (the commands print it and exit with code 2)."""
+        raise UsageError(parse_error(self, message))
 
     def given(self, argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
         """The flags that are not settings (``--config``, ``--resume``, ...), and the settings given explicitly (in
@@ -351,6 +384,28 @@ class Parser(HfArgumentParser):
         flags = {k: v for k, v in vars(args).items() if k in preset and v is not unset and v is not None}
         other = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in preset}, flagged=set(flags))
         return other, {**(read_config(cls, args.config) if args.config else {}), **flags}
+
+
+def parse_error(parser: argparse.ArgumentParser, message: str) -> str:
+    """argparse's ``argument --steps/--steps: invalid int value: '1.5'`` as ``--steps: '1.5' is not an integer;
+    accepted: a whole number``: the flag's first spelling, the value, what it accepts."""
+    found = re.fullmatch(r"argument ([^:]+): (.*)", message, re.S)
+    if not found:
+        return message
+    name, problem = found[1].split("/")[0], found[2]
+    action = parser._option_string_actions.get(name)
+    given = re.search(r"'[^']*'", problem)
+    value = given[0] if given else ""
+    if problem.startswith("invalid choice") and action is not None and action.choices:
+        return f"{name}: unknown value {value}; accepted: {', '.join(map(str, action.choices))}"
+    if problem.startswith("Truthy value expected"):  # transformers' string_to_bool
+        value = re.search(r"got (.*) but", problem)[1]
+        return f"{name}: {value!r} is not a yes/no value; accepted: the flag alone, true/false, yes/no, 1/0"
+    kind = re.match(r"invalid (\w+) value", problem)
+    if kind:
+        accepted = {"int": "an integer", "float": "a number"}.get(kind[1], kind[1])
+        return f"{name}: {value} is not {accepted}; accepted: {accepted}"
+    return f"{name}: {problem}"
 
 
 def differences(saved: dict, config: Any) -> tuple[dict, dict]:

@@ -22,6 +22,7 @@ units and direction (``{"accuracy": expected accuracy}``, ``{"cross_entropy": ..
 from __future__ import annotations
 
 import contextlib
+import faulthandler
 import inspect
 import math
 import numbers
@@ -29,7 +30,7 @@ import signal
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -279,28 +280,50 @@ class RewardError(ValueError):
     completion."""
 
 
+class UserCodeExit(RuntimeError):
+    """User code (a reward function, a plugin) raised SystemExit: reported as a failure of that code (the
+    command line exits with status 1), never taken as the command's own exit."""
+
+
 class _Expired(BaseException):  # not an Exception: a reward's own ``except Exception`` cannot swallow it
     pass
+
+
+# A call still inside C code this long past its limit (a C loop holding the GIL, which no signal handler can
+# interrupt) ends the process: faulthandler's watchdog is a C thread, so it fires whatever the interpreter does
+HARD_STOP_GRACE = 1.0
 
 
 @contextlib.contextmanager
 def time_limit(seconds: float | None, label: str, count: int):
     """Raise RewardError once a reward call runs ``seconds``: interrupted by SIGALRM in a Unix process's main
-    thread, elsewhere checked when the call returns (a call that never returns then needs Ctrl-C)."""
+    thread, elsewhere checked when the call returns. A call that does not come back to Python (busy in C code)
+    cannot be interrupted: ``HARD_STOP_GRACE`` seconds after the limit, faulthandler's watchdog prints the stuck
+    call's stack and ends the process with exit status 1 (the run's files are as its last checkpoint left them)."""
     if not seconds:
         yield
         return
     message = (f"reward {label!r} took more than {seconds:g} s on {count} completions (--reward-timeout; 0: no "
                "limit): make it faster, or raise the limit")
     alarm = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-    if alarm:
-        def expire(signum: int, frame: Any) -> None:
+    armed = [False]  # the handler raises only while the call runs: never from the cleanup after it
+
+    def expire(signum: int, frame: Any) -> None:
+        if armed[0]:
             raise _Expired
-        previous = signal.signal(signal.SIGALRM, expire)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+    previous = signal.signal(signal.SIGALRM, expire) if alarm else None
     began = time.monotonic()
     try:
-        yield
+        try:  # armed inside the try: an alarm that fires at once is still a RewardError
+            armed[0] = True
+            if alarm:
+                signal.setitimer(signal.ITIMER_REAL, seconds)
+            # to file descriptor 2: the process's stderr even where sys.stderr is replaced (it has no fileno)
+            faulthandler.dump_traceback_later(seconds + HARD_STOP_GRACE, exit=True, file=2)
+            yield
+        finally:
+            armed[0] = False
+            faulthandler.cancel_dump_traceback_later()
     except _Expired:
         raise RewardError(message) from None
     finally:
@@ -387,9 +410,16 @@ class RewardObjective(Objective):
         for weight, fn, label in zip(self.weights or [1.0] * len(self.rewards), self.rewards, self._names):
             with time_limit(self.timeout, label, len(completions)):  # outside: its expiry is no reward's error
                 try:
-                    values = list(fn(prompts=prompts, completions=completions, **columns))
+                    result = fn(prompts=prompts, completions=completions, **columns)
+                    values = list(result) if isinstance(result, Iterable) and not isinstance(result, str) else None
+                except SystemExit as err:
+                    raise UserCodeExit(f"reward {label!r} raised SystemExit({err.code!r}) (sys.exit, exit()): a "
+                                       "reward must return one number per completion") from None
                 except Exception as err:
                     raise RewardError(f"reward {label!r} raised {type(err).__name__}: {err}") from err
+            if values is None:
+                raise RewardError(f"reward {label!r} returned {result!r:.40} ({type(result).__name__}); a reward must "
+                                  "return one float per completion (a list)")
             if len(values) != len(prompts):
                 raise RewardError(f"reward {label!r} returned {len(values)} values for {len(prompts)} completions")
             for i, v in enumerate(values):
