@@ -446,9 +446,20 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
     with ExitStack() as held:
         try:
             return _tune(config, task, run_dir, main, world, held, resume, overwrite, allow_changed_settings)
+        except FloatingPointError as err:  # the optimizer's message, with the objective named
+            raise FloatingPointError(nonfinite_message(config, err)) from None
         except KeyboardInterrupt as err:
             signum = getattr(err, "signum", signal.SIGINT)
             raise Stopped(stop_message(run_dir, signum), signum) from None
+
+
+def nonfinite_message(config: TuneConfig, err: FloatingPointError) -> str:
+    """One line for a non-finite loss: its values, the objective or rewards that gave it, and the flag."""
+    values = re.search(r"\(plus=[^)]*\)", str(err))
+    source = (f"reward {', '.join(config.reward)} (--reward)" if config.reward
+              else f"objective {config.objective} (--objective)")
+    return (f"non-finite loss {values[0] if values else str(err)} from the {source}; the weights are as before the "
+            "step and the checkpoint is kept: --on-nonfinite skip skips such estimates")
 
 
 def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int, held: ExitStack, resume: bool,
@@ -526,8 +537,9 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
                   "(--no-eval-before skips it)", file=sys.stderr)
         before = dev_metrics(progress=main and config.progress) if config.eval_before else None
         if main:
-            write_sealed(run_dir, EVAL, _json_writer({"metric": metric.name, "split": split, "examples": len(dev_set),
-                                                      "before": headline(before), "before_metrics": before}))
+            write_sealed(run_dir, EVAL, _json_writer(finite_json({
+                "metric": metric.name, "split": split, "examples": len(dev_set), "before": headline(before),
+                "before_metrics": before}, EVAL)))
     if main:
         print(f"zo-tune: {task.name}, objective {config.objective}, {run.facts['trainable_parameters']:,} trainable "
               f"parameters, {split} {metric.name} before: {_fmt(headline(before))}", file=sys.stderr)
@@ -545,7 +557,7 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
                "steps": config.steps, "train_seconds": seconds, "tied_fraction": ties,
                **({"rewards": dict(held_out_rewards)} if held_out_rewards else {})}
     if main:  # distributed: rank 0 writes the results
-        write_sealed(run_dir, EVAL, _json_writer(summary))
+        write_sealed(run_dir, EVAL, _json_writer(finite_json(summary, EVAL)))
         write_sealed(run_dir, WEIGHTS, lambda tmp: save_file(trainable_state(model), tmp), step=config.steps)
         plot_run(run_dir)
         others = "".join(f", {name} {_fmt((before or {}).get(name))} -> {value:.4f}" for name, value in after.items()
@@ -557,7 +569,20 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
 
 
 def _json_writer(data: Any) -> Callable[[str], None]:
-    return lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1))
+    return lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, allow_nan=False))
+
+
+def finite_json(data: Any, name: str, path: str = "") -> Any:
+    """``data`` with each non-finite float (a reward's mean that overflowed) written as null, which JSON readers
+    accept (``Infinity`` is not JSON), and a warning naming it."""
+    if isinstance(data, dict):
+        return {k: finite_json(v, name, f"{path}.{k}" if path else str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [finite_json(v, name, f"{path}[{i}]") for i, v in enumerate(data)]
+    if isinstance(data, float) and not math.isfinite(data):
+        print(f"zo-tune: warning: {name}: {path} is {data}, not a JSON number: written as null", file=sys.stderr)
+        return None
+    return data
 
 
 def check_run_weights(run_dir: Path) -> None:
@@ -675,12 +700,9 @@ def tune_main(argv: list[str] | None = None) -> int:
                  allow_changed_settings=args.allow_changed_settings)
     except (ValueError, FileNotFoundError) as err:  # UsageError and the library's own input errors
         return _fail(parser.prog, err)
-    except UserCodeExit as err:  # a reward or plugin called sys.exit: a failure of that code
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
-        return 1
-    except FloatingPointError as err:  # a NaN/inf loss: not bad input, the run stops (its checkpoint kept)
-        print(f"{parser.prog}: error: {err} (--on-nonfinite skip skips them)", file=sys.stderr)
-        return 1
+    except (UserCodeExit, FloatingPointError, ConnectionError) as err:  # not bad input: a reward or plugin called
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)  # sys.exit, a NaN/inf loss (the checkpoint kept),
+        return 1  # no network for --data-source hub
     except OSError as err:  # a full disk, a read-only folder: the files written so far are whole
         print(f"{parser.prog}: error: {_os_error(err)}", file=sys.stderr)
         return 1
@@ -725,7 +747,7 @@ def eval_main(argv: list[str] | None = None) -> int:
         evaluate_run(EvalConfig(**given))
     except (ValueError, FileNotFoundError) as err:
         return _fail(parser.prog, err)
-    except UserCodeExit as err:  # a plugin called sys.exit as it was imported
+    except (UserCodeExit, ConnectionError) as err:  # a plugin called sys.exit as it was imported; no network
         print(f"{parser.prog}: error: {err}", file=sys.stderr)
         return 1
     return 0
