@@ -862,3 +862,33 @@ def test_config_of_a_run_folder_asks_for_a_new_output_dir(straight_run, capsys):
     capsys.readouterr()
     assert tune_main(["--config", str(straight / "config.json")]) == 2  # as README had it: the folder exists
     assert "pass --output-dir NEW_FOLDER to rerun its settings there" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("again", [["--resume"], []])
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(again, tmp_path, monkeypatch, capsys):
+    """A full disk at the first checkpoint (--checkpoint-every 3): three logged steps, no trajectory.json. Both
+    --resume and the same command again run it from step 0 in place (it read "no trajectory.json" and "exists;
+    pass --resume"), and reach the weights of a run never stopped."""
+    from zo_objectives import runfolder
+
+    real = runfolder.atomic_write
+
+    def full_disk(path, *args, **kwargs):
+        if path.name == "trajectory.json":
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, *args, **kwargs)
+
+    args = ["--steps", "4", "--checkpoint-every", "3", "--eval-every", "0", "--eval-size", "4", "--no-eval-before"]
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(runfolder, "atomic_write", full_disk)
+        assert tune(*args, "--output-dir", str(run)) == 1
+    assert [r["step"] for r in rows(run)] == [1, 2, 3] and not (run / "trajectory.json").exists()
+    capsys.readouterr()
+    assert tune(*args, "--output-dir", str(run), *again) == 0, capsys.readouterr().err
+    assert f"reusing {run}: the run there stopped before its first checkpoint" in capsys.readouterr().err
+    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4]
+    assert tune(*args, "--output-dir", str(tmp_path / "straight")) == 0
+    assert load_file(run / "model.safetensors").keys() == load_file(tmp_path / "straight" / "model.safetensors").keys()
+    for name, value in load_file(run / "model.safetensors").items():
+        assert torch.equal(value, load_file(tmp_path / "straight" / "model.safetensors")[name]), name

@@ -465,6 +465,8 @@ def nonfinite_message(config: TuneConfig, err: FloatingPointError) -> str:
 def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int, held: ExitStack, resume: bool,
           overwrite: bool, allow_changed_settings: bool) -> dict:
     step, claimed = 0, False
+    if resume and run_dir.is_dir() and left_before_first_checkpoint(run_dir):  # nothing to replay: from step 0
+        resume = False
     if main:
         check_run_dir(run_dir, resume, overwrite)
         if run_dir.is_dir():
@@ -519,7 +521,8 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
         if not claimed:  # a new folder: claimed as it is created
             claim(run_dir, resume, overwrite, held)
         if not (resume or overwrite) and left_before_first_checkpoint(run_dir):
-            print(f"zo-tune: reusing {run_dir}: the run there stopped before its first checkpoint", file=sys.stderr)
+            print(f"zo-tune: reusing {run_dir}: the run there stopped before its first checkpoint (nothing to resume: "
+                  "it runs again from step 0)", file=sys.stderr)
         clean(run_dir, everything=not resume)  # temporaries a kill left; for a new run every earlier file
         if not resume:
             new_manifest(run_dir)

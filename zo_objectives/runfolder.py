@@ -113,11 +113,23 @@ def _ours(name: str) -> bool:
 
 def left_before_first_checkpoint(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds only what a run that stopped before its first checkpoint leaves (settings, the
-    evaluation before tuning, no logged step): nothing to resume and nothing to lose."""
+    evaluation before tuning, no checkpoint, and no more logged steps than come before the first checkpoint, a
+    kill or a full disk between them): nothing to resume, nothing that a run from step 0 would not write again.
+    A folder with more logged steps than that lost its checkpoint: it is not reused."""
     names = {p.name for p in Path(run_dir).iterdir()}
+    if not (all(_ours(n) for n in names) and CONFIG in names and not {CHECKPOINT, WEIGHTS} & names):
+        return False
     log = Path(run_dir) / LOG
-    return (all(_ours(n) for n in names) and CONFIG in names and not {CHECKPOINT, WEIGHTS} & names
-            and (not log.exists() or log.stat().st_size == 0))
+    rows = log.read_bytes().count(b"\n") if log.exists() else 0
+    if not rows:
+        return True
+    try:  # the first checkpoint's step: at --checkpoint-every, the first evaluation, or the end
+        config = json.loads((Path(run_dir) / CONFIG).read_text())
+        first = min(v for v in (config.get("checkpoint_every"), config.get("eval_every"), config.get("steps"))
+                    if isinstance(v, int) and v > 0)
+    except (OSError, ValueError, AttributeError):  # unreadable settings: not a folder to reuse blindly
+        return False
+    return rows <= first
 
 
 def holds_files(run_dir: Path) -> bool:
