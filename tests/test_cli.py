@@ -892,3 +892,24 @@ def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(again, tm
     assert load_file(run / "model.safetensors").keys() == load_file(tmp_path / "straight" / "model.safetensors").keys()
     for name, value in load_file(run / "model.safetensors").items():
         assert torch.equal(value, load_file(tmp_path / "straight" / "model.safetensors")[name]), name
+
+
+def test_run_statistics_cover_every_session_of_a_resumed_run(tmp_path, monkeypatch, capsys):
+    """A first session whose steps all tie and take 0.3 s a call, a resume whose steps do not: eval.json's
+    tied_fraction, train_seconds and the final line are the whole run's (they were the last session's)."""
+    def flat(model, batch):  # the same loss on both sides: every estimate ties
+        time.sleep(0.3)
+        return 1.0
+
+    run = tmp_path / "run"
+    args = ["--objective", "cross_entropy", "--eval-size", "4", "--no-eval-before", "--output-dir", str(run)]
+    with monkeypatch.context() as m:
+        m.setattr(cli, "make_objective", lambda *a, **k: flat)
+        assert tune(*args, "--steps", "2") == 0
+    assert tune(*args, "--steps", "4", "--resume") == 0
+    log = rows(run)
+    assert [r["tied"] for r in log] == [True, True, False, False]
+    summary = json.loads((run / "eval.json").read_text())
+    assert summary["tied_fraction"] == sum(r["tied"] for r in log) / len(log)
+    assert summary["train_seconds"] >= sum(r["seconds"] for r in log) >= 4 * 0.3
+    assert f"{summary['tied_fraction']:.0%} of steps tied" in capsys.readouterr().err.strip().splitlines()[-1]

@@ -75,6 +75,7 @@ from zo_objectives.runfolder import (
     CHECKPOINT,
     CONFIG,
     EVAL,
+    LOG,
     RUN_FILES,
     WEIGHTS,
     check_sealed,
@@ -553,8 +554,12 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
                     checkpoint_every=config.checkpoint_every)
     last = history[-1] if history and "eval" in history[-1] else {}
     after = last.get("eval_metrics") or ({metric.name: last["eval"]} if last else dev_metrics())
-    seconds = time.perf_counter() - t0
-    ties = sum(r["tied"] for r in history) / max(1, len(history))
+    # the whole run's statistics: earlier sessions' steps are in the log (their time: their steps' own seconds)
+    logged = logged_rows(run_dir) if main else history
+    earlier = [r for r in logged if r["step"] <= start]
+    seconds = time.perf_counter() - t0 + sum(r.get("seconds", 0.0) for r in earlier)
+    every = earlier + history
+    ties = sum(r["tied"] for r in every) / max(1, len(every))
     summary = {"metric": metric.name, "split": split, "examples": len(dev_set), "before": headline(before),
                "after": after[metric.name], "before_metrics": before, "after_metrics": after,
                "steps": config.steps, "train_seconds": seconds, "tied_fraction": ties,
@@ -569,6 +574,12 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
               f"{config.steps} steps ({seconds / 60:.1f} min, {ties:.0%} of steps tied). Run folder: {run_dir} "
               f"({', '.join(RUN_FILES)})", file=sys.stderr)
     return summary
+
+
+def logged_rows(run_dir: Path) -> list[dict]:
+    """The rows of the run's metrics.jsonl (every session's steps; a resume cut it back to its checkpoint)."""
+    path = run_dir / LOG
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def _json_writer(data: Any) -> Callable[[str], None]:
