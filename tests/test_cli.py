@@ -913,3 +913,33 @@ def test_run_statistics_cover_every_session_of_a_resumed_run(tmp_path, monkeypat
     assert summary["tied_fraction"] == sum(r["tied"] for r in log) / len(log)
     assert summary["train_seconds"] >= sum(r["seconds"] for r in log) >= 4 * 0.3
     assert f"{summary['tied_fraction']:.0%} of steps tied" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def flip_in(path: Path, old: bytes, new: bytes) -> None:
+    data = path.read_bytes()
+    assert data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+
+
+@pytest.mark.parametrize("damage, blamed", [
+    # the manifest's record of eval.json edited: it was blamed on eval.json
+    (lambda run: flip_in(run / "manifest.json", json.loads((run / "manifest.json").read_text())["files"]["eval.json"]
+                         ["sha256"][:12].encode(), b"0" * 12), "manifest.json was changed or damaged"),
+    (lambda run: flip_in(run / "manifest.json", b'"run": "', b'"run": "0'), "manifest.json was changed or damaged"),
+    # a flipped bit in config.json: it read "unknown --noise 't`ble'"
+    (lambda run: flip_in(run / "config.json", b'\n "noise": "table"', b'\n "noise": "t`ble"'),
+     "config.json was changed, damaged or replaced after the run wrote it"),
+])
+def test_a_damaged_manifest_or_config_is_named_on_resume_and_eval(damage, blamed, straight_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight_run[1], run)
+    damage(run)
+    capsys.readouterr()
+    assert tune_main(["--output-dir", str(run), "--resume", "--steps", "6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and blamed in err, err
+    assert eval_main(["--run", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and blamed in err, err

@@ -76,6 +76,7 @@ from zo_objectives.runfolder import (
     CONFIG,
     EVAL,
     LOG,
+    MANIFEST,
     RUN_FILES,
     WEIGHTS,
     check_sealed,
@@ -690,6 +691,16 @@ def _fail(prog: str, err: Exception) -> int:
     return 2
 
 
+def check_config_sealed(run_dir: Path) -> None:
+    """Refuse a run's config.json that is not the one its run wrote before its settings are read (a flipped
+    bit would read as an unknown setting's value)."""
+    if (run_dir / MANIFEST).is_file():
+        try:
+            check_sealed(run_dir, CONFIG)
+        except ValueError as err:
+            raise UsageError(f"--resume: {err}") from None
+
+
 def tune_main(argv: list[str] | None = None) -> int:
     parser = tune_parser()
     try:
@@ -706,6 +717,7 @@ def tune_main(argv: list[str] | None = None) -> int:
         if args.resume:  # the run's own settings, overridden by those given
             run_dir = Path(resolve(config)[0].output_dir)
             if (run_dir / "config.json").is_file():  # (not its device: the machine may be another)
+                check_config_sealed(run_dir)
                 saved = read_config(TuneConfig, run_dir / "config.json")
                 check_code_named(saved, args.flagged, run_dir / "config.json", args.trust_plugins)
                 config = TuneConfig.load(run_dir / "config.json", **{"device": None, **given})
