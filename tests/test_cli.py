@@ -943,3 +943,29 @@ def test_a_damaged_manifest_or_config_is_named_on_resume_and_eval(damage, blamed
     assert eval_main(["--run", str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and blamed in err, err
+
+
+@pytest.mark.parametrize("gap", [0.002, 0.01, 0.03])
+def test_two_ctrl_c_a_few_ms_apart_print_one_line(tmp_path, gap):
+    """The second Ctrl-C reached the interpreter's shutdown: a threading._shutdown traceback after the one line,
+    or the process killed by SIGINT (status -2) instead of 130."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "zo_objectives.cli", *BASE, "--output-dir", str(run), "--steps", "100000",
+           "--eval-size", "4"]
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while not (run / "trajectory.json").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(gap)
+        proc.send_signal(signal.SIGINT)
+        code, err = proc.wait(60), proc.stderr.read()
+    finally:
+        proc.kill()
+    assert code == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert err.strip().splitlines()[-1].startswith("zo-tune: stopped by SIGINT")

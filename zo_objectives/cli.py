@@ -733,6 +733,9 @@ def tune_main(argv: list[str] | None = None) -> int:
         print(f"{parser.prog}: error: {_os_error(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Stopped): one line, the conventional exit status
+        if argv is None:  # the command (not a call from Python): it ends now, so a second Ctrl-C a few ms later
+            for sig in (signal.SIGINT, signal.SIGTERM):  # must not raise in the interpreter's shutdown
+                signal.signal(sig, signal.SIG_IGN)
         signum = getattr(err, "signum", signal.SIGINT)
         print(f"{parser.prog}: {err if isinstance(err, Stopped) else 'stopped by ' + signal.Signals(signum).name}",
               file=sys.stderr)
