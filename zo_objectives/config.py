@@ -163,9 +163,9 @@ class TuneConfig(CommonConfig):
     sample_temperature: float = arg(0.0, "sampling temperature of the completions --reward scores (0: greedy)",
                                     at_least=0)
     reward_timeout: float = arg(600.0, "seconds one call of a --reward may take before the run stops with one line "
-                                       "(its last checkpoint kept; a hung judge or test run stalls nothing); 0: no "
-                                       "limit", at_least=0, at_most=MAX_REWARD_TIMEOUT,
-                                why_most="a day; 0 for no limit", resume=FREE)
+                                       "(its last checkpoint kept; a hung judge or test run stalls nothing; code stuck "
+                                       "in C ends the process a second later, docs/rewards.md); 0: no limit",
+                                at_least=0, at_most=MAX_REWARD_TIMEOUT, why_most="a day; 0 for no limit", resume=FREE)
     steps: int = arg(400, "training steps (on --resume: the total to reach)", above=0, at_most=MAX_STEPS,
                      why_most="a billion steps", resume=FREE)
     lr: float | None = arg(None, f"default {DEFAULT_LR['cross_entropy']} for cross-entropy and metric objectives "
