@@ -297,9 +297,10 @@ HARD_STOP_GRACE = 1.0
 @contextlib.contextmanager
 def time_limit(seconds: float | None, label: str, count: int):
     """Raise RewardError once a reward call runs ``seconds``: interrupted by SIGALRM in a Unix process's main
-    thread, elsewhere checked when the call returns. A call that does not come back to Python (busy in C code)
-    cannot be interrupted: ``HARD_STOP_GRACE`` seconds after the limit, faulthandler's watchdog prints the stuck
-    call's stack and ends the process with exit status 1 (the run's files are as its last checkpoint left them)."""
+    thread, elsewhere checked when the call returns. A call that no signal reaches (busy in C code that holds the
+    interpreter; outside the main thread, any call) and is still running ``HARD_STOP_GRACE`` seconds after the
+    limit ends the process: faulthandler's watchdog prints its stack and exits with status 1 (the run's files are
+    as its last checkpoint left them)."""
     if not seconds:
         yield
         return
