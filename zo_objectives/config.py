@@ -25,7 +25,7 @@ from metrics.rewards import list_rewards
 from tasks import HUB_ONLY_TASKS, SOURCES, get_task, list_tasks
 from zo_objectives.models import DEFAULT_MODEL, DTYPES, PEFT_KINDS
 from zo_objectives.noise import NOISE_KINDS
-from zo_objectives.objectives import DEFAULT_SMOOTHING, FORMS, SEQUENCE_SCORES, SUPPORTS
+from zo_objectives.objectives import DEFAULT_SMOOTHING, FORMS, MAX_REWARD_TIMEOUT, SEQUENCE_SCORES, SUPPORTS
 from zo_objectives.optimizer import DIFFERENCES, NONFINITE_POLICIES, SCHEDULES, SHAPINGS, UPDATES
 
 # Defaults chosen from measurements on SmolLM2-135M / SST-2 (docs/objectives.md).
@@ -55,7 +55,6 @@ MAX_STEPS = 10**9
 MAX_PERTURBATIONS = 1024
 MAX_CANDIDATES = 1024
 MAX_SAMPLES = 100_000
-MAX_REWARD_TIMEOUT = 86_400.0
 # Below this a smoothing temperature is the hard metric in all but name, and log-likelihood / T overflows
 MIN_SMOOTHING = 1e-4
 

@@ -292,6 +292,7 @@ class _Expired(BaseException):  # not an Exception: a reward's own ``except Exce
 # A call still inside C code this long past its limit (a C loop holding the GIL, which no signal handler can
 # interrupt) ends the process: faulthandler's watchdog is a C thread, so it fires whatever the interpreter does
 HARD_STOP_GRACE = 1.0
+MAX_REWARD_TIMEOUT = 86_400.0  # a day: a longer limit is no limit, and setitimer overflows on huge ones
 
 
 @contextlib.contextmanager
@@ -393,8 +394,9 @@ class RewardObjective(Objective):
             raise ValueError(f"{len(self.weights)} weights for {len(self.rewards)} reward functions")
         if self.candidates < 0:
             raise ValueError(f"candidates must be >= 0, got {self.candidates}")
-        if self.timeout is not None and not self.timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds or None (no limit), got {self.timeout}")
+        if self.timeout is not None and not 0 < self.timeout <= MAX_REWARD_TIMEOUT:  # a timer overflows beyond
+            raise ValueError(f"timeout must be > 0 and <= {MAX_REWARD_TIMEOUT:g} seconds (a day) or None (no limit), "
+                             f"got {self.timeout}")
         if self.candidates and not getattr(self.generator, "temperature", 0):
             raise ValueError("candidates > 0 needs a sampling generator (GenerationPredictor(temperature=...) > 0); "
                              "greedy decoding gives every candidate the same text")
