@@ -578,9 +578,17 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
 
 
 def logged_rows(run_dir: Path) -> list[dict]:
-    """The rows of the run's metrics.jsonl (every session's steps; a resume cut it back to its checkpoint)."""
-    path = run_dir / LOG
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    """The rows of the run's metrics.jsonl (every session's steps; a resume cut it back to its checkpoint); a
+    row that does not parse is left out of the statistics rather than failing a finished run."""
+    rows = []
+    for line in (run_dir / LOG).read_text().splitlines() if (run_dir / LOG).exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
 
 
 def _json_writer(data: Any) -> Callable[[str], None]:
