@@ -62,10 +62,23 @@ def flatten_squad(data: dict) -> list[dict]:
 
 
 def _hub(path: str, config: str | None, split: str, dev_split: str = "validation") -> list[dict]:
+    """A split from the hub; without a network one ConnectionError line (huggingface_hub's retry warnings kept
+    quiet: the error says it all)."""
     import datasets
+    from huggingface_hub.utils import logging as hub_logging
 
     hub_split = "train" if split == "train" else dev_split
-    return datasets.load_dataset(path, config, split=hub_split).to_list()
+    logger = hub_logging.get_logger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(hub_logging.ERROR)
+    try:
+        return datasets.load_dataset(path, config, split=hub_split).to_list()
+    except ConnectionError as err:
+        raise ConnectionError(f"--data-source hub: cannot load {path}{'/' + config if config else ''} from the "
+                              f"Hugging Face hub ({str(err).splitlines()[0]}): check the network, or use "
+                              "--data-source local") from None
+    finally:
+        logger.setLevel(level)
 
 
 def _check_split(split: str) -> None:

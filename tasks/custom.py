@@ -10,6 +10,9 @@ from pathlib import Path
 from tasks.base import Task
 from tasks.builtin import load_rows
 
+# A prompt this long is a mistake (a padding width in the template, a file's whole text in one cell): no model's
+# context holds it, and tokenizing millions of characters per example stalls the run
+MAX_PROMPT_CHARS = 1_000_000
 EXTENSIONS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
 
 
@@ -79,6 +82,23 @@ def template_fields(template: str) -> list[str]:
     return names
 
 
+def _check_prompts(path: str | Path, rows: list[dict], template: str, fields: list[str]) -> None:
+    """A ValueError naming the row whose prompt column is null (JSON null, an empty CSV cell), whose prompt is
+    empty, or longer than MAX_PROMPT_CHARS."""
+    for i, row in enumerate(rows, 1):
+        missing = [f for f in fields if row[f] is None]
+        if missing:
+            raise ValueError(f"{path}, row {i}: column {missing[0]!r} is null or empty; every row needs a value in "
+                             "each column the template uses")
+        prompt = template.format(**row)
+        size = len(prompt)
+        if not prompt.strip():
+            raise ValueError(f"{path}, row {i}: the prompt is empty (template {template!r}); every prompt needs text")
+        if size > MAX_PROMPT_CHARS:
+            raise ValueError(f"{path}, row {i}: the prompt is {size:,} characters (template {template!r}); "
+                             f"accepted: up to {MAX_PROMPT_CHARS:,}")
+
+
 def _check_columns(path: str | Path, rows: list[dict], needed: dict[str, str]) -> None:
     columns = list(rows[0]) if rows else []
     for column, role in needed.items():
@@ -130,6 +150,7 @@ def task_from_file(
     def read(split: str) -> tuple[dict, ...]:
         rows = read_table(paths[split])
         _check_columns(paths[split], rows, needed)
+        _check_prompts(paths[split], rows, template, template_fields(template))
         return tuple(rows)
 
     def load_split(split: str) -> list[dict]:

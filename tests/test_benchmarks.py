@@ -516,3 +516,14 @@ def test_macro_f1_benchmark_runs_quick_and_reads_finished_runs_back(no_write, tm
     assert not (tmp_path / "results" / "macro_f1.json").exists()  # --quick never stores a result
     monkeypatch.setattr(bench, "tune", lambda *a, **k: pytest.fail("a finished run is read back, not tuned again"))
     assert bench.main(["--quick", "--output", str(tmp_path / "runs")]) == rows
+
+
+def test_estimators_benchmark_reads_curves_at_equal_work():
+    estimators = load("estimators")
+
+    assert estimators.steps_for("mezo") == 400 and estimators.steps_for("fzoo") * 9 * 16 >= 400 * 32
+    curve = [[0, 0, 0.0, 0.5], [25, 3600, 100.0, 0.6], [50, 7200, 210.0, 0.72], [75, 10800, 300.0, 0.7]]
+    assert estimators.first_reaching(curve, 0.7) == (7200, 210.0)
+    assert estimators.first_reaching(curve, 0.8) == (None, None)
+    assert estimators.at_budget(curve, 250.0) == 0.72 and estimators.at_budget(curve, 50.0) == 0.5
+    assert estimators.mean_sd([1.0, 3.0]) == "2.00 (sd 1.41)" and estimators.mean_sd([]) == "-"

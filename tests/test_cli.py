@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import json
 import math
+import os
 import re
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -16,8 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 import metrics
+from zo_objectives import cli
 from zo_objectives.checkpoint import load_checkpoint
-from zo_objectives.cli import eval_main, tune_main, tune_parser
+from zo_objectives.cli import eval_main, export_parser, tune_main, tune_parser
 from zo_objectives.cli import tune as tune_run
 from zo_objectives.config import DEFAULT_EPS, GREEDY_REWARD_EPS, OBJECTIVE_DEFAULTS, REWARD, TuneConfig, UsageError
 from zo_objectives.estimators import UPDATES
@@ -355,11 +360,52 @@ def test_reward_file_and_on_nonfinite(tmp_path, monkeypatch, capsys):
     assert tune(*args, "--output-dir", "raise") == 1  # --on-nonfinite raise, the default: the run stops
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "error: non-finite loss" in err and "--on-nonfinite skip" in err
+    # once, naming the reward (it was given twice, and named nothing)
+    assert err.count("on-nonfinite") == 1 and "from the reward ./inf_reward.py:infinite (--reward)" in err
     args[3] = "./inf_reward.py:always_infinite"  # inf on the gold answer too: refused before any file is written
     assert tune(*args, "--on-nonfinite", "skip", "--output-dir", "refused") == 2
     err = capsys.readouterr().err
     assert "--reward gives inf on a gold answer" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "refused").exists()
+
+
+HUGE_REWARD = '''
+def huge(prompts, completions, **columns):  # finite, but a sum of two overflows
+    return [1e308] * len(completions)
+'''
+
+
+def strict_json(text: str):
+    """json.loads that refuses Infinity and NaN, which are not JSON (other readers reject them)."""
+    return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in JSON"))
+
+
+@pytest.mark.filterwarnings("ignore:skipping an estimate with non-finite loss")
+def test_an_overflowing_reward_writes_null_not_infinity_and_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "huge.py").write_text(HUGE_REWARD)
+    assert tune("--task", "squad", "--reward", "./huge.py:huge", "--on-nonfinite", "skip", "--steps", "1",
+                "--batch-size", "2", "--eval-size", "2", "--output-dir", "run") == 0, capsys.readouterr().err
+    summary = strict_json((tmp_path / "run" / "eval.json").read_text())
+    assert summary["after"] is None and summary["before"] is None and summary["rewards"]["huge"] is None
+    err = capsys.readouterr().err
+    assert "zo-tune: warning: eval.json: after is inf, not a JSON number: written as null" in err
+
+
+def test_hub_without_a_network_is_one_line(tmp_path, monkeypatch, capsys):
+    """datasets retried with a warning per try, then the error read "cannot write ... --resume continues it"."""
+    import datasets
+    from huggingface_hub.utils import logging as hub_logging
+
+    def offline(*args, **kwargs):
+        hub_logging.get_logger("huggingface_hub.utils._http").warning("Retrying in 1s [Retry 1/5].")
+        raise ConnectionError("Couldn't reach 'glue' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    assert tune("--data-source", "hub", "--steps", "1", "--output-dir", str(tmp_path / "run")) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("zo-tune: error: --data-source hub: cannot load glue/sst2 from the Hugging Face hub (Couldn't "
+                   "reach 'glue' on the Hub (LocalEntryNotFoundError)): check the network, or use --data-source local")
 
 
 SLOW_REWARD = '''
@@ -424,6 +470,24 @@ def test_plugin_registers_a_metric_objective(tmp_path, monkeypatch, capsys):
     assert len(rows(run)) == 1
 
 
+class Hang(BaseException):  # not an Exception: the code under test cannot take it for its own error
+    pass
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """Fail a call that runs past ``seconds`` (SIGALRM) instead of hanging the suite."""
+    def expire(signum, frame):
+        raise Hang(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.mark.parametrize("args,needle", [
     (["--task", "no_such_task"], "no_such_task"),
     (["--objective", "no_such_objective"], "no_such_objective"),
@@ -460,16 +524,140 @@ def test_plugin_registers_a_metric_objective(tmp_path, monkeypatch, capsys):
     (["--objective", "cross_entropy", "--smoothing", "2"], "--smoothing applies to metric objectives"),
     (["--task", "squad", "--reward", "os:getcwd", "--reward-candidates", "2"], "needs --sample-temperature > 0"),
     (["--reward-candidates", "2", "--sample-temperature", "1"], "apply to --reward runs (or a task scored by a"),
+    # argparse's errors: the flag, the value and what it accepts, without the usage block (issue 35)
+    *[([name, "1.5"], f"{name}: '1.5' is not an integer; accepted: an integer")
+      for name in ("--steps", "--batch-size", "--train-size", "--eval-size", "--seed", "--samples", "--population",
+                   "--eval-every", "--checkpoint-every", "--n-perturbations")],
+    (["--lr", "fast"], "--lr: 'fast' is not a number; accepted: a number"),
+    (["--dtype", "int8"], "--dtype: unknown value 'int8'; accepted: auto, fp32, bf16, fp16"),
+    (["--peft", "bogus"], "--peft: unknown value 'bogus'; accepted: none, lora, prefix"),
+    (["--chat-template", "maybe"], "--chat-template: 'maybe' is not a yes/no value; accepted: the flag alone"),
+    (["--seed", "99999999999999999999999"], "--seed must be <= 9223372036854775807 (a 63-bit seed)"),
+    (["--steps", "99999999999999999999999"], "--steps must be <= 1000000000"),
+    (["--smoothing", "1e-300"], "--smoothing must be 0 (the hard metric) or >= 0.0001"),
+    (["--samples", "1000000000"], "--samples must be <= 100000"),
+    (["--n-perturbations", "1000000"], "--n-perturbations must be <= 1024"),
+    (["--reward-timeout", "1e300"], "--reward-timeout must be <= 86400.0"),
+    (["--task", "squad", "--reward", "os:getcwd", "--sample-temperature", "1", "--reward-candidates", "100000"],
+     "--reward-candidates must be <= 1024"),
+    (["--population", "4", "--perturbation-rank", "1000"], "--perturbation-rank 1000 is above the smallest side of "
+                                                           "the model's trainable matrices"),
 ])
 def test_bad_input_returns_2_naming_the_problem(args, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sys, "path", list(sys.path))
     monkeypatch.chdir(tmp_path)
-    code = tune("--steps", "1", "--output-dir", str(tmp_path / "run"), *args)
+    with deadline(60):  # a cap that is missing is a hang (--n-perturbations 1000000): bounded here
+        code = tune("--steps", "1", "--output-dir", str(tmp_path / "run"), *args)
     err = capsys.readouterr().err
     assert code == 2
     assert needle in err and "error" in err
     assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()  # checked before the run folder is touched
+
+
+def test_a_population_is_checked_against_memory(tmp_path, monkeypatch, capsys):
+    """--population x --batch-size rows scored at once are refused when their logits alone exceed the memory
+    available (here 1 GiB), before the first step; a population that fits runs."""
+    monkeypatch.setattr(cli, "available_memory", lambda device: 2**30, raising=False)
+    with deadline(60):  # unchecked, it ran out of memory after minutes
+        assert tune("--population", "100000", "--steps", "1", "--output-dir", str(tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("zo-tune: error: --population 100000 x --batch-size 8 = "
+                                                         "800,000 rows scored at once need at least")
+    assert "accepted: up to about" in err and not (tmp_path / "run").exists()
+    assert tune("--population", "4", "--steps", "1", "--eval-size", "4", "--output-dir", str(tmp_path / "ok")) == 0
+
+
+def test_eval_and_export_parse_errors_are_one_line(capsys):
+    assert eval_main(["--model", "tiny-random", "--split", "test"]) == 2
+    assert capsys.readouterr().err == "zo-eval: error: --split: unknown value 'test'; accepted: dev, validation\n"
+    args, given = export_parser().given(["--merge", "RUN", "OUT"])  # --merge takes no value: RUN is the run
+    assert (args.run_dir, args.out_dir, given["merge"]) == ("RUN", "OUT", True)
+    assert export_parser().given(["RUN", "OUT"])[1].get("merge") in (None, False)
+
+
+USER_CODE = '''
+import sys
+
+
+def quits(prompts, completions, **columns):
+    sys.exit(0)
+
+
+def returns_none(prompts, completions, **columns):
+    return None
+
+
+def ok(prompts, completions, **columns):
+    return [1.0] * len(completions)
+'''
+
+
+@pytest.mark.parametrize("args,code,needle", [
+    (["--reward", "./user.py:quits"], 1, "zo-tune: error: reward 'quits' raised SystemExit(0) (sys.exit, exit()): a "
+                                         "reward must return one number per completion"),
+    (["--reward", "./user.py:ok", "--plugin", "./quit_plugin.py"], 1,
+     "zo-tune: error: --plugin './quit_plugin.py' raised SystemExit(0) (sys.exit, exit()) as it was imported"),
+    (["--reward", "./user.py:returns_none"], 2, "zo-tune: error: reward 'returns_none' returned None (NoneType); a "
+                                                "reward must return one float per completion"),
+    (["--reward", "./user.py:ok", "--reward-timeout", "0.000001"], 2,
+     "zo-tune: error: reward 'ok' took more than 1e-06 s on 1 completions (--reward-timeout"),
+])
+def test_user_code_that_exits_returns_none_or_runs_over_is_named(args, code, needle, tmp_path, monkeypatch, capsys):
+    """SystemExit from a reward or a plugin is a failure of that code (exit 1; it ended zo-tune with exit 0, no
+    output and no run); None from a reward says what a reward returns; a limit that expires at once is a
+    RewardError, not the internal alarm escaping (issue 35)."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "user.py").write_text(USER_CODE)
+    (tmp_path / "quit_plugin.py").write_text("raise SystemExit(0)\n")
+    assert tune("--task", "squad", "--steps", "1", "--batch-size", "2", "--eval-size", "2", "--output-dir", "run",
+                *args) == code
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(needle), err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("row,template,needle", [
+    ({"prompt": None}, "{prompt}", "prompts.jsonl, row 3: column 'prompt' is null or empty"),
+    ({"prompt": ""}, "{prompt}", "prompts.jsonl, row 3: the prompt is empty (template '{prompt}')"),
+    ({"prompt": "Say hi:"}, "{prompt:>20000000}", "prompts.jsonl, row 1: the prompt is 20,000,000 characters "
+                                                  "(template '{prompt:>20000000}'); accepted: up to 1,000,000"),
+])
+def test_null_empty_and_huge_prompts_are_refused_in_one_line(row, template, needle, tmp_path, monkeypatch, capsys):
+    """A null prompt was the text "None", an empty one an IndexError in generate, a padded one a hang."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "user.py").write_text(USER_CODE)
+    lines = [{"prompt": "Say cat:"}, {"prompt": "Say dog:"}, row, {"prompt": "Say sun:"}]
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert tune("--data", "prompts.jsonl", "--template", template, "--reward", "./user.py:ok", "--steps", "1",
+                "--batch-size", "2", "--output-dir", "run") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "run").exists()
+
+
+BUSY_REWARD = '''
+def busy(prompts, completions, **columns):
+    if len(completions) > 1:  # the gold answer checked up front passes; the first step's call is stuck in C
+        sum(range(10**12))  # holds the GIL: no signal handler runs until it returns (hours)
+    return [1.0] * len(completions)
+'''
+
+
+def test_a_reward_stuck_in_c_code_stops_the_run_within_a_second_of_its_limit(tmp_path):
+    """SIGALRM cannot interrupt C code that holds the GIL (it was caught only when it returned: 114 s for a 2 s
+    limit); faulthandler's watchdog ends the process a second after the limit, the run's files as before."""
+    (tmp_path / "busy.py").write_text(BUSY_REWARD)
+    cmd = [sys.executable, "-m", "zo_objectives.cli", *BASE, "--task", "squad", "--reward", "./busy.py:busy",
+           "--reward-timeout", "1", "--steps", "3", "--batch-size", "2", "--eval-size", "2", "--no-eval-before",
+           "--output-dir", "run"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Timeout (0:00:02)!" in proc.stderr and 'busy.py", line 4 in busy' in proc.stderr
+    assert not (tmp_path / "run" / "trajectory.json").exists()  # no step was taken
+    assert "reward_timeout" in json.loads((tmp_path / "run" / "config.json").read_text())
 
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -563,10 +751,10 @@ def test_normalized_update_defaults_to_its_own_lr(tmp_path, capsys):
     records = load_checkpoint(run)["optimizer"]["mezo"]["trajectory"]
     assert [r["second_moment"][1] for r in records] == [1, 2]
     assert abs(records[0]["grads"][0]) == pytest.approx(1.0)  # the first estimate is its own RMS
-    with pytest.raises(SystemExit) as exit_info:
-        tune("--update", "adam", "--steps", "1", "--output-dir", str(tmp_path / "bad"))
-    assert exit_info.value.code == 2
-    assert "normalized" in capsys.readouterr().err  # names the accepted values
+    capsys.readouterr()
+    assert tune("--update", "adam", "--steps", "1", "--output-dir", str(tmp_path / "bad")) == 2
+    err = capsys.readouterr().err
+    assert err == "zo-tune: error: --update: unknown value 'adam'; accepted: sgd, sign, normalized\n"
 
 
 def test_rank_fitness_shaping_is_scale_free_with_its_own_lr(tmp_path, capsys):
@@ -677,3 +865,110 @@ def test_config_of_a_run_folder_asks_for_a_new_output_dir(straight_run, capsys):
     capsys.readouterr()
     assert tune_main(["--config", str(straight / "config.json")]) == 2  # as README had it: the folder exists
     assert "pass --output-dir NEW_FOLDER to rerun its settings there" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("again", [["--resume"], []])
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_step_0(again, tmp_path, monkeypatch, capsys):
+    """A full disk at the first checkpoint (--checkpoint-every 3): three logged steps, no trajectory.json. Both
+    --resume and the same command again run it from step 0 in place (it read "no trajectory.json" and "exists;
+    pass --resume"), and reach the weights of a run never stopped."""
+    from zo_objectives import runfolder
+
+    real = runfolder.atomic_write
+
+    def full_disk(path, *args, **kwargs):
+        if path.name == "trajectory.json":
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, *args, **kwargs)
+
+    args = ["--steps", "4", "--checkpoint-every", "3", "--eval-every", "0", "--eval-size", "4", "--no-eval-before"]
+    run = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(runfolder, "atomic_write", full_disk)
+        assert tune(*args, "--output-dir", str(run)) == 1
+    assert [r["step"] for r in rows(run)] == [1, 2, 3] and not (run / "trajectory.json").exists()
+    capsys.readouterr()
+    assert tune(*args, "--output-dir", str(run), *again) == 0, capsys.readouterr().err
+    assert f"reusing {run}: the run there stopped before its first checkpoint" in capsys.readouterr().err
+    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4]
+    assert tune(*args, "--output-dir", str(tmp_path / "straight")) == 0
+    assert load_file(run / "model.safetensors").keys() == load_file(tmp_path / "straight" / "model.safetensors").keys()
+    for name, value in load_file(run / "model.safetensors").items():
+        assert torch.equal(value, load_file(tmp_path / "straight" / "model.safetensors")[name]), name
+
+
+def test_run_statistics_cover_every_session_of_a_resumed_run(tmp_path, monkeypatch, capsys):
+    """A first session whose steps all tie and take 0.3 s a call, a resume whose steps do not: eval.json's
+    tied_fraction, train_seconds and the final line are the whole run's (they were the last session's)."""
+    def flat(model, batch):  # the same loss on both sides: every estimate ties
+        time.sleep(0.3)
+        return 1.0
+
+    run = tmp_path / "run"
+    args = ["--objective", "cross_entropy", "--eval-size", "4", "--no-eval-before", "--output-dir", str(run)]
+    with monkeypatch.context() as m:
+        m.setattr(cli, "make_objective", lambda *a, **k: flat)
+        assert tune(*args, "--steps", "2") == 0
+    assert tune(*args, "--steps", "4", "--resume") == 0
+    log = rows(run)
+    assert [r["tied"] for r in log] == [True, True, False, False]
+    summary = json.loads((run / "eval.json").read_text())
+    assert summary["tied_fraction"] == sum(r["tied"] for r in log) / len(log)
+    assert summary["train_seconds"] >= sum(r["seconds"] for r in log) >= 4 * 0.3
+    assert f"{summary['tied_fraction']:.0%} of steps tied" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def flip_in(path: Path, old: bytes, new: bytes) -> None:
+    data = path.read_bytes()
+    assert data.count(old) == 1
+    path.write_bytes(data.replace(old, new))
+
+
+@pytest.mark.parametrize("damage, blamed", [
+    # the manifest's record of eval.json edited: it was blamed on eval.json
+    (lambda run: flip_in(run / "manifest.json", json.loads((run / "manifest.json").read_text())["files"]["eval.json"]
+                         ["sha256"][:12].encode(), b"0" * 12), "manifest.json was changed or damaged"),
+    (lambda run: flip_in(run / "manifest.json", b'"run": "', b'"run": "0'), "manifest.json was changed or damaged"),
+    # a flipped bit in config.json: it read "unknown --noise 't`ble'"
+    (lambda run: flip_in(run / "config.json", b'\n "noise": "table"', b'\n "noise": "t`ble"'),
+     "config.json was changed, damaged or replaced after the run wrote it"),
+])
+def test_a_damaged_manifest_or_config_is_named_on_resume_and_eval(damage, blamed, straight_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(straight_run[1], run)
+    damage(run)
+    capsys.readouterr()
+    assert tune_main(["--output-dir", str(run), "--resume", "--steps", "6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and blamed in err, err
+    assert eval_main(["--run", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and blamed in err, err
+
+
+@pytest.mark.parametrize("gap", [0.002, 0.01, 0.03])
+def test_two_ctrl_c_a_few_ms_apart_print_one_line(tmp_path, gap):
+    """The second Ctrl-C reached the interpreter's shutdown: a threading._shutdown traceback after the one line,
+    or the process killed by SIGINT (status -2) instead of 130."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "zo_objectives.cli", *BASE, "--output-dir", str(run), "--steps", "100000",
+           "--eval-size", "4"]
+    root = Path(__file__).parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        while not (run / "trajectory.json").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(gap)
+        proc.send_signal(signal.SIGINT)
+        code, err = proc.wait(60), proc.stderr.read()
+    finally:
+        proc.kill()
+    assert code == 130, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    assert err.strip().splitlines()[-1].startswith("zo-tune: stopped by SIGINT")

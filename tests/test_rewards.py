@@ -126,8 +126,10 @@ def test_a_slow_reward_stops_at_its_time_limit_and_restores_weights():
     assert torch.equal(model.weight.detach(), before) and optimizer.trajectory == []
     assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL  # the handler is put back
     assert RewardObjective(EchoGenerator(), [length], timeout=5)(OneWeight(), BATCH) == pytest.approx(-3.5)
-    with pytest.raises(ValueError, match="timeout must be > 0 seconds or None"):
+    with pytest.raises(ValueError, match="timeout must be > 0 and <= 86400 seconds"):
         RewardObjective(EchoGenerator(), [length], timeout=0)
+    with pytest.raises(ValueError, match="timeout must be > 0 and <= 86400 seconds"):  # setitimer overflowed
+        RewardObjective(EchoGenerator(), [length], timeout=1e300)
 
 
 def test_invalid_configuration():
@@ -301,3 +303,12 @@ def test_sampling_is_seeded_by_seed_step_and_prompts_on_a_real_model():
             plus, minus = draws.pop(step)
             draws[seed, step] = plus
     assert len(set(draws.values())) == 6  # every (seed, step) draws its own samples
+
+
+def test_a_limit_that_expires_at_once_is_a_reward_error():
+    """The alarm was set before the ``try`` that turns it into a RewardError: at 1e-6 s it fired first and the
+    internal exception escaped (issue 35). Whenever it fires, the caller sees the time-limit error."""
+    for _ in range(50):
+        with pytest.raises(RewardError, match="took more than 1e-06 s"):
+            RewardObjective(EchoGenerator(), [length], timeout=1e-6)(OneWeight(), BATCH)
+    assert signal.getsignal(signal.SIGALRM) is signal.SIG_DFL

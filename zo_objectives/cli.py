@@ -71,6 +71,7 @@ from zo_objectives.objectives import (
     MetricObjective,
     RewardObjective,
     ShardedObjective,
+    UserCodeExit,
     check_metric,
     make_objective,
     reward_columns,
@@ -89,9 +90,12 @@ from zo_objectives.runfolder import (
     COMPLETIONS,
     CONFIG,
     EVAL,
+    LOG,
+    MANIFEST,
     RUN_FILES,
     WEIGHTS,
     check_run_weights,
+    check_sealed,
     clean,
     holds_files,
     left_before_first_checkpoint,
@@ -140,6 +144,9 @@ def import_source(source: str, flag: str) -> ModuleType:
         return importlib.import_module(source)
     except UsageError:
         raise
+    except SystemExit as err:  # the module's failure, not the command's exit
+        raise UserCodeExit(f"{flag} {source!r} raised SystemExit({err.code!r}) (sys.exit, exit()) as it was "
+                           "imported") from None
     except Exception as err:  # a module that raises as it is imported: ImportError, SyntaxError or its own
         raise UsageError(f"cannot import {flag} {source!r}: {type(err).__name__}: {err}") from err
 
@@ -306,6 +313,7 @@ def prepare(config: TuneConfig, task: Task, device: torch.device, loaded: tuple 
         select_trainable(model, config.trainable)
     except re.error as err:
         raise UsageError(f"--trainable {config.trainable!r} is not a regular expression: {err}") from err
+    check_sizes(config, model, device)
     generation = {"max_new_tokens": config.max_new_tokens, "stop": config.stop}
     predictor = predictor_for(task, tokenizer, max_length=config.max_length, model=model, **generation)
     if config.reward:
@@ -358,6 +366,40 @@ def prepare(config: TuneConfig, task: Task, device: torch.device, loaded: tuple 
              "train_examples": len(train_set), "eval_examples": len(dev_set), "trainable_parameters": trainable,
              "world_size": distributed.world_size(), "hardware": hardware(device)}
     return Run(config, model, predictor, objective, metrics, train_set, dev_set, split, facts)
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes the run may still allocate on ``device``: free GPU memory, or the system's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        return int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo)[1]) * 1024
+    except (OSError, TypeError):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_sizes(config: TuneConfig, model: torch.nn.Module, device: torch.device) -> None:
+    """Refuse a population or a number of sampled candidates that cannot fit, before the first step: each of the
+    ``rows`` a batched pass scores needs at least the logits of one position (vocabulary x 4 bytes), a lower bound
+    of its memory; and a perturbation rank above a trainable matrix's smaller side."""
+    if (config.population or config.estimator == "fzoo") and config.perturbation_rank:  # low-rank members
+        matrices = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        side = min((min(p.shape[0], p.numel() // p.shape[0]) for p in matrices), default=None)
+        if side is not None and config.perturbation_rank > side:
+            raise UsageError(f"--perturbation-rank {config.perturbation_rank} is above the smallest side of the "
+                             f"model's trainable matrices ({side}); accepted: 1 to {side}")
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
+    members = config.n_perturbations + 1 if config.estimator == "fzoo" else 0  # and the unperturbed one
+    for name, count in (("--population", config.population), ("--n-perturbations", members),
+                        ("--reward-candidates", config.reward_candidates)):
+        rows = count * config.batch_size
+        need, free = rows * vocab * 4, available_memory(device)
+        if need > free:
+            fits = max(0, free // (vocab * 4 * config.batch_size))
+            raise UsageError(f"{name} {count} x --batch-size {config.batch_size} = {rows:,} rows scored at once need "
+                             f"at least {need / 2**30:,.1f} GiB (their logits), more than the {free / 2**30:,.1f} GiB "
+                             f"available on {device.type}; accepted: up to about {fits:,}")
 
 
 def check_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -457,15 +499,28 @@ def tune(config: TuneConfig, *, resume: bool = False, overwrite: bool = False,
         try:
             return _tune(config, task, run_dir, main, world, held, resume, overwrite, allow_changed_settings,
                          callbacks, loaded)
+        except FloatingPointError as err:  # the optimizer's message, with the objective named
+            raise FloatingPointError(nonfinite_message(config, err)) from None
         except KeyboardInterrupt as err:
             signum = getattr(err, "signum", signal.SIGINT)
             raise Stopped(stop_message(run_dir, signum), signum) from None
+
+
+def nonfinite_message(config: TuneConfig, err: FloatingPointError) -> str:
+    """One line for a non-finite loss: its values, the objective or rewards that gave it, and the flag."""
+    values = re.search(r"\(plus=[^)]*\)", str(err))
+    source = (f"reward {', '.join(config.reward)} (--reward)" if config.reward
+              else f"objective {config.objective} (--objective)")
+    return (f"non-finite loss {values[0] if values else str(err)} from the {source}; the weights are as before the "
+            "step and the checkpoint is kept: --on-nonfinite skip skips such estimates")
 
 
 def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int, held: ExitStack, resume: bool,
           overwrite: bool, allow_changed_settings: bool, callbacks: Sequence[Callable[[dict], None]] = (),
           loaded: tuple | None = None) -> dict:
     step, claimed = 0, False
+    if resume and run_dir.is_dir() and left_before_first_checkpoint(run_dir):  # nothing to replay: from step 0
+        resume = False
     if main:
         check_run_dir(run_dir, resume, overwrite)
         if run_dir.is_dir():
@@ -519,7 +574,8 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
         if not claimed:  # a new folder: claimed as it is created
             claim(run_dir, resume, overwrite, held)
         if not (resume or overwrite) and left_before_first_checkpoint(run_dir):
-            print(f"zo-tune: reusing {run_dir}: the run there stopped before its first checkpoint", file=sys.stderr)
+            print(f"zo-tune: reusing {run_dir}: the run there stopped before its first checkpoint (nothing to resume: "
+                  "it runs again from step 0)", file=sys.stderr)
         clean(run_dir, everything=not resume)  # temporaries a kill left; for a new run every earlier file
         if not resume:
             new_manifest(run_dir)
@@ -537,8 +593,9 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
                   "(--no-eval-before skips it)", file=sys.stderr)
         before = dev_metrics(progress=main and config.progress) if config.eval_before else None
         if main:
-            write_sealed(run_dir, EVAL, _json_writer({"metric": metric.name, "split": split, "examples": len(dev_set),
-                                                      "before": headline(before), "before_metrics": before}))
+            write_sealed(run_dir, EVAL, _json_writer(finite_json({
+                "metric": metric.name, "split": split, "examples": len(dev_set), "before": headline(before),
+                "before_metrics": before}, EVAL)))
     if main:
         print(f"zo-tune: {task.name}, objective {config.objective}, {run.facts['trainable_parameters']:,} trainable "
               f"parameters, {split} {metric.name} before: {_fmt(headline(before))}", file=sys.stderr)
@@ -555,14 +612,18 @@ def _tune(config: TuneConfig, task: Task, run_dir: Path, main: bool, world: int,
         for hook in hooks:
             if isinstance(hook, CompletionsLog):
                 hook.write(config.steps, "eval", dev_set[:SAMPLE])
-    seconds = time.perf_counter() - t0
-    ties = sum(r["tied"] for r in history) / max(1, len(history))
+    # the whole run's statistics: earlier sessions' steps are in the log (their time: their steps' own seconds)
+    logged = logged_rows(run_dir) if main else history
+    earlier = [r for r in logged if r["step"] <= start]
+    seconds = time.perf_counter() - t0 + sum(r.get("seconds", 0.0) for r in earlier)
+    every = earlier + history
+    ties = sum(r["tied"] for r in every) / max(1, len(every))
     summary = {"metric": metric.name, "split": split, "examples": len(dev_set), "before": headline(before),
                "after": after[metric.name], "before_metrics": before, "after_metrics": after,
                "steps": config.steps, "train_seconds": seconds, "tied_fraction": ties,
                **({"rewards": dict(held_out_rewards)} if held_out_rewards else {})}
     if main:  # distributed: rank 0 writes the results
-        write_sealed(run_dir, EVAL, _json_writer(summary))
+        write_sealed(run_dir, EVAL, _json_writer(finite_json(summary, EVAL)))
         write_sealed(run_dir, WEIGHTS, lambda tmp: save_file(trainable_state(model), tmp), step=config.steps)
         plot_run(run_dir)
         others = "".join(f", {name} {_fmt((before or {}).get(name))} -> {value:.4f}" for name, value in after.items()
@@ -598,10 +659,35 @@ def reporters(config: TuneConfig, run: Run, run_dir: Path, held: ExitStack,
         held.callback(writer.close)
         hooks.append(tensorboard_callback(writer))
     return hooks
+def logged_rows(run_dir: Path) -> list[dict]:
+    """The rows of the run's metrics.jsonl (every session's steps; a resume cut it back to its checkpoint); a
+    row that does not parse is left out of the statistics rather than failing a finished run."""
+    rows = []
+    for line in (run_dir / LOG).read_text().splitlines() if (run_dir / LOG).exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
 
 
 def _json_writer(data: Any) -> Callable[[str], None]:
-    return lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1))
+    return lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1, allow_nan=False))
+
+
+def finite_json(data: Any, name: str, path: str = "") -> Any:
+    """``data`` with each non-finite float (a reward's mean that overflowed) written as null, which JSON readers
+    accept (``Infinity`` is not JSON), and a warning naming it."""
+    if isinstance(data, dict):
+        return {k: finite_json(v, name, f"{path}.{k}" if path else str(k)) for k, v in data.items()}
+    if isinstance(data, list):
+        return [finite_json(v, name, f"{path}[{i}]") for i, v in enumerate(data)]
+    if isinstance(data, float) and not math.isfinite(data):
+        print(f"zo-tune: warning: {name}: {path} is {data}, not a JSON number: written as null", file=sys.stderr)
+        return None
+    return data
 
 
 def evaluate_run(config: EvalConfig) -> dict:
@@ -684,6 +770,16 @@ def _fail(prog: str, err: Exception) -> int:
     return 2
 
 
+def check_config_sealed(run_dir: Path) -> None:
+    """Refuse a run's config.json that is not the one its run wrote before its settings are read (a flipped
+    bit would read as an unknown setting's value)."""
+    if (run_dir / MANIFEST).is_file():
+        try:
+            check_sealed(run_dir, CONFIG)
+        except ValueError as err:
+            raise UsageError(f"--resume: {err}") from None
+
+
 def tune_main(argv: list[str] | None = None) -> int:
     parser = tune_parser()
     try:
@@ -700,6 +796,7 @@ def tune_main(argv: list[str] | None = None) -> int:
         if args.resume:  # the run's own settings, overridden by those given
             run_dir = Path(resolve(config)[0].output_dir)
             if (run_dir / "config.json").is_file():  # (not its device: the machine may be another)
+                check_config_sealed(run_dir)
                 saved = read_config(TuneConfig, run_dir / "config.json")
                 check_code_named(saved, args.flagged, run_dir / "config.json", args.trust_plugins)
                 config = TuneConfig.load(run_dir / "config.json", **{"device": None, **given})
@@ -708,13 +805,16 @@ def tune_main(argv: list[str] | None = None) -> int:
                  allow_changed_settings=args.allow_changed_settings)
     except (ValueError, FileNotFoundError) as err:  # UsageError and the library's own input errors
         return _fail(parser.prog, err)
-    except FloatingPointError as err:  # a NaN/inf loss: not bad input, the run stops (its checkpoint kept)
-        print(f"{parser.prog}: error: {err} (--on-nonfinite skip skips them)", file=sys.stderr)
-        return 1
+    except (UserCodeExit, FloatingPointError, ConnectionError) as err:  # not bad input: a reward or plugin called
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)  # sys.exit, a NaN/inf loss (the checkpoint kept),
+        return 1  # no network for --data-source hub
     except OSError as err:  # a full disk, a read-only folder: the files written so far are whole
         print(f"{parser.prog}: error: {_os_error(err)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as err:  # Ctrl-C, or SIGTERM (Stopped): one line, the conventional exit status
+        if argv is None:  # the command (not a call from Python): it ends now, so a second Ctrl-C a few ms later
+            for sig in (signal.SIGINT, signal.SIGTERM):  # must not raise in the interpreter's shutdown
+                signal.signal(sig, signal.SIG_IGN)
         signum = getattr(err, "signum", signal.SIGINT)
         print(f"{parser.prog}: {err if isinstance(err, Stopped) else 'stopped by ' + signal.Signals(signum).name}",
               file=sys.stderr)
@@ -755,6 +855,9 @@ def eval_main(argv: list[str] | None = None) -> int:
         evaluate_run(EvalConfig(**given))
     except (ValueError, FileNotFoundError) as err:
         return _fail(parser.prog, err)
+    except (UserCodeExit, ConnectionError) as err:  # a plugin called sys.exit as it was imported; no network
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 

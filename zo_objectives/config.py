@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import MISSING, dataclass, field, fields
@@ -28,6 +29,7 @@ from zo_objectives.noise import NOISE_KINDS
 from zo_objectives.objectives import (
     DEFAULT_SMOOTHING,
     FORMS,
+    MAX_REWARD_TIMEOUT,
     SEQUENCE_SCORES,
     SUPPORTS,
     CrossEntropy,
@@ -64,6 +66,16 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
 # Where generated text ends unless --stop says otherwise: the first newline (short answers: SQuAD, arith)
 DEFAULT_STOP = ["\n"]
 
+# Upper bounds of counts and times: beyond them a run cannot finish (or a timer overflows); checked before anything
+# is loaded. --population and --perturbation-rank are checked against the model and memory (cli.check_sizes)
+MAX_SEED = 2**63 - 1
+MAX_STEPS = 10**9
+MAX_PERTURBATIONS = 1024
+MAX_CANDIDATES = 1024
+MAX_SAMPLES = 100_000
+# Below this a smoothing temperature is the hard metric in all but name, and log-likelihood / T overflows
+MIN_SMOOTHING = 1e-4
+
 # What a setting may do on --resume: "free" ones may differ, "fixed" ones never (the checkpoint replays them or
 # the run's data and weights depend on them); the others only with --allow-changed-settings.
 FREE, FIXED = "free", "fixed"
@@ -92,13 +104,16 @@ class UsageError(ValueError):
 
 
 def arg(default: Any = None, help: str = "", *, choices: tuple | None = None, resume: str = "",
-        at_least: float | None = None, above: float | None = None, repeat: bool = False,
-        aliases: tuple[str, ...] = (), before: Any = None) -> Any:
-    """A config field: its default, its flag's help, accepted values (``choices``, bounds; floats must be
-    finite), what it may do on resume, ``repeat`` for a flag that may be given several times, other
-    spellings of its flag (``aliases``) and ``before``: the value a run written before the field existed had, when
-    not its default (which ``__post_init__`` resolves)."""
-    meta = {"help": help, "resume": resume, "at_least": at_least, "above": above, "before": before}
+        at_least: float | None = None, above: float | None = None, at_most: float | None = None,
+        why_most: str = "", repeat: bool = False, aliases: tuple[str, ...] = (), switch: bool = False,
+        before: Any = None) -> Any:
+    """A config field: its default, its flag's help, accepted values (``choices``, bounds, ``why_most`` saying
+    why the upper one; floats must be finite), what it may do on resume, ``repeat`` for a flag that may be given
+    several times, other spellings of its flag (``aliases``), ``switch`` for a boolean flag that takes no value
+    (so that it never swallows the positional argument after it), and ``before``: the value a run written before
+    the field existed had, when not its default (which ``__post_init__`` resolves)."""
+    meta = {"help": help, "resume": resume, "at_least": at_least, "above": above, "at_most": at_most,
+            "why_most": why_most, "switch": switch, "before": before}
     if aliases:
         meta["aliases"] = list(aliases)
     if choices is not None:
@@ -148,7 +163,7 @@ class CommonConfig:
                                        "others; \\n and \\t are read as newline and tab)", before=DEFAULT_STOP)
     max_length: int | None = arg(None, "truncate prompts from the left to this many tokens", above=0)
     seed: int = arg(0, "seeds the training sample (zo-tune: its order and the perturbations; zo-eval: the "
-                       "demonstrations)", resume=FIXED)
+                       "demonstrations)", resume=FIXED, at_least=0, at_most=MAX_SEED, why_most="a 63-bit seed")
     device: str | None = arg(None, "cpu, cuda, cuda:1, ... (default: cuda when available)", resume=FREE)
     dtype: str = arg("auto", f"weights' dtype; auto: {AUTO_DTYPE}", choices=("auto", *DTYPES), resume=FIXED)
 
@@ -188,7 +203,8 @@ class TuneConfig(CommonConfig):
                             repeat=True)
     reward_weights: list[float] | None = arg(None, "one weight per --reward (default: 1 each)")
     reward_candidates: int = arg(0, "sampled completions rewarded per prompt: optimizes their expected reward "
-                                    "(needs --sample-temperature > 0; 0: one completion)", at_least=0)
+                                    "(needs --sample-temperature > 0; 0: one completion)", at_least=0,
+                                 at_most=MAX_CANDIDATES, why_most="each is generated and rewarded every step")
     sample_temperature: float = arg(0.0, "sampling temperature of the completions --reward scores (0: greedy)",
                                     at_least=0, aliases=("--temperature",))
     top_p: float = arg(1.0, "nucleus sampling of the completions --reward scores: the smallest set of tokens whose "
@@ -199,14 +215,16 @@ class TuneConfig(CommonConfig):
     report_to: list[str] = arg(help="also log metrics.jsonl's scalars to: tensorboard (in the run folder's tb/; "
                                     "pip install tensorboard)", repeat=True, choices=("tensorboard",), resume=FREE)
     reward_timeout: float = arg(600.0, "seconds one call of a --reward may take before the run stops with one line "
-                                       "(its last checkpoint kept; a hung judge or test run stalls nothing); 0: no "
-                                       "limit", at_least=0, resume=FREE)
-    steps: int = arg(400, "training steps (on --resume: the total to reach)", above=0, resume=FREE)
+                                       "(its last checkpoint kept; a hung judge or test run stalls nothing; code stuck "
+                                       "in C ends the process a second later, docs/rewards.md); 0: no limit",
+                                at_least=0, at_most=MAX_REWARD_TIMEOUT, why_most="a day; 0 for no limit", resume=FREE)
+    steps: int = arg(400, "training steps (on --resume: the total to reach)", above=0, at_most=MAX_STEPS,
+                     why_most="a billion steps", resume=FREE)
     lr: float | None = arg(None, f"default {OBJECTIVE_DEFAULTS[REWARD]['lr']} for --reward with its default "
                                  f"estimator; {DEFAULT_LR['cross_entropy']} for cross-entropy and metric objectives "
                                  f"in log form, {DEFAULT_LR['mean']} in mean form, as the hard metric or for --reward "
                                  f"under sgd, {DEFAULT_LR['scale-free']} with --update sign or normalized or "
-                                 "--fitness-shaping rank (config.default_lr)", above=0)
+                                 "--fitness-shaping rank (config.default_lr); --estimator fzoo: its own", above=0)
     eps: float | None = arg(None, f"perturbation scale (default {DEFAULT_EPS['fp32']}, {DEFAULT_EPS['bf16']} in bf16, "
                                   f"whose rounding swamps smaller loss differences; {GREEDY_REWARD_EPS} for --reward "
                                   "on greedy completions with --update normalized or sign)", above=0, resume=FIXED)
@@ -214,7 +232,8 @@ class TuneConfig(CommonConfig):
                                  "fzoo, or one a --plugin registers; docs/estimators.md); auto: population with "
                                  "--population N (and for --reward), else mezo", resume=FIXED)
     n_perturbations: int | None = arg(None, "perturbations per step: SPSA estimates averaged (mezo, default 1), "
-                                            "one-sided members (fzoo, default 8)", above=0, resume=FIXED)
+                                            "one-sided members (fzoo, default 8)", above=0, at_most=MAX_PERTURBATIONS,
+                                      why_most="each costs a forward pass of the batch per step", resume=FIXED)
     population: int | None = arg(None, "members per step of the population estimator (an even number: antithetic "
                                        "pairs, all scored in one batched pass; docs/mezo.md); 0: MeZO (default: "
                                        f"{OBJECTIVE_DEFAULTS[REWARD]['population']} for --reward and with --estimator "
@@ -237,7 +256,7 @@ class TuneConfig(CommonConfig):
                                       "(auto: model for generation metrics in log form, else options)",
                               choices=SUPPORTS)
     samples: int = arg(256, "Monte Carlo draws for that expectation when the metric is not a per-example mean",
-                       above=0)
+                       above=0, at_most=MAX_SAMPLES, why_most="each draw is one metric call per step")
     weight_decay: float = arg(0.0, "decoupled weight decay", at_least=0, resume=FIXED)
     schedule: str = arg("constant", "learning-rate schedule over --steps", choices=SCHEDULES)
     noise: str | None = arg(None, "how the perturbations are drawn (default: table; fzoo: rademacher, as published)",
@@ -273,6 +292,9 @@ class TuneConfig(CommonConfig):
             self.template = "{prompt}"  # a file of prompts for rewards: its "prompt" column as it is
         super().__post_init__()
         self._estimator_defaults()
+        if self.smoothing is not None and 0 < self.smoothing < MIN_SMOOTHING:
+            raise UsageError(f"--smoothing must be 0 (the hard metric) or >= {MIN_SMOOTHING:g} (smaller temperatures "
+                             f"overflow log-likelihood / T), got {self.smoothing:g}")
         if self.momentum >= 1 or (self.momentum > 0) != (self.momentum_window > 1):
             raise UsageError(f"--momentum must be in [0, 1) with --momentum-window > 1 (or both 0), got "
                              f"{self.momentum}, {self.momentum_window}")
@@ -339,9 +361,10 @@ class EvalConfig(CommonConfig):
 class ExportConfig:
     """A ``zo-export`` export (the run folder and output folder are its two positional arguments)."""
 
-    merge: bool = arg(False, "LoRA runs: merge the adapter into the weights and write a full model folder")
+    merge: bool = arg(False, "LoRA runs: merge the adapter into the weights and write a full model folder",
+                      switch=True)
     best: bool = arg(False, "export the weights of the run's best evaluation in its metrics.jsonl (rebuilt by "
-                            "replaying its trajectory to that step) instead of its last step")
+                            "replaying its trajectory to that step) instead of its last step", switch=True)
 
     def __post_init__(self) -> None:
         check(self)
@@ -383,6 +406,9 @@ def check(config: Any) -> None:
                 raise UsageError(f"{flag(f.name)} must be >= {meta['at_least']}, got {v}")
             if meta["above"] is not None and v <= meta["above"]:
                 raise UsageError(f"{flag(f.name)} must be > {meta['above']}, got {v}")
+            if meta["at_most"] is not None and v > meta["at_most"]:
+                why = f" ({meta['why_most']})" if meta["why_most"] else ""
+                raise UsageError(f"{flag(f.name)} must be <= {meta['at_most']}{why}, got {v}")
 
 
 # Facts about a run that config.json holds beside its settings (ignored when it is read back as settings)
@@ -430,9 +456,17 @@ class Parser(HfArgumentParser):
         self.add_argument("--config", help="a JSON file of settings, such as a run's config.json; flags given "
                                            "beside it override it")
 
-    def add_argument(self, *names: str, resume: str = "", at_least: Any = None, above: Any = None, before: Any = None,
+    def add_argument(self, *names: str, resume: str = "", at_least: Any = None, above: Any = None,
+                     at_most: Any = None, why_most: str = "", switch: bool = False, before: Any = None,
                      **kwargs: Any):
+        if switch:  # a flag without a value: ``--merge RUN OUT`` must not read RUN as the flag's value
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("type", "nargs", "const")} | {"action": "store_true"}
         return super().add_argument(*sorted(names, key=lambda n: "_" in n), **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        """A UsageError of one line, ``--flag: problem; accepted: ...``, instead of argparse's usage block and
+        exit (the commands print it and exit with code 2)."""
+        raise UsageError(parse_error(self, message))
 
     def given(self, argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
         """The flags that are not settings (``--config``, ``--resume``, ...), and the settings given explicitly (in
@@ -444,6 +478,28 @@ class Parser(HfArgumentParser):
         flags = {k: v for k, v in vars(args).items() if k in preset and v is not unset and v is not None}
         other = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in preset}, flagged=set(flags))
         return other, {**(read_config(cls, args.config) if args.config else {}), **flags}
+
+
+def parse_error(parser: argparse.ArgumentParser, message: str) -> str:
+    """argparse's ``argument --steps/--steps: invalid int value: '1.5'`` as ``--steps: '1.5' is not an integer;
+    accepted: a whole number``: the flag's first spelling, the value, what it accepts."""
+    found = re.fullmatch(r"argument ([^:]+): (.*)", message, re.S)
+    if not found:
+        return message
+    name, problem = found[1].split("/")[0], found[2]
+    action = parser._option_string_actions.get(name)
+    given = re.search(r"'[^']*'", problem)
+    value = given[0] if given else ""
+    if problem.startswith("invalid choice") and action is not None and action.choices:
+        return f"{name}: unknown value {value}; accepted: {', '.join(map(str, action.choices))}"
+    if problem.startswith("Truthy value expected"):  # transformers' string_to_bool
+        value = re.search(r"got (.*) but", problem)[1]
+        return f"{name}: {value!r} is not a yes/no value; accepted: the flag alone, true/false, yes/no, 1/0"
+    kind = re.match(r"invalid (\w+) value", problem)
+    if kind:
+        accepted = {"int": "an integer", "float": "a number"}.get(kind[1], kind[1])
+        return f"{name}: {value} is not {accepted}; accepted: {accepted}"
+    return f"{name}: {problem}"
 
 
 def differences(saved: dict, config: Any) -> tuple[dict, dict]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import faulthandler
 import inspect
 import math
 import numbers
@@ -30,7 +31,7 @@ import signal
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -318,28 +319,52 @@ class RewardError(ValueError):
     completion."""
 
 
+class UserCodeExit(RuntimeError):
+    """User code (a reward function, a plugin) raised SystemExit: reported as a failure of that code (the
+    command line exits with status 1), never taken as the command's own exit."""
+
+
 class _Expired(BaseException):  # not an Exception: a reward's own ``except Exception`` cannot swallow it
     pass
+
+
+# A call still inside C code this long past its limit (a C loop holding the GIL, which no signal handler can
+# interrupt) ends the process: faulthandler's watchdog is a C thread, so it fires whatever the interpreter does
+HARD_STOP_GRACE = 1.0
+MAX_REWARD_TIMEOUT = 86_400.0  # a day: a longer limit is no limit, and setitimer overflows on huge ones
 
 
 @contextlib.contextmanager
 def time_limit(seconds: float | None, label: str, count: int):
     """Raise RewardError once a reward call runs ``seconds``: interrupted by SIGALRM in a Unix process's main
-    thread, elsewhere checked when the call returns (a call that never returns then needs Ctrl-C)."""
+    thread, elsewhere checked when the call returns. A call that no signal reaches (busy in C code that holds the
+    interpreter; outside the main thread, any call) and is still running ``HARD_STOP_GRACE`` seconds after the
+    limit ends the process: faulthandler's watchdog prints its stack and exits with status 1 (the run's files are
+    as its last checkpoint left them)."""
     if not seconds:
         yield
         return
     message = (f"reward {label!r} took more than {seconds:g} s on {count} completions (--reward-timeout; 0: no "
                "limit): make it faster, or raise the limit")
     alarm = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
-    if alarm:
-        def expire(signum: int, frame: Any) -> None:
+    armed = [False]  # the handler raises only while the call runs: never from the cleanup after it
+
+    def expire(signum: int, frame: Any) -> None:
+        if armed[0]:
             raise _Expired
-        previous = signal.signal(signal.SIGALRM, expire)
-        signal.setitimer(signal.ITIMER_REAL, seconds)
+    previous = signal.signal(signal.SIGALRM, expire) if alarm else None
     began = time.monotonic()
     try:
-        yield
+        try:  # armed inside the try: an alarm that fires at once is still a RewardError
+            armed[0] = True
+            if alarm:
+                signal.setitimer(signal.ITIMER_REAL, seconds)
+            # to file descriptor 2: the process's stderr even where sys.stderr is replaced (it has no fileno)
+            faulthandler.dump_traceback_later(seconds + HARD_STOP_GRACE, exit=True, file=2)
+            yield
+        finally:
+            armed[0] = False
+            faulthandler.cancel_dump_traceback_later()
     except _Expired:
         raise RewardError(message) from None
     finally:
@@ -408,8 +433,9 @@ class RewardObjective(Objective):
             raise ValueError(f"{len(self.weights)} weights for {len(self.rewards)} reward functions")
         if self.candidates < 0:
             raise ValueError(f"candidates must be >= 0, got {self.candidates}")
-        if self.timeout is not None and not self.timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds or None (no limit), got {self.timeout}")
+        if self.timeout is not None and not 0 < self.timeout <= MAX_REWARD_TIMEOUT:  # a timer overflows beyond
+            raise ValueError(f"timeout must be > 0 and <= {MAX_REWARD_TIMEOUT:g} seconds (a day) or None (no limit), "
+                             f"got {self.timeout}")
         if self.candidates and not getattr(self.generator, "temperature", 0):
             raise ValueError("candidates > 0 needs a sampling generator (GenerationPredictor(temperature=...) > 0); "
                              "greedy decoding gives every candidate the same text")
@@ -436,9 +462,16 @@ class RewardObjective(Objective):
         for weight, fn, label in zip(self.weights or [1.0] * len(self.rewards), self.rewards, self._names):
             with time_limit(self.timeout, label, len(completions)):  # outside: its expiry is no reward's error
                 try:
-                    values = list(fn(prompts=prompts, completions=completions, **columns))
+                    result = fn(prompts=prompts, completions=completions, **columns)
+                    values = list(result) if isinstance(result, Iterable) and not isinstance(result, str) else None
+                except SystemExit as err:
+                    raise UserCodeExit(f"reward {label!r} raised SystemExit({err.code!r}) (sys.exit, exit()): a "
+                                       "reward must return one number per completion") from None
                 except Exception as err:
                     raise RewardError(f"reward {label!r} raised {type(err).__name__}: {err}") from err
+            if values is None:
+                raise RewardError(f"reward {label!r} returned {result!r:.40} ({type(result).__name__}); a reward must "
+                                  "return one float per completion (a list)")
             if len(values) != len(prompts):
                 raise RewardError(f"reward {label!r} returned {len(values)} values for {len(prompts)} completions")
             for i, v in enumerate(values):

@@ -115,11 +115,23 @@ def _ours(name: str) -> bool:
 
 def left_before_first_checkpoint(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds only what a run that stopped before its first checkpoint leaves (settings, the
-    evaluation before tuning, no logged step): nothing to resume and nothing to lose."""
+    evaluation before tuning, no checkpoint, and no more logged steps than come before the first checkpoint, a
+    kill or a full disk between them): nothing to resume, nothing that a run from step 0 would not write again.
+    A folder with more logged steps than that lost its checkpoint: it is not reused."""
     names = {p.name for p in Path(run_dir).iterdir()}
+    if not (all(_ours(n) for n in names) and CONFIG in names and not {CHECKPOINT, WEIGHTS} & names):
+        return False
     log = Path(run_dir) / LOG
-    return (all(_ours(n) for n in names) and CONFIG in names and not {CHECKPOINT, WEIGHTS} & names
-            and (not log.exists() or log.stat().st_size == 0))
+    rows = log.read_bytes().count(b"\n") if log.exists() else 0
+    if not rows:
+        return True
+    try:  # the first checkpoint's step: at --checkpoint-every, the first evaluation, or the end
+        config = json.loads((Path(run_dir) / CONFIG).read_text())
+        first = min(v for v in (config.get("checkpoint_every"), config.get("eval_every"), config.get("steps"))
+                    if isinstance(v, int) and v > 0)
+    except (OSError, ValueError, AttributeError):  # unreadable settings: not a folder to reuse blindly
+        return False
+    return rows <= first
 
 
 def holds_files(run_dir: Path) -> bool:
@@ -146,17 +158,35 @@ def read_manifest(run_dir: Path) -> dict:
     if not path.exists():
         raise ValueError(f"{run_dir} has no {MANIFEST}: not a zo-tune run folder, or one an older version wrote "
                          "(start the run again)")
-    manifest = read_json(path)
+    try:
+        manifest = read_json(path)
+    except ValueError as err:
+        raise ValueError(f"{err}: the run folder's record of its files is damaged") from None
     if not (isinstance(manifest, dict) and isinstance(manifest.get("run"), str)
             and isinstance(manifest.get("files"), dict)):
-        raise ValueError(f"{path} is malformed (expected a run id and files)")
+        raise ValueError(f"{path} is malformed (expected a run id and files): the run folder's record of its files "
+                         "is damaged")
+    sealed = manifest.pop("sha256", None)  # absent in the manifests of older versions
+    if sealed is not None and sealed != _manifest_sha256(manifest):
+        raise ValueError(f"{path} was changed or damaged after the run wrote it (its own sha256 does not match its "
+                         "content): the run folder's record of its files cannot be trusted")
     return manifest
+
+
+def _manifest_sha256(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def _write_manifest(run_dir: Path, manifest: dict) -> None:
+    """Write the manifest with its own sha256, so that damage to it is reported as damage to it."""
+    content = {k: v for k, v in manifest.items() if k != "sha256"}
+    write_json(Path(run_dir) / MANIFEST, {**content, "sha256": _manifest_sha256(content)})
 
 
 def new_manifest(run_dir: Path) -> str:
     """Start the manifest of a new run; return its run id."""
     run = uuid.uuid4().hex
-    write_json(Path(run_dir) / MANIFEST, {"run": run, "files": {}})
+    _write_manifest(run_dir, {"run": run, "files": {}})
     return run
 
 
@@ -169,11 +199,11 @@ def write_sealed(run_dir: Path, name: str, write: Callable[[str], None], **facts
     def announce(tmp: str) -> None:
         entry["next"] = {"sha256": file_sha256(tmp), **facts}
         manifest["files"][name] = entry
-        write_json(Path(run_dir) / MANIFEST, manifest)
+        _write_manifest(run_dir, manifest)
 
     atomic_write(Path(run_dir) / name, write, before_rename=announce)
     manifest["files"][name] = entry.pop("next")
-    write_json(Path(run_dir) / MANIFEST, manifest)
+    _write_manifest(run_dir, manifest)
 
 
 def check_sealed(run_dir: Path, name: str, manifest: dict | None = None) -> dict:

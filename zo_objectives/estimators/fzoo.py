@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from zo_objectives import distributed
 from zo_objectives.estimators.base import Estimator, register_estimator
-from zo_objectives.estimators.hooks import SHAPE_CHECKED, Hooks, Perturbed
+from zo_objectives.estimators.hooks import Hooks, Perturbed, member_slots
 from zo_objectives.estimators.population import Population
 
 
@@ -188,22 +188,7 @@ class _Members(Hooks):
             x = args[0]
             self.split[id(module)] = x
             return (x[: x.shape[0] // self.members], *args[1:])
-        swaps, outputs = [], []
-        for name, p in module._parameters.items():
-            index = self.targets.get(id(p)) if p is not None else None
-            if index is None:
-                continue
-            if type(module) in (torch.nn.Linear, torch.nn.Embedding) and name in ("weight", "bias"):
-                if isinstance(module, torch.nn.Embedding) and module.max_norm is not None:
-                    raise ValueError("FZOO members do not support an Embedding with max_norm")
-                outputs.append((name, index, p))
-            elif (p.ndim == 1 and args and isinstance(args[0], torch.Tensor) and args[0].ndim >= 1
-                  and not isinstance(module, SHAPE_CHECKED)):
-                swaps.append((name, index, p))
-            else:
-                raise ValueError(f"FZOO members cover Linear and Embedding weights and 1-D weights that broadcast "
-                                 f"over rows (norms); {type(module).__name__}.{name} {tuple(p.shape)} is neither: "
-                                 "freeze it (requires_grad=False) or use MeZO")
+        swaps, outputs = member_slots(module, args, self.targets, "FZOO members")
         if outputs:
             self.outputs[id(module)] = outputs
         if swaps:

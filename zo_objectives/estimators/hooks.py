@@ -401,6 +401,30 @@ class Perturbed(Hooks):
         return output
 
 
+def member_slots(module: torch.nn.Module, args: tuple, targets: dict[int, int],
+                 who: str) -> tuple[list[tuple], list[tuple]]:
+    """How batched members perturb ``module``'s trainable tensors: (swaps: 1-D weights that broadcast over rows,
+    swapped for one row of weights per input row; outputs: Linear and Embedding tensors, perturbed through the
+    output), each a list of (name, index, tensor). Any other trainable tensor is refused, naming ``who``."""
+    swaps, outputs = [], []
+    for name, p in module._parameters.items():
+        index = targets.get(id(p)) if p is not None else None
+        if index is None:
+            continue
+        if type(module) in (torch.nn.Linear, torch.nn.Embedding) and name in ("weight", "bias"):
+            if isinstance(module, torch.nn.Embedding) and module.max_norm is not None:
+                raise ValueError(f"{who} do not support an Embedding with max_norm")
+            outputs.append((name, index, p))
+        elif (p.ndim == 1 and args and isinstance(args[0], torch.Tensor) and args[0].ndim >= 1
+              and not isinstance(module, SHAPE_CHECKED)):
+            swaps.append((name, index, p))
+        else:
+            raise ValueError(f"{who} cover Linear and Embedding weights and 1-D weights that broadcast over rows "
+                             f"(norms); {type(module).__name__}.{name} {tuple(p.shape)} is neither: freeze it "
+                             "(requires_grad=False) or use MeZO")
+    return swaps, outputs
+
+
 class Members(Hooks):
     """While active, row block i of every module's input sees the perturbation of member i of the pairs ``seeds``
     (a population's; see the module docstring)."""
@@ -449,22 +473,7 @@ class Members(Hooks):
         return rows // members
 
     def _pre(self, module: torch.nn.Module, args) -> None:
-        swaps, outputs = [], []
-        for name, p in module._parameters.items():
-            index = self.targets.get(id(p)) if p is not None else None
-            if index is None:
-                continue
-            if type(module) in (torch.nn.Linear, torch.nn.Embedding) and name in ("weight", "bias"):
-                if isinstance(module, torch.nn.Embedding) and module.max_norm is not None:
-                    raise ValueError("population perturbations do not support an Embedding with max_norm")
-                outputs.append((name, index, p))
-            elif (p.ndim == 1 and args and isinstance(args[0], torch.Tensor) and args[0].ndim >= 1
-                  and not isinstance(module, SHAPE_CHECKED)):
-                swaps.append((name, index, p))
-            else:
-                raise ValueError(f"population perturbations cover Linear and Embedding weights and 1-D weights that "
-                                 f"broadcast over rows (norms); {type(module).__name__}.{name} {tuple(p.shape)} is "
-                                 "neither: freeze it (requires_grad=False) or use MeZO")
+        swaps, outputs = member_slots(module, args, self.targets, "population perturbations")
         if outputs:
             self.outputs[id(module)] = outputs
         if swaps:
