@@ -334,7 +334,9 @@ def apply_peft(model: torch.nn.Module, kind: str = "none", *, seed: int = 0) -> 
     config = (LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=None if masked else ["q_proj", "v_proj"],
                          task_type=task_type) if kind == "lora"
               else PrefixTuningConfig(num_virtual_tokens=5, task_type=task_type))
-    wrapped = get_peft_model(model, config).eval()
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; not the user's to act on
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        wrapped = get_peft_model(model, config).eval()
     if kind == "prefix" and not masked:
         _prefix_from_real_tokens(wrapped, seed)
     return wrapped
