@@ -49,11 +49,12 @@ ROWS = {
     "population": ["--estimator", "population", "--population", "4", "--perturbation-rank", "4", "--batch-size", "8"],
 }
 ROWS_PER_STEP = {"mezo": 2 * BATCH, "fzoo": 9 * BATCH, "fzoo-lr2e-6": 9 * BATCH, "population": 4 * 8}
-# MeZO: the make run lr. FZOO: its class default (a placeholder: no published lr was found), and the lr that
+# MeZO: the make run lr. FZOO: a first placeholder (1e-7; no published lr was found), and the lr that
 # matches MeZO's expected progress per forward row, from training statistics: FZOO moves lr / eps along the
 # gradient per step; MeZO lr_mezo * |grad| (|grad| ~ 15.5, the spread of MeZO's projected gradients on the
 # training batches of mezo/0), 4.5 MeZO steps per FZOO step of rows: 1e-3 * 1e-5 * 15.5 * 4.5 = 7e-7, times about
-# 3 for the lower variance of 8 averaged directions: 2e-6. No dev row chose any lr (--grid was not run)
+# 3 for the lower variance of 8 averaged directions: 2e-6 (now FZOO's default). No dev row chose an lr (--grid
+# was not run)
 LRS = {"mezo": 1e-5, "fzoo": 1e-7, "fzoo-lr2e-6": 2e-6, "population": 2e-5}
 GRID = {"mezo": [3e-6, 1e-5, 3e-5], "fzoo": [1e-7, 1e-6, 1e-5], "population": [7e-6, 2e-5, 6e-5]}
 EVALS = 4  # dev evaluations per run, evenly spaced in steps (each scores 872 rows: 27 MeZO steps' worth)

@@ -45,7 +45,9 @@ class FZOO(Estimator):
     must be in ``eval()``. Returns l_0, the loss at the weights before the step.
 
     Args:
-        lr: learning rate; the expected move along -grad/|grad| is about lr/eps per step. eps: perturbation scale.
+        lr: learning rate; the expected move along -grad/|grad| is about lr/eps per step (2e-6: MeZO's expected
+            progress per forward row on SST-2's training batches, times 3; docs/estimators.md). eps: perturbation
+            scale.
         n_perturbations: N, the one-sided perturbations per step (>= 2: sigma needs two losses).
         perturbation_rank: 0 (full-rank members, as published) or r > 0: low-rank members (eps A B^T / sqrt(r) per
             matrix, the population's factors).
@@ -55,7 +57,7 @@ class FZOO(Estimator):
             four times slower on a CPU); "rademacher", "table" or "gaussian".
     """
 
-    def __init__(self, params: Iterable, *, lr: float = 1e-7, eps: float = 1e-3, n_perturbations: int = 8,
+    def __init__(self, params: Iterable, *, lr: float = 2e-6, eps: float = 1e-3, n_perturbations: int = 8,
                  perturbation_rank: int = 0, weight_decay: float = 0.0, seed: int = 0, noise: str = "signs",
                  table_size: int | None = None, chunk_size: int | None = None, on_nonfinite: str = "raise"):
         if not (isinstance(n_perturbations, int) and not isinstance(n_perturbations, bool) and n_perturbations >= 2):
