@@ -271,7 +271,8 @@ def table(write: bool) -> dict:
                     mean_sd([cpu / budget for _, cpu in reach if cpu is not None]),
                     mean_sd([100 * a for a in at if a is not None]),
                     ", ".join("-" if a is None else f"{100 * a:.2f}" for a in at),
-                    mean_sd([c["peak_rss_mib"] / inference for c in mine]) if inference else "-"])
+                    mean_sd([c["peak_rss_mib"] / inference for c in mine]) if inference else
+                    mean_sd([c["peak_rss_mib"] for c in mine]) + " MiB (no inference cell)"])
     header = ["row", "seeds", "lr", "seeds reaching MeZO's accuracy", "forward rows to it, x MeZO's",
               "CPU time to it, x MeZO's", "dev accuracy at MeZO's CPU time", "per seed", "peak RSS / inference"]
     notes = (f"Target: MeZO's dev accuracy at step {MEZO_STEPS}, mean over its seeds ({100 * target:.2f}); budget: "
@@ -280,7 +281,8 @@ def table(write: bool) -> dict:
              "4 x 8; backprop counts 3 x 16: a forward and a backward of about twice its cost), summed to the first "
              f"evaluation at or above the target (evaluations at {EVALS} evenly spaced points). CPU: "
              f"{mezo[0]['cpu']}, shared with other jobs (process CPU seconds, which slow less than wall time). "
-             "Commands: " + "; ".join(f"`{c['command']}`" for c in cells.values() if c.get("command")))
+             "Commands: " + "; ".join(f"`{c['command'].replace(str(ROOT) + '/', '')}`" for c in cells.values()
+                                      if c.get("command")))
     print(markdown_table(header, out))
     print(notes)
     return publish("estimators", "Estimators", "Estimators: SST-2 at MeZO's budget (protocol 1)", header, out, "cpu",
