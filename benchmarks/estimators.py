@@ -271,10 +271,13 @@ def table(write: bool) -> dict:
                     mean_sd([cpu / budget for _, cpu in reach if cpu is not None]),
                     mean_sd([100 * a for a in at if a is not None]),
                     ", ".join("-" if a is None else f"{100 * a:.2f}" for a in at),
+                    mean_sd([100 * c["curve"][-1][3] for c in mine]),
+                    mean_sd([c["cpu_seconds"] / budget for c in mine]),
                     mean_sd([c["peak_rss_mib"] / inference for c in mine]) if inference else
                     mean_sd([c["peak_rss_mib"] for c in mine]) + " MiB (no inference cell)"])
     header = ["row", "seeds", "lr", "seeds reaching MeZO's accuracy", "forward rows to it, x MeZO's",
-              "CPU time to it, x MeZO's", "dev accuracy at MeZO's CPU time", "per seed", "peak RSS / inference"]
+              "CPU time to it, x MeZO's", "dev accuracy at MeZO's CPU time", "per seed",
+              "dev accuracy at its last step", "its CPU time, x MeZO's", "peak RSS / inference"]
     notes = (f"Target: MeZO's dev accuracy at step {MEZO_STEPS}, mean over its seeds ({100 * target:.2f}); budget: "
              f"MeZO's tuning CPU time for {MEZO_STEPS} steps, mean over its seeds ({budget:.0f} s, one thread; "
              "evaluations excluded). Forward rows: the rows a step scores (MeZO 2 x 16, FZOO 9 x 16, population "

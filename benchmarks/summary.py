@@ -83,6 +83,11 @@ ROWS: list[tuple[str, str, list[tuple[str, dict[str, str], str]]]] = [
      [("population_time", {"run": run}, "dev accuracy at 1/3 of MeZO's time") for run in (
          "MeZO (make run)", "population N = 16, r = 1, batch 2, lr 8e-5",
          "population N = 4, r = 4, batch 8, lr 2e-5")]),
+    ("SST-2, the `make run` protocol in fp32 (AMD EPYC), seed 0: dev accuracy at MeZO's 400-step CPU time; forward "
+     "rows to MeZO's final accuracy, x MeZO's", "MeZO / FZOO (N 8, lr 2e-6) / population 4 x 8, rank 4",
+     [("estimators", {"row": row}, column) for column in ("dev accuracy at MeZO's CPU time",
+                                                           "forward rows to it, x MeZO's")
+      for row in ("mezo", "fzoo-lr2e-6", "population")]),
     ("32.5B Llama shape, bf16, 16 x 256 tokens, one H100 80 GB", "MeZO: peak GiB / x inference's",
      [("large_model_cuda", {}, "MeZO peak GiB"), ("large_model_cuda", {}, "MeZO / inference")]),
 ]
