@@ -345,12 +345,8 @@ def prepare(config: TuneConfig, task: Task, device: torch.device, loaded: tuple 
     greedy = not (config.reward_candidates or config.sample_temperature)
     greedy_reward = config.reward and greedy and kind == "scale-free"
     eps = config.eps or (GREEDY_REWARD_EPS if greedy_reward else DEFAULT_EPS[config.dtype])
-    estimator = get_estimator(config.estimator)
-    if estimator.scale_free:  # a step length of its own (FZOO divides by the losses' spread): its class's lr
-        lr = inspect.signature(estimator.__init__).parameters["lr"].default
-    else:
-        lr = default_lr(objective, config.update, config.fitness_shaping, config.population)
-    config = replace(config, lr=config.lr or lr, eps=eps, smoothing=smoothing)
+    lr = config.lr or default_lr(objective, config.update, config.fitness_shaping, config.population, config.estimator)
+    config = replace(config, lr=lr, eps=eps, smoothing=smoothing)
     metrics = evaluation_metrics(config, task)
     for metric in metrics:  # a metric that cannot score these predictions fails now, not at the first evaluation
         check_metric(metric, predictor, "hard")

@@ -10,6 +10,7 @@ is checked when the dataclass is built, before any file is touched.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import re
@@ -23,7 +24,7 @@ from transformers import HfArgumentParser
 
 from metrics.rewards import list_rewards
 from tasks import HUB_ONLY_TASKS, SOURCES, get_task, list_tasks
-from zo_objectives.estimators import DIFFERENCES, NONFINITE_POLICIES, SHAPINGS, UPDATES
+from zo_objectives.estimators import DIFFERENCES, NONFINITE_POLICIES, SHAPINGS, UPDATES, get_estimator
 from zo_objectives.models import DEFAULT_MODEL, DTYPES, PEFT_KINDS
 from zo_objectives.noise import NOISE_KINDS
 from zo_objectives.objectives import (
@@ -81,12 +82,17 @@ MIN_SMOOTHING = 1e-4
 FREE, FIXED = "free", "fixed"
 
 
-def default_lr(objective: Any, update: str = "sgd", fitness_shaping: str = "none", population: int = 0) -> float:
+def default_lr(objective: Any, update: str = "sgd", fitness_shaping: str = "none", population: int = 0,
+               estimator: str = "mezo") -> float:
     """The lr zo-tune takes for ``objective`` (an Objective: ``make_objective``'s, ``RewardObjective``) under this
     estimator, so that a library run and a CLI run of the same objective start from the same lr: the measured
     reward setting (OBJECTIVE_DEFAULTS, greedy completions) when the estimator is its own; else by the scale of the
     loss (DEFAULT_LR): scale-free updates, cross-entropy, a smoothed metric's form, or the mean form (a hard
-    metric, rewards)."""
+    metric, rewards). An estimator whose step length is its own (``scale_free``: FZOO divides by the losses'
+    spread) takes its class's lr."""
+    cls = get_estimator(estimator)
+    if cls.scale_free:
+        return inspect.signature(cls.__init__).parameters["lr"].default
     bundle = OBJECTIVE_DEFAULTS.get(REWARD, {}) if isinstance(objective, RewardObjective) else {}
     greedy = not getattr(getattr(objective, "generator", None), "temperature", 0)
     if bundle and greedy and (population, update) == (bundle.get("population"), bundle.get("update")):

@@ -20,7 +20,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
@@ -186,12 +186,20 @@ class Estimator(Optimizer):
         with in_step(self.seed, len(self.trajectory)):
             yield
 
-    def commit(self, seeds: list[int], grads: list[float | None], loss: float,
-               kept: dict[tuple[int, int], torch.Tensor] | None = None) -> float:
-        """Record the step (seed k's noise moves the weights by ``-lr * grads[k] / len(seeds)``; None: skipped)
-        and update; return ``loss``, the step's mean. ``kept``: z already made by the closure calls (see
-        :meth:`_move`)."""
-        record = {"seeds": seeds, "grads": grads, "loss": loss, "lrs": [g["lr"] for g in self.param_groups]}
+    def member_losses(self, losses: Any, members: int, order: str = "") -> list[float]:
+        """A batched closure's losses (a tensor or a sequence) as floats, one per member; a ValueError otherwise."""
+        losses = [float(v) for v in (losses.reshape(-1).tolist() if isinstance(losses, torch.Tensor) else losses)]
+        if len(losses) != members:
+            raise ValueError(f"the closure returned {len(losses)} losses for {members} members: it must return one "
+                             f"loss per member{order} (PopulationObjective does)")
+        return losses
+
+    def commit(self, seeds: list[int], grads: list[float | None], loss: float | None,
+               kept: dict[tuple[int, int], torch.Tensor] | None = None, **facts: Any) -> float | None:
+        """Record the step (seed k's noise moves the weights by ``-lr * grads[k] / len(seeds)``; None: skipped;
+        ``facts``: more of the step the record keeps) and update; return ``loss``, the step's. ``kept``: z already
+        made by the closure calls (see :meth:`_move`)."""
+        record = {"seeds": seeds, "grads": grads, "loss": loss, "lrs": [g["lr"] for g in self.param_groups], **facts}
         if self.update == "normalized":
             record["grads"], record["second_moment"] = self._normalized(grads)
         self._apply(record, kept)

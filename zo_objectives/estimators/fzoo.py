@@ -83,11 +83,7 @@ class FZOO(Estimator):
         weight written."""
         with torch.no_grad(), _Members(self, seeds):
             losses = closure()
-        losses = [float(v) for v in (losses.reshape(-1).tolist() if isinstance(losses, torch.Tensor) else losses)]
-        if len(losses) != len(seeds) + 1:
-            raise ValueError(f"the closure returned {len(losses)} losses for {len(seeds) + 1} members: it must "
-                             "return one loss per member, the unperturbed one first (PopulationObjective does)")
-        return losses
+        return self.member_losses(losses, len(seeds) + 1, ", the unperturbed one first")
 
     def step(self, closure: Callable[[], Any]) -> float:  # type: ignore[override]
         """Score the members, update; return l_0. A closure that raises leaves the weights bitwise as they were."""
@@ -114,10 +110,8 @@ class FZOO(Estimator):
                 grads.append(None)
             else:  # sigma 0: every loss the same, no signal: no move
                 grads.append((v - base) / (self.eps * sigma) if sigma > 0 else 0.0)
-        record = {"seeds": seeds, "grads": grads, "loss": base if math.isfinite(base) else None,
-                  "lrs": [g["lr"] for g in self.param_groups], "sigma": sigma if math.isfinite(sigma) else None,
-                  "losses": [v if math.isfinite(v) else None for v in perturbed]}
-        self._apply(record)
+        self.commit(seeds, grads, base if math.isfinite(base) else None, sigma=sigma if math.isfinite(sigma) else None,
+                    losses=[v if math.isfinite(v) else None for v in perturbed])
         return base
 
     def _move(self, moving: list[tuple[int, torch.Tensor, float, float]], terms: list[tuple[int, float]],

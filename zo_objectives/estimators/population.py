@@ -95,11 +95,7 @@ class Population(Estimator):
         """The closure's losses, one per member of the pairs ``seeds``, with no weight written."""
         with torch.no_grad(), Members(self, seeds):
             losses = closure()
-        losses = [float(v) for v in (losses.reshape(-1).tolist() if isinstance(losses, torch.Tensor) else losses)]
-        if len(losses) != 2 * len(seeds):
-            raise ValueError(f"the closure returned {len(losses)} losses for {2 * len(seeds)} members: it must "
-                             "return one loss per member (PopulationObjective does)")
-        return losses
+        return self.member_losses(losses, 2 * len(seeds))
 
     def step(self, closure: Callable[[], Any]) -> float:  # type: ignore[override]
         """Score the population, update; return the mean loss. A closure that raises leaves the weights as they were."""
