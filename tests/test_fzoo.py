@@ -368,3 +368,12 @@ def test_cli_refuses_another_estimators_setting(tmp_path, capsys):
 
     assert tune_main([*CLI, "--update", "normalized", "--output-dir", str(tmp_path / "x")]) == 2
     assert "--update is not a setting of --estimator fzoo; it takes: --n-perturbations" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_full_rank_population_before_loading(tmp_path, capsys):
+    from zo_objectives.cli import tune_main
+
+    assert tune_main([*CLI[:-4], "--population", "4", "--perturbation-rank", "0", "--output-dir",
+                      str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--perturbation-rank 0 (full rank) is FZOO's" in err[0] and "accepted 1" in err[0], err

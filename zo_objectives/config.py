@@ -307,6 +307,9 @@ class TuneConfig(CommonConfig):
         if self.population and self.estimator not in ("auto", "population"):
             raise UsageError(f"--population is the population estimator's; with --estimator {self.estimator} leave "
                              "it at 0")
+        if self.population and self.perturbation_rank == 0:
+            raise UsageError("--perturbation-rank 0 (full rank) is FZOO's; the population estimator's members are "
+                             "low-rank: accepted 1 or more")
         if self.population % 2:
             raise UsageError(f"--population must be even (antithetic pairs) or 0 (MeZO), got {self.population}")
         if self.population and (self.n_perturbations not in (None, 1) or self.momentum
