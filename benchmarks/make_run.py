@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ROOT, publish  # noqa: E402
+from _common import RESULTS, ROOT, publish  # noqa: E402
 
 COMMAND = ["-m", "zo_objectives.cli", "--task", "sst2", "--objective", "accuracy", "--steps", "400", "--overwrite",
            "--no-progress"]  # make run: zo-tune's defaults on SST-2 (Makefile), without the progress bars
@@ -41,7 +41,26 @@ def run(dtype: str, output: Path) -> list[str]:
     evals = json.loads((folder / "eval.json").read_text())
     hardware = config.get("hardware", {})
     return [dtype, config["dtype"], hardware.get("name", "-"), f"{wall / 60:.1f}", f"{evals['train_seconds'] / 60:.1f}",
-            f"{evals['before']:.4f}", f"{evals['after']:.4f}", f"{load_before:.2f}", f"{os.getloadavg()[0]:.2f}"]
+            f"{evals['before']:.4f}", f"{evals['after']:.4f}", f"{load_before:.2f}", f"{os.getloadavg()[0]:.2f}",
+            time.strftime("%Y-%m-%d")]
+
+
+def kept_rows(header: list[str], new: list[list[str]]) -> list[list[str]]:
+    """The stored rows of another dtype used (measured on another CPU: bf16 needs AVX512-BF16 to be worth
+    timing), so that one machine's run does not erase another's; rows stored before the date column get the
+    date of their result."""
+    path = RESULTS / "make_run.json"
+    if not path.exists():
+        return []
+    old = json.loads(path.read_text())
+    used = {row[1] for row in new}
+    rows = []
+    for row in old["rows"]:
+        row = dict(zip(old["columns"], row))
+        row.setdefault("measured on", old["environment"]["date"][:10])
+        if row["dtype used"] not in used:
+            rows.append([row[c] for c in header])
+    return rows
 
 
 def main(argv: list[str] | None = None) -> list[list[str]]:
@@ -52,12 +71,15 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     args = parser.parse_args(argv)
     table = [run(dtype, ROOT / args.output) for dtype in args.dtype]
     header = ["--dtype", "dtype used", "CPU", "wall minutes, all of make run", "tuning minutes", "dev accuracy before",
-              "dev accuracy after", "load average before", "load average after"]
+              "dev accuracy after", "load average before", "load average after", "measured on"]
+    table = kept_rows(header, table) + table
     title = ("make run's command (zo-tune --task sst2 --objective accuracy --steps 400: SmolLM2-135M-Instruct, "
              "all 872 dev sentences, batch 16, the default threads), once per dtype, model already cached.")
     notes = ("Wall minutes include loading the model and both evaluations; tuning minutes are zo-tune's own count "
              "(eval.json's train_seconds). A load average above about 0.5 before a run means another process "
-             "shared the CPU.")
+             "shared the CPU. Each row keeps the date it was measured on: a run replaces only the rows of the dtype it "
+             "used, so the bf16 row (a CPU with AVX512-BF16) and the fp32 row (a CPU without AVX512) sit side by "
+             "side; the environment below is the latest run's.")
     publish("make_run", "make run, timed", title, header, table, "cpu", args.write, notes=notes,
             params={"dtypes": args.dtype})
     return table

@@ -41,9 +41,12 @@ CELLS_DIR = RESULTS / "reward_comparison"
 SEEDS = (0, 1, 2)
 EPS = 1e-3  # MeZO's eps when a setting names none
 ES = ((3e-4, 1e-3), (1e-3, 1e-3), (3e-4, 1e-2), (1e-3, 1e-2))  # (lr, eps); normalized updates: lr is the step length
+# FZOO's step is lr / eps times a normalized estimate (its coefficients are (l_i - l_0) / (eps sigma)): lr x eps is
+# the step length of the ES grid's normalized updates, so its grid takes the same step lengths
+FZOO_ES = tuple((lr * eps, eps) for lr, eps in ES)
 # Each task's grids, one size for every tuned method of the task: (lr, eps) settings, eps None where it has none
 GRIDS = {
-    "arith": {"mezo_es": ES, "mezo_expected": ES, "population_es": ES,
+    "arith": {"mezo_es": ES, "mezo_expected": ES, "population_es": ES, "fzoo_es": FZOO_ES,
               "grpo": ((3e-6, None), (1e-5, None), (4e-5, None), (1e-4, None))},  # Adam
     "squad": {"mezo_es": ES[2:], "mezo_expected": ES[2:], "population_es": ES[2:],  # eps 1e-2: arith's choice
               "grpo": ((1e-5, None), (4e-5, None)),
@@ -51,7 +54,7 @@ GRIDS = {
 }
 # Also run at GRPO's tuning CPU time ("<method>_time"). SQuAD: the population form only (the example's default):
 # each such run takes GRPO's ~29 CPU min, three seeds per form, and the CPU budget held one form.
-TIMED = {"arith": ("mezo_es", "population_es"), "squad": ("population_es",)}
+TIMED = {"arith": ("mezo_es", "population_es", "fzoo_es"), "squad": ("population_es",)}
 TASKS = {  # reward, gold answers (for cross-entropy), held-out prompts
     "arith": {"reward": "answer_check", "gold": False},
     "squad": {"reward": "token_f1", "gold": True},
@@ -118,7 +121,7 @@ def best_of_n(model, tokenizer, scorer, examples, n: int, seed: int, tokens: int
 def tune_mezo(method: str, lr: float, eps: float, seed: int, args, model, tokenizer, greedy, train, reward) -> dict:
     """Tune with the budget of scored completions, or with ``args.budget_cpu_seconds``: steps until the tuning
     has used that much CPU time (one thread), a chunk of steps at a time."""
-    from zo_objectives import CrossEntropy, GenerationPredictor, MeZO, Population, RewardObjective
+    from zo_objectives import FZOO, CrossEntropy, GenerationPredictor, MeZO, Population, RewardObjective
     from zo_objectives import train as run_steps
 
     if method == "mezo_es":  # each perturbed model decodes its own completions, greedy
@@ -127,6 +130,9 @@ def tune_mezo(method: str, lr: float, eps: float, seed: int, args, model, tokeni
     elif method == "population_es":  # as mezo_es, the members' completions decoded in one batched generate
         batch = max(1, 2 * args.batch_size // args.population)
         objective, per_step, update = RewardObjective(greedy, [reward]), args.population * batch, "normalized"
+    elif method == "fzoo_es":  # N = --population one-sided members and the unperturbed model, one batched generate
+        batch = max(1, 2 * args.batch_size // args.population)
+        objective, per_step, update = RewardObjective(greedy, [reward]), (args.population + 1) * batch, "fzoo"
     elif method == "mezo_expected":
         sampler = GenerationPredictor(tokenizer, max_new_tokens=greedy.max_new_tokens, temperature=1.0,
                                       sample_seed=seed)
@@ -140,6 +146,8 @@ def tune_mezo(method: str, lr: float, eps: float, seed: int, args, model, tokeni
     if method == "population_es":
         optimizer = Population(params, lr=lr, eps=eps, seed=seed, update=update, population=args.population,
                                perturbation_rank=args.perturbation_rank)
+    elif method == "fzoo_es":
+        optimizer = FZOO(params, lr=lr, eps=eps, seed=seed, n_perturbations=args.population)
     else:
         optimizer = MeZO(params, lr=lr, eps=eps, seed=seed, update=update)
     history, cpu = [], time.process_time()
@@ -153,7 +161,7 @@ def tune_mezo(method: str, lr: float, eps: float, seed: int, args, model, tokeni
         history = run_steps(model, optimizer, objective, train, steps=steps, batch_size=batch, seed=seed,
                             progress=False)
     extra = {"population": args.population, "perturbation_rank": args.perturbation_rank} if isinstance(
-        optimizer, Population) else {}
+        optimizer, Population) else {"n_perturbations": args.population} if isinstance(optimizer, FZOO) else {}
     return {"steps": steps, "batch": batch, "update": update, "eps": eps, **extra,
             "train_reward_curve": quarters([r.get("train/reward", r.get("reward")) for r in history]),
             "scored_completions": 0 if method == "mezo_ce" else steps * per_step,
@@ -383,6 +391,8 @@ def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
              "mezo_es": "MeZO, evolution-strategy form (each perturbed model decodes greedily)",
              "population_es": "population, evolution-strategy form (all members decode greedily in one batched "
                               "generate)",
+             "fzoo_es": "FZOO, evolution-strategy form (N one-sided members and the unperturbed model decode greedily "
+                        "in one batched generate; the step divided by the rewards' spread)",
              "mezo_expected": "MeZO, expected reward over 4 sampled candidates", "grpo": "TRL GRPOTrainer",
              "mezo_ce": "MeZO, cross-entropy on the gold answers"}
     names.update({f"{m}_time": f"{names[m]}, at GRPO's tuning CPU time" for m in TIMED[task]})

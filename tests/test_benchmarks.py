@@ -376,6 +376,11 @@ def test_reward_comparison_cells_budget_and_choice_on_training_prompts(no_write,
     rc.main([*small, "--cell", "population_es:0.001:0", "--population", "4"])
     cells = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "cells").glob("*.json")}
     assert cells["best_of_4_0_0"]["scored_completions"] == 12  # 4 per held-out prompt
+    rc.main([*small, "--cell", "fzoo_es:1e-05:0:0.01", "--population", "4"])  # FZOO: 4 members and the unperturbed
+    fzoo = json.loads((tmp_path / "cells" / "fzoo_es_1e-05_0_0.01.json").read_text())
+    assert (fzoo["steps"], fzoo["batch"], fzoo["scored_completions"], fzoo["n_perturbations"]) == (3, 1, 15, 4)
+    assert rc.FZOO_ES[-1] == (1e-3 * 1e-2, 1e-2)  # the ES grid's step lengths: lr x eps
+    cells = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "cells").glob("*.json")}
     population = cells["population_es_0.001_0"]  # 4 members x 1 prompt per step: the same completions per step
     assert (population["steps"], population["batch"], population["scored_completions"]) == (4, 1, 16)
     assert population["population"] == 4 and population["tune_cpu_seconds"] > 0
@@ -527,3 +532,18 @@ def test_estimators_benchmark_reads_curves_at_equal_work():
     assert estimators.first_reaching(curve, 0.8) == (None, None)
     assert estimators.at_budget(curve, 250.0) == 0.72 and estimators.at_budget(curve, 50.0) == 0.5
     assert estimators.mean_sd([1.0, 3.0]) == "2.00 (sd 1.41)" and estimators.mean_sd([]) == "-"
+
+
+def test_make_run_keeps_the_rows_of_another_dtype(no_write, monkeypatch):
+    """A run on one CPU replaces the rows of the dtype it used and keeps the others (the bf16 row of a CPU with
+    AVX512-BF16 beside the fp32 row of one without), each with the date it was measured on."""
+    make_run = load("make_run")
+    results = no_write.parent / "results"
+    monkeypatch.setattr(make_run, "RESULTS", results)
+    header = ["--dtype", "dtype used", "CPU", "wall minutes, all of make run", "measured on"]
+    assert make_run.kept_rows(header, [["auto", "fp32", "B", "20.7", "2026-12-07"]]) == []  # nothing stored yet
+    results.mkdir()
+    (results / "make_run.json").write_text(json.dumps({"columns": header[:4], "rows": [
+        ["auto", "bf16", "A", "6.1"], ["auto", "fp32", "C", "30.0"]], "environment": {"date": "2026-12-02T04:12"}}))
+    assert make_run.kept_rows(header, [["auto", "fp32", "B", "20.7", "2026-12-07"]]) == [
+        ["auto", "bf16", "A", "6.1", "2026-12-02"]]

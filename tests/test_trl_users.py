@@ -169,6 +169,10 @@ def test_completions_sample_tensorboard_and_callbacks(tmp_path, capsys, monkeypa
     tags = set(events.Tags()["scalars"])
     assert {"loss", "train/reward", "rewards/token_f1", "eval/reward", "tied"} <= tags
     assert [e.value for e in events.Scalars("loss")] == pytest.approx([r["loss"] for r in rows(run)])
+    # --overwrite replaces the TensorBoard folder with the run's other files: no earlier curve drawn over the new one
+    tune(TuneConfig(**{**config.__dict__, "steps": 2, "eval_every": 0, "log_completions_every": 0}), overwrite=True)
+    events = EventAccumulator(str(run / "tb")).Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]
 
 
 def test_completions_log_drops_a_torn_line(tmp_path):
@@ -372,3 +376,26 @@ def test_report_to_tensorboard_without_the_package_is_one_line(tmp_path, capsys,
     assert tune_main([*BASE, "--report-to", "wandb", "--output-dir", str(run)]) == 2  # one line, as every flag
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--report-to" in err and "tensorboard" in err, err
+
+
+def test_zoconfig_takes_grpoconfig_names_and_refuses_unknown_ones(tmp_path):
+    """A GRPO script's settings without a meaning here (gradient accumulation, KL beta) are accepted and named
+    in one warning; bf16 / use_cpu / log_completions carry over; a misspelt name is refused in one line."""
+    from datasets import Dataset
+
+    from zo_objectives import ZOConfig, ZOTrainer
+
+    with pytest.warns(UserWarning, match="ignores beta, gradient_accumulation_steps"):
+        args = ZOConfig(output_dir=str(tmp_path / "r"), gradient_accumulation_steps=4, beta=0.04, bf16=True,
+                        use_cpu=True, log_completions=True, logging_steps=3, max_steps=1)
+    assert args.ignored == {"gradient_accumulation_steps": 4, "beta": 0.04}
+    dataset = Dataset.from_dict({"prompt": ["a", "b"]})
+    trainer = ZOTrainer(model="tiny-random", reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+                        args=args, train_dataset=dataset)
+    assert (trainer.config.dtype, trainer.config.device, trainer.config.log_completions_every) == ("bf16", "cpu", 3)
+    assert next(trainer.model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match=r"unknown setting lerning_rate \(did you mean learning_rate\?\)") as info:
+        ZOConfig(lerning_rate=1e-3)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="bf16 and fp16"):
+        ZOConfig(bf16=True, fp16=True)

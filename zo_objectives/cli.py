@@ -79,7 +79,6 @@ from zo_objectives.objectives import (
 from zo_objectives.plots import plot_run
 from zo_objectives.reporting import (
     SAMPLE,
-    TENSORBOARD,
     CompletionsLog,
     require_tensorboard,
     tensorboard_callback,
@@ -93,6 +92,7 @@ from zo_objectives.runfolder import (
     LOG,
     MANIFEST,
     RUN_FILES,
+    TENSORBOARD,
     WEIGHTS,
     check_run_weights,
     check_sealed,

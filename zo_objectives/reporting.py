@@ -20,7 +20,6 @@ from zo_objectives.objectives import reward_columns
 from zo_objectives.scoring import MESSAGES
 from zo_objectives.train import batch_indices
 
-TENSORBOARD = "tb"  # the run folder's TensorBoard log folder
 SAMPLE = 8  # prompts per sample of completions
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,6 +32,7 @@ CHECKPOINT, RECORDS = "trajectory.json", "trajectory.jsonl"
 WEIGHTS, MANIFEST, LOCK = "model.safetensors", "manifest.json", ".zo-lock"
 RUN_FILES = (CONFIG, EVAL, LOG, CURVE, CHECKPOINT, RECORDS, WEIGHTS, MANIFEST)  # what a run writes
 COMPLETIONS = "completions.jsonl"  # what a generation or reward run writes too: a sample of its completions
+TENSORBOARD = "tb"  # and, with --report-to tensorboard, its TensorBoard log folder
 
 
 def atomic_write(path: Path, write: Callable[[str], None], before_rename: Callable[[str], None] | None = None) -> None:
@@ -110,7 +112,8 @@ def lock(run_dir: Path) -> Iterator[None]:
 
 def _ours(name: str) -> bool:
     """A file a run writes, its lock, or a temporary left by one killed while writing."""
-    return name in (*RUN_FILES, COMPLETIONS) or name == LOCK or any(name.startswith(f".{f}.") for f in RUN_FILES)
+    return (name in (*RUN_FILES, COMPLETIONS, TENSORBOARD) or name == LOCK
+            or any(name.startswith(f".{f}.") for f in RUN_FILES))
 
 
 def left_before_first_checkpoint(run_dir: Path) -> bool:
@@ -141,12 +144,15 @@ def holds_files(run_dir: Path) -> bool:
 
 
 def clean(run_dir: Path, everything: bool = False) -> list[str]:
-    """Remove the temporaries killed runs left (and with ``everything``, every file a run writes); return the
-    names removed."""
+    """Remove the temporaries killed runs left (and with ``everything``, every file a run writes and its
+    TensorBoard folder: an earlier run's curves would be drawn over the new one's); return the names removed."""
     removed = []
     for p in Path(run_dir).iterdir():
         if p.name != LOCK and _ours(p.name) and (everything or p.name.startswith(".")) and p.is_file():
             p.unlink()
+            removed.append(p.name)
+        elif everything and p.name == TENSORBOARD and p.is_dir():
+            shutil.rmtree(p)
             removed.append(p.name)
     return sorted(removed)
 

@@ -24,6 +24,7 @@ import json
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,8 +76,18 @@ class ZOConfig:
     device: str | None = None
     overwrite_output_dir: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # any other zo-tune setting (TuneConfig's names)
+    # GRPOConfig's (TrainingArguments') names with a meaning here
+    bf16: bool = False  # tune in bfloat16 (default: the dtype "auto" picks)
+    fp16: bool = False
+    use_cpu: bool = False
+    log_completions: bool = False  # completions.jsonl every logging_steps (it always holds each evaluation's)
+    # any other GRPOConfig / TrainingArguments name given: accepted so that a GRPO script runs unchanged, and
+    # ignored with one warning naming it (gradient accumulation, schedulers, KL beta: no meaning here)
+    ignored: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are both set; accepted: one of them, or neither (the dtype 'auto' picks)")
         if self.eval_strategy not in EVAL_STRATEGIES:
             raise ValueError(f"unknown eval_strategy {self.eval_strategy!r}; accepted: {', '.join(EVAL_STRATEGIES)}")
         reports = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to)
@@ -84,6 +95,55 @@ class ZOConfig:
         if unknown:
             raise ValueError(f"unknown report_to {unknown}; accepted: none, tensorboard (or pass callbacks=[fn] to "
                              "ZOTrainer: each logged row reaches fn)")
+
+
+# GRPOConfig's own settings in a GRPO script (TRL 0.2x), for when TRL is not installed: TrainingArguments holds the rest
+GRPO_ONLY = ("beta", "epsilon", "epsilon_high", "num_iterations", "loss_type", "scale_rewards", "max_prompt_length",
+             "top_k", "min_p", "repetition_penalty", "generation_batch_size", "steps_per_generation", "use_vllm",
+             "vllm_mode", "vllm_gpu_memory_utilization", "mask_truncated_completions", "sync_ref_model",
+             "ref_model_sync_steps", "ref_model_mixup_alpha", "num_completions_to_print", "model_init_kwargs",
+             "remove_unused_columns", "shuffle_dataset", "generation_kwargs", "importance_sampling_level")
+
+
+def _grpo_names() -> set[str]:
+    """The setting names of TRL's GRPOConfig (TrainingArguments' and GRPO_ONLY where TRL is not installed)."""
+    import dataclasses
+
+    try:
+        from trl import GRPOConfig
+    except ImportError:
+        from transformers import TrainingArguments
+
+        return {f.name for f in dataclasses.fields(TrainingArguments)} | set(GRPO_ONLY)
+    return {f.name for f in dataclasses.fields(GRPOConfig)}
+
+
+_fields_init = ZOConfig.__init__
+
+
+def _init(self: ZOConfig, **settings: Any) -> None:
+    """ZOConfig's own fields as a dataclass takes them; a GRPOConfig name without a meaning here is kept in
+    ``ignored`` (warned once); any other name is refused in one line."""
+    own = {f for f in ZOConfig.__dataclass_fields__}
+    foreign = {k: settings.pop(k) for k in [k for k in settings if k not in own]}
+    if foreign:
+        grpo = _grpo_names()
+        unknown = sorted(k for k in foreign if k not in grpo)
+        if unknown:
+            import difflib
+
+            hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, own | grpo, 1)) else k
+                     for k in unknown]
+            raise TypeError(f"ZOConfig: unknown setting {', '.join(hints)}; accepted: ZOConfig's fields, "
+                            "GRPOConfig's names (ignored where they have no meaning here), or extra={...} "
+                            "for zo-tune's own settings")
+        warnings.warn(f"ZOConfig ignores {', '.join(sorted(foreign))}: GRPOConfig settings with no meaning for "
+                      "zeroth-order tuning", stacklevel=2)
+    _fields_init(self, **settings)
+    self.ignored = {**self.ignored, **foreign}
+
+
+ZOConfig.__init__ = _init  # type: ignore[method-assign]
 
 
 class TrainOutput(NamedTuple):
@@ -176,9 +236,12 @@ class ZOTrainer:
         funcs = [reward_funcs] if callable(reward_funcs) else list(reward_funcs or [])
         if any(not callable(fn) for fn in funcs):
             raise ValueError("reward_funcs must be functions (reward models by name are not supported)")
+        a = self.args
+        dtype = "bf16" if a.bf16 else "fp16" if a.fp16 else "auto"
+        device = "cpu" if a.use_cpu else a.device
         if isinstance(model, str):
             name = model
-            model, tokenizer = load_model(name, dtype=pick_dtype("auto", pick_device(self.args.device)))
+            model, tokenizer = load_model(name, dtype=pick_dtype(dtype, pick_device(device)))
             processing_class = processing_class or tokenizer
         else:
             name = getattr(model, "name_or_path", None) or type(model).__name__
@@ -189,7 +252,6 @@ class ZOTrainer:
         self.model, self.processing_class = model, processing_class
         self.state = TrainerState()
         self.callbacks = list(callbacks or [])
-        a = self.args
         n_train = len(train_dataset)
         per_epoch = max(1, math.ceil(n_train / a.per_device_train_batch_size))
         steps = a.max_steps if a.max_steps > 0 else max(1, math.ceil(a.num_train_epochs * per_epoch))
@@ -205,9 +267,11 @@ class ZOTrainer:
             steps=steps, batch_size=min(a.per_device_train_batch_size, n_train), lr=a.learning_rate, eps=a.eps,
             population=a.num_generations, sample_temperature=a.temperature, top_p=a.top_p,
             max_new_tokens=a.max_completion_length, stop=list(a.stop), eval_every=eval_every,
-            eval_before=a.eval_strategy != "no", log_completions_every=a.log_completions_every,
+            eval_before=a.eval_strategy != "no",
             report_to=[r for r in ([a.report_to] if isinstance(a.report_to, str) else a.report_to) if r != "none"],
-            seed=a.seed, train_size=n_train, device=a.device, output_dir=a.output_dir, **objective, **a.extra)
+            seed=a.seed, train_size=n_train, device=device, output_dir=a.output_dir, dtype=dtype,
+            log_completions_every=a.log_completions_every or (a.logging_steps if a.log_completions else 0),
+            **objective, **a.extra)
 
     def _log(self, row: dict) -> None:
         self.state.global_step = row["step"]
