@@ -4,6 +4,7 @@ and points along the gradient; it trains from the library, objectives and reward
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 
@@ -327,7 +328,6 @@ CLI = ["--model", "tiny-random", "--task", "sst2", "--train-size", "32", "--batc
 def test_cli_fzoo_killed_then_resumed_is_bitwise_with_a_row_per_step(tmp_path):
     """zo-tune --estimator fzoo: SIGKILL mid-run, --resume to a later step: the weights of a straight run, one
     metrics row per step; config.json names the estimator and its resolved defaults."""
-    import json
     import signal
     import subprocess
     import sys
@@ -360,7 +360,28 @@ def test_cli_fzoo_killed_then_resumed_is_bitwise_with_a_row_per_step(tmp_path):
     config = json.loads((straight / "config.json").read_text())
     assert (config["estimator"], config["n_perturbations"], config["perturbation_rank"], config["noise"]) == (
         "fzoo", 4, 0, "signs")
-    assert config["lr"] == FZOO.__init__.__kwdefaults__["lr"]
+    assert config["lr"] == FZOO.step_length * config["eps"]  # the measured step length, whatever the eps
+
+
+def test_default_lr_keeps_the_step_length_for_any_eps(tmp_path):
+    """FZOO's step is lr / eps times a normalized estimate: its default lr follows eps (bf16's 3e-3, a greedy
+    reward's 1e-2), in the class, in the library's default_lr and in zo-tune alike."""
+    from zo_objectives.cli import tune_main
+    from zo_objectives.config import GREEDY_REWARD_EPS, default_lr
+
+    weight = torch.nn.Parameter(torch.zeros(3))
+    assert FZOO([weight]).defaults["lr"] == pytest.approx(2e-6)
+    assert FZOO([weight], eps=3e-3).defaults["lr"] == pytest.approx(6e-6)
+    assert FZOO([weight], lr=1e-4, eps=3e-3).defaults["lr"] == 1e-4  # an lr given is kept
+    assert default_lr(None, estimator="fzoo", eps=3e-3) == pytest.approx(6e-6)
+    assert tune_main([*CLI, "--steps", "1", "--dtype", "bf16", "--output-dir", str(tmp_path / "bf16")]) == 0
+    config = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert (config["eps"], config["lr"]) == (3e-3, pytest.approx(6e-6))
+    assert tune_main(["--model", "tiny-random", "--task", "arith", "--estimator", "fzoo", "--n-perturbations", "2",
+                      "--batch-size", "2", "--eval-size", "2", "--steps", "1", "--max-new-tokens", "2",
+                      "--no-progress", "--output-dir", str(tmp_path / "reward")]) == 0
+    config = json.loads((tmp_path / "reward" / "config.json").read_text())  # greedy reward: the ES eps
+    assert (config["eps"], config["lr"]) == (GREEDY_REWARD_EPS, pytest.approx(2e-3 * GREEDY_REWARD_EPS))
 
 
 def test_cli_refuses_another_estimators_setting(tmp_path, capsys):

@@ -337,7 +337,7 @@ def prepare(config: TuneConfig, task: Task, device: torch.device, loaded: tuple 
         raise UsageError(f"--smoothing applies to metric objectives, not to {config.objective}")
     smoothing = objective.smoothing if metric_objective else None
     form = objective.form if metric_objective and smoothing else None
-    if config.update != "sgd" or config.fitness_shaping == "rank":
+    if config.update != "sgd" or config.fitness_shaping == "rank" or get_estimator(config.estimator).step_length:
         kind = "scale-free"
     else:  # a hard metric or rewards: the scale of the mean form
         kind = "cross_entropy" if config.objective == CROSS_ENTROPY else form or "mean"
@@ -345,7 +345,8 @@ def prepare(config: TuneConfig, task: Task, device: torch.device, loaded: tuple 
     greedy = not (config.reward_candidates or config.sample_temperature)
     greedy_reward = config.reward and greedy and kind == "scale-free"
     eps = config.eps or (GREEDY_REWARD_EPS if greedy_reward else DEFAULT_EPS[config.dtype])
-    lr = config.lr or default_lr(objective, config.update, config.fitness_shaping, config.population, config.estimator)
+    lr = config.lr or default_lr(objective, config.update, config.fitness_shaping, config.population, config.estimator,
+                                 eps)
     config = replace(config, lr=lr, eps=eps, smoothing=smoothing)
     metrics = evaluation_metrics(config, task)
     for metric in metrics:  # a metric that cannot score these predictions fails now, not at the first evaluation

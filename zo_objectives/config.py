@@ -83,16 +83,16 @@ FREE, FIXED = "free", "fixed"
 
 
 def default_lr(objective: Any, update: str = "sgd", fitness_shaping: str = "none", population: int = 0,
-               estimator: str = "mezo") -> float:
+               estimator: str = "mezo", eps: float | None = None) -> float:
     """The lr zo-tune takes for ``objective`` (an Objective: ``make_objective``'s, ``RewardObjective``) under this
     estimator, so that a library run and a CLI run of the same objective start from the same lr: the measured
     reward setting (OBJECTIVE_DEFAULTS, greedy completions) when the estimator is its own; else by the scale of the
     loss (DEFAULT_LR): scale-free updates, cross-entropy, a smoothed metric's form, or the mean form (a hard
-    metric, rewards). An estimator whose step length is its own (``scale_free``: FZOO divides by the losses'
-    spread) takes its class's lr."""
+    metric, rewards). An estimator whose step length is its own (``step_length``: FZOO divides by the losses'
+    spread) takes ``step_length x eps`` (``eps``: default its class's)."""
     cls = get_estimator(estimator)
-    if cls.scale_free:
-        return inspect.signature(cls.__init__).parameters["lr"].default
+    if cls.step_length:
+        return cls.step_length * (eps or inspect.signature(cls.__init__).parameters["eps"].default)
     bundle = OBJECTIVE_DEFAULTS.get(REWARD, {}) if isinstance(objective, RewardObjective) else {}
     greedy = not getattr(getattr(objective, "generator", None), "temperature", 0)
     if bundle and greedy and (population, update) == (bundle.get("population"), bundle.get("update")):
@@ -230,10 +230,12 @@ class TuneConfig(CommonConfig):
                                  f"estimator; {DEFAULT_LR['cross_entropy']} for cross-entropy and metric objectives "
                                  f"in log form, {DEFAULT_LR['mean']} in mean form, as the hard metric or for --reward "
                                  f"under sgd, {DEFAULT_LR['scale-free']} with --update sign or normalized or "
-                                 "--fitness-shaping rank (config.default_lr); --estimator fzoo: its own", above=0)
+                                 "--fitness-shaping rank (config.default_lr); --estimator fzoo: 2e-3 x eps (its step "
+                                 "is lr / eps along the normalized estimate)", above=0)
     eps: float | None = arg(None, f"perturbation scale (default {DEFAULT_EPS['fp32']}, {DEFAULT_EPS['bf16']} in bf16, "
                                   f"whose rounding swamps smaller loss differences; {GREEDY_REWARD_EPS} for --reward "
-                                  "on greedy completions with --update normalized or sign)", above=0, resume=FIXED)
+                                  "on greedy completions with --update normalized or sign, or --estimator fzoo)",
+                            above=0, resume=FIXED)
     estimator: str = arg("auto", "how each step estimates the gradient: a registered estimator (mezo, population, "
                                  "fzoo, or one a --plugin registers; docs/estimators.md); auto: population with "
                                  "--population N (and for --reward), else mezo", resume=FIXED)

@@ -123,7 +123,9 @@ class Estimator(Optimizer):
     settings: ClassVar[tuple[str, ...]] = ("eps", "seed", "update", "fitness_shaping")
     members: int | None = None  # set when the closure must return one loss per member (a batched population)
     difference = "central"  # how a pair of losses makes an estimate (MeZO may score x and x + eps z instead)
-    scale_free: ClassVar[bool] = False  # the step's length does not follow the loss's scale (its own lr default)
+    # an estimator whose step is lr / eps times a normalized estimate (its length does not follow the loss's scale):
+    # its default lr is step_length x eps, so that another eps (bf16's) keeps the measured step
+    step_length: ClassVar[float | None] = None
 
     def __init__(self, params: Iterable, *, lr: float = 1e-5, eps: float = 1e-3, weight_decay: float = 0.0,
                  seed: int = 0, noise: str = "table", table_size: int | None = None, chunk_size: int | None = None,

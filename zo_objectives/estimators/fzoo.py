@@ -45,9 +45,9 @@ class FZOO(Estimator):
     must be in ``eval()``. Returns l_0, the loss at the weights before the step.
 
     Args:
-        lr: learning rate; the expected move along -grad/|grad| is about lr/eps per step (2e-6: MeZO's expected
-            progress per forward row on SST-2's training batches, times 3; docs/estimators.md). eps: perturbation
-            scale.
+        lr: learning rate; the expected move along -grad/|grad| is about lr/eps per step. Default
+            ``step_length * eps`` (2e-6 at eps 1e-3: MeZO's expected progress per forward row on SST-2's training
+            batches, times 3; docs/estimators.md), so that another eps keeps the step. eps: perturbation scale.
         n_perturbations: N, the one-sided perturbations per step (>= 2: sigma needs two losses).
         perturbation_rank: 0 (full-rank members, as published) or r > 0: low-rank members (eps A B^T / sqrt(r) per
             matrix, the population's factors).
@@ -57,7 +57,7 @@ class FZOO(Estimator):
             four times slower on a CPU); "rademacher", "table" or "gaussian".
     """
 
-    def __init__(self, params: Iterable, *, lr: float = 2e-6, eps: float = 1e-3, n_perturbations: int = 8,
+    def __init__(self, params: Iterable, *, lr: float | None = None, eps: float = 1e-3, n_perturbations: int = 8,
                  perturbation_rank: int = 0, weight_decay: float = 0.0, seed: int = 0, noise: str = "signs",
                  table_size: int | None = None, chunk_size: int | None = None, on_nonfinite: str = "raise"):
         if not (isinstance(n_perturbations, int) and not isinstance(n_perturbations, bool) and n_perturbations >= 2):
@@ -67,13 +67,14 @@ class FZOO(Estimator):
             raise ValueError(f"perturbation_rank must be an int >= 0 (0: full rank), got {perturbation_rank!r}")
         if distributed.world_size() > 1:
             raise ValueError("FZOO runs in one process; under torchrun use the population estimator")
+        lr = self.step_length * eps if lr is None else lr
         super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, noise=noise,
                          table_size=table_size, chunk_size=chunk_size, on_nonfinite=on_nonfinite)
         self.n_perturbations, self.perturbation_rank = n_perturbations, perturbation_rank
         self.members = n_perturbations + 1
 
     settings = ("eps", "n_perturbations", "perturbation_rank", "seed")
-    scale_free = True  # the step is divided by the losses' spread
+    step_length = 2e-3  # the default lr / eps (the step is divided by the losses' spread)
     # the low-rank factors and their move: the population's, for perturbation_rank > 0
     factor_shape = Population.factor_shape
     factors = Population.factors
