@@ -19,6 +19,8 @@ completions.jsonl, eval.json and the checkpoint, and ``train(resume_from_checkpo
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import json
 import math
@@ -107,8 +109,6 @@ GRPO_ONLY = ("beta", "epsilon", "epsilon_high", "num_iterations", "loss_type", "
 
 def _grpo_names() -> set[str]:
     """The setting names of TRL's GRPOConfig (TrainingArguments' and GRPO_ONLY where TRL is not installed)."""
-    import dataclasses
-
     try:
         from trl import GRPOConfig
     except ImportError:
@@ -118,20 +118,19 @@ def _grpo_names() -> set[str]:
     return {f.name for f in dataclasses.fields(GRPOConfig)}
 
 
-_fields_init = ZOConfig.__init__
+_fields_init = ZOConfig.__init__  # the dataclass's own
 
 
-def _init(self: ZOConfig, **settings: Any) -> None:
+def _init(self: ZOConfig, *args: Any, **settings: Any) -> None:
     """ZOConfig's own fields as a dataclass takes them; a GRPOConfig name without a meaning here is kept in
-    ``ignored`` (warned once); any other name is refused in one line."""
+    ``ignored`` (warned once); any other name is refused in one line. (A dataclass refuses every unknown
+    keyword, so its generated __init__ is wrapped: a GRPO script's config must construct unchanged.)"""
     own = {f for f in ZOConfig.__dataclass_fields__}
     foreign = {k: settings.pop(k) for k in [k for k in settings if k not in own]}
     if foreign:
         grpo = _grpo_names()
         unknown = sorted(k for k in foreign if k not in grpo)
         if unknown:
-            import difflib
-
             hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, own | grpo, 1)) else k
                      for k in unknown]
             raise TypeError(f"ZOConfig: unknown setting {', '.join(hints)}; accepted: ZOConfig's fields, "
@@ -139,7 +138,7 @@ def _init(self: ZOConfig, **settings: Any) -> None:
                             "for zo-tune's own settings")
         warnings.warn(f"ZOConfig ignores {', '.join(sorted(foreign))}: GRPOConfig settings with no meaning for "
                       "zeroth-order tuning", stacklevel=2)
-    _fields_init(self, **settings)
+    _fields_init(self, *args, **settings)
     self.ignored = {**self.ignored, **foreign}
 
 
