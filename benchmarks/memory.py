@@ -43,6 +43,7 @@ CONFIGS = {
     "mezo-frozen-embeddings": "our MeZO, input embedding and LM head frozen (diagnostic)",
     "mezo-lora": "our MeZO on LoRA r=8 (q, v) only",
     "population": "a population step: one antithetic pair, each member on half the batch, rank 1",
+    "fzoo": "an FZOO step: the unperturbed model and 3 one-sided members, each on a quarter of the batch",
     "reference": "reference MeZO step",
     "adamw": "backprop + AdamW (train mode, full-logits cross-entropy)",
     "lora": "backprop + AdamW on LoRA r=8 (q, v) only, as adamw (the MeZO paper's LoRA setting)",
@@ -117,6 +118,15 @@ def run_steps(name: str, model: torch.nn.Module, batch: dict, steps: int) -> Non
             opt.step(lambda: torch.nn.functional.cross_entropy(
                 forward(model, batch, keep=1)[:, -1, batch["label_ids"]].float(), labels, reduction="none")
                 .view(2, -1).mean(1))
+    elif name == "fzoo":  # the same rows as inference: 4 members (the unperturbed one first), a quarter each
+        from zo_objectives.estimators import FZOO
+
+        opt = FZOO(params, eps=1e-3, n_perturbations=3)
+        labels = batch["labels"]
+        for _ in range(steps):
+            opt.step(lambda: torch.nn.functional.cross_entropy(
+                forward(model, batch, keep=1)[:, -1, batch["label_ids"]].float(), labels, reduction="none")
+                .view(4, -1).mean(1).tolist())
     elif name == "reference":
         for seed in range(steps):
             reference_step(model, closure, lr=1e-6, eps=1e-3, seed=seed)
