@@ -80,6 +80,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", nargs="*", help="with --run: only these methods")
     p.add_argument("--write", action="store_true", help="store the table in BENCHMARKS.md and its JSON")
     p.add_argument("--out", default=None, help="cells folder (default benchmarks/results/reward_comparison/<task>)")
+    p.add_argument("--name", default=None, help="the result's name, reward_comparison_<name> (default: the task; "
+                                                "another for cells of another --out, e.g. another CPU's)")
     return p.parse_args(argv)
 
 
@@ -463,6 +465,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.run:
         run_all(args, folder, argv)
     header, rows, data = table(folder, args.task)
+    root = RESULTS.parent.parent
+    cells_rel = str(folder.resolve().relative_to(root)) if folder.resolve().is_relative_to(root) else str(folder)
+    out_flag = f" --out {cells_rel}" if args.out else ""
     notes = ("Held-out figures are the weighted reward of greedy completions on the task's first "
              f"{args.held_out} dev prompts; spreads are the standard deviation over seeds 0-2 (the untuned greedy row "
              "is deterministic). Each tuned method's setting (lr; eps for MeZO's forms) was chosen over a grid of "
@@ -479,17 +484,19 @@ def main(argv: list[str] | None = None) -> None:
              "machine ran other jobs beside every cell; on this task for "
              f"{' and '.join(TIMED[args.task])}, each run taking GRPO's CPU time)" +
              ("" if any(m.endswith("_time") for m in data) else "; not run on this task within the CPU budget") +
-             ". Rows marked 'not chosen' are other settings of the grid run with several seeds. The population "
+             ". FZOO's grid takes the ES grid's step lengths (its lr is the ES lr x eps: its step is lr / eps "
+             "along a normalized estimate); its N members and the unperturbed model score 2 x batch / N prompts "
+             "each per step. Rows marked 'not chosen' are other settings of the grid run with several seeds. The population "
              "row: N members at rank r score 2 x batch / N prompts each per step, the members' completions decoded "
              "in one batched generate. The cells ran as "
-             f"`python benchmarks/reward_comparison.py --task {args.task} --run` (resumable: one JSON per cell under "
-             f"benchmarks/results/reward_comparison/{args.task}/, seed 0 grid cells included); rows with fewer runs "
+             f"`python benchmarks/reward_comparison.py --task {args.task}{out_flag} --run` (resumable: one JSON per "
+             f"cell under {cells_rel}/, seed 0 grid cells included); rows with fewer runs "
              "or grid points than the others stopped for time.")
-    publish(f"reward_comparison_{args.task}", f"Reward comparison ({args.task})",
+    name = args.name or args.task
+    publish(f"reward_comparison_{name}", f"Reward comparison ({name})",
             f"{args.model} on {args.task}, reward {TASKS[args.task]['reward']}, {args.completions} scored completions "
             "per tuned run.", header, rows, "cpu", args.write, notes=notes,
-            params={"task": args.task, "cells": str(folder.relative_to(RESULTS.parent.parent)) if folder.is_relative_to(
-                RESULTS.parent.parent) else str(folder), "data": data, "completions": args.completions,
+            params={"task": args.task, "cells": cells_rel, "data": data, "completions": args.completions,
                     "held_out": args.held_out})
 
 
