@@ -487,8 +487,8 @@ def main(argv: list[str] | None = None) -> None:
              ". FZOO's grid takes the ES grid's step lengths (its lr is the ES lr x eps: its step is lr / eps "
              "along a normalized estimate); its N members and the unperturbed model score 2 x batch / N prompts "
              "each per step. Rows marked 'not chosen' are other settings of the grid run with several seeds. The "
-             "population row: N members at rank r score 2 x batch / N prompts each per step, the members' completions decoded "
-             "in one batched generate. The cells ran as "
+             "population row: N members at rank r score 2 x batch / N prompts each per step, the members' "
+             "completions decoded in one batched generate. The cells ran as "
              f"`python benchmarks/reward_comparison.py --task {args.task}{out_flag} --run` (resumable: one JSON per "
              f"cell under {cells_rel}/, seed 0 grid cells included); rows with fewer runs "
              "or grid points than the others stopped for time.")
