@@ -56,8 +56,10 @@ ROWS: list[tuple[str, str, list[tuple[str, dict[str, str], str]]]] = [
                                             "configuration": "MeZO table (default)"}, "step / (2 x forward)"),
       ("step_speed_random-1.1b_bf16_cuda", {"noise chunks": "GPU default (2^24)",
                                             "configuration": "reference MeZO"}, "step / (2 x forward)")]),
-    ("Peak memory / inference's, SmolLM2-135M, fp32, 16 x 64", "MeZO / reference MeZO / backprop + AdamW",
+    ("Peak memory / inference's, SmolLM2-135M, fp32, 16 x 64", "MeZO / FZOO (4 members x 4 rows) / reference MeZO / "
+     "backprop + AdamW",
      [("memory", {"config": "mezo"}, "peak / inference peak"),
+      ("memory", {"config": "fzoo"}, "peak / inference peak"),
       ("memory", {"config": "reference"}, "peak / inference peak"),
       ("memory", {"config": "adamw"}, "peak / inference peak")]),
     ("Peak memory / inference's, 1.1B Llama shape, bf16, 2 x 32", "MeZO / backprop + LoRA / backprop + AdamW",
@@ -80,10 +82,6 @@ ROWS: list[tuple[str, str, list[tuple[str, dict[str, str], str]]]] = [
          "untuned, greedy", "MeZO, evolution-strategy form (each perturbed model decodes greedily)", POPULATION,
          POPULATION + ", at GRPO's tuning CPU time", "MeZO, cross-entropy on the gold answers", "TRL GRPOTrainer",
          "best of 16 samples (oracle: picked by the reward)")]),
-    ("SST-2 accuracy at 1/3 of make run's CPU time", "MeZO / population 16 x 2 / 4 x 8",
-     [("population_time", {"run": run}, "dev accuracy at 1/3 of MeZO's time") for run in (
-         "MeZO (make run)", "population N = 16, r = 1, batch 2, lr 8e-5",
-         "population N = 4, r = 4, batch 8, lr 2e-5")]),
     ("SST-2, the `make run` protocol in fp32 (AMD EPYC), seed 0: dev accuracy at MeZO's 400-step CPU time; forward "
      "rows to MeZO's final accuracy, x MeZO's", "MeZO / FZOO (N 8, lr 2e-6) / population 4 x 8, rank 4",
      [("estimators", {"row": row}, column) for column in ("dev accuracy at MeZO's CPU time",
