@@ -67,7 +67,8 @@ class FZOO(Estimator):
             raise ValueError(f"perturbation_rank must be an int >= 0 (0: full rank), got {perturbation_rank!r}")
         if distributed.world_size() > 1:
             raise ValueError("FZOO runs in one process; under torchrun use the population estimator")
-        lr = self.step_length * eps if lr is None else lr
+        if lr is None:  # (an eps that is not a positive number is refused by Estimator, naming eps)
+            lr = self.step_length * eps if isinstance(eps, (int, float)) and eps > 0 else 0.0
         super().__init__(params, lr=lr, eps=eps, weight_decay=weight_decay, seed=seed, noise=noise,
                          table_size=table_size, chunk_size=chunk_size, on_nonfinite=on_nonfinite)
         self.n_perturbations, self.perturbation_rank = n_perturbations, perturbation_rank
