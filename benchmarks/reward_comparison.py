@@ -405,6 +405,10 @@ def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
             first = mine[0]
             label = label.replace("population,", f"population of {first['population']} (rank "
                                                  f"{first['perturbation_rank']}; {first['batch']} prompts per step),")
+        if "n_perturbations" in mine[0]:
+            first = mine[0]
+            label = label.replace("(N one-sided members", f"({first['n_perturbations']} one-sided members, "
+                                                          f"{first['batch']} prompts per step,")
         afters = [c["after"] for c in mine]
         return [label, f"{before[0]:.3f}" if before and setting_cell != "-" else "-",
                 f"{afters[0]:.3f} (greedy: deterministic)" if method == "greedy" else spread(afters), setting_cell,
