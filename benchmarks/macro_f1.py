@@ -39,21 +39,19 @@ METRICS = ["macro_f1", "accuracy"]  # held-out, the headline first
 
 
 def run_one(args: argparse.Namespace, objective: str, seed: int) -> dict:
-    """One run's eval.json (tuned now, or read back from a finished run folder) with its minutes and the training
+    """One run's eval.json (tuned now, or read back from a finished run folder) with its lr and the training
     objective's mean over the first and the last quarter of its steps (``train_quarters``)."""
     folder = Path(args.output) / args.task / f"{objective}-{args.steps}steps-s{seed}"
     done = folder / "eval.json"
-    if done.exists() and json.loads(done.read_text()).get("after") is not None:
-        return {**json.loads(done.read_text()), "train_quarters": train_quarters(folder, objective),
-                "lr": json.loads((folder / "config.json").read_text())["lr"]}
-    config = TuneConfig(model=args.model, task=args.task, objective=objective, seed=seed, steps=args.steps,
-                        batch_size=args.batch_size, heldout_fraction=args.heldout_fraction, metrics=METRICS,
-                        eval_every=0, output_dir=str(folder), progress=False, dtype=args.dtype)
-    began = time.time()
-    summary = tune(config, overwrite=True)
-    print(f"{objective} seed {seed}: held-out macro-F1 {summary['before']:.4f} -> {summary['after']:.4f} "
-          f"({(time.time() - began) / 60:.1f} min)", flush=True)
-    return {**summary, "train_quarters": train_quarters(folder, objective),
+    if not (done.exists() and json.loads(done.read_text()).get("after") is not None):
+        config = TuneConfig(model=args.model, task=args.task, objective=objective, seed=seed, steps=args.steps,
+                            batch_size=args.batch_size, heldout_fraction=args.heldout_fraction, metrics=METRICS,
+                            eval_every=0, output_dir=str(folder), progress=False, dtype=args.dtype)
+        began = time.time()
+        summary = tune(config, overwrite=True)
+        print(f"{objective} seed {seed}: held-out macro-F1 {summary['before']:.4f} -> {summary['after']:.4f} "
+              f"({(time.time() - began) / 60:.1f} min)", flush=True)
+    return {**json.loads(done.read_text()), "train_quarters": train_quarters(folder, objective),
             "lr": json.loads((folder / "config.json").read_text())["lr"]}
 
 
