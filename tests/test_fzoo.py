@@ -398,3 +398,11 @@ def test_cli_refuses_a_full_rank_population_before_loading(tmp_path, capsys):
                       str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--perturbation-rank 0 (full rank) is FZOO's" in err[0] and "accepted 1" in err[0], err
+
+
+def test_a_bad_eps_with_the_default_lr_is_refused_naming_eps():
+    """The default lr is made from eps: a bad eps must be named, not the lr it would have made."""
+    weight = torch.nn.Parameter(torch.zeros(3))
+    for eps, message in ((-1e-3, "eps must be > 0"), (0, "eps must be > 0"), ("x", "eps must be a finite number")):
+        with pytest.raises(ValueError, match=message):
+            FZOO([weight], eps=eps)
