@@ -47,15 +47,20 @@ ROWS = {
     # the population setting that reached MeZO's accuracy in 0.37 x its CPU time on the Xeon (BENCHMARKS.md
     # "Population quality per time"): 4 members of rank 4 on batches of 8, 32 rows a step as MeZO's
     "population": ["--estimator", "population", "--population", "4", "--perturbation-rank", "4", "--batch-size", "8"],
+    # one antithetic pair of rank-1 members per example: MeZO's 2 x 16 rows a step, 16 directions
+    "grzo": ["--estimator", "grzo"],
 }
-ROWS_PER_STEP = {"mezo": 2 * BATCH, "fzoo": 9 * BATCH, "fzoo-lr2e-6": 9 * BATCH, "population": 4 * 8}
+ROWS_PER_STEP = {"mezo": 2 * BATCH, "fzoo": 9 * BATCH, "fzoo-lr2e-6": 9 * BATCH, "population": 4 * 8, "grzo": 2 * BATCH}
 # MeZO: the make run lr. FZOO: a first placeholder (1e-7; no published lr was found), and the lr that
 # matches MeZO's expected progress per forward row, from training statistics: FZOO moves lr / eps along the
 # gradient per step; MeZO lr_mezo * |grad| (|grad| ~ 15.5, the spread of MeZO's projected gradients on the
 # training batches of mezo/0), 4.5 MeZO steps per FZOO step of rows: 1e-3 * 1e-5 * 15.5 * 4.5 = 7e-7, times about
 # 3 for the lower variance of 8 averaged directions: 2e-6 (now FZOO's default). No dev row chose an lr (--grid
 # was not run)
-LRS = {"mezo": 1e-5, "fzoo": 1e-7, "fzoo-lr2e-6": 2e-6, "population": 2e-5}
+# GRZO: its default, FZOO's step length (lr / eps 2e-3; its step is lr / (2 eps) along a normalized estimate),
+# checked against the training statistics of benchmarks/per_example_directions.py: with r = 0.23 its expected
+# progress per step is about 3x MeZO's at a smaller move per weight (docs/estimators.md). No dev row chose it
+LRS = {"mezo": 1e-5, "fzoo": 1e-7, "fzoo-lr2e-6": 2e-6, "population": 2e-5, "grzo": 2e-6}
 GRID = {"mezo": [3e-6, 1e-5, 3e-5], "fzoo": [1e-7, 1e-6, 1e-5], "population": [7e-6, 2e-5, 6e-5]}
 EVALS = 4  # dev evaluations per run, evenly spaced in steps (each scores 872 rows: 27 MeZO steps' worth)
 BACKPROP_LR = 1e-5  # the seed table's AdamW lr for full fine-tuning (chosen by --grid as the others)
@@ -169,10 +174,7 @@ def run_cell(row: str, seed: int) -> dict:
     if row == "inference":
         result = inference_cell()
     elif row == "backprop":
-        mezo = cell_path("mezo", seed)
-        if not mezo.exists():
-            raise SystemExit(f"backprop/{seed} runs for MeZO's CPU time: run mezo/{seed} first")
-        result = backprop_cell(seed, json.loads(mezo.read_text())["cpu_seconds"])
+        result = backprop_cell(seed, mezo_budget())
     else:
         result = zo_cell(row, seed)
     from zo_objectives.models import cpu_name
@@ -185,6 +187,14 @@ def run_cell(row: str, seed: int) -> dict:
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(cell_path(row, seed))
     return result
+
+
+def mezo_budget() -> float:
+    """MeZO's tuning CPU seconds for its 400 steps, mean over its cells: the budget every row gets (the table's)."""
+    mezo = [json.loads(p.read_text())["cpu_seconds"] for p in sorted(CELLS.glob("mezo-s*.json"))]
+    if not mezo:
+        raise SystemExit("the backprop row runs for MeZO's CPU time: run --cell mezo/0 first")
+    return sum(mezo) / len(mezo)
 
 
 def grid_point(row: str, lr: float, seed: int) -> dict:

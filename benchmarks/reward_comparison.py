@@ -44,9 +44,11 @@ ES = ((3e-4, 1e-3), (1e-3, 1e-3), (3e-4, 1e-2), (1e-3, 1e-2))  # (lr, eps); norm
 # FZOO's step is lr / eps times a normalized estimate (its coefficients are (l_i - l_0) / (eps sigma)): lr x eps is
 # the step length of the ES grid's normalized updates, so its grid takes the same step lengths
 FZOO_ES = tuple((lr * eps, eps) for lr, eps in ES)
+GRZO_ES = tuple((2 * lr * eps, eps) for lr, eps in ES)  # GRZO's step is lr / (2 eps) times a normalized estimate
 # Each task's grids, one size for every tuned method of the task: (lr, eps) settings, eps None where it has none
 GRIDS = {
-    "arith": {"mezo_es": ES, "mezo_expected": ES, "population_es": ES, "fzoo_es": FZOO_ES,
+    "arith": {"mezo_es": ES, "mezo_expected": ES, "population_es": ES, "fzoo_es": FZOO_ES, "fzoo_lowrank_es": FZOO_ES,
+              "grzo_es": GRZO_ES,
               "grpo": ((3e-6, None), (1e-5, None), (4e-5, None), (1e-4, None))},  # Adam
     "squad": {"mezo_es": ES[2:], "mezo_expected": ES[2:], "population_es": ES[2:],  # eps 1e-2: arith's choice
               "grpo": ((1e-5, None), (4e-5, None)),
@@ -54,7 +56,7 @@ GRIDS = {
 }
 # Also run at GRPO's tuning CPU time ("<method>_time"). SQuAD: the population form only (the example's default):
 # each such run takes GRPO's ~29 CPU min, three seeds per form, and the CPU budget held one form.
-TIMED = {"arith": ("mezo_es", "population_es", "fzoo_es"), "squad": ("population_es",)}
+TIMED = {"arith": ("mezo_es", "population_es", "fzoo_es", "fzoo_lowrank_es", "grzo_es"), "squad": ("population_es",)}
 TASKS = {  # reward, gold answers (for cross-entropy), held-out prompts
     "arith": {"reward": "answer_check", "gold": False},
     "squad": {"reward": "token_f1", "gold": True},
@@ -123,7 +125,7 @@ def best_of_n(model, tokenizer, scorer, examples, n: int, seed: int, tokens: int
 def tune_mezo(method: str, lr: float, eps: float, seed: int, args, model, tokenizer, greedy, train, reward) -> dict:
     """Tune with the budget of scored completions, or with ``args.budget_cpu_seconds``: steps until the tuning
     has used that much CPU time (one thread), a chunk of steps at a time."""
-    from zo_objectives import FZOO, CrossEntropy, GenerationPredictor, MeZO, Population, RewardObjective
+    from zo_objectives import FZOO, GRZO, CrossEntropy, GenerationPredictor, MeZO, Population, RewardObjective
     from zo_objectives import train as run_steps
 
     if method == "mezo_es":  # each perturbed model decodes its own completions, greedy
@@ -132,9 +134,14 @@ def tune_mezo(method: str, lr: float, eps: float, seed: int, args, model, tokeni
     elif method == "population_es":  # as mezo_es, the members' completions decoded in one batched generate
         batch = max(1, 2 * args.batch_size // args.population)
         objective, per_step, update = RewardObjective(greedy, [reward]), args.population * batch, "normalized"
-    elif method == "fzoo_es":  # N = --population one-sided members and the unperturbed model, one batched generate
+    elif method in ("fzoo_es", "fzoo_lowrank_es"):  # N = --population one-sided members and the unperturbed model,
+        # one batched generate; low-rank: each member's matrices moved by rank --perturbation-rank factors, as the
+        # population's (no full-rank noise made per member and decoding step)
         batch = max(1, 2 * args.batch_size // args.population)
         objective, per_step, update = RewardObjective(greedy, [reward]), (args.population + 1) * batch, "fzoo"
+    elif method == "grzo_es":  # one antithetic pair per prompt (its own direction), one batched generate
+        objective, batch, per_step = RewardObjective(greedy, [reward]), args.batch_size, 2 * args.batch_size
+        update = "grzo"
     elif method == "mezo_expected":
         sampler = GenerationPredictor(tokenizer, max_new_tokens=greedy.max_new_tokens, temperature=1.0,
                                       sample_seed=seed)
@@ -148,8 +155,11 @@ def tune_mezo(method: str, lr: float, eps: float, seed: int, args, model, tokeni
     if method == "population_es":
         optimizer = Population(params, lr=lr, eps=eps, seed=seed, update=update, population=args.population,
                                perturbation_rank=args.perturbation_rank)
-    elif method == "fzoo_es":
-        optimizer = FZOO(params, lr=lr, eps=eps, seed=seed, n_perturbations=args.population)
+    elif method in ("fzoo_es", "fzoo_lowrank_es"):
+        optimizer = FZOO(params, lr=lr, eps=eps, seed=seed, n_perturbations=args.population,
+                         perturbation_rank=args.perturbation_rank if method == "fzoo_lowrank_es" else 0)
+    elif method == "grzo_es":
+        optimizer = GRZO(params, lr=lr, eps=eps, seed=seed, batch_size=batch, perturbation_rank=args.perturbation_rank)
     else:
         optimizer = MeZO(params, lr=lr, eps=eps, seed=seed, update=update)
     history, cpu = [], time.process_time()
@@ -162,8 +172,13 @@ def tune_mezo(method: str, lr: float, eps: float, seed: int, args, model, tokeni
     else:
         history = run_steps(model, optimizer, objective, train, steps=steps, batch_size=batch, seed=seed,
                             progress=False)
-    extra = {"population": args.population, "perturbation_rank": args.perturbation_rank} if isinstance(
-        optimizer, Population) else {"n_perturbations": args.population} if isinstance(optimizer, FZOO) else {}
+    extra = {}
+    if isinstance(optimizer, GRZO):
+        extra = {"perturbation_rank": optimizer.perturbation_rank}
+    elif isinstance(optimizer, Population):
+        extra = {"population": args.population, "perturbation_rank": args.perturbation_rank}
+    elif isinstance(optimizer, FZOO):
+        extra = {"n_perturbations": args.population, "perturbation_rank": optimizer.perturbation_rank}
     return {"steps": steps, "batch": batch, "update": update, "eps": eps, **extra,
             "train_reward_curve": quarters([r.get("train/reward", r.get("reward")) for r in history]),
             "scored_completions": 0 if method == "mezo_ce" else steps * per_step,
@@ -395,6 +410,11 @@ def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
                               "generate)",
              "fzoo_es": "FZOO, evolution-strategy form (N one-sided members and the unperturbed model decode greedily "
                         "in one batched generate; the step divided by the rewards' spread)",
+             "fzoo_lowrank_es": "FZOO with low-rank members (N one-sided members and the unperturbed model decode "
+                                "greedily in one batched generate; the step divided by the rewards' spread)",
+             "grzo_es": "GRZO, evolution-strategy form (each prompt its own antithetic pair of low-rank members, all "
+                        "decoding greedily in one batched generate; the step divided by the spread of the pairs' "
+                        "differences)",
              "mezo_expected": "MeZO, expected reward over 4 sampled candidates", "grpo": "TRL GRPOTrainer",
              "mezo_ce": "MeZO, cross-entropy on the gold answers"}
     names.update({f"{m}_time": f"{names[m]}, at GRPO's tuning CPU time" for m in TIMED[task]})
@@ -407,8 +427,13 @@ def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
                                                  f"{first['perturbation_rank']}; {first['batch']} prompts per step),")
         if "n_perturbations" in mine[0]:
             first = mine[0]
-            label = label.replace("(N one-sided members", f"({first['n_perturbations']} one-sided members, "
+            rank = f" of rank {first['perturbation_rank']}" if first.get("perturbation_rank") else ""
+            label = label.replace("(N one-sided members", f"({first['n_perturbations']} one-sided members{rank}, "
                                                           f"{first['batch']} prompts per step,")
+        if mine[0].get("update") == "grzo":
+            first = mine[0]
+            label = label.replace("(each prompt", f"({first['batch']} prompts per step, each").replace(
+                "low-rank members", f"members of rank {first['perturbation_rank']}")
         afters = [c["after"] for c in mine]
         return [label, f"{before[0]:.3f}" if before and setting_cell != "-" else "-",
                 f"{afters[0]:.3f} (greedy: deterministic)" if method == "greedy" else spread(afters), setting_cell,

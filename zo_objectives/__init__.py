@@ -37,6 +37,7 @@ _check_top_level_packages()
 from zo_objectives.checkpoint import replay  # noqa: E402
 from zo_objectives.estimators import (  # noqa: E402
     FZOO,
+    GRZO,
     Estimator,
     MeZO,
     Population,
@@ -49,6 +50,7 @@ from zo_objectives.objectives import (  # noqa: E402 (after the check, which nam
     CrossEntropy,
     MetricObjective,
     Objective,
+    PerExampleObjective,  # noqa: E402
     PopulationObjective,  # noqa: E402
     RewardError,
     RewardObjective,
@@ -91,12 +93,14 @@ __all__ = [
     "CrossEntropy",
     "Estimator",
     "FZOO",
+    "GRZO",
     "GenerationPredictor",
     "LabelWordPredictor",
     "MeZO",
     "MetricObjective",
     "Objective",
     "Population",
+    "PerExampleObjective",
     "PopulationObjective",
     "RewardError",
     "RewardObjective",

@@ -237,7 +237,7 @@ class TuneConfig(CommonConfig):
                                   "on greedy completions with --update normalized or sign, or --estimator fzoo)",
                             above=0, resume=FIXED)
     estimator: str = arg("auto", "how each step estimates the gradient: a registered estimator (mezo, population, "
-                                 "fzoo, or one a --plugin registers; docs/estimators.md); auto: population with "
+                                 "fzoo, grzo, or one a --plugin registers; docs/estimators.md); auto: population with "
                                  "--population N (and for --reward), else mezo", resume=FIXED)
     n_perturbations: int | None = arg(None, "perturbations per step: SPSA estimates averaged (mezo, default 1), "
                                             "one-sided members (fzoo, default 8)", above=0, at_most=MAX_PERTURBATIONS,
@@ -246,8 +246,8 @@ class TuneConfig(CommonConfig):
                                        "pairs, all scored in one batched pass; docs/mezo.md); 0: MeZO (default: "
                                        f"{OBJECTIVE_DEFAULTS[REWARD]['population']} for --reward and with --estimator "
                                        "population, else 0)", at_least=0, resume=FIXED)
-    perturbation_rank: int | None = arg(None, "rank of each member's perturbation of a matrix (population: default "
-                                              "1; fzoo: default 0, full rank)", at_least=0, resume=FIXED)
+    perturbation_rank: int | None = arg(None, "rank of each member's perturbation of a matrix (population, grzo: "
+                                              "default 1; fzoo: default 0, full rank)", at_least=0, resume=FIXED)
     smoothing: float | None = arg(None, "metric objectives optimize the metric's expectation over each example's "
                                         "options (classes, candidates; for generation the greedy answer and the gold "
                                         "answers) drawn from softmax(log-likelihood / T) (default "

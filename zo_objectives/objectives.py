@@ -765,6 +765,114 @@ class PopulationObjective(Objective):
         return f"PopulationObjective({self.objective!r})"
 
 
+class _Pending(Exception):  # noqa: N818 (a signal, not an error): a member waits for a pass the others share
+    pass
+
+
+class PerExampleObjective(Objective):
+    """``objective`` on each example of the batch on its own, under ``copies`` members per example: returns
+    ``copies * len(batch)`` losses, members ``copies * k`` to ``copies * k + copies - 1`` scoring example k (a
+    per-example estimator's antithetic pair: :class:`~zo_objectives.estimators.grzo.GRZO`).
+
+    Every member's predictor passes still run as one batched pass: the members' objectives run until each asks for
+    a pass, that pass runs once on their arguments joined (rows grouped by member, as the population's forward
+    hooks expect), and they run again with its results, once per pass the objective makes. Each example must give
+    the pass as many rows as the others (the same number of candidates). ``last_values`` is the members' mean.
+    """
+
+    def __init__(self, objective: Any, copies: int = 2):
+        self.objective, self.copies = objective, copies
+        self.name = getattr(objective, "name", type(objective).__name__)
+
+    def __getattr__(self, name: str) -> Any:  # greater_is_better, ... of the wrapped objective
+        if name == "objective":
+            raise AttributeError(name)
+        return getattr(self.objective, name)
+
+    def __call__(self, model: torch.nn.Module, batch: Sequence[dict]) -> list[float]:
+        n = self.copies * len(batch)
+        results: list[list] = []  # per pass, in the order the objective asks for them: each member's part
+        while True:
+            waiting: dict[int, tuple] = {}
+            losses, values = [], []
+            for m in range(n):
+                mine: list = []
+                try:
+                    losses.append(float(self._member(self.objective, model, [batch[m // self.copies]], m, results,
+                                                     waiting, [0], mine)))
+                    values += mine
+                except _Pending:
+                    pass
+            if not waiting:
+                names = set().union(*(v.keys() for v in values)) if values else set()
+                self.objective.last_values = {k: sum(v[k] for v in values) / len(values) for k in names
+                                              if all(k in v for v in values)}
+                return losses
+            results.append(self._run(model, waiting, n))
+
+    def _member(self, objective: Any, model: torch.nn.Module, batch: list[dict], m: int, results: list,
+                waiting: dict, count: list[int], values: list) -> float:
+        terms = getattr(objective, "terms", None)
+        if terms is not None:  # a WeightedSum
+            return sum(w * self._member(o, model, batch, m, results, waiting, count, values) for w, o in terms)
+        field = next((f for f in PREDICTOR_FIELDS if hasattr(objective, f)), None)
+        if field is None:
+            raise TypeError(f"PerExampleObjective needs an objective that scores through a predictor (metric, "
+                            f"cross-entropy, reward); {type(objective).__name__} has none")
+        predictor = getattr(objective, field)
+        view = copy.copy(predictor)
+        for name in _Shared.PASSES:
+            if hasattr(view, name):
+                setattr(view, name, self._pass(predictor, name, m, results, waiting, count))
+        mine = copy.copy(objective)
+        setattr(mine, field, view)
+        loss = mine(model, batch)
+        if isinstance(getattr(mine, "last_values", None), dict) and objective is self.objective:
+            values.append(mine.last_values)
+        return loss
+
+    @staticmethod
+    def _pass(predictor: Any, name: str, m: int, results: list, waiting: dict, count: list[int]) -> Callable:
+        def run(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            index = count[0]
+            count[0] += 1
+            if index < len(results):
+                return results[index][m]
+            waiting[m] = (predictor, name, args, kwargs)
+            raise _Pending
+        return run
+
+    @staticmethod
+    def _run(model: torch.nn.Module, waiting: dict, n: int) -> list:
+        """The pass every member waits for, once on their arguments joined; each member's part."""
+        if len(waiting) != n:
+            raise RuntimeError("PerExampleObjective: some members finished while others wait for a pass: the "
+                               "objective must make the same passes for every example")
+        (predictor, name, first, kwargs), *_ = waiting.values()
+        if any((p, nm, repr(kw)) != (predictor, name, repr(kwargs)) for p, nm, _, kw in waiting.values()):
+            raise RuntimeError("PerExampleObjective: the members wait for different passes")
+        joined = []
+        for i, arg in enumerate(first):
+            parts = [waiting[m][2][i] for m in range(n)]
+            if isinstance(arg, list | tuple):
+                if len({len(p) for p in parts}) != 1:
+                    raise ValueError("PerExampleObjective: the examples give a pass different numbers of rows "
+                                     "(candidates); each member's rows must be as many as the others'")
+                joined.append([x for p in parts for x in p])
+            elif any(repr(p) != repr(arg) for p in parts):
+                raise RuntimeError(f"PerExampleObjective: the members pass {name} different arguments")
+            else:
+                joined.append(arg)
+        shared = copy.copy(predictor)
+        shared.members = n
+        out = getattr(type(predictor), name)(shared, model, *joined, **kwargs)
+        per = len(out) // n
+        return [out[m * per:(m + 1) * per] for m in range(n)]
+
+    def __repr__(self) -> str:
+        return f"PerExampleObjective({self.objective!r}, copies={self.copies})"
+
+
 class ShardedObjective(Objective):
     """``objective`` on the whole batch, computed as ``batch[rank::world]`` on each rank and all-reduced.
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from zo_objectives.checkpoint import base_checksum, save_checkpoint
 from zo_objectives.estimators import Estimator
-from zo_objectives.objectives import Objective, PopulationObjective
+from zo_objectives.objectives import Objective, PerExampleObjective, PopulationObjective
 from zo_objectives.runfolder import LOG, clean, lock, truncate_log
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -101,7 +101,13 @@ def train(model: torch.nn.Module, optimizer: Estimator, objective: Objective, ex
     if not (isinstance(checkpoint_every, int) and checkpoint_every >= 0):
         raise ValueError(f"checkpoint_every must be an int >= 0 (0: only at evaluations), got {checkpoint_every!r}")
     splittable = any(hasattr(objective, f) for f in ("predictor", "generator", "terms"))  # else: per member already
-    if optimizer.members and splittable and not isinstance(objective, PopulationObjective):
+    per_example = getattr(optimizer, "per_example", False)  # GRZO: each example scored under its own pair
+    if per_example and batch_size != optimizer.batch_size:
+        raise ValueError(f"{type(optimizer).__name__} draws one direction per example of its batch_size "
+                         f"{optimizer.batch_size}: train with batch_size={optimizer.batch_size}, got {batch_size}")
+    if per_example and splittable and not isinstance(objective, PerExampleObjective):
+        objective = PerExampleObjective(objective)  # two losses per example, one pass
+    elif optimizer.members and splittable and not isinstance(objective, PopulationObjective):
         objective = PopulationObjective(objective, lambda: optimizer.members)  # one loss per member, one pass
     start_step = len(optimizer.trajectory) if start_step is None else start_step
     if len(optimizer.trajectory) != start_step:

@@ -16,8 +16,9 @@ from zo_objectives.estimators.base import (
     register_estimator,
 )
 from zo_objectives.estimators.fzoo import FZOO
+from zo_objectives.estimators.grzo import GRZO
 from zo_objectives.estimators.mezo import DIFFERENCES, MeZO
 from zo_objectives.estimators.population import Population
 
-__all__ = ["DIFFERENCES", "NONFINITE_POLICIES", "SHAPINGS", "UPDATES", "FZOO", "Estimator", "MeZO", "Population",
-           "estimator_from_state", "get_estimator", "list_estimators", "register_estimator"]
+__all__ = ["DIFFERENCES", "NONFINITE_POLICIES", "SHAPINGS", "UPDATES", "FZOO", "GRZO", "Estimator", "MeZO",
+           "Population", "estimator_from_state", "get_estimator", "list_estimators", "register_estimator"]
