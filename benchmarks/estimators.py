@@ -312,8 +312,8 @@ def table(write: bool) -> dict:
                 if borrowed else "") + "); budget: "
              f"MeZO's tuning CPU time for {MEZO_STEPS} steps, mean over its seeds ({budget:.0f} s, one thread; "
              "evaluations excluded). Forward rows: the rows a step scores (MeZO 2 x 16, FZOO 9 x 16, population "
-             "4 x 8; backprop counts 3 x 16: a forward and a backward of about twice its cost), summed to the first "
-             f"evaluation at or above the target (evaluations at {EVALS} evenly spaced points). CPU: "
+             "4 x 8, GRZO 2 x 16; backprop counts 3 x 16: a forward and a backward of about twice its cost), summed "
+             f"to the first evaluation at or above the target (evaluations at {EVALS} evenly spaced points). CPU: "
              f"{mezo[0]['cpu']}, shared with other jobs (process CPU seconds, which slow less than wall time). "
              "Commands: " + "; ".join(f"`{c['command'].replace(str(ROOT) + '/', '')}`" for c in cells.values()
                                       if c.get("command")))

@@ -827,6 +827,7 @@ class PerExampleObjective(Objective):
         mine = copy.copy(objective)
         setattr(mine, field, view)
         loss = mine(model, batch)
+        vars(objective).update({k: v for k, v in vars(mine).items() if k != field})  # what it logs: the last's
         if isinstance(getattr(mine, "last_values", None), dict) and objective is self.objective:
             values.append(mine.last_values)
         return loss
