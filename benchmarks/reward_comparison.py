@@ -454,11 +454,15 @@ def table(folder: Path, task: str) -> tuple[list[str], list[list], dict]:
                 data[method] = {"after": [c["after"] for c in mine], "seeds": [c["seed"] for c in mine]}
             continue
         setting = chosen(folder, task, base, partial=True)
+        ran = sum(cell_path(folder, cell_name(base, g, 0)).stem in cells for g in grid)
+        where = f" ({ran} of {len(grid)} grid points ran)"
+        timed = [c for c in cells.values() if c["method"] == method]
+        if setting is None and method != base and timed:  # equal-time cells at the setting another folder chose
+            setting, where = (timed[0]["lr"], timed[0]["eps"]), " (chosen by this grid run on another CPU)"
         mine = seed_cells(folder, method, setting) if setting else []
         if not mine:
             continue
-        ran = sum(cell_path(folder, cell_name(base, g, 0)).stem in cells for g in grid)
-        rows.append(row(method, label, mine, setting_text(setting) + f" ({ran} of {len(grid)} grid points ran)"))
+        rows.append(row(method, label, mine, setting_text(setting) + where))
         data[method] = {"setting": setting, "after": [c["after"] for c in mine], "before": before,
                         "seeds": [c["seed"] for c in mine],
                         "tune_cpu_seconds": [c.get("tune_cpu_seconds") for c in mine],

@@ -43,3 +43,62 @@ def build_small_lm(vocab_size: int, seed: int = 0, max_positions: int = 64, tie:
 def small_lm(tokenizer):
     """A fresh tiny random LM over the tokenizer's vocabulary (64 positions)."""
     return build_small_lm(len(tokenizer))
+
+
+def objective_cases(tokenizer, extra_row: bool = False) -> list[tuple]:
+    """(objective, batch) of every kind an estimator's batched pass must score: a metric and cross-entropy over
+    label words, cross-entropy of a generation target, and a reward of generated completions."""
+    from metrics import get_metric
+    from zo_objectives.objectives import CrossEntropy, MetricObjective, RewardObjective
+    from zo_objectives.scoring import GenerationPredictor, LabelWordPredictor
+
+    labels = LabelWordPredictor(tokenizer, [" bad", " good"])
+    batch = [{"prompt": "A fine film. It was", "label": 1}, {"prompt": "Dull and long, so long. It was", "label": 0},
+             *([{"prompt": "Yes", "label": 1}] if extra_row else [])]
+    generator = GenerationPredictor(tokenizer, max_new_tokens=4)
+    gen_batch = [{"prompt": "Q: capital of France? A:", "answers": ["Paris"], "target": " Paris"},
+                 {"prompt": "Q: two plus two, written out? A:", "answers": ["four"], "target": " four"}]
+
+    def length(prompts, completions, **_):
+        return [float(len(c)) for c in completions]
+
+    return [(MetricObjective(get_metric("accuracy"), labels), batch), (CrossEntropy(labels), batch),
+            (CrossEntropy(generator), gen_batch), (RewardObjective(generator, length), gen_batch)]
+
+
+def killed_then_resumed(cli: list[str], tmp_path) -> tuple[dict, object]:
+    """Run zo-tune ``cli`` in a subprocess, SIGKILL it after its second checkpoint, ``--resume`` it two steps
+    further, and run the same steps straight in another folder; assert the two end on the same weights with one
+    metrics row per step. Returns the straight run's config.json and its folder."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import load_file
+
+    from zo_objectives.cli import tune_main
+
+    run = tmp_path / "killed"
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.Popen([sys.executable, "-m", "zo_objectives.cli", *cli, "--steps", "1000", "--output-dir",
+                             str(run)], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "trajectory.json").exists() and
+                                          json.loads((run / "trajectory.json").read_text())["step"] >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step = json.loads((run / "trajectory.json").read_text())["step"]
+    assert 2 <= step < 1000
+    assert tune_main(["--output-dir", str(run), "--resume", "--steps", str(step + 2), "--no-progress"]) == 0
+    straight = tmp_path / "straight"
+    assert tune_main([*cli, "--steps", str(step + 2), "--output-dir", str(straight)]) == 0
+    a, b = load_file(run / "model.safetensors"), load_file(straight / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(
+        range(1, step + 3))
+    return json.loads((straight / "config.json").read_text()), straight

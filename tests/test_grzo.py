@@ -5,20 +5,18 @@ trains from the library and the CLI."""
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import build_small_lm
+from conftest import build_small_lm, killed_then_resumed, objective_cases
 
-from metrics import get_metric
 from zo_objectives.checkpoint import replay
 from zo_objectives.estimators.grzo import GRZO
-from zo_objectives.objectives import CrossEntropy, MetricObjective, PerExampleObjective, RewardObjective
-from zo_objectives.scoring import GenerationPredictor, LabelWordPredictor
+from zo_objectives.objectives import CrossEntropy, PerExampleObjective, RewardObjective
+from zo_objectives.scoring import LabelWordPredictor
 
 VOCAB = 100
 IDS = torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))  # 3 examples
@@ -192,17 +190,7 @@ def test_per_example_objective_scores_metric_cross_entropy_and_reward(tokenizer,
     k alone, perturbed by its own pair; unperturbed, each member's value is its example's."""
     for p in small_lm.parameters():
         p.requires_grad_(True)
-    labels = LabelWordPredictor(tokenizer, [" bad", " good"])
-    batch = [{"prompt": "A fine film. It was", "label": 1}, {"prompt": "Dull and long, so long. It was", "label": 0}]
-    generator = GenerationPredictor(tokenizer, max_new_tokens=4)
-    gen_batch = [{"prompt": "Q: capital of France? A:", "answers": ["Paris"], "target": " Paris"},
-                 {"prompt": "Q: two plus two, written out? A:", "answers": ["four"], "target": " four"}]
-
-    def length(prompts, completions, **_):
-        return [float(len(c)) for c in completions]
-
-    cases = [(MetricObjective(get_metric("accuracy"), labels), batch), (CrossEntropy(labels), batch),
-             (CrossEntropy(generator), gen_batch), (RewardObjective(generator, length), gen_batch)]
+    cases = objective_cases(tokenizer)
     opt = GRZO(small_lm.parameters(), eps=0.05, batch_size=2, perturbation_rank=2)
     seeds = [7, 8]
     for objective, data in cases:
@@ -257,35 +245,6 @@ CLI = ["--model", "tiny-random", "--task", "sst2", "--train-size", "32", "--batc
 def test_cli_grzo_killed_then_resumed_is_bitwise_with_a_row_per_step(tmp_path):
     """zo-tune --estimator grzo: SIGKILL mid-run, --resume to a later step: the weights of a straight run, one
     metrics row per step; config.json names the estimator, its batch and its default lr."""
-    import signal
-    import subprocess
-    import sys
-    import time
-    from pathlib import Path
-
-    from safetensors.torch import load_file
-
-    from zo_objectives.cli import tune_main
-
-    run = tmp_path / "killed"
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.Popen([sys.executable, "-m", "zo_objectives.cli", *CLI, "--steps", "1000", "--output-dir",
-                             str(run)], cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not ((run / "trajectory.json").exists() and
-                                          json.loads((run / "trajectory.json").read_text())["step"] >= 2):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    step = json.loads((run / "trajectory.json").read_text())["step"]
-    assert 2 <= step < 1000
-    assert tune_main(["--output-dir", str(run), "--resume", "--steps", str(step + 2), "--no-progress"]) == 0
-    straight = tmp_path / "straight"
-    assert tune_main([*CLI, "--steps", str(step + 2), "--output-dir", str(straight)]) == 0
-    a, b = load_file(run / "model.safetensors"), load_file(straight / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(
-        range(1, step + 3))
-    config = json.loads((straight / "config.json").read_text())
+    config, _ = killed_then_resumed(CLI, tmp_path)
     assert (config["estimator"], config["batch_size"], config["perturbation_rank"]) == ("grzo", 4, 1)
     assert config["lr"] == GRZO.step_length * config["eps"]

@@ -16,13 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import build_small_lm
+from conftest import build_small_lm, objective_cases
 
-from metrics import get_metric
 from zo_objectives.checkpoint import replay
 from zo_objectives.estimators import Population
-from zo_objectives.objectives import CrossEntropy, MetricObjective, PopulationObjective, RewardObjective
-from zo_objectives.scoring import GenerationPredictor, LabelWordPredictor
+from zo_objectives.objectives import PopulationObjective
 
 VOCAB = 100
 IDS = torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))
@@ -197,18 +195,7 @@ def _materialized_objective(opt, model, objective, batch, seeds):
 def test_population_objective_scores_metric_cross_entropy_and_reward(tokenizer, small_lm):
     for p in small_lm.parameters():
         p.requires_grad_(True)
-    labels = LabelWordPredictor(tokenizer, [" bad", " good"])
-    batch = [{"prompt": "A fine film. It was", "label": 1}, {"prompt": "Dull and long, so long. It was", "label": 0},
-             {"prompt": "Yes", "label": 1}]
-    generator = GenerationPredictor(tokenizer, max_new_tokens=4)
-    gen_batch = [{"prompt": "Q: capital of France? A:", "answers": ["Paris"], "target": " Paris"},
-                 {"prompt": "Q: two plus two, written out? A:", "answers": ["four"], "target": " four"}]
-
-    def length(prompts, completions, **_):
-        return [float(len(c)) for c in completions]
-
-    cases = [(MetricObjective(get_metric("accuracy"), labels), batch), (CrossEntropy(labels), batch),
-             (CrossEntropy(generator), gen_batch), (RewardObjective(generator, length), gen_batch)]
+    cases = objective_cases(tokenizer, extra_row=True)
     opt = Population(small_lm.parameters(), eps=0.05, population=4, perturbation_rank=2)
     seeds = [7, 8]
     for objective, data in cases:

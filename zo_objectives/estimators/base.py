@@ -277,6 +277,16 @@ class Estimator(Optimizer):
                 zs = [self.noise.one_chunk(term_seed, index, p) if z is None else z for z, (index, p) in zip(zs, items)]
                 torch._foreach_add_(weights, zs, alpha=-lr * coeff)
 
+    def refuse_nonfinite(self, losses: list[float], what: str) -> None:
+        """Raise (on_nonfinite "raise", the weights unchanged) or warn (on_nonfinite "skip") when a batched step's
+        ``losses`` hold a NaN or an inf; ``what`` names what is skipped (members, examples)."""
+        if all(math.isfinite(v) for v in losses):
+            return
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(f"non-finite loss among the members' {losses}; the weights are unchanged. "
+                                     f"Pass on_nonfinite='skip' to skip such {what}")
+        warnings.warn(f"skipping the {what} with non-finite losses ({losses})", stacklevel=3)
+
     def spsa_grads(self, pairs: list[tuple[float, float]]) -> list[float | None]:
         """(plus - minus) / (2 eps) per perturbation (eps for forward differences); when shaping, the difference
         of the centered ranks (in [-1, 1]: ranks have no scale for eps to divide)."""

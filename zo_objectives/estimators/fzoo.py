@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -99,11 +98,7 @@ class FZOO(Estimator):
     def _update_from(self, seeds: list[int], losses: list[float]) -> float:
         """The record of the step from its N + 1 losses, applied: per seed (l_i - l_0) / (eps * sigma)."""
         base, perturbed = losses[0], losses[1:]
-        if not all(math.isfinite(v) for v in losses):
-            if self.on_nonfinite == "raise":
-                raise FloatingPointError(f"non-finite loss among the members' {losses}; the weights are unchanged. "
-                                         "Pass on_nonfinite='skip' to skip such members")
-            warnings.warn(f"skipping the members with non-finite losses ({losses})", stacklevel=3)
+        self.refuse_nonfinite(losses, "members")
         finite = [v for v in perturbed if math.isfinite(v)]
         sigma = statistics.stdev(finite) if math.isfinite(base) and len(finite) >= 2 else math.nan
         grads: list[float | None] = []

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -74,11 +73,7 @@ class GRZO(Population):
         with self.in_step():
             losses = self.score(closure, seeds)
         deltas = [plus - minus for plus, minus in zip(losses[0::2], losses[1::2])]
-        if not all(math.isfinite(d) for d in deltas):
-            if self.on_nonfinite == "raise":
-                raise FloatingPointError(f"non-finite loss among the members' {losses}; the weights are unchanged. "
-                                         "Pass on_nonfinite='skip' to skip such examples")
-            warnings.warn(f"skipping the examples with non-finite losses ({losses})", stacklevel=2)
+        self.refuse_nonfinite(losses, "examples")
         finite = [d for d in deltas if math.isfinite(d)]
         spread = statistics.pstdev(finite) if len(finite) >= 2 else math.nan
         grads: list[float | None] = []
