@@ -24,6 +24,10 @@ README = ROOT / "README.md"
 
 POPULATION = ("population of 8 (rank 1; 2 prompts per step), evolution-strategy form (all members decode greedily in "
               "one batched generate)")
+GRZO_AMD = ("GRZO, evolution-strategy form (8 prompts per step, each its own antithetic pair of members of rank 1, all "
+            "decoding greedily in one batched generate; the step divided by the spread of the pairs' differences)")
+FZOO_AMD = ("FZOO, evolution-strategy form (8 one-sided members, 2 prompts per step, and the unperturbed model decode "
+            "greedily in one batched generate; the step divided by the rewards' spread)")
 CHOSEN = "lr 0.001, eps 0.01 (4 of 4 grid points ran)"  # pick: its chosen setting's row, not the eps 1e-3 study
 
 # (what, method, [(section, {column: value} picking the row, column of the number)])
@@ -82,11 +86,16 @@ ROWS: list[tuple[str, str, list[tuple[str, dict[str, str], str]]]] = [
          "untuned, greedy", "MeZO, evolution-strategy form (each perturbed model decodes greedily)", POPULATION,
          POPULATION + ", at GRPO's tuning CPU time", "MeZO, cross-entropy on the gold answers", "TRL GRPOTrainer",
          "best of 16 samples (oracle: picked by the reward)")]),
-    ("SST-2, the `make run` protocol in fp32 (AMD EPYC): dev accuracy at MeZO's 400-step CPU time, seeds 0-2 "
-     "(population: seed 0)", "MeZO / FZOO (N 8, lr 2e-6) / population 4 x 8, rank 4",
+    ("SST-2, `make run` protocol, fp32, AMD EPYC: dev accuracy at MeZO's 400-step CPU time, seeds 0-2 "
+     "(population, backprop: 0; GRZO: 0-1)", "MeZO / FZOO (N 8) / population 4 x 8 / GRZO / backprop + AdamW",
      [("estimators", {"row": "mezo"}, "dev accuracy at its last step"),
-      ("estimators", {"row": "fzoo-lr2e-6"}, "dev accuracy at MeZO's CPU time"),
-      ("estimators", {"row": "population"}, "dev accuracy at MeZO's CPU time")]),
+      *[("estimators", {"row": row}, "dev accuracy at MeZO's CPU time")
+        for row in ("fzoo-lr2e-6", "population", "grzo", "backprop")]]),
+    ("Arithmetic reward, AMD EPYC, at GRPO's tuning CPU time, 3 seeds",
+     "population of 8 / GRZO (8 prompts, a pair each) / FZOO (N 8) / TRL GRPO",
+     [("reward_comparison_arith-amd", {"method": method + (", at GRPO's tuning CPU time" if timed else "")},
+       "held-out reward after (greedy)") for method, timed in (
+         (POPULATION, True), (GRZO_AMD, True), (FZOO_AMD, True), ("TRL GRPOTrainer", False))]),
     ("32.5B Llama shape, bf16, 16 x 256 tokens, one H100 80 GB", "MeZO: peak GiB / x inference's",
      [("large_model_cuda", {}, "MeZO peak GiB"), ("large_model_cuda", {}, "MeZO / inference")]),
 ]
