@@ -380,7 +380,8 @@ def check_sizes(config: TuneConfig, model: torch.nn.Module, device: torch.device
     """Refuse a population or a number of sampled candidates that cannot fit, before the first step: each of the
     ``rows`` a batched pass scores needs at least the logits of one position (vocabulary x 4 bytes), a lower bound
     of its memory; and a perturbation rank above a trainable matrix's smaller side."""
-    if (config.population or config.estimator in ("fzoo", "grzo")) and config.perturbation_rank:  # low-rank
+    takes_rank = "perturbation_rank" in inspect.signature(get_estimator(config.estimator).__init__).parameters
+    if takes_rank and config.perturbation_rank:  # low-rank members (population, fzoo, grzo, a plugin's)
         matrices = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
         side = min((min(p.shape[0], p.numel() // p.shape[0]) for p in matrices), default=None)
         if side is not None and config.perturbation_rank > side:
