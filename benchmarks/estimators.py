@@ -65,6 +65,16 @@ GRID = {"mezo": [3e-6, 1e-5, 3e-5], "fzoo": [1e-7, 1e-6, 1e-5], "population": [7
 EVALS = 4  # dev evaluations per run, evenly spaced in steps (each scores 872 rows: 27 MeZO steps' worth)
 BACKPROP_LR = 1e-5  # the seed table's AdamW lr for full fine-tuning (chosen by --grid as the others)
 
+# Protocol 3: SQuAD under the F1 objective (the default log form of the expected F1 over the greedy and gold
+# answers), batches of 8, fp32; F1 of greedy answers on the confirm slice (dev 500-999) after each row's steps.
+# Its budget is MeZO's 60 steps of CPU time. A row's steps are that budget over its CPU time per step, from a
+# 3-step probe of each on the same machine (AMD EPYC, fp32): MeZO 47 s (steps 2-3), FZOO 228 s (step 1), so FZOO
+# gets 12 steps; the table reports each row's CPU time as a multiple of MeZO's, measured, not assumed.
+SQUAD_CELLS, SQUAD_RUNS = RESULTS / "estimators" / "squad", ROOT / "runs" / "estimators" / "squad"
+SQUAD_BATCH, SQUAD_SLICE = 8, (500, 1000)
+SQUAD_ROWS = {"mezo": (60, 1e-5, ["--estimator", "mezo"]),  # steps, lr (objective_gap's squad_f1 lr), flags
+              "fzoo": (12, 2e-6, ["--estimator", "fzoo", "--n-perturbations", "8"])}  # lr: FZOO's default
+
 
 def steps_for(row: str) -> int:
     """Steps that score as many rows as MeZO's 400 (rounded up to a multiple of EVALS)."""
@@ -80,6 +90,8 @@ def argv_for(row: str, seed: int, steps: int, lr: float, run: Path, eval_every: 
 
 
 def cell_path(row: str, seed: int) -> Path:
+    if row.startswith("squad-"):
+        return SQUAD_CELLS / f"{row.removeprefix('squad-')}-s{seed}.json"
     return CELLS / f"{row}-s{seed}.json"
 
 
@@ -152,6 +164,38 @@ def backprop_cell(seed: int, budget: float, lr: float = BACKPROP_LR, dev: int = 
             "command": f"python benchmarks/estimators.py --cell backprop/{seed}"}
 
 
+def squad_cell(row: str, seed: int) -> dict:
+    """Protocol 3: ``row`` tuned on SQuAD's F1 objective for its steps, then the F1 of its weights (or of the
+    untuned model, row ``untuned``) on the confirm slice."""
+    from metrics import get_metric
+    from tasks import get_task
+    from zo_objectives.cli import tune_main
+    from zo_objectives.evaluate import evaluate_model
+    from zo_objectives.models import load_model, load_run_weights
+    from zo_objectives.scoring import predictor_for
+
+    result, run = {"cpu_seconds": 0.0, "steps": 0}, SQUAD_RUNS / f"{row}-s{seed}"
+    if row != "untuned":
+        steps, lr, flags = SQUAD_ROWS[row]
+        argv = ["--model", MODEL, "--task", "squad", "--objective", "squad_f1", "--dtype", "fp32", "--seed",
+                str(seed), "--batch-size", str(SQUAD_BATCH), "--steps", str(steps), "--lr", str(lr), "--eval-size",
+                "8", "--eval-every", "0", "--no-eval-before", "--no-progress", "--output-dir", str(run), *flags]
+        resume = (run / "trajectory.json").exists()
+        if tune_main([*argv, "--resume" if resume else "--overwrite"]) != 0:
+            raise SystemExit("zo-tune failed; the cell resumes from its checkpoint")
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        result = {"cpu_seconds": round(sum(r["cpu_seconds"] for r in rows), 2), "steps": len(rows), "lr": lr,
+                  "command": "zo-tune " + " ".join(argv).replace(str(ROOT) + "/", "")}
+    task = get_task("squad")
+    model, tokenizer = load_model(MODEL, dtype=torch.float32)
+    if row != "untuned":
+        load_run_weights(model, run)
+    began = time.process_time()
+    f1 = evaluate_model(model.eval(), predictor_for(task, tokenizer), task.examples("dev")[slice(*SQUAD_SLICE)],
+                        get_metric(task.metric))
+    return {**result, "f1": f1, "eval_cpu_seconds": round(time.process_time() - began, 1)}
+
+
 def inference_cell() -> dict:
     """Peak RSS of loading the model and scoring the dev set: the memory every row is compared with."""
     from metrics import get_metric
@@ -171,7 +215,9 @@ def run_cell(row: str, seed: int) -> dict:
     torch.set_num_threads(1)  # every row on one thread: CPU seconds compare
     os.chdir(ROOT)
     t0 = time.perf_counter()
-    if row == "inference":
+    if row.startswith("squad-"):
+        result = squad_cell(row.removeprefix("squad-"), seed)
+    elif row == "inference":
         result = inference_cell()
     elif row == "backprop":
         result = backprop_cell(seed, mezo_budget())
@@ -182,7 +228,7 @@ def run_cell(row: str, seed: int) -> dict:
     result.update(row=row, seed=seed, wall_s=round(time.perf_counter() - t0, 1), cpu=cpu_name(),
                   peak_rss_mib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
                   date=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    CELLS.mkdir(parents=True, exist_ok=True)
+    cell_path(row, seed).parent.mkdir(parents=True, exist_ok=True)
     tmp = cell_path(row, seed).with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(cell_path(row, seed))

@@ -5,6 +5,7 @@ trains from the library and the CLI."""
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 
@@ -13,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from conftest import build_small_lm, killed_then_resumed, objective_cases
 
+from metrics import get_metric
 from zo_objectives.checkpoint import replay
 from zo_objectives.estimators.grzo import GRZO
-from zo_objectives.objectives import CrossEntropy, PerExampleObjective, RewardObjective
-from zo_objectives.scoring import LabelWordPredictor
+from zo_objectives.objectives import CrossEntropy, MetricObjective, PerExampleObjective, RewardObjective
+from zo_objectives.scoring import GenerationPredictor, LabelWordPredictor
 
 VOCAB = 100
 IDS = torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(0))  # 3 examples
@@ -185,12 +187,28 @@ def test_no_spread_no_move_settings_and_nonfinite_losses():
     assert GRZO(model.parameters(), eps=3e-3).param_groups[0]["lr"] == pytest.approx(GRZO.step_length * 3e-3)
 
 
+def uncached(objective):
+    """A copy without the candidates generated on the last batch: each member of a pair generates its own."""
+    fresh = copy.copy(objective)
+    if hasattr(fresh, "_candidates"):
+        fresh._candidates = None
+    return fresh
+
+
 def test_per_example_objective_scores_metric_cross_entropy_and_reward(tokenizer, small_lm):
     """Every kind of objective (generation and rewards: one batched generate): member 2k and 2k + 1 score example
     k alone, perturbed by its own pair; unperturbed, each member's value is its example's."""
     for p in small_lm.parameters():
         p.requires_grad_(True)
-    cases = objective_cases(tokenizer)
+    # and SQuAD's F1 objective: each member's greedy answer among the options, examples with different numbers of
+    # gold answers (the batched pass pads them), under both supports of the options' weights; under "options" an
+    # example whose gold answer is the greedy one has a single option and scores no pass (the others still do)
+    generator = GenerationPredictor(tokenizer, max_new_tokens=4)
+    greedy = generator.generate(small_lm, ["Q: capital of France? A:"])[0]
+    squad = [{"prompt": "Q: capital of France? A:", "answers": [greedy]},
+             {"prompt": "Q: two plus two, written out? A:", "answers": ["four", "4", "Four!"]}]
+    cases = [*objective_cases(tokenizer), *((MetricObjective(get_metric("squad_f1"), generator, support=support),
+                                             squad) for support in ("model", "options"))]
     opt = GRZO(small_lm.parameters(), eps=0.05, batch_size=2, perturbation_rank=2)
     seeds = [7, 8]
     for objective, data in cases:
@@ -199,7 +217,7 @@ def test_per_example_objective_scores_metric_cross_entropy_and_reward(tokenizer,
             plain = per(small_lm, data)
             assert plain == pytest.approx([objective(small_lm, [ex]) for ex in data for _ in (0, 1)], abs=1e-4)
         batched = opt.score(lambda p=per, d=data: p(small_lm, d), seeds)
-        alone = [written(opt, small_lm, s, sign, lambda m, o=objective, ex=ex: o(m, [ex]))
+        alone = [written(opt, small_lm, s, sign, lambda m, o=objective, ex=ex: uncached(o)(m, [ex]))
                  for ex, s in zip(data, seeds) for sign in (1.0, -1.0)]
         assert batched == pytest.approx(alone, abs=1e-4), type(objective).__name__
         assert set(objective.last_values) >= {"reward"} if isinstance(objective, RewardObjective) else True

@@ -765,6 +765,9 @@ class PopulationObjective(Objective):
         return f"PopulationObjective({self.objective!r})"
 
 
+CACHES = ("_candidates",)  # what an objective keeps between calls on one batch (MetricObjective's options)
+
+
 class _Pending(Exception):  # noqa: N818 (a signal, not an error): a member waits for a pass the others share
     pass
 
@@ -777,7 +780,9 @@ class PerExampleObjective(Objective):
     Every member's predictor passes still run as one batched pass: the members' objectives run until each asks for
     a pass, that pass runs once on their arguments joined (rows grouped by member, as the population's forward
     hooks expect), and they run again with its results, once per pass the objective makes. Each example must give
-    the pass as many rows as the others (the same number of candidates). ``last_values`` is the members' mean.
+    the pass as many rows as the others, except candidates: each example's list is padded to the longest and the
+    padding scored -inf. A generation metric's options hold each member's own greedy answer (MeZO scores its
+    pair on the + side's). ``last_values`` is the members' mean.
     """
 
     def __init__(self, objective: Any, copies: int = 2):
@@ -792,11 +797,18 @@ class PerExampleObjective(Objective):
     def __call__(self, model: torch.nn.Module, batch: Sequence[dict]) -> list[float]:
         n = self.copies * len(batch)
         results: list[list] = []  # per pass, in the order the objective asks for them: each member's part
+        # every member starts from the objective without a batch's cached candidates (each member generates its
+        # own): a member that found another's, or an earlier call's, would skip a pass the others make
+        start = {id(o): {**vars(o), **{k: None for k in CACHES if k in vars(o)}}
+                 for o in self._objectives(self.objective)}
         while True:
             waiting: dict[int, tuple] = {}
             losses, values = [], []
             for m in range(n):
                 mine: list = []
+                for o in self._objectives(self.objective):
+                    vars(o).clear()
+                    vars(o).update(start[id(o)])
                 try:
                     losses.append(float(self._member(self.objective, model, [batch[m // self.copies]], m, results,
                                                      waiting, [0], mine)))
@@ -809,6 +821,13 @@ class PerExampleObjective(Objective):
                                               if all(k in v for v in values)}
                 return losses
             results.append(self._run(model, waiting, n))
+
+    @staticmethod
+    def _objectives(objective: Any) -> list:
+        """The objective and those it sums (a WeightedSum's terms), each holding its own caches."""
+        terms = getattr(objective, "terms", None)
+        return [objective] if terms is None else [objective, *(o for _, t in terms for o in
+                                                               PerExampleObjective._objectives(t))]
 
     def _member(self, objective: Any, model: torch.nn.Module, batch: list[dict], m: int, results: list,
                 waiting: dict, count: list[int], values: list) -> float:
@@ -846,15 +865,21 @@ class PerExampleObjective(Objective):
     @staticmethod
     def _run(model: torch.nn.Module, waiting: dict, n: int) -> list:
         """The pass every member waits for, once on their arguments joined; each member's part."""
-        if len(waiting) != n:
-            raise RuntimeError("PerExampleObjective: some members finished while others wait for a pass: the "
-                               "objective must make the same passes for every example")
         (predictor, name, first, kwargs), *_ = waiting.values()
+        # a member that needs no pass (an example with a single option scores none) still takes its rows in it,
+        # as the perturbation hooks expect: another member's arguments, its part never read
+        waiting = {m: waiting.get(m, waiting[next(iter(waiting))]) for m in range(n)}
         if any((p, nm, repr(kw)) != (predictor, name, repr(kwargs)) for p, nm, _, kw in waiting.values()):
             raise RuntimeError("PerExampleObjective: the members wait for different passes")
-        joined = []
+        joined, counts = [], None
         for i, arg in enumerate(first):
             parts = [waiting[m][2][i] for m in range(n)]
+            if name == "candidate_scores" and i == 1:  # (prompts, candidates, ...): examples may hold different
+                # numbers of candidates (gold answers); each member's forward rows must be as many as the others',
+                # so each list is padded to the longest with its first candidate, whose extra scores become -inf
+                counts = [[len(c) for c in p] for p in parts]
+                most = max(len(c) for p in parts for c in p)
+                parts = [[[*c, *[c[0]] * (most - len(c))] if c else c for c in p] for p in parts]
             if isinstance(arg, list | tuple):
                 if len({len(p) for p in parts}) != 1:
                     raise ValueError("PerExampleObjective: the examples give a pass different numbers of rows "
@@ -868,7 +893,13 @@ class PerExampleObjective(Objective):
         shared.members = n
         out = getattr(type(predictor), name)(shared, model, *joined, **kwargs)
         per = len(out) // n
-        return [out[m * per:(m + 1) * per] for m in range(n)]
+        parts = [out[m * per:(m + 1) * per] for m in range(n)]
+        if counts is not None:  # each member's scores as wide as its own candidates, the padding -inf
+            parts = [part[:, :max([1, *sizes])].clone() for part, sizes in zip(parts, counts)]
+            for part, sizes in zip(parts, counts):
+                for row, size in enumerate(sizes):
+                    part[row, size:] = float("-inf")
+        return parts
 
     def __repr__(self) -> str:
         return f"PerExampleObjective({self.objective!r}, copies={self.copies})"
