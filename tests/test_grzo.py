@@ -17,7 +17,15 @@ from conftest import build_small_lm, killed_then_resumed, objective_cases
 from metrics import get_metric
 from zo_objectives.checkpoint import replay
 from zo_objectives.estimators.grzo import GRZO
-from zo_objectives.objectives import CrossEntropy, MetricObjective, PerExampleObjective, RewardObjective
+from zo_objectives.objectives import (
+    CrossEntropy,
+    MetricObjective,
+    Objective,
+    PerExampleObjective,
+    RewardObjective,
+    WeightedSum,
+    candidate_logits,
+)
 from zo_objectives.scoring import GenerationPredictor, LabelWordPredictor
 
 VOCAB = 100
@@ -221,6 +229,40 @@ def test_per_example_objective_scores_metric_cross_entropy_and_reward(tokenizer,
                  for ex, s in zip(data, seeds) for sign in (1.0, -1.0)]
         assert batched == pytest.approx(alone, abs=1e-4), type(objective).__name__
         assert set(objective.last_values) >= {"reward"} if isinstance(objective, RewardObjective) else True
+
+
+class FixedCandidates(Objective):
+    """Minus the first candidate's log-probability among each example's fixed candidates (one candidate: no pass,
+    a loss of 0): examples that skip a pass and examples with different numbers of candidates in one batch."""
+
+    def __init__(self, predictor, candidates: dict[str, list[str]]):
+        self.predictor, self.candidates, self.name = predictor, candidates, "fixed"
+
+    def __call__(self, model, batch):
+        prompts = [ex["prompt"] for ex in batch]
+        scores = candidate_logits(self.predictor, model, prompts, [self.candidates[p] for p in prompts])
+        return -float(scores.log_softmax(-1)[:, 0].mean())
+
+
+def test_members_that_skip_a_pass_or_hold_fewer_candidates(tokenizer, small_lm):
+    """Under the perturbation hooks: example 0 has one candidate and skips the candidates pass, example 1 has
+    three, example 2 two; alone, and first in a sum whose second term's pass every example makes (a member then
+    waits for another pass than the others): each member's loss is that of its perturbation written."""
+    for p in small_lm.parameters():
+        p.requires_grad_(True)
+    generator = GenerationPredictor(tokenizer, max_new_tokens=4)
+    data = [{"prompt": "Q: one? A:", "target": " one"}, {"prompt": "Q: two? A:", "target": " two"},
+            {"prompt": "Q: three, said twice? A:", "target": " three"}]
+    fixed = FixedCandidates(generator, {"Q: one? A:": [" x"], "Q: two? A:": [" a", " b b", " c"],
+                                        "Q: three, said twice? A:": [" d", " e"]})
+    opt = GRZO(small_lm.parameters(), eps=0.05, batch_size=3, perturbation_rank=2)
+    seeds = [5, 6, 7]
+    for objective in (fixed, WeightedSum([(1.0, fixed), (0.5, CrossEntropy(generator))])):
+        batched = opt.score(lambda o=objective: PerExampleObjective(o)(small_lm, data), seeds)
+        alone = [written(opt, small_lm, s, sign, lambda m, ex=ex, o=objective: o(m, [ex]))
+                 for ex, s in zip(data, seeds) for sign in (1.0, -1.0)]
+        assert batched == pytest.approx(alone, abs=1e-4), objective.name
+        assert batched[2] != pytest.approx(batched[3], abs=1e-5)  # the pair differs: perturbed rows reached
 
 
 def test_trains_from_the_library_and_resumes_bitwise(tokenizer, tmp_path):

@@ -765,7 +765,8 @@ class PopulationObjective(Objective):
         return f"PopulationObjective({self.objective!r})"
 
 
-CACHES = ("_candidates",)  # what an objective keeps between calls on one batch (MetricObjective's options)
+CACHES = ("_candidates", "_cache")  # generations an objective keeps between calls on one batch (a metric's options,
+# a reward's completions)
 
 
 class _Pending(Exception):  # noqa: N818 (a signal, not an error): a member waits for a pass the others share
@@ -777,12 +778,13 @@ class PerExampleObjective(Objective):
     ``copies * len(batch)`` losses, members ``copies * k`` to ``copies * k + copies - 1`` scoring example k (a
     per-example estimator's antithetic pair: :class:`~zo_objectives.estimators.grzo.GRZO`).
 
-    Every member's predictor passes still run as one batched pass: the members' objectives run until each asks for
-    a pass, that pass runs once on their arguments joined (rows grouped by member, as the population's forward
-    hooks expect), and they run again with its results, once per pass the objective makes. Each example must give
-    the pass as many rows as the others, except candidates: each example's list is padded to the longest and the
-    padding scored -inf. A generation metric's options hold each member's own greedy answer (MeZO scores its
-    pair on the + side's). ``last_values`` is the members' mean.
+    Every member's predictor passes still run as batched passes: the members' objectives run until each asks for
+    a pass, each pass asked for runs once on the arguments of the members that wait for it, joined (rows grouped by
+    member, as the population's forward hooks expect, a member that waits for another pass or none filling its rows
+    with a copy), and they run again with the results, until every member is done. Each example must give a pass as
+    many rows as the others, except candidates: each example's list is padded to the longest with its first
+    candidate and cut back after. A generation metric's options hold each member's own greedy answer (MeZO scores
+    its pair on the + side's). ``last_values`` is the members' mean; other attributes are the last member's.
     """
 
     def __init__(self, objective: Any, copies: int = 2):
@@ -796,17 +798,19 @@ class PerExampleObjective(Objective):
 
     def __call__(self, model: torch.nn.Module, batch: Sequence[dict]) -> list[float]:
         n = self.copies * len(batch)
-        results: list[list] = []  # per pass, in the order the objective asks for them: each member's part
-        # every member starts from the objective without a batch's cached candidates (each member generates its
-        # own): a member that found another's, or an earlier call's, would skip a pass the others make
-        start = {id(o): {**vars(o), **{k: None for k in CACHES if k in vars(o)}}
-                 for o in self._objectives(self.objective)}
+        results: list[list] = [[] for _ in range(n)]  # per member, the results of its passes in the order asked
+        # every member starts from the objective as the call found it, less a batch's cached generations (each
+        # member generates its own): a member that found another's, or an earlier call's, would skip a pass
+        # (a metric's check that the first batch is not all zeros is a whole-batch check: not made per example)
+        objectives = self._objectives(self.objective)
+        start = {id(o): {**vars(o), **{k: None for k in CACHES if k in vars(o)},
+                         **({"_checked": True} if "_checked" in vars(o) else {})} for o in objectives}
         while True:
             waiting: dict[int, tuple] = {}
             losses, values = [], []
             for m in range(n):
                 mine: list = []
-                for o in self._objectives(self.objective):
+                for o in objectives:
                     vars(o).clear()
                     vars(o).update(start[id(o)])
                 try:
@@ -820,7 +824,12 @@ class PerExampleObjective(Objective):
                 self.objective.last_values = {k: sum(v[k] for v in values) / len(values) for k in names
                                               if all(k in v for v in values)}
                 return losses
-            results.append(self._run(model, waiting, n))
+            groups: dict[tuple, list[int]] = {}
+            for m, (predictor, name, _, kwargs) in waiting.items():
+                groups.setdefault((id(predictor), name, repr(kwargs)), []).append(m)
+            for members in groups.values():
+                for m, part in zip(members, self._run(model, {m: waiting[m] for m in members}, n)):
+                    results[m].append(part)
 
     @staticmethod
     def _objectives(objective: Any) -> list:
@@ -842,7 +851,7 @@ class PerExampleObjective(Objective):
         view = copy.copy(predictor)
         for name in _Shared.PASSES:
             if hasattr(view, name):
-                setattr(view, name, self._pass(predictor, name, m, results, waiting, count))
+                setattr(view, name, self._pass(predictor, name, results[m], m, waiting, count))
         mine = copy.copy(objective)
         setattr(mine, field, view)
         loss = mine(model, batch)
@@ -852,33 +861,29 @@ class PerExampleObjective(Objective):
         return loss
 
     @staticmethod
-    def _pass(predictor: Any, name: str, m: int, results: list, waiting: dict, count: list[int]) -> Callable:
+    def _pass(predictor: Any, name: str, done: list, m: int, waiting: dict, count: list[int]) -> Callable:
         def run(model: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
             index = count[0]
             count[0] += 1
-            if index < len(results):
-                return results[index][m]
+            if index < len(done):
+                return done[index]
             waiting[m] = (predictor, name, args, kwargs)
             raise _Pending
         return run
 
     @staticmethod
     def _run(model: torch.nn.Module, waiting: dict, n: int) -> list:
-        """The pass every member waits for, once on their arguments joined; each member's part."""
+        """One pass for the members that wait for it (the others' rows filled with a copy): their parts, in order."""
         (predictor, name, first, kwargs), *_ = waiting.values()
-        # a member that needs no pass (an example with a single option scores none) still takes its rows in it,
-        # as the perturbation hooks expect: another member's arguments, its part never read
-        waiting = {m: waiting.get(m, waiting[next(iter(waiting))]) for m in range(n)}
-        if any((p, nm, repr(kw)) != (predictor, name, repr(kwargs)) for p, nm, _, kw in waiting.values()):
-            raise RuntimeError("PerExampleObjective: the members wait for different passes")
-        joined, counts = [], None
+        rows = [waiting.get(m, waiting[next(iter(waiting))]) for m in range(n)]  # the hooks expect n members' rows
+        joined, widths = [], None
         for i, arg in enumerate(first):
-            parts = [waiting[m][2][i] for m in range(n)]
+            parts = [r[2][i] for r in rows]
             if name == "candidate_scores" and i == 1:  # (prompts, candidates, ...): examples may hold different
-                # numbers of candidates (gold answers); each member's forward rows must be as many as the others',
-                # so each list is padded to the longest with its first candidate, whose extra scores become -inf
-                counts = [[len(c) for c in p] for p in parts]
-                most = max(len(c) for p in parts for c in p)
+                # numbers of candidates (gold answers), and each member's rows must be as many as the others':
+                # each list is padded to the longest with its first candidate, each member's scores cut back
+                widths = [max([1, *map(len, p)]) for p in parts]
+                most = max(widths)
                 parts = [[[*c, *[c[0]] * (most - len(c))] if c else c for c in p] for p in parts]
             if isinstance(arg, list | tuple):
                 if len({len(p) for p in parts}) != 1:
@@ -893,13 +898,8 @@ class PerExampleObjective(Objective):
         shared.members = n
         out = getattr(type(predictor), name)(shared, model, *joined, **kwargs)
         per = len(out) // n
-        parts = [out[m * per:(m + 1) * per] for m in range(n)]
-        if counts is not None:  # each member's scores as wide as its own candidates, the padding -inf
-            parts = [part[:, :max([1, *sizes])].clone() for part, sizes in zip(parts, counts)]
-            for part, sizes in zip(parts, counts):
-                for row, size in enumerate(sizes):
-                    part[row, size:] = float("-inf")
-        return parts
+        parts = [out[m * per:(m + 1) * per] for m in waiting]
+        return parts if widths is None else [part[:, :widths[m]] for part, m in zip(parts, waiting)]
 
     def __repr__(self) -> str:
         return f"PerExampleObjective({self.objective!r}, copies={self.copies})"
