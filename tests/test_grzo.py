@@ -263,6 +263,7 @@ def test_members_that_skip_a_pass_or_hold_fewer_candidates(tokenizer, small_lm):
                  for ex, s in zip(data, seeds) for sign in (1.0, -1.0)]
         assert batched == pytest.approx(alone, abs=1e-4), objective.name
         assert batched[2] != pytest.approx(batched[3], abs=1e-5)  # the pair differs: perturbed rows reached
+    assert set(objective.last_values) == {"cross_entropy"}  # a sum logs its terms' values (the fixed one has none)
 
 
 def test_trains_from_the_library_and_resumes_bitwise(tokenizer, tmp_path):

@@ -841,8 +841,15 @@ class PerExampleObjective(Objective):
     def _member(self, objective: Any, model: torch.nn.Module, batch: list[dict], m: int, results: list,
                 waiting: dict, count: list[int], values: list) -> float:
         terms = getattr(objective, "terms", None)
-        if terms is not None:  # a WeightedSum
-            return sum(w * self._member(o, model, batch, m, results, waiting, count, values) for w, o in terms)
+        if terms is not None:  # a WeightedSum: its terms' values named as WeightedSum.__call__ names them
+            total, merged = 0.0, {}
+            for k, (w, o) in enumerate(terms):
+                total += w * self._member(o, model, batch, m, results, waiting, count, values)
+                for name, v in (getattr(o, "last_values", None) or {}).items():
+                    merged[name if name not in merged else f"{name}_{k}"] = v
+            if objective is self.objective:
+                values.append(merged)
+            return total
         field = next((f for f in PREDICTOR_FIELDS if hasattr(objective, f)), None)
         if field is None:
             raise TypeError(f"PerExampleObjective needs an objective that scores through a predictor (metric, "
