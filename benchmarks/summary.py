@@ -87,7 +87,7 @@ ROWS: list[tuple[str, str, list[tuple[str, dict[str, str], str]]]] = [
          POPULATION + ", at GRPO's tuning CPU time", "MeZO, cross-entropy on the gold answers", "TRL GRPOTrainer",
          "best of 16 samples (oracle: picked by the reward)")]),
     ("SST-2, `make run` protocol, fp32, AMD EPYC: dev accuracy at MeZO's 400-step CPU time, seeds 0-2 "
-     "(population, GRZO: 0-1; backprop: 0)", "MeZO / FZOO (N 8) / population 4 x 8 / GRZO / backprop + AdamW",
+     "(backprop: 0)", "MeZO / FZOO (N 8) / population 4 x 8 / GRZO / backprop + AdamW",
      [("estimators", {"row": "mezo"}, "dev accuracy at its last step"),
       *[("estimators", {"row": row}, "dev accuracy at MeZO's CPU time")
         for row in ("fzoo-lr2e-6", "population", "grzo", "backprop")]]),
