@@ -33,7 +33,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -133,6 +133,9 @@ class MetricObjective(Objective):
     form: str = "auto"
     sequence_score: str = "sum"
     support: str = "auto"
+    # what PerExampleObjective resets for each example's members: no cached options (each member decodes its own),
+    # and no first-batch check (a check of the whole batch, which one example would fail alone)
+    per_example_reset: ClassVar[dict] = {"_candidates": None, "_checked": True}
 
     def __post_init__(self) -> None:
         if self.sequence_score not in SEQUENCE_SCORES:
@@ -415,6 +418,8 @@ class RewardObjective(Objective):
     name: str = "reward"
     candidates: int = 0
     timeout: float | None = None
+
+    per_example_reset: ClassVar[dict] = {"_cache": None}  # each member decodes its own completions
 
     def __post_init__(self) -> None:
         if not hasattr(self.generator, "generate"):
@@ -765,10 +770,6 @@ class PopulationObjective(Objective):
         return f"PopulationObjective({self.objective!r})"
 
 
-CACHES = ("_candidates", "_cache")  # generations an objective keeps between calls on one batch (a metric's options,
-# a reward's completions)
-
-
 class _Pending(Exception):  # noqa: N818 (a signal, not an error): a member waits for a pass the others share
     pass
 
@@ -799,12 +800,10 @@ class PerExampleObjective(Objective):
     def __call__(self, model: torch.nn.Module, batch: Sequence[dict]) -> list[float]:
         n = self.copies * len(batch)
         results: list[list] = [[] for _ in range(n)]  # per member, the results of its passes in the order asked
-        # every member starts from the objective as the call found it, less a batch's cached generations (each
-        # member generates its own): a member that found another's, or an earlier call's, would skip a pass
-        # (a metric's check that the first batch is not all zeros is a whole-batch check: not made per example)
+        # every member starts from the objective as the call found it, with what the objective resets per example
+        # (its cached generations: a member that found another's, or an earlier call's, would skip a pass)
         objectives = self._objectives(self.objective)
-        start = {id(o): {**vars(o), **{k: None for k in CACHES if k in vars(o)},
-                         **({"_checked": True} if "_checked" in vars(o) else {})} for o in objectives}
+        start = {id(o): {**vars(o), **getattr(o, "per_example_reset", {})} for o in objectives}
         while True:
             waiting: dict[int, tuple] = {}
             losses, values = [], []
