@@ -39,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import RESULTS, ROOT, markdown_table, publish  # noqa: E402
 
+from tasks import SQUAD_DEV_SLICES  # noqa: E402
+
 CELLS = RESULTS / "estimators" / "sst2"
 RUNS = ROOT / "runs" / "estimators" / "sst2"
 MODEL, TASK, TRAIN, BATCH, DEV = "smollm2-135m", "sst2", 1000, 16, 872
@@ -78,7 +80,7 @@ BACKPROP_LR = 1e-5  # the seed table's AdamW lr for full fine-tuning (chosen by 
 # so it was cut to 9 after step 5 (stopped and resumed to fewer steps: the same run). The table reports each row's
 # CPU time as a multiple of MeZO's, measured.
 SQUAD_CELLS, SQUAD_RUNS = RESULTS / "estimators" / "squad", ROOT / "runs" / "estimators" / "squad"
-SQUAD_BATCH, SQUAD_SLICE = 8, (500, 1000)
+SQUAD_BATCH = 8
 SQUAD_ROWS = {"mezo": (60, 1e-5, ["--estimator", "mezo"]),  # steps, lr (objective_gap's squad_f1 lr), flags
               "fzoo": (9, 2e-6, ["--estimator", "fzoo", "--n-perturbations", "8"]),  # lr: FZOO's default
               "grzo": (41, 2e-6, ["--estimator", "grzo"])}  # lr: GRZO's default
@@ -174,13 +176,10 @@ def backprop_cell(seed: int, budget: float, lr: float = BACKPROP_LR, dev: int = 
 
 def squad_cell(row: str, seed: int) -> dict:
     """Protocol 3: ``row`` tuned on SQuAD's F1 objective for its steps, then the F1 of its weights (or of the
-    untuned model, row ``untuned``) on the confirm slice."""
-    from metrics import get_metric
-    from tasks import get_task
+    untuned model, row ``untuned``) on the confirm slice, by heldout_gap.py's evaluation."""
+    from heldout_gap import heldout
+
     from zo_objectives.cli import tune_main
-    from zo_objectives.evaluate import evaluate_model
-    from zo_objectives.models import load_model, load_run_weights
-    from zo_objectives.scoring import predictor_for
 
     result, run = {"cpu_seconds": 0.0, "steps": 0}, SQUAD_RUNS / f"{row}-s{seed}"
     if row != "untuned":
@@ -194,14 +193,10 @@ def squad_cell(row: str, seed: int) -> dict:
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
         result = {"cpu_seconds": round(sum(r["cpu_seconds"] for r in rows), 2), "steps": len(rows), "lr": lr,
                   "command": "zo-tune " + " ".join(argv).replace(str(ROOT) + "/", "")}
-    task = get_task("squad")
-    model, tokenizer = load_model(MODEL, dtype=torch.float32)
-    if row != "untuned":
-        load_run_weights(model, run)
-    began = time.process_time()
-    f1 = evaluate_model(model.eval(), predictor_for(task, tokenizer), task.examples("dev")[slice(*SQUAD_SLICE)],
-                        get_metric(task.metric))
-    return {**result, "f1": f1, "eval_cpu_seconds": round(time.process_time() - began, 1)}
+    run.mkdir(parents=True, exist_ok=True)
+    start, end = SQUAD_DEV_SLICES["confirm"]
+    where = argparse.Namespace(task="squad", start=start, end=end, model=MODEL, dtype="fp32", threads=1)
+    return {**result, "f1": heldout(run, where, tuned=row != "untuned")}
 
 
 def inference_cell() -> dict:
@@ -390,7 +385,7 @@ def squad_table(write: bool) -> dict:
         mine = sorted((c for c in cells if c["row"] == row), key=lambda c: c["seed"])
         if mine:
             out.append([row.removeprefix("squad-"), ", ".join(str(c["seed"]) for c in mine),
-                        mine[0]["steps"], f"{mine[0].get('lr', 0):g}" if "lr" in mine[0] else "-",
+                        mine[0]["steps"], f"{mine[0]['lr']:g}" if "lr" in mine[0] else "-",
                         mean_sd([c["cpu_seconds"] / budget for c in mine]),
                         mean_sd([c["cpu_seconds"] / c["steps"] / per_step for c in mine if c["steps"]]),
                         mean_sd([100 * c["f1"] for c in mine]), ", ".join(f"{100 * c['f1']:.2f}" for c in mine),
@@ -400,7 +395,8 @@ def squad_table(write: bool) -> dict:
               "peak RSS (MiB)"]
     notes = (f"SmolLM2-135M (fp32) tuned on SQuAD's F1 objective (the expected F1 over each example's greedy answer "
              f"and its gold answers, log form), batches of {SQUAD_BATCH}, then F1 x 100 of greedy answers on the "
-             f"confirm slice (dev {SQUAD_SLICE[0]}-{SQUAD_SLICE[1] - 1}, articles no setting was chosen on). Budget: "
+             f"confirm slice (dev {SQUAD_DEV_SLICES['confirm'][0]}-{SQUAD_DEV_SLICES['confirm'][1] - 1}, articles "
+             "no setting was chosen on). Budget: "
              f"MeZO's tuning CPU time for {SQUAD_ROWS['mezo'][0]} steps ({budget:.0f} s, one thread); each other "
              "row's steps were set from a 3-step probe of its CPU time per step on this machine (FZOO's cut from 12 "
              "to 9 after its first 5 steps ran slower than the probe's), and the column beside it is the CPU time "
